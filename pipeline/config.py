@@ -1,0 +1,202 @@
+"""Typed, validated configuration: one model per stage, one section per stage in `params.yaml`.
+
+A stage's options resolve in this order: the model's defaults < its section of the
+params file < command-line overrides. Unknown or mistyped keys are an error that
+names the key and the file (with a suggestion when one is close).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params file or option that cannot be used; the message says which and why."""
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are rejected, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- sources
+class SyntheticSource(StageConfig):
+    kind: Literal["synthetic"] = "synthetic"
+    name: str = "synthetic"
+    num_images: int = Field(4000, ge=1, description="Clean images to render.")
+    noisy_images: int = Field(1000, ge=0, description="Images of the noisy social variant (0: none).")
+    image_size: int = Field(128, ge=32, description="Side of the rendered square images, pixels.")
+    seed: int = 0
+
+
+class CocoSource(StageConfig):
+    kind: Literal["coco"] = "coco"
+    name: str = "coco"
+    annotations: Path = Field(description="captions_{train,val}{2014,2017}.json")
+    images: Path = Field(description="Folder holding the images named in the annotations.")
+    split: Optional[Literal["train", "val", "test"]] = Field(
+        None, description="Split for every image; default: from the file name (train/val), else seeded."
+    )
+
+
+class KarpathySource(StageConfig):
+    kind: Literal["karpathy"] = "karpathy"
+    name: str = "karpathy"
+    annotations: Path = Field(description="dataset_{coco,flickr8k,flickr30k}.json")
+    images: Path = Field(description="Root the entries' filepath/filename are relative to.")
+
+
+class Flickr8kSource(StageConfig):
+    kind: Literal["flickr8k"] = "flickr8k"
+    name: str = "flickr8k"
+    captions: Path = Field(description="Kaggle captions.txt (CSV image,caption) or Flickr8k.token.txt")
+    images: Path
+    split_lists: Optional[Path] = Field(
+        None, description="Folder with Flickr_8k.{train,dev,test}Images.txt; default: seeded split."
+    )
+
+
+class Flickr30kSource(StageConfig):
+    kind: Literal["flickr30k"] = "flickr30k"
+    name: str = "flickr30k"
+    captions: Path = Field(description="results.csv (image_name| comment_number| comment)")
+    images: Path
+
+
+class TableSource(StageConfig):
+    """A generic CSV or JSON Lines table of image path + caption (e.g. scraped social posts)."""
+
+    kind: Literal["table"] = "table"
+    name: str = "table"
+    path: Path
+    images: Optional[Path] = Field(None, description="Root for relative image paths; default: the table's folder.")
+    image_column: str = "image"
+    caption_column: str = "caption"
+    split_column: Optional[str] = None
+
+
+Source = Annotated[
+    Union[SyntheticSource, CocoSource, KarpathySource, Flickr8kSource, Flickr30kSource, TableSource],
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------- stages
+class PrepareConfig(StageConfig):
+    sources: list[Source] = Field(default_factory=lambda: [SyntheticSource()], description="Datasets to import (JSON list).")
+    out_dir: Path = Field(Path("data/prepared"), description="Writes manifest.jsonl, rejects.jsonl, stats.json.")
+    seed: int = Field(0, description="Seed of the image-level split for sources without one.")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    check_images: Literal["full", "header", "none"] = Field("full", description="How hard to check each image.")
+    workers: int = Field(2, ge=1, description="Threads decoding images for the check.")
+
+
+class ExtractConfig(StageConfig):
+    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Manifest of the images to encode.")
+    out_dir: Path = Field(Path("data/features"), description="Cache folder: shard-*.lmdb + meta.json.")
+    backbone: str = Field("tf_efficientnet_lite0", description="Any timm model name.")
+    pretrained: bool = Field(False, description="Download timm's pretrained weights (online users).")
+    weights: Optional[Path] = Field(None, description="Local state dict (.safetensors, or torch file).")
+    image_size: Optional[int] = Field(None, ge=16, description="Override the backbone's input resolution.")
+    crop_pct: Optional[float] = Field(
+        1.0, gt=0, le=1, description="Centre-crop fraction (1.0 keeps the whole square; None: the backbone's own)."
+    )
+    out_indices: Optional[list[int]] = Field(
+        None, description="Store several stages' maps (timm features_only), e.g. [2,3]; default: last stage only."
+    )
+    dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    num_shards: int = Field(4, ge=1)
+    shard_index: Optional[int] = Field(None, ge=0, description="Only write this shard (for separate machines).")
+    batch_size: int = Field(32, ge=1)
+    workers: int = Field(1, ge=0, description="DataLoader processes decoding images.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    amp: bool = Field(False, description="bf16 autocast for the forward pass (CUDA).")
+    channels_last: bool = False
+    max_pixels: int = Field(128_000_000, description="Refuse larger images (decompression bombs).")
+
+
+# Every section a params file may hold, and the model that validates it.
+SECTIONS: dict[str, type[StageConfig]] = {
+    "prepare": PrepareConfig,
+    "extract": ExtractConfig,
+}
+
+
+def register_section(name: str, model: type[StageConfig]) -> None:
+    SECTIONS[name] = model
+
+
+# --------------------------------------------------------------------------- loading
+def read_params(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    unknown = [k for k in data if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {_with_hint(unknown[0], SECTIONS)}")
+    return data
+
+
+def _with_hint(key: str, known) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "") + f"; known: {', '.join(sorted(known))}"
+
+
+def _format_validation_error(e: ValidationError, where: str, model: type[BaseModel]) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parent = model
+            # Suggest from the fields of the model the key sits in (top level is enough in practice).
+            known = parent.model_fields.keys() if len(err["loc"]) == 1 else []
+            hint = _with_hint(err["loc"][-1], known) if known else repr(err["loc"][-1])
+            lines.append(f"{where}: unknown key {loc!r}" + (f": {hint}" if known else ""))
+        else:
+            lines.append(f"{where}: {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(section: str, params: Path | None = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None):
+    """Resolve a stage's config: defaults < params file section < ``overrides`` (keys present override, None included)."""
+    model = SECTIONS[section]
+    values: dict[str, Any] = {}
+    where = "defaults"
+    if params is not None and Path(params).exists():
+        data = read_params(Path(params))
+        values = dict(data.get(section) or {})
+        where = f"{params} [{section}]"
+    elif params is not None and Path(params) != DEFAULT_PARAMS:
+        raise ConfigError(f"{params}: params file not found")
+    try:
+        cfg = model.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, where, model)) from None
+    if overrides:
+        try:
+            cfg = model.model_validate({**cfg.model_dump(), **overrides})
+        except ValidationError as e:
+            raise ConfigError(_format_validation_error(e, "command line", model)) from None
+    return cfg
+
+
+def config_to_dict(cfg: StageConfig) -> dict:
+    """JSON-ready dump of a resolved config (for output metadata)."""
+    return cfg.model_dump(mode="json")

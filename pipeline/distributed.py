@@ -1,0 +1,61 @@
+"""torch.distributed as launched by ``torchrun``: rank, world size, device, barriers.
+
+Nothing here schedules work: torchrun starts the processes and sets RANK,
+WORLD_SIZE, LOCAL_RANK; each stage splits its work by rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.is_distributed and dist.is_initialized():
+            dist.barrier()
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the local rank's GPU when CUDA is available, else CPU."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def init_distributed(device: torch.device | None = None) -> DistContext:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); a no-op without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        use_nccl = device is not None and device.type == "cuda"
+        if use_nccl:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    return ctx
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

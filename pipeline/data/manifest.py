@@ -1,0 +1,162 @@
+"""The manifest: the one contract between `prepare` and every later stage.
+
+A manifest is a JSON Lines file, one image per line::
+
+    {"image_id": "coco/139", "path": "/data/coco/val2017/000000000139.jpg",
+     "captions": ["A woman stands in the dining area ..."], "split": "train",
+     "source": "coco"}
+
+``path`` is absolute, or relative to the directory holding the manifest.
+``image_id`` is unique within a manifest. ``split`` is one of :data:`SPLITS`.
+Extra keys a source carries (labels, native ids) live under ``extra``.
+
+Rejected input is recorded, never dropped silently: see :class:`RejectsReport`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+SPLITS = ("train", "val", "test")
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest file that cannot be read; the message names the file and line."""
+
+
+@dataclass
+class ManifestRecord:
+    image_id: str
+    path: str
+    captions: list[str]
+    split: str
+    source: str
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        row = asdict(self)
+        if not row["extra"]:
+            del row["extra"]
+        return json.dumps(row, ensure_ascii=False, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "ManifestRecord":
+        missing = [k for k in ("image_id", "path", "captions", "split", "source") if k not in row]
+        if missing:
+            raise ValueError(f"missing keys {missing}")
+        unknown = set(row) - {"image_id", "path", "captions", "split", "source", "extra"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        if row["split"] not in SPLITS:
+            raise ValueError(f"split {row['split']!r} is not one of {SPLITS}")
+        if not isinstance(row["captions"], list) or not all(isinstance(c, str) for c in row["captions"]):
+            raise ValueError("captions must be a list of strings")
+        return cls(
+            image_id=str(row["image_id"]),
+            path=str(row["path"]),
+            captions=list(row["captions"]),
+            split=row["split"],
+            source=str(row["source"]),
+            extra=dict(row.get("extra") or {}),
+        )
+
+
+def resolve_image_path(record: ManifestRecord, manifest_path: Path) -> Path:
+    """The image file of ``record``: absolute paths as they are, others relative to the manifest."""
+    p = Path(record.path)
+    return p if p.is_absolute() else Path(manifest_path).parent / p
+
+
+def write_manifest(path: Path, records: Iterable[ManifestRecord]) -> int:
+    """Write records as JSON Lines (atomically: a temp file renamed into place). Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(rec.to_json() + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+def iter_manifest(path: Path) -> Iterator[ManifestRecord]:
+    """Stream a manifest; a malformed line raises :class:`ManifestError` naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: manifest not found (run `pipeline prepare` first?)")
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = ManifestRecord.from_dict(json.loads(line))
+            except (json.JSONDecodeError, ValueError, TypeError) as e:
+                raise ManifestError(f"{path}:{lineno}: malformed manifest row: {e}") from None
+            if rec.image_id in seen:
+                raise ManifestError(f"{path}:{lineno}: duplicate image_id {rec.image_id!r}")
+            seen.add(rec.image_id)
+            yield rec
+
+
+def read_manifest(path: Path, split: str | None = None) -> list[ManifestRecord]:
+    """All records of a manifest, optionally only those of one split."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    return [r for r in iter_manifest(path) if split is None or r.split == split]
+
+
+@dataclass
+class Reject:
+    file: str
+    reason: str
+    line: int | None = None
+    id: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class RejectsReport:
+    """Collects every input item a stage refused, with where it came from and why.
+
+    Written as JSON Lines (``rejects.jsonl``); :meth:`summary` counts by reason.
+    Reasons are short stable phrases (e.g. ``"missing image file"``) so they group well.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[Reject] = []
+
+    def add(self, file: str | Path, reason: str, *, line: int | None = None, id: str | None = None) -> None:
+        self.items.append(Reject(file=str(file), reason=reason, line=line, id=id))
+
+    def extend(self, other: "RejectsReport") -> None:
+        self.items.extend(other.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def reasons(self) -> Counter:
+        return Counter(r.reason.split(":")[0] for r in self.items)
+
+    def summary(self) -> dict:
+        return {"total": len(self.items), "by_reason": dict(sorted(self.reasons().items()))}
+
+    def write(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for r in self.items:
+                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]

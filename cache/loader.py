@@ -1,0 +1,113 @@
+"""A torch Dataset over (image, caption) pairs whose features come from the cache.
+
+Reading a whole batch in one LMDB transaction in the main process is several
+times faster than per-item reads through DataLoader workers (measured: 22-27k vs
+6k records/s), so :class:`CachedCaptionDataset` implements ``__getitems__``:
+PyTorch's DataLoader hands it a batch of indices at once. Use it with
+``num_workers=0`` and any sampler (``DistributedSampler`` included)::
+
+    ds = CachedCaptionDataset(cache, samples, pad_id=tok.pad_id)
+    loader = DataLoader(ds, batch_size=64, shuffle=True, collate_fn=caption_collate)
+
+Memory holds the (image id, token ids) pairs only; features are read per batch,
+so it does not grow with the size of the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cache.reader import FeatureCache
+
+
+@dataclass
+class CaptionBatch:
+    image_ids: list[str]
+    features: torch.Tensor  # (B, N, C), the cache dtype
+    tokens: torch.Tensor  # (B, T) int64: bos, caption, eos, then padding
+    lengths: torch.Tensor  # (B,) int64: real tokens per row (padding is found from these only)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CaptionBatch":
+        return CaptionBatch(
+            self.image_ids,
+            self.features.to(device, non_blocking=non_blocking),
+            self.tokens.to(device, non_blocking=non_blocking),
+            self.lengths.to(device, non_blocking=non_blocking),
+        )
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def select_features(arrays: dict[str, np.ndarray], token_sets: Sequence[str] | None) -> np.ndarray:
+    """One ``(B, N, C)`` array from the cached token sets: one set, or several concatenated along N."""
+    names = list(token_sets) if token_sets else list(arrays)
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise KeyError(f"token set(s) {missing} not in the cache (it has {list(arrays)})")
+    if len(names) == 1:
+        return arrays[names[0]]
+    channels = {arrays[n].shape[-1] for n in names}
+    if len(channels) != 1:
+        raise ValueError(
+            f"token sets {names} have different channel counts {sorted(channels)}; "
+            "select one set, or extract sets with equal channels"
+        )
+    return np.concatenate([arrays[n] for n in names], axis=1)
+
+
+def pad_tokens(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+    tokens = torch.full((len(sequences), int(lengths.max()) if len(sequences) else 0), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        tokens[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return tokens, lengths
+
+
+class CachedCaptionDataset(Dataset):
+    """``samples[i] = (image_id, token_ids)``: one entry per caption; token ids include bos and eos."""
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        samples: Sequence[tuple[str, Sequence[int]]],
+        *,
+        pad_id: int,
+        token_sets: Sequence[str] | None = None,
+        zero_features: bool = False,
+    ) -> None:
+        self.cache = cache
+        self.samples = list(samples)
+        self.pad_id = pad_id
+        self.token_sets = token_sets
+        self.zero_features = zero_features  # the image-blind control: same shapes, no visual information
+        missing = [image_id for image_id, _ in self.samples[:1] if image_id not in cache]
+        if missing:
+            raise KeyError(f"image {missing[0]!r} is not in the feature cache {cache.directory}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> CaptionBatch:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> CaptionBatch:
+        picked = [self.samples[i] for i in indices]
+        image_ids = [image_id for image_id, _ in picked]
+        features = torch.from_numpy(select_features(self.cache.get_batch(image_ids), self.token_sets))
+        if self.zero_features:
+            features = torch.zeros_like(features)
+        tokens, lengths = pad_tokens([t for _, t in picked], self.pad_id)
+        return CaptionBatch(image_ids, features, tokens, lengths)
+
+
+def caption_collate(batch: CaptionBatch) -> CaptionBatch:
+    """Collate for DataLoader: ``__getitems__`` already returns a collated :class:`CaptionBatch`."""
+    if not isinstance(batch, CaptionBatch):
+        raise TypeError(f"expected a CaptionBatch from CachedCaptionDataset.__getitems__, got {type(batch).__name__}")
+    return batch

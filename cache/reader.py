@@ -1,0 +1,145 @@
+"""Reading a cache: lazily opened per process, read-only, lock-free, one transaction per batch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import lmdb
+import numpy as np
+
+from cache.format import CacheFormatError, CacheMeta, shard_name, shard_of
+
+
+class FeatureCache:
+    """Read access to a finished cache folder.
+
+    ``expect`` lists what the caller needs, e.g. ``{"backbone": "convnext_tiny",
+    "token_sets": [("stage4", 49, 768)]}``; a cache that differs is refused with a
+    message saying what was found and what was expected.
+
+    LMDB environments are opened on first use in each process (an environment
+    opened before ``fork`` is unusable in the child), so a ``FeatureCache`` can be
+    created once and handed to DataLoader workers or ``torchrun`` ranks.
+    """
+
+    def __init__(self, directory: str | Path, expect: dict[str, Any] | None = None) -> None:
+        self.directory = Path(directory)
+        self.meta = CacheMeta.read(self.directory)
+        self._paths = [self.directory / f"{shard_name(i, self.meta.num_shards)}.lmdb" for i in range(self.meta.num_shards)]
+        missing = [p.name for p in self._paths if not p.exists()]
+        if missing:
+            raise CacheFormatError(f"{self.directory}: shard files missing: {', '.join(missing)}")
+        if expect:
+            self.check(expect)
+        self._envs: list[lmdb.Environment] | None = None
+        self._pid: int | None = None
+
+    # -- checks -----------------------------------------------------------------------------
+    def check(self, expect: dict[str, Any]) -> None:
+        meta = self.meta
+        problems = []
+        if "backbone" in expect and expect["backbone"] != meta.backbone:
+            problems.append(f"backbone {meta.backbone!r}, expected {expect['backbone']!r}")
+        if "token_sets" in expect:
+            found = [(t.name, t.tokens, t.channels) for t in meta.token_sets]
+            wanted = [tuple(t) for t in expect["token_sets"]]
+            if found != wanted:
+                problems.append(f"token sets {found}, expected {wanted}")
+        if "preprocessing" in expect:
+            for k, v in expect["preprocessing"].items():
+                if meta.preprocessing.get(k) != v:
+                    problems.append(f"preprocessing {k}={meta.preprocessing.get(k)!r}, expected {v!r}")
+        if "dtype" in expect and expect["dtype"] != meta.dtype:
+            problems.append(f"dtype {meta.dtype}, expected {expect['dtype']}")
+        if problems:
+            raise CacheFormatError(f"{self.directory}: cache does not match: " + "; ".join(problems))
+
+    # -- access -----------------------------------------------------------------------------
+    def _environments(self) -> list[lmdb.Environment]:
+        if self._envs is None or self._pid != os.getpid():
+            if self._envs is not None:
+                # Handles inherited through fork are unusable here and block reopening the same files;
+                # read-only lock-free environments share no reader table, so closing them is safe.
+                for env in self._envs:
+                    env.close()
+            self._envs = [
+                lmdb.open(str(p), subdir=False, readonly=True, lock=False, readahead=True, max_readers=256)
+                for p in self._paths
+            ]
+            self._pid = os.getpid()
+        return self._envs
+
+    def close(self) -> None:
+        if self._envs is not None and self._pid == os.getpid():
+            for env in self._envs:
+                env.close()
+        self._envs = None
+
+    def __getstate__(self) -> dict:  # picklable for spawn-based workers: environments reopen lazily
+        state = dict(self.__dict__)
+        state["_envs"] = None
+        state["_pid"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.meta.records
+
+    def __contains__(self, image_id: str) -> bool:
+        env = self._environments()[shard_of(image_id, self.meta.num_shards)]
+        with env.begin(buffers=True) as txn:
+            return txn.get(image_id.encode("utf-8")) is not None
+
+    def keys(self) -> Iterator[str]:
+        for env in self._environments():
+            with env.begin() as txn:
+                for key in txn.cursor().iternext(keys=True, values=False):
+                    yield bytes(key).decode("utf-8")
+
+    @property
+    def token_shapes(self) -> dict[str, tuple[int, int]]:
+        return {t.name: t.shape for t in self.meta.token_sets}
+
+    def get_batch(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Features of ``image_ids`` as ``{token_set: (B, tokens, channels)}``, read one transaction per shard.
+
+        A missing id raises ``KeyError`` naming the id and the cache: features are never invented.
+        """
+        meta = self.meta
+        dtype = meta.np_dtype
+        out = {t.name: np.empty((len(image_ids), t.tokens, t.channels), dtype=dtype) for t in meta.token_sets}
+        by_shard: dict[int, list[int]] = {}
+        for row, image_id in enumerate(image_ids):
+            by_shard.setdefault(shard_of(image_id, meta.num_shards), []).append(row)
+        envs = self._environments()
+        expected = meta.record_nbytes
+        for shard, rows in by_shard.items():
+            with envs[shard].begin(buffers=True) as txn:
+                for row in rows:
+                    value = txn.get(image_ids[row].encode("utf-8"))
+                    if value is None:
+                        raise KeyError(f"image {image_ids[row]!r} is not in the feature cache {self.directory}")
+                    if len(value) != expected:
+                        raise CacheFormatError(
+                            f"{self.directory}: record {image_ids[row]!r} has {len(value)} bytes, expected {expected}"
+                        )
+                    offset = 0
+                    for t in meta.token_sets:
+                        n = t.tokens * t.channels
+                        out[t.name][row] = np.frombuffer(value, dtype=dtype, count=n, offset=offset).reshape(t.shape)
+                        offset += n * dtype.itemsize
+        return out
+
+    def get(self, image_id: str) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.get_batch([image_id]).items()}
+
+    def iter_batches(self, image_ids: Iterable[str], batch_size: int) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
+        batch: list[str] = []
+        for image_id in image_ids:
+            batch.append(image_id)
+            if len(batch) == batch_size:
+                yield batch, self.get_batch(batch)
+                batch = []
+        if batch:
+            yield batch, self.get_batch(batch)

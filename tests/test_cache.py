@@ -1,0 +1,143 @@
+"""The LMDB feature cache: writer/reader round trip, metadata checks, the batch dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cache import CachedCaptionDataset, CacheFormatError, CacheMeta, CacheWriter, FeatureCache, TokenSet, caption_collate
+from cache.format import shard_of
+
+
+def _meta(num_shards=3) -> CacheMeta:
+    return CacheMeta(
+        backbone="fake", weights={"source": "random-init"}, preprocessing={"input_size": [3, 32, 32]},
+        token_sets=[TokenSet("last", 4, 6), TokenSet("stage2", 16, 6)], dtype="float16", num_shards=num_shards,
+    )
+
+
+def _features(i: int):
+    rng = np.random.default_rng(i)
+    return [rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((16, 6)).astype(np.float32)]
+
+
+def write_cache(directory: Path, ids: list[str], num_shards: int = 3) -> CacheMeta:
+    writer = CacheWriter(directory, _meta(num_shards))
+    for s in range(num_shards):
+        sw = writer.shard(s)
+        sw.open()
+        mine = sorted(i for i in ids if shard_of(i, num_shards) == s)
+        sw.put_batch([(i, sw.encode(_features(int(i.split("/")[1])))) for i in mine])
+        sw.finish()
+    meta = writer.finalize()
+    assert meta is not None
+    return meta
+
+
+def test_round_trip_values_shapes_and_dtype(tmp_path):
+    ids = [f"x/{i}" for i in range(30)]
+    meta = write_cache(tmp_path, ids)
+    assert meta.records == 30 and len(meta.content_sha256) == 64
+    cache = FeatureCache(tmp_path)
+    assert len(cache) == 30 and "x/7" in cache and "x/99" not in cache
+    batch = cache.get_batch(["x/3", "x/29", "x/0"])
+    assert batch["last"].shape == (3, 4, 6) and batch["stage2"].shape == (3, 16, 6)
+    assert batch["last"].dtype == np.float16
+    for row, i in enumerate([3, 29, 0]):
+        want = _features(i)
+        np.testing.assert_array_equal(batch["last"][row], want[0].astype(np.float16))
+        np.testing.assert_array_equal(batch["stage2"][row], want[1].astype(np.float16))
+    assert sorted(cache.keys()) == sorted(ids)
+
+
+def test_missing_key_is_an_error_naming_the_id(tmp_path):
+    write_cache(tmp_path, ["x/1", "x/2"])
+    with pytest.raises(KeyError, match="x/5"):
+        FeatureCache(tmp_path).get_batch(["x/1", "x/5"])
+
+
+def test_reader_refuses_other_backbone_shapes_and_versions(tmp_path):
+    write_cache(tmp_path, ["x/1"])
+    with pytest.raises(CacheFormatError, match="backbone 'fake', expected 'resnet50'"):
+        FeatureCache(tmp_path, expect={"backbone": "resnet50"})
+    with pytest.raises(CacheFormatError, match="token sets"):
+        FeatureCache(tmp_path, expect={"token_sets": [("last", 49, 768)]})
+    FeatureCache(tmp_path, expect={"backbone": "fake", "token_sets": [("last", 4, 6), ("stage2", 16, 6)]})
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["version"] = 99
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheFormatError, match="version 99"):
+        FeatureCache(tmp_path)
+
+
+def test_incomplete_cache_is_refused(tmp_path):
+    writer = CacheWriter(tmp_path, _meta(2))
+    sw = writer.shard(0)
+    sw.open()
+    sw.put_batch([("x/1", sw.encode(_features(1)))])
+    sw.finish()
+    assert writer.finalize() is None and writer.pending_shards() == [1]
+    with pytest.raises(CacheFormatError, match="no meta.json"):
+        FeatureCache(tmp_path)
+
+
+def test_duplicate_key_is_refused(tmp_path):
+    sw = CacheWriter(tmp_path, _meta(1)).shard(0)
+    sw.open()
+    value = sw.encode(_features(1))
+    sw.put_batch([("x/1", value)])
+    with pytest.raises(CacheFormatError, match="duplicate key"):
+        sw.put_batch([("x/1", value)])
+    sw.close()
+
+
+def test_writer_grows_the_map_when_full(tmp_path, monkeypatch):
+    import cache.writer as w
+
+    monkeypatch.setattr(w, "INITIAL_MAP_SIZE", 64 * 1024)
+    ids = [f"x/{i}" for i in range(400)]  # ~100 KB of values: several doublings
+    write_cache(tmp_path, ids, num_shards=1)
+    assert len(FeatureCache(tmp_path)) == 400
+
+
+def test_no_lock_files_in_the_cache(tmp_path):
+    write_cache(tmp_path, ["x/1", "x/2"])
+    FeatureCache(tmp_path).get_batch(["x/1"])
+    assert not [p for p in tmp_path.iterdir() if "lock" in p.name or p.suffix == ".partial"]
+
+
+def test_dataset_batches_through_a_dataloader(tmp_path):
+    ids = [f"x/{i}" for i in range(10)]
+    write_cache(tmp_path, ids)
+    cache = FeatureCache(tmp_path)
+    samples = [(f"x/{i}", [1] + [5] * (i % 4) + [2]) for i in range(10)]
+    ds = CachedCaptionDataset(cache, samples, pad_id=0, token_sets=["last"])
+    loader = DataLoader(ds, batch_size=4, shuffle=False, collate_fn=caption_collate)
+    batches = list(loader)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    b = batches[0]
+    assert b.features.shape == (4, 4, 6) and b.features.dtype == torch.float16
+    assert b.lengths.tolist() == [2, 3, 4, 5]
+    assert b.tokens[0].tolist() == [1, 2, 0, 0, 0]  # padded past the length
+    np.testing.assert_array_equal(b.features[1].numpy(), _features(1)[0].astype(np.float16))
+    # token sets with equal channels concatenate along the token axis
+    both = CachedCaptionDataset(cache, samples, pad_id=0, token_sets=["last", "stage2"])[0]
+    assert both.features.shape == (1, 20, 6)
+    blind = CachedCaptionDataset(cache, samples, pad_id=0, token_sets=["last"], zero_features=True)[3]
+    assert blind.features.abs().sum() == 0
+
+
+def test_reader_survives_fork_via_lazy_open(tmp_path):
+    write_cache(tmp_path, [f"x/{i}" for i in range(8)])
+    cache = FeatureCache(tmp_path)
+    cache.get_batch(["x/1"])  # opened in the parent
+    samples = [(f"x/{i}", [1, 2]) for i in range(8)]
+    ds = CachedCaptionDataset(cache, samples, pad_id=0, token_sets=["last"])
+    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=caption_collate,
+                        multiprocessing_context="fork")
+    assert sum(len(b) for b in loader) == 8

@@ -1,0 +1,1 @@
+"""Models: timm backbones, caption decoders, CLIP."""

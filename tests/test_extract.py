@@ -1,0 +1,208 @@
+"""`extract`: features into the sharded cache — resumable, reproducible, distributable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache import FeatureCache
+from cache.writer import ShardWriter
+from pipeline.config import ExtractConfig
+from stages import extract
+from tests.conftest import make_image_manifest
+
+BACKBONE = "test_efficientnet"  # timm's tiny test model: random init, milliseconds per batch
+
+
+def _cfg(manifest: Path, out: Path, **kw) -> ExtractConfig:
+    base = dict(manifest=manifest, out_dir=out, backbone=BACKBONE, image_size=64, num_shards=2,
+                batch_size=4, workers=0, weights=None)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def _shard_bytes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("shard-*.lmdb"))}
+
+
+def test_extract_writes_every_good_image_and_reports_the_bad(image_manifest, tmp_path):
+    meta = extract.run(_cfg(image_manifest, tmp_path / "feat"))
+    assert meta is not None and meta.records == 24
+    cache = FeatureCache(tmp_path / "feat", expect={"backbone": BACKBONE})
+    assert cache.meta.weights == {"source": "random-init", "seed": 0}
+    assert cache.meta.preprocessing["input_size"] == [3, 64, 64]
+    (ts,) = cache.meta.token_sets
+    assert ts.name == "last" and ts.tokens == 4  # 64 px / stride 32 = 2x2
+    feats = cache.get_batch(["t/000", "t/023"])["last"]
+    assert feats.shape == (2, ts.tokens, ts.channels) and feats.dtype == np.float16
+    assert np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])
+    rejects = [json.loads(line) for line in (tmp_path / "feat" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"]) for r in rejects] == [("t/bad", "not an image")]
+    assert "t/bad" not in cache
+
+
+def test_features_match_a_direct_forward_pass(tmp_path):
+    from PIL import Image
+
+    from pipeline.models.backbones import create_backbone
+
+    manifest = make_image_manifest(tmp_path / "data", 3)
+    extract.run(_cfg(manifest, tmp_path / "feat", dtype="float32"))
+    bb = create_backbone(BACKBONE, image_size=64, crop_pct=1.0)
+    x = bb.eval_transform()(Image.open(tmp_path / "data" / "img" / "001.png").convert("RGB"))
+    with torch.inference_mode():
+        want = bb.tokens(x[None])[0][0].numpy()
+    got = FeatureCache(tmp_path / "feat").get("t/001")["last"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rerun_is_byte_identical_and_a_noop(image_manifest, tmp_path):
+    extract.run(_cfg(image_manifest, tmp_path / "a"))
+    extract.run(_cfg(image_manifest, tmp_path / "b"))
+    first = _shard_bytes(tmp_path / "a")
+    assert first == _shard_bytes(tmp_path / "b")
+    assert json.loads((tmp_path / "a/meta.json").read_text())["content_sha256"] == \
+        json.loads((tmp_path / "b/meta.json").read_text())["content_sha256"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("shard-*.lmdb")}
+    extract.run(_cfg(image_manifest, tmp_path / "a"))  # everything done: nothing rewritten
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("shard-*.lmdb")}
+
+
+def test_resume_after_a_crash_finishes_without_duplicates_or_recomputation(image_manifest, tmp_path, monkeypatch):
+    extract.run(_cfg(image_manifest, tmp_path / "clean"))
+
+    calls = {"n": 0}
+    real_put = ShardWriter.put_batch
+
+    def crashing_put(self, items):
+        calls["n"] += 1
+        if calls["n"] == 4:  # shard 0 done in 3 batches of 4; die in shard 1's first batch
+            raise RuntimeError("simulated crash")
+        real_put(self, items)
+
+    monkeypatch.setattr(ShardWriter, "put_batch", crashing_put)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract.run(_cfg(image_manifest, tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "meta.json").exists()
+    monkeypatch.setattr(ShardWriter, "put_batch", real_put)
+
+    encoded = {"n": 0}
+    real_encode = ShardWriter.encode
+
+    def counting_encode(self, arrays):
+        encoded["n"] += 1
+        return real_encode(self, arrays)
+
+    monkeypatch.setattr(ShardWriter, "encode", counting_encode)
+    meta = extract.run(_cfg(image_manifest, tmp_path / "resumed"))
+    clean = FeatureCache(tmp_path / "clean")
+    assert meta.records == clean.meta.records == 24
+    assert meta.content_sha256 == clean.meta.content_sha256
+    # only shard 1 was (re)encoded: shard 0 was finished before the crash
+    assert encoded["n"] == json.loads((tmp_path / "clean/shard-00001-of-00002.json").read_text())["records"]
+    rejects = (tmp_path / "resumed" / "rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == 1  # the bad image is reported once, not once per run
+    assert _shard_bytes(tmp_path / "resumed") == _shard_bytes(tmp_path / "clean")
+
+
+def test_sigkill_mid_shard_then_rerun_completes(tmp_path):
+    manifest = make_image_manifest(tmp_path / "data", 60)
+    args = [sys.executable, "-m", "pipeline.cli", "extract", "--manifest", str(manifest), "--backbone", BACKBONE,
+            "--image-size", "64", "--num-shards", "1", "--batch-size", "2", "--workers", "0", "--weights", "none",
+            "--params", str(tmp_path / "none.yaml")]
+    (tmp_path / "none.yaml").write_text("{}\n")
+    out = tmp_path / "feat"
+    proc = subprocess.Popen(args + ["--out-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = out / "shard-00000-of-00001.lmdb.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (partial.exists() and partial.stat().st_size > 40_000):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial.exists() and not (out / "meta.json").exists(), "the kill came too late to test a resume"
+    subprocess.run(args + ["--out-dir", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(args + ["--out-dir", str(tmp_path / "clean")], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed, clean = FeatureCache(out), FeatureCache(tmp_path / "clean")
+    assert resumed.meta.records == 60
+    assert resumed.meta.content_sha256 == clean.meta.content_sha256
+    assert sorted(resumed.keys()) == sorted(clean.keys())
+
+
+def test_changed_parameters_rebuild_the_cache(image_manifest, tmp_path):
+    extract.run(_cfg(image_manifest, tmp_path / "feat"))
+    meta = extract.run(_cfg(image_manifest, tmp_path / "feat", image_size=96, num_shards=3))
+    assert meta.num_shards == 3 and meta.preprocessing["input_size"] == [3, 96, 96]
+    assert sorted(p.name for p in (tmp_path / "feat").glob("*.lmdb")) == [
+        f"shard-{i:05d}-of-00003.lmdb" for i in range(3)]
+    assert FeatureCache(tmp_path / "feat").meta.token_sets[0].tokens == 9
+
+
+def test_separate_machines_write_shards_and_the_last_one_writes_meta(image_manifest, tmp_path):
+    out = tmp_path / "feat"
+    assert extract.run(_cfg(image_manifest, out, shard_index=1)) is None
+    assert not (out / "meta.json").exists()
+    meta = extract.run(_cfg(image_manifest, out, shard_index=0))
+    assert meta is not None and meta.records == 24
+    extract.run(_cfg(image_manifest, tmp_path / "single"))
+    assert _shard_bytes(out) == _shard_bytes(tmp_path / "single")
+
+
+def test_torchrun_two_processes_write_one_cache(image_manifest, tmp_path):
+    (tmp_path / "p.yaml").write_text("{}\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "pipeline.cli", "extract", "--manifest", str(image_manifest), "--out-dir", str(tmp_path / "dist"),
+           "--backbone", BACKBONE, "--image-size", "64", "--num-shards", "4", "--batch-size", "4",
+           "--workers", "0", "--weights", "none", "--params", str(tmp_path / "p.yaml")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 0/2" in res.stderr and "rank 1/2" in res.stderr
+    dist = FeatureCache(tmp_path / "dist")
+    assert dist.meta.records == 24
+    extract.run(_cfg(image_manifest, tmp_path / "single", num_shards=4))
+    single = FeatureCache(tmp_path / "single")
+    ids = sorted(single.keys())
+    assert sorted(dist.keys()) == ids
+    # torchrun sets OMP_NUM_THREADS=1, so float sums may round differently: compare values, not bytes
+    np.testing.assert_allclose(dist.get_batch(ids)["last"].astype(np.float32),
+                               single.get_batch(ids)["last"].astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert (tmp_path / "dist" / "rejects.jsonl").read_text().count("t/bad") == 1
+
+
+def test_multi_scale_token_sets(image_manifest, tmp_path):
+    meta = extract.run(_cfg(image_manifest, tmp_path / "feat", out_indices=[1, 2]))
+    names = [(t.name, t.tokens) for t in meta.token_sets]
+    assert names == [("stage1", 256), ("stage2", 64)]  # strides 4 and 8 at 64 px
+    batch = FeatureCache(tmp_path / "feat").get_batch(["t/001"])
+    assert set(batch) == {"stage1", "stage2"}
+
+
+def test_local_weights_load_and_bad_weights_name_the_keys(image_manifest, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from pipeline.models.backbones import WeightsError
+
+    torch.manual_seed(5)
+    state = timm.create_model(BACKBONE).state_dict()
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    meta = extract.run(_cfg(image_manifest, tmp_path / "a", weights=tmp_path / "w.safetensors"))
+    meta_pt = extract.run(_cfg(image_manifest, tmp_path / "b", weights=tmp_path / "w.pt"))
+    assert meta.weights["source"] == "file" and len(meta.weights["sha256"]) == 64
+    assert meta.content_sha256 == meta_pt.content_sha256  # same tensors, either file format
+    broken = {k: v for k, v in state.items() if not k.startswith("conv_stem")}
+    broken["extra.weight"] = torch.zeros(3)
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(WeightsError, match=r"missing keys: conv_stem.weight.*unexpected keys: extra.weight"):
+        extract.run(_cfg(image_manifest, tmp_path / "c", weights=tmp_path / "broken.safetensors"))

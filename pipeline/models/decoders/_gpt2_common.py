@@ -1,0 +1,138 @@
+"""What the ``gpt2`` and ``perceiver_gpt2`` families share: a Hugging Face GPT-2 LM with
+cross-attention in every block, fed visual states by the family's :meth:`encode`.
+
+* :class:`GPT2Options`: the GPT-2 options (size from scratch, or ``pretrained_path``).
+* :func:`build_gpt2`: ``GPT2LMHeadModel`` with ``add_cross_attention=True``, from scratch or
+  from a local pretrained directory (its cross-attention layers then start fresh).
+* :class:`GPT2CaptionDecoder`: forward / init_state / step on top of it.
+
+Incremental state. GPT-2 keeps its keys/values in a transformers ``EncoderDecoderCache``
+(self-attention + cross-attention ``DynamicCache``), which it *mutates in place*. To keep
+``step`` and ``reorder_state`` free of side effects (beam search may hold on to an old
+state), the state here is plain tensors::
+
+    {"encoder": (B, M, n_embd),                      # the visual states cross-attended to
+     "self_kv":  [(k, v) per layer],  (B, heads, t, head_dim), grows by one per step
+     "cross_kv": [(k, v) per layer],  (B, heads, M, head_dim), [] until the first step}
+
+and each step wraps them in a fresh cache for GPT-2, then unwraps the cache it returns.
+GPT-2 fills the cross-attention keys/values itself at the first step and reuses them
+after. All tensors are batch first: the default ``reorder_state`` (index_select on dim 0)
+reorders the caches and the encoder states together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from pydantic import Field, model_validator
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from . import DecoderConfig, DecoderConfigError
+from .base import CaptionDecoder, DecoderOutput, StepOutput
+
+SIZE_OPTIONS = ("n_layer", "n_head", "n_embd", "n_positions")
+
+
+class GPT2Options(DecoderConfig):
+    n_layer: int = Field(6, ge=1, description="GPT-2 blocks (from scratch; GPT-2 small: 12).")
+    n_head: int = Field(8, ge=1, description="Attention heads (from scratch; GPT-2 small: 12).")
+    n_embd: int = Field(512, ge=1, description="Width (from scratch; GPT-2 small: 768).")
+    n_positions: int = Field(128, ge=2, description="Longest caption in tokens (from scratch; GPT-2 small: 1024).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="GPT-2's resid/embd/attn dropout, also used by the visual side.")
+    pretrained_path: Optional[Path] = Field(
+        None,
+        description="Local directory of a pretrained GPT-2 (save_pretrained layout). Its size wins over "
+        "n_layer/n_head/n_embd/n_positions (setting one that disagrees is an error); vocab must match.",
+    )
+    num_encoder_layers: int = Field(0, ge=0, description="Transformer encoder blocks over the visual tokens first.")
+    max_visual_tokens: int = Field(1024, ge=1, description="Most visual tokens N (size of their learned position table).")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.pretrained_path is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+def build_gpt2(options: GPT2Options, family: str, vocab_size: int, bos_id: int, eos_id: int) -> GPT2LMHeadModel:
+    dropout = dict(resid_pdrop=options.dropout, embd_pdrop=options.dropout, attn_pdrop=options.dropout)
+    if options.pretrained_path is None:
+        config = GPT2Config(
+            vocab_size=vocab_size, n_positions=options.n_positions, n_embd=options.n_embd, n_layer=options.n_layer,
+            n_head=options.n_head, add_cross_attention=True, bos_token_id=bos_id, eos_token_id=eos_id, **dropout,
+        )
+        return GPT2LMHeadModel(config)
+
+    path = Path(options.pretrained_path)
+    if not (path / "config.json").is_file():
+        raise DecoderConfigError(f"decoder {family!r}: pretrained_path {str(path)!r} is not a directory with config.json")
+    pretrained = GPT2Config.from_pretrained(path, local_files_only=True)
+    if pretrained.vocab_size != vocab_size:
+        raise DecoderConfigError(
+            f"decoder {family!r}: the pretrained GPT-2 at {str(path)!r} has vocab_size {pretrained.vocab_size} "
+            f"but the caption vocabulary has {vocab_size}; use that model's tokenizer unchanged"
+        )
+    for name in (n for n in SIZE_OPTIONS if n in options.model_fields_set):
+        if getattr(options, name) != getattr(pretrained, name):
+            raise DecoderConfigError(
+                f"decoder {family!r}: option {name}={getattr(options, name)} disagrees with the pretrained GPT-2 "
+                f"at {str(path)!r} ({name}={getattr(pretrained, name)}); leave it unset"
+            )
+    # Weights of the existing layers load; the new cross-attention layers are initialised fresh.
+    return GPT2LMHeadModel.from_pretrained(path, add_cross_attention=True, local_files_only=True, **dropout)
+
+
+def _to_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(kv) if kv else DynamicCache()
+
+
+def _from_cache(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class GPT2CaptionDecoder(CaptionDecoder):
+    """GPT-2 cross-attending to ``self.encode(features)``; subclasses define ``encode``."""
+
+    def __init__(self, config: GPT2Options, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id)
+        self.config = config
+        self.gpt2 = build_gpt2(config, self.family, vocab_size, bos_id, eos_id)
+        self.n_embd = self.gpt2.config.n_embd
+        self.n_positions = self.gpt2.config.n_positions
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) cached features -> (B, M, n_embd) states for GPT-2's cross-attention."""
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+        T = tokens.shape[1]
+        if T > self.n_positions:
+            raise ValueError(f"{self.family}: captions of {T} tokens exceed n_positions={self.n_positions}")
+        real = torch.arange(T, device=tokens.device).unsqueeze(0) < lengths.to(tokens.device).unsqueeze(1)
+        out = self.gpt2(
+            input_ids=tokens, attention_mask=real.long(), encoder_hidden_states=self.encode(features), use_cache=False
+        )
+        return DecoderOutput(logits=out.logits)
+
+    def init_state(self, features: torch.Tensor) -> dict:
+        return {"encoder": self.encode(features), "self_kv": [], "cross_kv": []}
+
+    def step(self, tokens: torch.Tensor, state: dict) -> StepOutput:
+        position = state["self_kv"][0][0].shape[2] if state["self_kv"] else 0
+        if position >= self.n_positions:
+            raise ValueError(f"{self.family}: step at position {position} is beyond n_positions={self.n_positions}")
+        cache = EncoderDecoderCache(_to_cache(state["self_kv"]), _to_cache(state["cross_kv"]))
+        out = self.gpt2(
+            input_ids=tokens.unsqueeze(1), encoder_hidden_states=state["encoder"], past_key_values=cache, use_cache=True
+        )
+        cache = out.past_key_values
+        new_state = {
+            "encoder": state["encoder"],
+            "self_kv": _from_cache(cache.self_attention_cache),
+            "cross_kv": _from_cache(cache.cross_attention_cache),
+        }
+        return StepOutput(logits=out.logits[:, -1], state=new_state)

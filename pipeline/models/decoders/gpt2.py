@@ -1,0 +1,49 @@
+"""GPT-2 with cross-attention to the visual tokens (a "VisionEncoderDecoder"-style captioner).
+
+::
+
+    features (B, N, C) -> VisualEncoder: Linear C->n_embd + learned token positions
+                          [+ num_encoder_layers Transformer encoder blocks] + LayerNorm
+                       -> encoder_hidden_states of GPT2LMHeadModel(add_cross_attention=True)
+
+GPT-2 (transformers) adds a cross-attention sub-layer to every block. Build it from
+scratch at any size (n_layer, n_head, n_embd, n_positions), or start from a local
+pretrained GPT-2 with ``pretrained_path`` (its cross-attention layers start fresh; the
+caption vocabulary must be that model's). With ``num_encoder_layers > 0`` this is the
+"CNN + Transformer encoder + GPT-2-style decoder" recipe.
+
+Padding is masked with an attention mask built from ``lengths``; the incremental
+state and its reordering are described in :mod:`._gpt2_common`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from . import DecoderConfig, register_decoder
+from ._gpt2_common import GPT2CaptionDecoder, GPT2Options
+from .transformer import VisualEncoder
+
+
+class GPT2DecoderConfig(GPT2Options):
+    pass  # the shared GPT-2 options, nothing more
+
+
+@register_decoder("gpt2")
+class GPT2Decoder(GPT2CaptionDecoder):
+    """GPT-2 (from scratch or pretrained) cross-attending to the projected visual tokens."""
+
+    config_class: ClassVar[type[DecoderConfig]] = GPT2DecoderConfig
+
+    def __init__(self, config: GPT2DecoderConfig, **ids_and_sizes):
+        super().__init__(config, **ids_and_sizes)
+        gpt = self.gpt2.config
+        self.visual = VisualEncoder(
+            self.feature_dim, self.n_embd, num_layers=config.num_encoder_layers, num_heads=gpt.n_head,
+            dropout=config.dropout, max_tokens=config.max_visual_tokens,
+        )
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        return self.visual(features)

@@ -1,0 +1,154 @@
+"""Show, Attend and Tell (Xu et al., 2015): an RNN that re-attends to the image at every word.
+
+At step ``t``, with previous hidden state ``h`` and previous word ``y``:
+
+1. additive (Bahdanau) attention over the projected visual tokens ``v_1..v_N``::
+
+       e_n = w . tanh(W_v v_n + W_h h)        alpha = softmax(e)        z = sum_n alpha_n v_n
+
+2. a gate ``beta = sigmoid(f_beta(h))`` (a scalar per row) scales the context: ``z = beta * z``;
+3. the cell (LSTM or GRU) reads ``[E y ; z]`` and updates ``h``;
+4. the "deep output" layer of the paper gives the logits: ``L_o(E y + L_h h + L_z z)``.
+
+``h`` (and the LSTM's ``c``) start from the mean visual token. Training adds the
+doubly stochastic attention regulariser (each image region should receive about
+one unit of attention over the caption)::
+
+    aux_loss = alpha_c * mean_b sum_n (1 - sum_t alpha_btn)^2
+
+summing over the steps that predict a real token: ``t < lengths - 1`` (the step
+fed the final token, usually ``eos``, predicts nothing and is left out, as is padding).
+
+Word embeddings can be initialised from pretrained vectors (GloVe) with
+:meth:`ShowAttendTellDecoder.load_word_embeddings`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from . import DecoderConfig, register_decoder
+from .base import CaptionDecoder, DecoderOutput, StepOutput
+
+
+class ShowAttendTellConfig(DecoderConfig):
+    embed_dim: int = Field(512, ge=1, description="Word-embedding size (300 for GloVe 300d).")
+    hidden_dim: int = Field(512, ge=1, description="Hidden size of the LSTM/GRU cell.")
+    attention_dim: int = Field(512, ge=1, description="Width of the additive attention's hidden layer.")
+    visual_dim: int = Field(512, ge=1, description="Width of the projected visual tokens (the attention context).")
+    dropout: float = Field(0.5, ge=0, lt=1, description="Dropout on the word embeddings and before the output layer.")
+    cell: Literal["lstm", "gru"] = Field("lstm", description="Recurrent cell.")
+    alpha_c: float = Field(1.0, ge=0, description="Weight of the doubly stochastic attention regulariser (0: off).")
+    pretrained_embeddings: Optional[str] = Field(
+        None,
+        description="Word vectors to initialise the embeddings with (e.g. a GloVe file); recorded here, "
+        "loaded by the trainer through load_word_embeddings() once it has aligned them to the vocabulary.",
+    )
+    freeze_embeddings: bool = Field(False, description="Keep pretrained word embeddings fixed during training.")
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau attention of one query (the hidden state) over N visual tokens."""
+
+    def __init__(self, visual_dim: int, hidden_dim: int, attention_dim: int):
+        super().__init__()
+        self.visual_att = nn.Linear(visual_dim, attention_dim)  # W_v, applied once per image (cached)
+        self.hidden_att = nn.Linear(hidden_dim, attention_dim)  # W_h, applied at every step
+        self.score = nn.Linear(attention_dim, 1)  # w
+
+    def forward(self, visual: torch.Tensor, visual_keys: torch.Tensor, h: torch.Tensor):
+        """visual (B, N, D), visual_keys = visual_att(visual) (B, N, A), h (B, H) -> context (B, D), alpha (B, N)."""
+        scores = self.score(torch.tanh(visual_keys + self.hidden_att(h).unsqueeze(1))).squeeze(-1)
+        alpha = F.softmax(scores, dim=-1)
+        context = torch.bmm(alpha.unsqueeze(1), visual).squeeze(1)
+        return context, alpha
+
+
+@register_decoder("show_attend_tell")
+class ShowAttendTellDecoder(CaptionDecoder):
+    """Show, Attend and Tell: LSTM/GRU with additive attention re-queried at every step."""
+
+    config_class: ClassVar[type[DecoderConfig]] = ShowAttendTellConfig
+    has_attention: ClassVar[bool] = True
+
+    def __init__(
+        self, config: ShowAttendTellConfig, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int
+    ):
+        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id)
+        self.config = config
+        E, H, D = config.embed_dim, config.hidden_dim, config.visual_dim
+        self.visual_proj = nn.Sequential(nn.Linear(feature_dim, D), nn.LayerNorm(D))
+        self.embed = nn.Embedding(vocab_size, E)
+        self.attention = AdditiveAttention(D, H, config.attention_dim)
+        self.init_h = nn.Linear(D, H)
+        self.init_c = nn.Linear(D, H) if config.cell == "lstm" else None
+        self.f_beta = nn.Linear(H, 1)
+        self.cell = nn.LSTMCell(E + D, H) if config.cell == "lstm" else nn.GRUCell(E + D, H)
+        self.dropout = nn.Dropout(config.dropout)
+        # Deep output layer: L_o(E y + L_h h + L_z z).
+        self.out_hidden = nn.Linear(H, E)
+        self.out_context = nn.Linear(D, E)
+        self.out = nn.Linear(E, vocab_size)
+
+    def load_word_embeddings(self, matrix: torch.Tensor, freeze: bool = False) -> None:
+        """Copy a (vocab_size, embed_dim) matrix (e.g. GloVe rows aligned to the vocabulary) into the embeddings."""
+        expected = (self.vocab_size, self.config.embed_dim)
+        if tuple(matrix.shape) != expected:
+            raise ValueError(
+                f"show_attend_tell: word-embedding matrix has shape {tuple(matrix.shape)}, expected {expected} "
+                f"(vocab_size, embed_dim); set embed_dim to the vectors' size"
+            )
+        with torch.no_grad():
+            self.embed.weight.copy_(matrix.to(self.embed.weight.dtype))
+        self.embed.weight.requires_grad_(not freeze)
+
+    # ----------------------------------------------------------------- incremental decoding
+    # State (all batch first): {"visual": (B, N, D), "keys": (B, N, A), "h": (B, H)} plus "c" (B, H) for the LSTM.
+    def init_state(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        visual = self.visual_proj(features.to(self.visual_proj[0].weight.dtype))
+        mean = visual.mean(dim=1)
+        state = {"visual": visual, "keys": self.attention.visual_att(visual), "h": torch.tanh(self.init_h(mean))}
+        if self.init_c is not None:
+            state["c"] = torch.tanh(self.init_c(mean))
+        return state
+
+    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> StepOutput:
+        word = self.dropout(self.embed(tokens))  # (B, E)
+        h = state["h"]
+        context, alpha = self.attention(state["visual"], state["keys"], h)
+        context = torch.sigmoid(self.f_beta(h)) * context  # gate beta: (B, 1)
+        x = torch.cat([word, context], dim=-1)
+        new_state = dict(state)  # the input state is left untouched
+        if self.init_c is not None:
+            new_state["h"], new_state["c"] = self.cell(x, (h, state["c"]))
+        else:
+            new_state["h"] = self.cell(x, h)
+        logits = self.out(self.dropout(word + self.out_hidden(new_state["h"]) + self.out_context(context)))
+        return StepOutput(logits=logits, state=new_state, attention=alpha)
+
+    # ----------------------------------------------------------------- teacher forcing
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+        # Attention depends on the previous hidden state, so teacher forcing is a loop over steps too.
+        state = self.init_state(features)
+        logits, alphas = [], []
+        for t in range(tokens.shape[1]):
+            out = self.step(tokens[:, t], state)
+            state = out.state
+            logits.append(out.logits)
+            alphas.append(out.attention)
+        logits, alphas = torch.stack(logits, dim=1), torch.stack(alphas, dim=1)  # (B, T, V), (B, T, N)
+        return DecoderOutput(logits=logits, attention=alphas, aux_loss=self.attention_regulariser(alphas, lengths))
+
+    def attention_regulariser(self, alphas: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
+        """alpha_c * mean_b sum_n (1 - sum_{t < len_b - 1} alpha_btn)^2; None when alpha_c is 0."""
+        if self.config.alpha_c == 0:
+            return None
+        steps = torch.arange(alphas.shape[1], device=alphas.device)
+        predicting = (steps.unsqueeze(0) < (lengths.to(alphas.device) - 1).unsqueeze(1)).to(alphas.dtype)  # (B, T)
+        coverage = (alphas * predicting.unsqueeze(-1)).sum(dim=1)  # (B, N)
+        return self.config.alpha_c * ((1.0 - coverage) ** 2).sum(dim=1).mean()

@@ -1,0 +1,78 @@
+"""Show and Tell (Vinyals et al., 2015): an LSTM language model primed with the image.
+
+The visual tokens are mean-pooled and projected to the word-embedding size; that
+vector is the LSTM's FIRST input, before ``bos``. Then the caption's word
+embeddings follow, and each output is mapped to vocabulary logits::
+
+    inputs:   [image]  bos   w1   w2  ...
+    outputs:   (drop)  ->w1  ->w2 ->w3 ...
+
+The image is seen only once, so there is no attention. Incremental decoding
+keeps the LSTM's ``(h, c)``; :meth:`init_state` runs the image step.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from . import DecoderConfig, register_decoder
+from .base import CaptionDecoder, DecoderOutput, StepOutput
+
+
+class ShowTellConfig(DecoderConfig):
+    embed_dim: int = Field(256, ge=1, description="Word-embedding size; the image is projected to it too.")
+    hidden_dim: int = Field(512, ge=1, description="LSTM hidden size.")
+    num_layers: int = Field(1, ge=1, description="Stacked LSTM layers.")
+    dropout: float = Field(0.5, ge=0, lt=1, description="Dropout on the inputs, between LSTM layers, before the output.")
+
+
+@register_decoder("show_tell")
+class ShowTellDecoder(CaptionDecoder):
+    """Show and Tell: LSTM fed the mean-pooled image feature as its first input."""
+
+    config_class: ClassVar[type[DecoderConfig]] = ShowTellConfig
+
+    def __init__(
+        self, config: ShowTellConfig, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int
+    ):
+        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id)
+        self.config = config
+        self.image_proj = nn.Sequential(nn.Linear(feature_dim, config.embed_dim), nn.LayerNorm(config.embed_dim))
+        self.embed = nn.Embedding(vocab_size, config.embed_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.lstm = nn.LSTM(
+            config.embed_dim,
+            config.hidden_dim,
+            num_layers=config.num_layers,
+            batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.head = nn.Linear(config.hidden_dim, vocab_size)
+
+    def image_input(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) cached features -> (B, 1, embed_dim), the LSTM's first input."""
+        pooled = features.to(self.image_proj[0].weight.dtype).mean(dim=1)
+        return self.dropout(self.image_proj(pooled)).unsqueeze(1)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+        # The LSTM is causal, so padding after a row's `lengths` never reaches its real positions.
+        inputs = torch.cat([self.image_input(features), self.dropout(self.embed(tokens))], dim=1)  # (B, 1+T, E)
+        outputs, _ = self.lstm(inputs)
+        return DecoderOutput(logits=self.head(self.dropout(outputs[:, 1:])))  # drop the image step's output
+
+    # ----------------------------------------------------------------- incremental decoding
+    # State: {"h": (B, num_layers, H), "c": (B, num_layers, H)}, batch first so that the
+    # default reorder_state (index_select on dim 0) applies.
+    def init_state(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, (h, c) = self.lstm(self.image_input(features))
+        return {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}
+
+    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> StepOutput:
+        hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
+        output, (h, c) = self.lstm(self.dropout(self.embed(tokens)).unsqueeze(1), hc)
+        logits = self.head(self.dropout(output[:, 0]))
+        return StepOutput(logits=logits, state={"h": h.transpose(0, 1), "c": c.transpose(0, 1)})

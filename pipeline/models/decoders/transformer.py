@@ -1,0 +1,254 @@
+"""A Transformer caption decoder (pre-norm), written out so its key/value cache is explicit.
+
+Visual side (:class:`VisualEncoder`, shared with the GPT-2 families)::
+
+    features (B, N, C) -> Linear C->d + learned position per token index -> [encoder blocks] -> LayerNorm = memory
+
+The position embedding is indexed by token number only (it knows nothing of 2-D
+grids), so concatenated multi-scale token sets work as long as N <= max_visual_tokens.
+
+Text side, ``num_layers`` decoder blocks over token + position embeddings::
+
+    x = x + SelfAttention(LN(x))     causal
+    x = x + CrossAttention(LN(x), memory)
+    x = x + MLP(LN(x))
+
+then LayerNorm and a linear head (optionally tied to the token embedding).
+
+Incremental decoding: :meth:`TransformerDecoder.init_state` computes the memory
+and every layer's cross-attention keys/values once; each :meth:`step` appends the
+new position's self-attention keys/values to a per-layer cache, so the prefix is
+never recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from . import DecoderConfig, register_decoder
+from .base import CaptionDecoder, DecoderOutput, StepOutput
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, heads, S, head_dim) each
+
+
+class TransformerConfig(DecoderConfig):
+    d_model: int = Field(256, ge=1, description="Width of the token and visual streams.")
+    num_layers: int = Field(3, ge=1, description="Decoder blocks.")
+    num_heads: int = Field(8, ge=1, description="Attention heads (must divide d_model).")
+    ff_dim: Optional[int] = Field(None, ge=1, description="MLP hidden width; default 4 * d_model.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on embeddings, attention weights and residual branches.")
+    max_length: int = Field(64, ge=2, description="Longest caption in tokens (bos included); size of the position table.")
+    positions: Literal["learned", "sinusoidal"] = Field("learned", description="Token position embedding.")
+    num_encoder_layers: int = Field(0, ge=0, description="Transformer encoder blocks over the visual tokens first.")
+    max_visual_tokens: int = Field(1024, ge=1, description="Most visual tokens N (size of their learned position table).")
+    tie_embeddings: bool = Field(True, description="Share the token embedding with the output layer.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
+        return self
+
+
+# --------------------------------------------------------------------------- building blocks
+class Attention(nn.Module):
+    """Multi-head attention; queries from ``x``, keys/values computed separately so callers can cache them."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = nn.Linear(d_model, d_model)
+        self.key_value = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.attn_dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, d) -> (B, heads, S, head_dim)
+        B, S, d = x.shape
+        return x.view(B, S, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def keys_values(self, source: torch.Tensor) -> KV:
+        k, v = self.key_value(source).chunk(2, dim=-1)
+        return self._split_heads(k), self._split_heads(v)
+
+    def forward(self, x: torch.Tensor, kv: KV, is_causal: bool = False) -> torch.Tensor:
+        B, T, d = x.shape
+        q = self._split_heads(self.query(x))
+        y = F.scaled_dot_product_attention(
+            q, kv[0], kv[1], is_causal=is_causal, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        return self.resid_dropout(self.out(y.transpose(1, 2).reshape(B, T, d)))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Linear(ff_dim, d_model), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm self-attention over the visual tokens (no mask) + MLP."""
+
+    def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, num_heads, dropout)
+        self.ln_2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, ff_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, self.attn.keys_values(h))
+        return x + self.mlp(self.ln_2(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm causal self-attention + cross-attention to the visual memory + MLP."""
+
+    def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.self_attn = Attention(d_model, num_heads, dropout)
+        self.ln_2 = nn.LayerNorm(d_model)
+        self.cross_attn = Attention(d_model, num_heads, dropout)
+        self.ln_3 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, ff_dim, dropout)
+
+    def forward(self, x: torch.Tensor, memory_kv: KV, past_kv: Optional[KV] = None) -> tuple[torch.Tensor, KV]:
+        """Teacher forcing: ``x`` is the whole caption and ``past_kv`` None (causal mask).
+        Incremental: ``x`` is ONE new position and ``past_kv`` the cached keys/values before it.
+        Returns the output and this layer's self-attention keys/values up to and including ``x``."""
+        h = self.ln_1(x)
+        k, v = self.self_attn.keys_values(h)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        # A single new position may see every cached one, so it needs no mask.
+        x = x + self.self_attn(h, (k, v), is_causal=past_kv is None)
+        x = x + self.cross_attn(self.ln_2(x), memory_kv)
+        x = x + self.mlp(self.ln_3(x))
+        return x, (k, v)
+
+
+class VisualEncoder(nn.Module):
+    """(B, N, C) cached features -> (B, N, d) memory: projection, learned token positions, optional encoder."""
+
+    def __init__(self, feature_dim: int, d_model: int, *, num_layers: int = 0, num_heads: int = 8,
+                 ff_dim: Optional[int] = None, dropout: float = 0.1, max_tokens: int = 1024):
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, d_model)
+        self.pos = nn.Parameter(torch.zeros(max_tokens, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(d_model, num_heads, ff_dim or 4 * d_model, dropout) for _ in range(num_layers)
+        )
+        self.ln = nn.LayerNorm(d_model)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        N = features.shape[1]
+        if N > self.pos.shape[0]:
+            raise ValueError(f"{N} visual tokens but max_visual_tokens is {self.pos.shape[0]}; raise that option")
+        x = self.drop(self.proj(features.to(self.proj.weight.dtype)) + self.pos[:N])
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x)
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos table of "Attention Is All You Need": (length, dim)."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
+    return table
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2 style: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------------- the decoder
+@register_decoder("transformer")
+class TransformerDecoder(CaptionDecoder):
+    """Transformer decoder (pre-norm, causal self-attention + cross-attention to visual tokens)."""
+
+    config_class: ClassVar[type[DecoderConfig]] = TransformerConfig
+
+    def __init__(
+        self, config: TransformerConfig, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int
+    ):
+        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id)
+        self.config = config
+        d, ff = config.d_model, config.ff_dim or 4 * config.d_model
+        self.visual = VisualEncoder(feature_dim, d, num_layers=config.num_encoder_layers, num_heads=config.num_heads,
+                                    ff_dim=ff, dropout=config.dropout, max_tokens=config.max_visual_tokens)
+        self.tok_emb = nn.Embedding(vocab_size, d)
+        if config.positions == "learned":
+            self.pos_emb = nn.Parameter(torch.zeros(config.max_length, d))
+        else:
+            self.register_buffer("pos_emb", sinusoidal_positions(config.max_length, d), persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(d, config.num_heads, ff, config.dropout) for _ in range(config.num_layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab_size, bias=False)
+        self.apply(init_weights)
+        if config.positions == "learned":
+            nn.init.normal_(self.pos_emb, std=0.02)
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """(B, T) ids at positions start..start+T-1 -> (B, T, d)."""
+        end = start + tokens.shape[1]
+        if end > self.config.max_length:
+            raise ValueError(f"caption position {end - 1} is beyond max_length={self.config.max_length}")
+        return self.drop(self.tok_emb(tokens) + self.pos_emb[start:end].to(self.tok_emb.weight.dtype))
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+        # Padding sits after each row's `lengths` tokens; the causal mask already keeps it
+        # away from the real positions, so `lengths` needs no mask of its own here.
+        memory = self.visual(features)
+        x = self._embed(tokens, 0)
+        for block in self.blocks:
+            x, _ = block(x, block.cross_attn.keys_values(memory))
+        return DecoderOutput(logits=self.head(self.ln_f(x)))
+
+    # ----------------------------------------------------------------- incremental decoding
+    # State: {"memory_kv": [(k, v) per layer], "self_kv": [(k, v) per layer]}, tensors
+    # (B, heads, S, head_dim); self_kv grows by one position per step (S = 0 after init_state).
+    # Everything is batch first, so the default reorder_state (index_select on dim 0) applies.
+    def init_state(self, features: torch.Tensor) -> dict[str, list[KV]]:
+        memory = self.visual(features)
+        memory_kv = [block.cross_attn.keys_values(memory) for block in self.blocks]
+        empty = memory[:, :0]  # (B, 0, d)
+        self_kv = [block.self_attn.keys_values(empty) for block in self.blocks]
+        return {"memory_kv": memory_kv, "self_kv": self_kv}
+
+    def step(self, tokens: torch.Tensor, state: dict[str, list[KV]]) -> StepOutput:
+        position = state["self_kv"][0][0].shape[2]
+        x = self._embed(tokens.unsqueeze(1), position)  # (B, 1, d)
+        new_self_kv = []
+        for block, memory_kv, past_kv in zip(self.blocks, state["memory_kv"], state["self_kv"]):
+            x, kv = block(x, memory_kv, past_kv)
+            new_self_kv.append(kv)
+        logits = self.head(self.ln_f(x))[:, 0]
+        return StepOutput(logits=logits, state={"memory_kv": state["memory_kv"], "self_kv": new_self_kv})

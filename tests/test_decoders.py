@@ -1,0 +1,284 @@
+"""Decoder families: shapes, gradients, incremental decoding == teacher forcing, beam reordering,
+padding, memorisation, and each family's specifics. Tiny sizes, float32, fixed seeds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.models.decoders import (
+    DECODERS,
+    CaptionDecoder,
+    DecoderConfigError,
+    create_decoder,
+    decoder_config_class,
+    list_decoders,
+)
+
+B, N, C, T, V = 3, 5, 12, 7, 23
+PAD, BOS, EOS = 0, 1, 2
+LENGTHS = torch.tensor([7, 5, 3])
+
+# Tiny options per case; a case is (family, options).
+CASES = {
+    "show_tell": ("show_tell", dict(embed_dim=16, hidden_dim=24, num_layers=2, dropout=0.0)),
+    "show_attend_tell_lstm": ("show_attend_tell", dict(embed_dim=16, hidden_dim=24, attention_dim=12, visual_dim=20, dropout=0.1)),
+    "show_attend_tell_gru": ("show_attend_tell", dict(embed_dim=16, hidden_dim=24, attention_dim=12, cell="gru", dropout=0.1)),
+    "transformer": ("transformer", dict(d_model=16, num_layers=2, num_heads=2, num_encoder_layers=1, max_length=16)),
+    "transformer_sinusoidal": (
+        "transformer", dict(d_model=16, num_layers=2, num_heads=4, positions="sinusoidal", tie_embeddings=False),
+    ),
+    "gpt2": ("gpt2", dict(n_layer=2, n_head=2, n_embd=16, n_positions=16, num_encoder_layers=1)),
+    "perceiver_gpt2": ("perceiver_gpt2", dict(n_layer=2, n_head=2, n_embd=16, n_positions=16, num_latents=4)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: extra threads only add contention on shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(case: str, seed: int = 0, **extra) -> CaptionDecoder:
+    family, options = CASES[case]
+    torch.manual_seed(seed)
+    return create_decoder(family, feature_dim=C, vocab_size=V, pad_id=PAD, bos_id=BOS, eos_id=EOS, **{**options, **extra})
+
+
+def batch(seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(B, N, C, generator=g).to(dtype)
+    tokens = torch.randint(3, V, (B, T), generator=g)
+    tokens[:, 0] = BOS
+    real = torch.arange(T)[None] < LENGTHS[:, None]
+    tokens[torch.arange(B), LENGTHS - 1] = EOS
+    tokens[~real] = PAD
+    return features, tokens, real
+
+
+def caption_loss(out, tokens, lengths) -> torch.Tensor:
+    """Cross-entropy of logits[t] against token t+1 over real targets (plus the family's aux loss)."""
+    target_real = torch.arange(T - 1)[None] < (lengths - 1)[:, None]
+    loss = F.cross_entropy(out.logits[:, :-1][target_real], tokens[:, 1:][target_real])
+    return loss + out.aux_loss if out.aux_loss is not None else loss
+
+
+def run_steps(decoder, state, tokens):
+    logits, attention = [], []
+    for t in range(tokens.shape[1]):
+        out = decoder.step(tokens[:, t], state)
+        state = out.state
+        logits.append(out.logits)
+        attention.append(out.attention)
+    return torch.stack(logits, 1), attention, state
+
+
+# --------------------------------------------------------------------------- registry
+def test_list_decoders_lists_all_five():
+    names = [name for name, _ in list_decoders()]
+    assert names == ["show_tell", "show_attend_tell", "transformer", "gpt2", "perceiver_gpt2"]
+    assert all(description for _, description in list_decoders())
+    assert set(DECODERS) == set(names)
+
+
+def test_config_classes_have_defaults():
+    assert decoder_config_class("show_tell")().embed_dim == 256
+    assert decoder_config_class("show_tell")().hidden_dim == 512
+    assert decoder_config_class("show_attend_tell")().cell == "lstm"
+    assert decoder_config_class("transformer")().d_model == 256
+    assert decoder_config_class("perceiver_gpt2")().num_latents == 64
+
+
+@pytest.mark.parametrize("family", ["show_tell", "show_attend_tell", "transformer", "gpt2", "perceiver_gpt2"])
+def test_unknown_option_is_named(family):
+    with pytest.raises(DecoderConfigError) as e:
+        create_decoder(family, feature_dim=C, vocab_size=V, pad_id=PAD, bos_id=BOS, eos_id=EOS, hiden_dim=3)
+    assert "hiden_dim" in str(e.value) and family in str(e.value)
+
+
+def test_bad_value_and_unknown_family_errors():
+    with pytest.raises(DecoderConfigError, match="cell"):
+        create_decoder("show_attend_tell", feature_dim=C, vocab_size=V, pad_id=PAD, bos_id=BOS, eos_id=EOS, cell="rnn")
+    with pytest.raises(DecoderConfigError, match="num_heads"):
+        create_decoder("transformer", feature_dim=C, vocab_size=V, pad_id=PAD, bos_id=BOS, eos_id=EOS, d_model=10, num_heads=3)
+    with pytest.raises(DecoderConfigError, match="n_head"):
+        create_decoder("gpt2", feature_dim=C, vocab_size=V, pad_id=PAD, bos_id=BOS, eos_id=EOS, n_embd=10, n_head=3)
+    with pytest.raises(DecoderConfigError, match="did you mean 'gpt2'"):
+        create_decoder("gtp2", feature_dim=C, vocab_size=V, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+
+
+# --------------------------------------------------------------------------- every family
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_shapes(case):
+    decoder = make(case)
+    features, tokens, _ = batch(dtype=torch.float16)  # cached features may be half precision
+    out = decoder(features, tokens, LENGTHS)
+    assert out.logits.shape == (B, T, V) and out.logits.dtype == torch.float32
+    if decoder.has_attention:
+        assert out.attention.shape == (B, T, N)
+        assert out.aux_loss.shape == ()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backward_gives_finite_grads_everywhere(case):
+    decoder = make(case).train()
+    features, tokens, _ = batch()
+    caption_loss(decoder(features, tokens, LENGTHS), tokens, LENGTHS).backward()
+    for name, p in decoder.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_reproduces_forward(case):
+    decoder = make(case).eval()
+    features, tokens, real = batch(dtype=torch.float16)
+    with torch.no_grad():
+        out = decoder(features, tokens, LENGTHS)
+        logits, attention, _ = run_steps(decoder, decoder.init_state(features), tokens)
+    torch.testing.assert_close(logits[real], out.logits[real], atol=1e-4, rtol=1e-4)
+    if decoder.has_attention:
+        torch.testing.assert_close(torch.stack(attention, 1)[real], out.attention[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reorder_state_duplicates_rows(case):
+    decoder = make(case).eval()
+    features, tokens, _ = batch()
+    features, tokens = features[:2], tokens[:2, :4]  # both rows are real for 4 tokens
+    index = torch.tensor([0, 0, 1])
+    with torch.no_grad():
+        reference = decoder(features, tokens, torch.tensor([4, 4])).logits
+        # Beam search expands right after init_state ...
+        expanded = decoder.reorder_state(decoder.init_state(features), index)
+        torch.testing.assert_close(run_steps(decoder, expanded, tokens[index])[0], reference[index], atol=1e-4, rtol=1e-4)
+        # ... and reorders after steps, when caches hold keys/values.
+        state = decoder.step(tokens[:, 0], decoder.init_state(features)).state
+        expanded = decoder.reorder_state(state, index)
+        beam_logits, _, _ = run_steps(decoder, expanded, tokens[index, 1:])
+        # The original state is still usable: neither reorder_state nor step changed it.
+        orig_logits, _, _ = run_steps(decoder, state, tokens[:, 1:])
+    torch.testing.assert_close(beam_logits, reference[index, 1:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(orig_logits, reference[:, 1:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_appended_padding_changes_nothing(case):
+    decoder = make(case).eval()
+    features, tokens, real = batch()
+    longer = torch.cat([tokens, torch.randint(0, V, (B, 4), generator=torch.Generator().manual_seed(5))], dim=1)
+    with torch.no_grad():
+        short_out, long_out = decoder(features, tokens, LENGTHS), decoder(features, longer, LENGTHS)
+    torch.testing.assert_close(long_out.logits[:, :T][real], short_out.logits[real], atol=1e-5, rtol=1e-5)
+    if decoder.has_attention:
+        torch.testing.assert_close(long_out.aux_loss, short_out.aux_loss)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_memorises_a_tiny_batch(case):
+    decoder = make(case).train()
+    features, tokens, _ = batch()
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    cross_entropy = []
+    for _ in range(25):
+        out = decoder(features, tokens, LENGTHS)
+        loss = caption_loss(out, tokens, LENGTHS)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        cross_entropy.append((loss - out.aux_loss if out.aux_loss is not None else loss).item())
+    assert cross_entropy[-1] < 0.5 * cross_entropy[0], cross_entropy
+
+
+# --------------------------------------------------------------------------- show_attend_tell
+def test_show_attend_tell_attention_and_doubly_stochastic_loss():
+    decoder = make("show_attend_tell_lstm", alpha_c=0.7).eval()
+    features, tokens, _ = batch()
+    with torch.no_grad():
+        out = decoder(features, tokens, LENGTHS)
+    torch.testing.assert_close(out.attention.sum(-1), torch.ones(B, T))
+    # By hand: steps t < length - 1 of each row (those that predict a real token).
+    expected = 0.0
+    for b in range(B):
+        coverage = out.attention[b, : LENGTHS[b] - 1].sum(0)
+        expected += ((1 - coverage) ** 2).sum()
+    expected = 0.7 * expected / B
+    assert out.aux_loss > 0
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert make("show_attend_tell_lstm", alpha_c=0.0)(features, tokens, LENGTHS).aux_loss is None
+
+
+def test_show_attend_tell_word_embeddings():
+    decoder = make("show_attend_tell_gru")
+    matrix = torch.randn(V, 16)
+    decoder.load_word_embeddings(matrix, freeze=True)
+    assert torch.equal(decoder.embed.weight, matrix) and not decoder.embed.weight.requires_grad
+    with pytest.raises(ValueError, match="embed_dim"):
+        decoder.load_word_embeddings(torch.randn(V, 300), freeze=False)
+
+
+# --------------------------------------------------------------------------- transformer
+def test_transformer_length_limit():
+    decoder = make("transformer", max_length=4)
+    features, tokens, _ = batch()
+    with pytest.raises(ValueError, match="max_length"):
+        decoder(features, tokens, LENGTHS)
+
+
+# --------------------------------------------------------------------------- gpt2 / perceiver
+def test_perceiver_resamples_any_number_of_tokens():
+    decoder = make("perceiver_gpt2").eval()
+    for n in (1, 9):
+        assert decoder.encode(torch.randn(2, n, C)).shape == (2, 4, 16)
+
+
+@pytest.fixture
+def tiny_pretrained_gpt2(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    model.save_pretrained(tmp_path / "gpt2-tiny")
+    return tmp_path / "gpt2-tiny", model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "perceiver_gpt2"])
+def test_gpt2_loads_a_pretrained_directory(family, tiny_pretrained_gpt2):
+    path, source = tiny_pretrained_gpt2
+    torch.manual_seed(0)
+    extra = {"num_latents": 3} if family == "perceiver_gpt2" else {}
+    decoder = create_decoder(
+        family, feature_dim=C, vocab_size=V, pad_id=PAD, bos_id=BOS, eos_id=EOS, pretrained_path=str(path), **extra
+    )
+    loaded, original = decoder.gpt2.transformer.h[1], source.transformer.h[1]
+    assert torch.equal(loaded.attn.c_attn.weight, original.attn.c_attn.weight)
+    state = decoder.gpt2.state_dict()
+    for name, tensor in source.state_dict().items():  # every pretrained weight arrived
+        assert torch.equal(state[name], tensor), name
+    assert hasattr(loaded, "crossattention") and decoder.n_embd == 16  # size taken from the checkpoint
+    decoder.eval()
+    features, tokens, real = batch()
+    with torch.no_grad():
+        out = decoder(features, tokens, LENGTHS)
+        logits, _, _ = run_steps(decoder, decoder.init_state(features), tokens)
+    torch.testing.assert_close(logits[real], out.logits[real], atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_pretrained_mismatches_are_clear(tiny_pretrained_gpt2, tmp_path):
+    path, _ = tiny_pretrained_gpt2
+    ids = dict(feature_dim=C, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(DecoderConfigError, match="vocab_size 23 .* has 50"):
+        create_decoder("gpt2", vocab_size=50, pretrained_path=path, **ids)
+    with pytest.raises(DecoderConfigError, match="n_embd=32"):
+        create_decoder("gpt2", vocab_size=V, pretrained_path=path, n_embd=32, **ids)
+    with pytest.raises(DecoderConfigError, match="config.json"):
+        create_decoder("gpt2", vocab_size=V, pretrained_path=tmp_path / "missing", **ids)

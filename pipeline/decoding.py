@@ -1,0 +1,635 @@
+"""Caption decoding: greedy, batched beam search and sampling, shared by evaluation, CLI and server.
+
+Everything here talks to a decoder only through the interface of
+:mod:`pipeline.models.decoders.base`: ``init_state(features)``, ``step(prev_tokens, state)``
+returning logits ``(R, V)`` for the next token, and ``reorder_state(state, index)`` with an
+int64 row index (used to expand ``B -> B*K`` rows, reorder beams and drop finished rows).
+
+Conventions (the same for every method):
+
+* ``max_length`` is the most caption tokens a hypothesis may hold, **not counting bos and
+  eos**. Decoding runs at most ``max_length + 1`` decoder steps: after ``max_length`` tokens
+  only eos may follow, with the model's own eos log-probability. If that is ``-inf`` (a
+  decoder that never emits eos) the hypothesis is returned unfinished (``finished=False``)
+  with its ``max_length`` tokens.
+* ``min_length``: eos is masked (``-inf``) until the caption holds ``min_length`` tokens.
+* Per step, in this order: logits are cast to float32; the CTRL repetition penalty divides
+  the positive logits / multiplies the negative logits of every token already generated
+  (bos excluded); ``log_softmax``; then banned tokens get ``-inf`` (eos before
+  ``min_length``, tokens completing an n-gram already generated with
+  ``no_repeat_ngram_size``, anything but eos at the last step). These are the log-probs
+  that are summed into :attr:`Hypothesis.logprob` (identical to the model's log-probs when
+  no penalty applies).
+* ``Hypothesis.score`` = ``logprob / ((5 + n) / 6) ** length_penalty`` (GNMT), where ``n``
+  counts the scored tokens: the caption tokens plus the eos when finished.
+  ``length_penalty=0`` ranks by the raw log-prob sum; larger values favour longer captions.
+* ``Hypothesis.attention`` (when requested and the decoder returns attention) is ``(T, N)``
+  with ``T = len(tokens)``: row ``i`` is the visual attention of the step that emitted
+  ``tokens[i]`` (the eos step's attention is not kept).
+* Nothing is masked except the above: bos/pad may be generated if the model wants to
+  (GPT-2 style vocabularies use the same id for bos and eos, and pad can be a real token).
+
+Decoding runs under ``torch.inference_mode()``; the decoder's train/eval mode is left as it
+is (call ``decoder.eval()`` first: dropout makes decoding random). Tensors it returns cannot
+take part in autograd: for self-critical training, sample here and recompute the log-probs of
+the sampled captions with the decoder's teacher-forced ``forward``.
+
+Batched beam search gives exactly the captions and scores of running each image alone,
+provided the decoder computes each row independently of the others (true of the arithmetic
+here; real networks on some BLAS/GPU kernels can differ in the last bits with the batch
+size). Ties between exactly equal scores are broken by ``torch.topk`` and, among finished
+hypotheses, by the order they were found in.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "Hypothesis",
+    "DecodingOptions",
+    "CAPTION_MODES",
+    "options_for_mode",
+    "generate",
+    "greedy",
+    "beam_search",
+    "sample",
+    "length_normaliser",
+]
+
+NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # caption token ids, without bos and eos
+    score: float  # the length-normalised score used for ranking
+    logprob: float  # sum of the (processed) log-probs of the scored tokens, eos included when finished
+    attention: Optional[torch.Tensor] = None  # (len(tokens), N) when requested and available
+    finished: bool = True  # False: cut off at max_length without eos (or no allowed token was left)
+
+
+def length_normaliser(num_tokens: int, alpha: float) -> float:
+    """GNMT length penalty ``((5 + n) / 6) ** alpha`` (1.0 when ``alpha == 0``)."""
+    if alpha == 0:
+        return 1.0
+    return ((5.0 + num_tokens) / 6.0) ** alpha
+
+
+def _normalised(logprob: float, num_tokens: int, alpha: float) -> float:
+    return logprob / length_normaliser(num_tokens, alpha)
+
+
+# --------------------------------------------------------------------------- options and modes
+class DecodingOptions(BaseModel):
+    """Every knob of :func:`generate`. ``method`` picks the algorithm; the others are ignored where
+    they do not apply (``beam_size``/``n_best`` for beam search, ``temperature``/``top_k``/``top_p``/
+    ``num_samples`` for sampling)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: Literal["greedy", "beam", "sample"] = "beam"
+    beam_size: int = Field(5, ge=1, description="Beams per image (beam search).")
+    n_best: int = Field(1, ge=1, description="Hypotheses returned per image (beam search); <= beam_size.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (sampling).")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0: no limit.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1.0: no limit.")
+    num_samples: int = Field(1, ge=1, description="Captions sampled per image (sampling).")
+    length_penalty: float = Field(0.0, description="GNMT alpha: score = logprob / ((5+n)/6)**alpha.")
+    repetition_penalty: float = Field(1.0, gt=0, description="CTRL penalty on already generated tokens; 1.0: off.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating any n-gram of this size; 0: off.")
+    min_length: int = Field(0, ge=0, description="Tokens before eos is allowed.")
+    max_length: int = Field(20, ge=1, description="Most caption tokens (bos/eos not counted).")
+    description: str = Field("", description="What the mode is for (shown to users).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DecodingOptions":
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) > max_length ({self.max_length})")
+        if self.n_best > self.beam_size:
+            raise ValueError(f"n_best ({self.n_best}) > beam_size ({self.beam_size})")
+        return self
+
+
+CAPTION_MODES: dict[str, DecodingOptions] = {
+    "consistent": DecodingOptions(
+        method="beam",
+        beam_size=5,
+        description="Beam search (5 beams): the single most likely caption; deterministic, used for evaluation.",
+    ),
+    "safe_diverse": DecodingOptions(
+        method="sample",
+        temperature=0.6,
+        top_p=0.8,
+        num_samples=3,
+        description="Sampling close to the model's favourite wording (T=0.6, top-p 0.8): small variations.",
+    ),
+    "balanced_diverse": DecodingOptions(
+        method="sample",
+        temperature=0.8,
+        top_p=0.9,
+        num_samples=3,
+        description="Sampling with moderate variety (T=0.8, top-p 0.9).",
+    ),
+    "creative_diverse": DecodingOptions(
+        method="sample",
+        temperature=1.1,
+        top_p=0.95,
+        num_samples=3,
+        no_repeat_ngram_size=3,
+        description="Adventurous sampling (T=1.1, top-p 0.95, no repeated trigrams): most varied, least safe.",
+    ),
+}
+
+
+def options_for_mode(name: str, **overrides: Any) -> DecodingOptions:
+    """The options of caption mode ``name`` with ``overrides`` applied (validated)."""
+    try:
+        base = CAPTION_MODES[name]
+    except KeyError:
+        modes = ", ".join(f"{k} ({v.description})" for k, v in CAPTION_MODES.items())
+        raise ValueError(f"unknown caption mode {name!r}; known modes: {modes}") from None
+    return DecodingOptions.model_validate({**base.model_dump(), **overrides})
+
+
+def generate(
+    decoder: Any,
+    features: torch.Tensor,
+    options: "DecodingOptions | str",
+    generator: Optional[torch.Generator] = None,
+    *,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """The one entry point: per image, a list of hypotheses (best first for beam search,
+    up to ``n_best`` of them; sampling order for sampling, ``num_samples`` of them; one for
+    greedy). ``options`` may also be the name of a caption mode."""
+    o = options_for_mode(options) if isinstance(options, str) else options
+    common = dict(
+        max_length=o.max_length,
+        min_length=o.min_length,
+        repetition_penalty=o.repetition_penalty,
+        no_repeat_ngram_size=o.no_repeat_ngram_size,
+        length_penalty=o.length_penalty,
+        return_attention=return_attention,
+    )
+    if o.method == "greedy":
+        return [[h] for h in greedy(decoder, features, **common)]
+    if o.method == "beam":
+        return beam_search(decoder, features, beam_size=o.beam_size, n_best=o.n_best, **common)
+    if o.method == "sample":
+        return sample(
+            decoder,
+            features,
+            temperature=o.temperature,
+            top_k=o.top_k,
+            top_p=o.top_p,
+            num_samples=o.num_samples,
+            generator=generator,
+            **common,
+        )
+    raise ValueError(f"unknown decoding method {o.method!r}")  # unreachable: validated
+
+
+# --------------------------------------------------------------------------- shared step processing
+def _check_lengths(max_length: int, min_length: int) -> None:
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if not 0 <= min_length <= max_length:
+        raise ValueError(f"min_length must be in [0, max_length={max_length}], got {min_length}")
+
+
+def _banned_ngram_mask(hist: torch.Tensor, n: int, vocab: int) -> Optional[torch.Tensor]:
+    """(R, V) bool: tokens that would complete an n-gram already present in each row's history."""
+    R, t = hist.shape
+    if n <= 0 or t < max(n - 1, 1):
+        return None
+    if n == 1:
+        ban = torch.zeros(R, vocab, dtype=torch.bool, device=hist.device)
+        return ban.scatter_(1, hist, True)
+    if t < n:
+        return None
+    windows = hist.unfold(1, n, 1)  # (R, W, n)
+    prefix = hist[:, t - n + 1 :]  # (R, n-1): the last n-1 tokens
+    match = (windows[:, :, : n - 1] == prefix.unsqueeze(1)).all(dim=-1)  # (R, W)
+    if not bool(match.any()):
+        return None
+    counts = torch.zeros(R, vocab, dtype=torch.int32, device=hist.device)
+    counts.scatter_add_(1, windows[:, :, n - 1], match.to(torch.int32))
+    return counts > 0
+
+
+def _log_probs(
+    logits: torch.Tensor,
+    hist: torch.Tensor,
+    t: int,
+    *,
+    eos_id: int,
+    max_length: int,
+    min_length: int,
+    repetition_penalty: float,
+    no_repeat_ngram_size: int,
+) -> torch.Tensor:
+    """Processed float32 log-probs ``(R, V)`` for step ``t`` (``t`` tokens generated so far)."""
+    logits = logits.float()
+    R, V = logits.shape
+    if repetition_penalty != 1.0 and hist.shape[1] > 0:
+        logits = logits.clone()
+        prev = logits.gather(1, hist)
+        prev = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
+        logits.scatter_(1, hist, prev)
+    lp = torch.log_softmax(logits, dim=-1)
+    nan = torch.isnan(lp)  # NaN logits, or a row of -inf logits: nothing allowed there
+    if bool(nan.any()):
+        lp = lp.masked_fill(nan, NEG_INF)
+    if t >= max_length:  # only eos may follow the last caption token
+        only_eos = torch.full_like(lp, NEG_INF)
+        only_eos[:, eos_id] = lp[:, eos_id]
+        return only_eos
+    if no_repeat_ngram_size > 0:
+        ban = _banned_ngram_mask(hist, no_repeat_ngram_size, V)
+        if ban is not None:
+            lp = lp.masked_fill(ban, NEG_INF)
+    if t < min_length:
+        lp[:, eos_id] = NEG_INF
+    return lp
+
+
+def _device(decoder: Any, features: torch.Tensor) -> torch.device:
+    """Where the decoder's state lives: its parameters' device (features may still be on the CPU)."""
+    if isinstance(decoder, torch.nn.Module):
+        for t in itertools.chain(decoder.parameters(), decoder.buffers()):
+            return t.device
+    return features.device
+
+
+def _bos(decoder: Any, rows: int, device: torch.device) -> torch.Tensor:
+    return torch.full((rows,), int(decoder.bos_id), dtype=torch.long, device=device)
+
+
+# --------------------------------------------------------------------------- greedy / sampling
+def _decode_rows(
+    decoder: Any,
+    features: torch.Tensor,
+    *,
+    copies: int,
+    choose: Any,
+    max_length: int,
+    min_length: int,
+    repetition_penalty: float,
+    no_repeat_ngram_size: int,
+    length_penalty: float,
+    return_attention: bool,
+) -> list[list[Hypothesis]]:
+    """One token per row per step (greedy and sampling); finished rows are dropped with
+    ``reorder_state``. Returns per image ``copies`` hypotheses."""
+    _check_lengths(max_length, min_length)
+    B = features.shape[0]
+    if B == 0:
+        return []
+    device = _device(decoder, features)
+    eos = int(decoder.eos_id)
+    state = decoder.init_state(features)
+    if copies > 1:
+        state = decoder.reorder_state(state, torch.arange(B, device=device).repeat_interleave(copies))
+    R = B * copies
+    rows = list(range(R))  # original row of each active row
+    prev = _bos(decoder, R, device)
+    hist = torch.empty((R, 0), dtype=torch.long, device=device)
+    sums = torch.zeros(R, dtype=torch.float32, device=device)
+    attn: Optional[torch.Tensor] = None
+    results: list[Optional[Hypothesis]] = [None] * R
+
+    for t in range(max_length + 1):
+        out = decoder.step(prev, state)
+        state = out.state
+        lp = _log_probs(
+            out.logits,
+            hist,
+            t,
+            eos_id=eos,
+            max_length=max_length,
+            min_length=min_length,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+        if return_attention and out.attention is not None and attn is None:
+            attn = out.attention.new_zeros((out.attention.shape[0], 0, out.attention.shape[1]), dtype=torch.float32)
+        alive = lp.amax(dim=1) > NEG_INF  # rows with at least one allowed token
+        tok = choose(lp, alive)
+        tok_lp = lp.gather(1, tok.unsqueeze(1)).squeeze(1)
+        new_sums = sums + tok_lp
+        is_eos = (tok == eos) & alive
+        ended = is_eos | ~alive
+        attn_new = torch.cat([attn, out.attention.float().unsqueeze(1)], dim=1) if attn is not None else None
+        if bool(ended.any()):
+            ended_l, eos_l = ended.tolist(), is_eos.tolist()
+            new_sums_l, sums_l, hist_l = new_sums.tolist(), sums.tolist(), hist.tolist()
+            for i in (i for i, e in enumerate(ended_l) if e):
+                toks = hist_l[i]
+                if eos_l[i]:
+                    lps, n, fin = new_sums_l[i], len(toks) + 1, True
+                else:  # nothing allowed (e.g. no eos at the last step): cut off here
+                    lps, n, fin = sums_l[i], len(toks), False
+                att = attn[i].clone() if attn is not None else None
+                results[rows[i]] = Hypothesis(toks, _normalised(lps, n, length_penalty), lps, att, fin)
+            keep = (~ended).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            rows = [rows[i] for i in keep.tolist()]
+            state = decoder.reorder_state(state, keep)
+            tok, new_sums, hist = tok[keep], new_sums[keep], hist[keep]
+            if attn_new is not None:
+                attn_new = attn_new[keep]
+        hist = torch.cat([hist, tok.unsqueeze(1)], dim=1)
+        sums = new_sums
+        attn = attn_new
+        prev = tok
+    # every row ends by step max_length (only eos is allowed there, or nothing)
+    out_lists: list[list[Hypothesis]] = []
+    for b in range(B):
+        hyps = results[b * copies : (b + 1) * copies]
+        out_lists.append([h if h is not None else _empty_hypothesis() for h in hyps])
+    return out_lists
+
+
+def _empty_hypothesis() -> Hypothesis:
+    return Hypothesis(tokens=[], score=NEG_INF, logprob=NEG_INF, attention=None, finished=False)
+
+
+def greedy(
+    decoder: Any,
+    features: torch.Tensor,
+    *,
+    max_length: int,
+    min_length: int = 0,
+    return_attention: bool = False,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    length_penalty: float = 0.0,
+) -> list[Hypothesis]:
+    """Batched greedy decoding: one hypothesis per image (``length_penalty`` only affects ``score``)."""
+
+    def choose(lp: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        return lp.argmax(dim=1)
+
+    with torch.inference_mode():
+        res = _decode_rows(
+            decoder,
+            features,
+            copies=1,
+            choose=choose,
+            max_length=max_length,
+            min_length=min_length,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            length_penalty=length_penalty,
+            return_attention=return_attention,
+        )
+    return [r[0] for r in res]
+
+
+def _filter_logits(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering of (R, V) scores (masked entries become -inf; ties at the
+    k-th value are all kept; the most likely token is always kept)."""
+    V = scores.shape[1]
+    if 0 < top_k < V:
+        kth = scores.topk(top_k, dim=1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=1)
+        before = probs.cumsum(dim=1) - probs  # mass of the strictly more likely tokens
+        remove = before >= top_p
+        remove[:, 0] = False
+        sorted_scores = sorted_scores.masked_fill(remove, NEG_INF)
+        scores = torch.full_like(scores, NEG_INF).scatter(1, order, sorted_scores)
+    return scores
+
+
+def sample(
+    decoder: Any,
+    features: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    max_length: int = 20,
+    min_length: int = 0,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    length_penalty: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """Batched sampling (rows expanded ``B -> B*num_samples``): per image ``num_samples``
+    hypotheses in sampling order. ``logprob`` sums the processed log-probs of the sampled tokens
+    *before* temperature / top-k / top-p. Reproducible with a seeded ``generator``; a generator on
+    another device than the decoder works (the probabilities are moved to it, slower)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0 or num_samples < 1:
+        raise ValueError("top_k must be >= 0 and num_samples >= 1")
+
+    def choose(lp: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        scores = lp / temperature if temperature != 1.0 else lp
+        scores = _filter_logits(scores, top_k, top_p)
+        # rows with nothing allowed get a dummy uniform distribution (they end unfinished)
+        if not bool(alive.all()):
+            scores = torch.where(alive.unsqueeze(1), scores, torch.zeros_like(scores))
+        probs = torch.softmax(scores, dim=1)
+        if generator is not None and generator.device != probs.device:
+            return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    with torch.inference_mode():
+        return _decode_rows(
+            decoder,
+            features,
+            copies=num_samples,
+            choose=choose,
+            max_length=max_length,
+            min_length=min_length,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            length_penalty=length_penalty,
+            return_attention=return_attention,
+        )
+
+
+# --------------------------------------------------------------------------- beam search
+@dataclass
+class _Found:
+    score: float
+    logprob: float
+    tokens: list[int]
+    attention: Optional[torch.Tensor]
+    finished: bool
+
+    def hypothesis(self) -> Hypothesis:
+        return Hypothesis(self.tokens, self.score, self.logprob, self.attention, self.finished)
+
+
+def beam_search(
+    decoder: Any,
+    features: torch.Tensor,
+    *,
+    beam_size: int = 5,
+    max_length: int = 20,
+    min_length: int = 0,
+    length_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    n_best: int = 1,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """Batched beam search: per image (up to) the ``n_best`` best hypotheses, best first.
+
+    All ``B*K`` beams advance with one ``decoder.step`` per step. Each step every image ranks
+    its ``K*V`` continuations by running log-prob sum and keeps the top ``2K`` (``topk``; then
+    ``beam = idx // V``, ``token = idx % V`` in int64): an eos ranked among the first ``K``
+    closes a finished hypothesis (scored with the length penalty), and the first ``K`` non-eos
+    continuations become the new beams (``reorder_state`` with the flat int64 row index). At the
+    last step (``max_length`` tokens) every live beam ends with eos. This is the usual
+    (fairseq / Hugging Face) beam search; with ``beam_size`` at least the number of candidates
+    of every step it is an exhaustive search.
+
+    An image stops once it holds ``n_best`` finished hypotheses that no live beam can beat (an
+    upper bound on any continuation's normalised score, valid since log-probs are <= 0): its
+    rows are dropped from the batch by that same ``reorder_state`` call, and the loop ends when
+    every image is done. Stopping early never changes the result of running to ``max_length``.
+    Finished hypotheses rank first; unfinished ones (eos impossible at ``max_length``) fill up
+    ``n_best`` when there are not enough finished ones; an image with nothing at all gets one
+    empty unfinished hypothesis with score ``-inf``.
+    """
+    _check_lengths(max_length, min_length)
+    if beam_size < 1 or not 1 <= n_best <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size, got {beam_size}, {n_best}")
+    B = features.shape[0]
+    if B == 0:
+        return []
+    K = beam_size
+    device = _device(decoder, features)
+    eos = int(decoder.eos_id)
+    alpha = float(length_penalty)
+
+    with torch.inference_mode():
+        state = decoder.init_state(features)
+        state = decoder.reorder_state(state, torch.arange(B, device=device, dtype=torch.long).repeat_interleave(K))
+        active = list(range(B))  # image of each active block of K rows
+        scores = torch.full((B, K), NEG_INF, dtype=torch.float32, device=device)
+        scores[:, 0] = 0.0  # one live beam at the start: no duplicate hypotheses
+        hist = torch.empty((B * K, 0), dtype=torch.long, device=device)
+        attn: Optional[torch.Tensor] = None  # (rows, t, N)
+        prev = _bos(decoder, B * K, device)
+        found: list[list[_Found]] = [[] for _ in range(B)]
+
+        # bound on the normalised score of any continuation of a live beam with running sum s <= 0
+        # holding l tokens: the final length n is in [l+1, max_length+1] and lp(n) is monotone in n
+        def bound(s: float, length: int) -> float:
+            if s == NEG_INF:
+                return NEG_INF
+            return max(_normalised(s, length + 1, alpha), _normalised(s, max_length + 1, alpha))
+
+        for t in range(max_length + 1):
+            out = decoder.step(prev, state)
+            state = out.state
+            lp = _log_probs(
+                out.logits,
+                hist,
+                t,
+                eos_id=eos,
+                max_length=max_length,
+                min_length=min_length,
+                repetition_penalty=repetition_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            )
+            V = lp.shape[1]
+            if V < 2:
+                raise ValueError("beam search needs a vocabulary of at least 2 tokens")
+            A = len(active)
+            step_attn = out.attention.float() if (return_attention and out.attention is not None) else None
+            if step_attn is not None and attn is None:
+                attn = step_attn.new_zeros((step_attn.shape[0], 0, step_attn.shape[1]))
+
+            if t == max_length:  # last step: every live beam ends (with eos, or cut off)
+                flat = scores.reshape(-1)
+                eos_l = (flat + lp[:, eos]).tolist()
+                flat_l, hist_l = flat.tolist(), hist.tolist()
+                for r in (r for r, s in enumerate(flat_l) if s != NEG_INF):
+                    att = attn[r].clone() if attn is not None else None
+                    if eos_l[r] != NEG_INF:
+                        f = _Found(_normalised(eos_l[r], t + 1, alpha), eos_l[r], hist_l[r], att, True)
+                    else:  # eos impossible: cut off
+                        f = _Found(_normalised(flat_l[r], t, alpha), flat_l[r], hist_l[r], att, False)
+                    found[active[r // K]].append(f)
+                break
+
+            cand = (scores.reshape(A * K, 1) + lp).reshape(A, K * V)
+            top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # sorted, best first
+            beam_idx = torch.div(top_i, V, rounding_mode="floor")  # int64 beam of each candidate
+            token = top_i % V
+            is_eos = token == eos
+            # the first K non-eos candidates (a stable sort keeps their ranking order) become the
+            # beams; there are at least K since at most K of the 2K candidates are eos
+            order = torch.argsort(is_eos.to(torch.int8), dim=1, stable=True)[:, :K]
+            new_scores = top_s.gather(1, order)
+            new_beam = beam_idx.gather(1, order)
+            new_tok = token.gather(1, order)
+
+            # an eos ranked among the first K candidates closes a finished hypothesis
+            first_eos = is_eos[:, :K] & torch.isfinite(top_s[:, :K])
+            if bool(first_eos.any()):
+                fe = first_eos.tolist()
+                fs = top_s[:, :K].tolist()
+                fb = beam_idx[:, :K].tolist()
+                hist_l = hist.tolist()
+                for i in range(A):
+                    for j in (j for j in range(K) if fe[i][j]):
+                        r = i * K + fb[i][j]
+                        att = attn[r].clone() if attn is not None else None
+                        f = _Found(_normalised(fs[i][j], t + 1, alpha), fs[i][j], hist_l[r], att, True)
+                        found[active[i]].append(f)
+            done_imgs: list[bool] = [False] * A
+            best_live = new_scores[:, 0].tolist()  # new_scores is sorted best first
+            for i in range(A):
+                ub = bound(best_live[i], t + 1)
+                fin = found[active[i]]
+                if ub == NEG_INF:
+                    done_imgs[i] = True
+                elif len(fin) >= n_best:
+                    nth = sorted((f.score for f in fin), reverse=True)[n_best - 1]
+                    done_imgs[i] = nth >= ub
+
+            keep = [i for i in range(A) if not done_imgs[i]]
+            if not keep:
+                break
+            src = new_beam + torch.arange(A, device=device, dtype=torch.long).unsqueeze(1) * K  # (A, K)
+            if len(keep) < A:
+                keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+                src, new_scores, new_tok = src[keep_t], new_scores[keep_t], new_tok[keep_t]
+                active = [active[i] for i in keep]
+            index = src.reshape(-1)  # flat int64 row index
+            state = decoder.reorder_state(state, index)
+            hist = torch.cat([hist.index_select(0, index), new_tok.reshape(-1, 1)], dim=1)
+            if step_attn is not None and attn is not None:
+                attn = torch.cat([attn.index_select(0, index), step_attn.index_select(0, index).unsqueeze(1)], dim=1)
+            scores = new_scores
+            prev = new_tok.reshape(-1)
+
+    results: list[list[Hypothesis]] = []
+    for b in range(B):
+        fin = sorted((f for f in found[b] if f.finished), key=lambda f: -f.score)  # stable
+        if len(fin) < n_best:
+            fin += sorted((f for f in found[b] if not f.finished), key=lambda f: -f.score)
+        hyps = [f.hypothesis() for f in fin[:n_best]]
+        results.append(hyps or [_empty_hypothesis()])
+    return results

@@ -1,0 +1,267 @@
+"""Robust image decoding: every mode to upright 8-bit RGB, every bad file to a stable reason."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.images import ImageDecodeError, check_image, decode_bytes, load_rgb
+
+
+# --------------------------------------------------------------------------- helpers
+def _save(img: Image.Image, path: Path, fmt: str, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, fmt, **kw)
+    return path
+
+
+def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _noisy_jpeg_bytes(size=(64, 64)) -> bytes:
+    """Noise defeats compression, so cutting the file in half lands inside the scan data."""
+    arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return _bytes(Image.fromarray(arr), "JPEG", quality=95)
+
+
+def _reason(excinfo) -> str:
+    return excinfo.value.reason
+
+
+def _assert_rgb(img: Image.Image) -> None:
+    assert isinstance(img, Image.Image)
+    assert img.mode == "RGB"
+    assert np.asarray(img).dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- modes
+def test_exif_orientation_is_applied(tmp_path):
+    # 40 wide x 20 high, left half red, right half blue; Orientation=6 means "rotate 90 CW to view".
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    path = _save(Image.fromarray(arr), tmp_path / "rot.jpg", "JPEG", exif=exif.tobytes(), quality=95)
+    with Image.open(path) as raw:
+        assert raw.size == (40, 20)
+        assert raw.getexif().get(0x0112) == 6
+
+    img = load_rgb(path)
+    _assert_rgb(img)
+    assert img.size == (20, 40)  # rotated: now portrait
+    out = np.asarray(img).astype(int)
+    # Rotating 90 degrees clockwise puts the (left) red half at the top, the blue half at the bottom.
+    top, bottom = out[5, 10], out[35, 10]
+    assert top[0] > 200 and top[2] < 60, top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom
+
+    # The same from bytes.
+    assert decode_bytes(path.read_bytes()).size == (20, 40)
+
+
+def test_grayscale_L(tmp_path):
+    arr = np.tile(np.arange(0, 200, 10, dtype=np.uint8), (6, 1))  # 20x6
+    path = _save(Image.fromarray(arr, mode="L"), tmp_path / "g.png", "PNG")
+    img = load_rgb(path)
+    _assert_rgb(img)
+    out = np.asarray(img)
+    assert out.shape == (6, 20, 3)
+    assert (out[..., 0] == arr).all() and (out[..., 1] == arr).all() and (out[..., 2] == arr).all()
+
+
+def test_LA_with_alpha_composites_over_white(tmp_path):
+    la = Image.new("LA", (4, 2), (0, 255))  # opaque black
+    la.putpixel((0, 0), (0, 0))  # fully transparent black -> white
+    la.putpixel((1, 0), (100, 255))  # opaque gray stays gray
+    path = _save(la, tmp_path / "la.png", "PNG")
+    img = load_rgb(path)
+    _assert_rgb(img)
+    out = np.asarray(img)
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert tuple(out[0, 1]) == (100, 100, 100)
+    assert tuple(out[1, 3]) == (0, 0, 0)
+
+
+def test_P_with_transparency(tmp_path):
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([0, 0, 0, 255, 0, 0] + [0] * (254 * 3))  # index 0 black, index 1 red
+    p.putpixel((1, 1), 1)
+    p.info["transparency"] = 0  # index 0 is transparent
+    path = _save(p, tmp_path / "p.png", "PNG", transparency=0)
+    with Image.open(path) as raw:
+        assert raw.mode == "P" and "transparency" in raw.info
+    img = load_rgb(path)
+    _assert_rgb(img)
+    out = np.asarray(img)
+    assert tuple(out[0, 0]) == (255, 255, 255)  # transparent -> white, not black
+    assert tuple(out[1, 1]) == (255, 0, 0)
+
+
+def test_P_without_transparency(tmp_path):
+    p = Image.new("P", (3, 3), 1)
+    p.putpalette([0, 0, 0, 10, 200, 30] + [0] * (254 * 3))
+    img = load_rgb(_save(p, tmp_path / "p.png", "PNG"))
+    _assert_rgb(img)
+    assert tuple(np.asarray(img)[2, 2]) == (10, 200, 30)
+
+
+def test_RGBA_composite_over_white(tmp_path):
+    rgba = Image.new("RGBA", (3, 2), (10, 20, 30, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black
+    rgba.putpixel((1, 0), (0, 0, 0, 128))  # half transparent black: mid gray
+    path = _save(rgba, tmp_path / "a.png", "PNG")
+    img = load_rgb(path)
+    _assert_rgb(img)
+    out = np.asarray(img).astype(int)
+    assert tuple(out[0, 0]) == (255, 255, 255)
+    assert all(120 <= v <= 135 for v in out[0, 1]), out[0, 1]
+    assert tuple(out[1, 2]) == (10, 20, 30)
+    # From bytes too.
+    assert tuple(np.asarray(decode_bytes(path.read_bytes()))[0, 0]) == (255, 255, 255)
+
+
+def test_cmyk_jpeg(tmp_path):
+    cmyk = Image.new("CMYK", (16, 8), (0, 255, 255, 0))  # pure red in CMYK
+    path = _save(cmyk, tmp_path / "c.jpg", "JPEG", quality=95)
+    with Image.open(path) as raw:
+        assert raw.mode == "CMYK"
+    img = load_rgb(path)
+    _assert_rgb(img)
+    assert img.size == (16, 8)
+    r, g, b = np.asarray(img).astype(int).reshape(-1, 3).mean(axis=0)
+    assert r > 200 and g < 60 and b < 60, (r, g, b)
+
+
+def test_16bit_grayscale_rescaled_with_real_range(tmp_path):
+    arr = np.linspace(1000, 3000, 5 * 8).reshape(5, 8).astype(np.uint16)
+    path = _save(Image.fromarray(arr), tmp_path / "g16.png", "PNG")
+    with Image.open(path) as raw:
+        assert raw.mode in ("I;16", "I")  # 16-bit PNG
+    img = load_rgb(path)
+    _assert_rgb(img)
+    out = np.asarray(img)[..., 0].astype(int)
+    # The real range [1000, 3000] maps to [0, 255] (not clipped to 255, not divided by 257).
+    assert out.min() == 0 and out.max() == 255
+    expected = np.round((arr.astype(float) - 1000) * 255 / 2000).astype(int)
+    assert np.abs(out - expected).max() <= 1
+    assert (np.diff(out.ravel()) >= 0).all()  # order preserved
+
+
+def test_16bit_constant_image_does_not_divide_by_zero(tmp_path):
+    arr = np.full((4, 4), 1234, dtype=np.uint16)
+    img = load_rgb(_save(Image.fromarray(arr), tmp_path / "flat16.png", "PNG"))
+    _assert_rgb(img)
+    assert img.size == (4, 4)
+
+
+@pytest.mark.parametrize("mode,color", [("RGB", (1, 2, 3)), ("L", 7), ("1", 1), ("RGBA", (1, 2, 3, 255)), ("I", 5), ("F", 0.5)])
+def test_always_rgb_from_any_mode(mode, color):
+    img = Image.new(mode, (5, 3), color)
+    fmt = "TIFF" if mode in ("I", "F") else "PNG"
+    out = decode_bytes(_bytes(img, fmt))
+    _assert_rgb(out)
+    assert out.size == (5, 3)
+
+
+# --------------------------------------------------------------------------- bad files
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    for call in (lambda: load_rgb(path), lambda: check_image(path), lambda: check_image(path, mode="header"),
+                 lambda: check_image(path, mode="none")):
+        with pytest.raises(ImageDecodeError) as e:
+            call()
+        assert _reason(e) == "empty file"
+    with pytest.raises(ImageDecodeError) as e:
+        decode_bytes(b"")
+    assert _reason(e) == "empty file"
+
+
+def test_text_file_is_not_an_image(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not an image\n")
+    with pytest.raises(ImageDecodeError) as e:
+        load_rgb(path)
+    assert _reason(e) == "not an image"
+    assert str(path) in str(e.value)
+    with pytest.raises(ImageDecodeError) as e:
+        check_image(path, mode="header")
+    assert _reason(e) == "not an image"
+    with pytest.raises(ImageDecodeError) as e:
+        decode_bytes(b"hello world", source="upload")
+    assert _reason(e) == "not an image" and str(e.value).startswith("upload: ")
+    check_image(path, mode="none")  # only existence and size are checked
+
+
+def test_truncated_jpeg(tmp_path):
+    data = _noisy_jpeg_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError) as e:
+        check_image(path, mode="full")
+    assert _reason(e) == "truncated image"
+    with pytest.raises(ImageDecodeError) as e:
+        load_rgb(path)
+    assert _reason(e) == "truncated image"
+    with pytest.raises(ImageDecodeError) as e:
+        decode_bytes(path.read_bytes())
+    assert _reason(e) == "truncated image"
+    check_image(path, mode="header")  # the header is intact
+    check_image(path, mode="none")
+    # The whole file is fine.
+    whole = tmp_path / "whole.jpg"
+    whole.write_bytes(data)
+    check_image(whole, mode="full")
+    assert load_rgb(whole).size == (64, 64)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.png"
+    for mode in ("full", "header", "none"):
+        with pytest.raises(ImageDecodeError) as e:
+            check_image(path, mode=mode)
+        assert _reason(e) == "missing image file"
+    with pytest.raises(ImageDecodeError) as e:
+        load_rgb(path)
+    assert _reason(e) == "missing image file"
+    # A directory is not an image file either.
+    with pytest.raises(ImageDecodeError) as e:
+        load_rgb(tmp_path)
+    assert _reason(e) == "missing image file"
+
+
+def test_image_too_large(tmp_path):
+    path = _save(Image.new("RGB", (20, 20), (1, 2, 3)), tmp_path / "big.png", "PNG")
+    for call in (lambda: load_rgb(path, max_pixels=100), lambda: check_image(path, mode="full", max_pixels=100),
+                 lambda: check_image(path, mode="header", max_pixels=100),
+                 lambda: decode_bytes(path.read_bytes(), max_pixels=100)):
+        with pytest.raises(ImageDecodeError) as e:
+            call()
+        assert _reason(e) == "image too large"
+        assert "20x20" in e.value.detail
+    # Exactly at the limit is fine.
+    assert load_rgb(path, max_pixels=400).size == (20, 20)
+    check_image(path, max_pixels=400)
+
+
+def test_check_image_rejects_unknown_mode(tmp_path):
+    path = _save(Image.new("RGB", (2, 2)), tmp_path / "x.png", "PNG")
+    with pytest.raises(ValueError):
+        check_image(path, mode="fast")
+
+
+def test_good_image_passes_all_modes(tmp_path):
+    path = _save(Image.new("RGB", (9, 7), (5, 6, 7)), tmp_path / "ok.jpg", "JPEG")
+    for mode in ("full", "header", "none"):
+        assert check_image(path, mode=mode) is None
+    img = load_rgb(path)
+    _assert_rgb(img)
+    assert img.size == (9, 7)

@@ -10,13 +10,15 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 FORMAT_NAME = "caption-feature-cache"
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
 META_FILE = "meta.json"
 
 
-class CacheFormatError(ValueError):
+class CacheFormatError(UserError, ValueError):
     """A cache that is missing, incomplete, of another version, or not what the caller expects."""
 
 

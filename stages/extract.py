@@ -18,7 +18,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -28,7 +27,12 @@ from cache.writer import CacheWriter, ShardWriter
 from pipeline.config import ExtractConfig, config_to_dict
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
-from pipeline.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
+from pipeline.distributed import (
+    DistContext,
+    cleanup_distributed,
+    init_distributed,
+    resolve_device,
+)
 from pipeline.models.backbones import Backbone, create_backbone
 from pipeline.progress import progress as progress_bar
 

@@ -24,7 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import PrepareConfig, SyntheticSource, config_to_dict
-from pipeline.data.manifest import MANIFEST_VERSION, ManifestRecord, RejectsReport, write_manifest
+from pipeline.data.manifest import (
+    MANIFEST_VERSION,
+    ManifestRecord,
+    RejectsReport,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 

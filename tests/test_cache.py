@@ -10,7 +10,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cache import CachedCaptionDataset, CacheFormatError, CacheMeta, CacheWriter, FeatureCache, TokenSet, caption_collate
+from cache import (
+    CachedCaptionDataset,
+    CacheFormatError,
+    CacheMeta,
+    CacheWriter,
+    FeatureCache,
+    TokenSet,
+    caption_collate,
+)
 from cache.format import shard_of
 
 

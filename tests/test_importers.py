@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import CocoSource, Flickr8kSource, Flickr30kSource, KarpathySource, SyntheticSource, TableSource
+from pipeline.config import (
+    CocoSource,
+    Flickr8kSource,
+    Flickr30kSource,
+    KarpathySource,
+    SyntheticSource,
+    TableSource,
+)
 from pipeline.data.importers import (
     AnnotationFileError,
     import_coco,

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import UserError
+
 # Images above this many pixels are refused as possible decompression bombs (~ 16k x 16k / 2).
 DEFAULT_MAX_PIXELS = 128_000_000
 
 
-class ImageDecodeError(Exception):
+class ImageDecodeError(UserError, Exception):
     """An image that cannot be used. ``reason`` is a short stable phrase; ``detail`` says more."""
 
     def __init__(self, source: str, reason: str, detail: str = "") -> None:

@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from pipeline.data.images import ImageDecodeError, check_image
 from pipeline.data.manifest import SPLITS, ManifestRecord, RejectsReport
+from pipeline.errors import UserError
 
 __all__ = [
     "AnnotationFileError",
@@ -88,7 +89,7 @@ _KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or lone \u escapes
 
 
-class AnnotationFileError(ValueError):
+class AnnotationFileError(UserError, ValueError):
     """An annotation file unusable as a whole. The message is ``file[:line[:col]]: problem``."""
 
     def __init__(self, file: str | Path, problem: str, line: int | None = None, col: int | None = None) -> None:

@@ -21,11 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from pipeline.errors import UserError
+
 SPLITS = ("train", "val", "test")
 MANIFEST_VERSION = 1
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest file that cannot be read; the message names the file and line."""
 
 

@@ -38,9 +38,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pipeline.progress import progress as progress_bar
 
 from pipeline.data.manifest import ManifestRecord
+from pipeline.progress import progress as progress_bar
 
 # --------------------------------------------------------------------------- the world's facts
 COLOURS: dict[str, tuple[int, int, int]] = {

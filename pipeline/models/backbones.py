@@ -17,13 +17,15 @@ import timm
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Classifier-head keys a feature extractor may lack or ignore (timm names them per family).
 _HEAD_PREFIXES = ("classifier.", "fc.", "head.fc.", "head.", "last_linear.")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file that cannot be used with a backbone; the message lists the offending keys."""
 
 

@@ -1,0 +1,276 @@
+"""The training loop for caption decoders on cached features.
+
+One epoch = every (image, caption) pair of the training split once, in an order
+drawn from ``(seed, epoch)``: a resumed run recomputes the order and skips the
+batches already done, so killed-and-resumed training ends with exactly the
+weights of an uninterrupted run (same seed, same device).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cache.loader import CachedCaptionDataset, CaptionBatch
+from pipeline.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.distributed import DistContext
+from pipeline.progress import progress
+
+log = logging.getLogger(__name__)
+
+RECURRENT_FAMILIES = ("show_tell", "show_attend_tell")
+
+
+def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, label_smoothing: float = 0.0):
+    """Cross-entropy of predicting token t+1 at position t, over real positions only (from ``lengths``)."""
+    targets = tokens[:, 1:]
+    logits = logits[:, : targets.shape[1]]
+    positions = torch.arange(targets.shape[1], device=tokens.device)
+    mask = positions[None, :] < (lengths[:, None] - 1)
+    return F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=label_smoothing)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    return factor
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, ctx: DistContext) -> list[int]:
+    """The sample order of one epoch for this rank: a seeded permutation, padded and strided like
+    ``DistributedSampler`` so every rank gets the same number of batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_samples, generator=g).tolist()
+    if ctx.world_size > 1:
+        total = math.ceil(num_samples / ctx.world_size) * ctx.world_size
+        order = (order + order[: total - num_samples])[ctx.rank :: ctx.world_size]
+    return order
+
+
+class TrainingForward(nn.Module):
+    """The decoder's training forward pass — teacher forcing, or scheduled sampling — as one module,
+    so DistributedDataParallel can wrap it and synchronise gradients on either path."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, features, tokens, lengths, sampling_probability: float = 0.0):
+        if sampling_probability <= 0:
+            out = self.decoder(features, tokens, lengths)
+            return out.logits, out.aux_loss
+        return self._scheduled_sampling(features, tokens, lengths, sampling_probability)
+
+    def _scheduled_sampling(self, features, tokens, lengths, p: float):
+        """Recurrent decoders, step by step: with probability ``p`` the previous input is the model's own
+        (sampled) token instead of the reference one (Bengio et al., 2015)."""
+        dec = self.decoder
+        state = dec.init_state(features)
+        prev = tokens[:, 0]
+        logits, attentions = [], []
+        for t in range(tokens.shape[1] - 1):
+            out = dec.step(prev, state)
+            state = out.state
+            logits.append(out.logits)
+            if out.attention is not None:
+                attentions.append(out.attention)
+            own = torch.multinomial(out.logits.detach().float().softmax(-1), 1).squeeze(1)
+            use_own = torch.rand(prev.shape[0], device=prev.device) < p
+            prev = torch.where(use_own, own, tokens[:, t + 1])
+        aux = None
+        if attentions and hasattr(dec, "attention_regulariser"):
+            aux = dec.attention_regulariser(torch.stack(attentions, dim=1), lengths)
+        return torch.stack(logits, dim=1), aux
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the epoch in progress (or next to start)
+    batch_in_epoch: int = 0  # batches of `epoch` already done
+    global_step: int = 0
+    best_metric: Optional[float] = None
+    best_epoch: Optional[int] = None
+    epochs_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+
+
+class Trainer:
+    """Trains ``model`` (a :class:`TrainingForward`, maybe DDP-wrapped) with the options of ``cfg``.
+
+    ``validate(model) -> dict`` returns at least ``loss`` and the metric named by
+    ``cfg.val_metric``; higher is better except for ``loss``. ``on_improvement(state,
+    metrics)`` saves the best model; ``on_epoch_end(state, metrics)`` logs.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, model: nn.Module, dataset: CachedCaptionDataset, *, ctx: DistContext,
+        device: torch.device, checkpoint_dir: Path, validate: Callable[[nn.Module], dict[str, float]],
+        on_improvement: Callable[[TrainState, dict], None], on_epoch_end: Callable[[TrainState, dict], None],
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.dataset = dataset
+        self.ctx = ctx
+        self.device = device
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.validate = validate
+        self.on_improvement = on_improvement
+        self.on_epoch_end = on_epoch_end
+        self.decoder = getattr(model, "module", model).decoder
+        if cfg.scheduled_sampling > 0 and self.decoder.family not in RECURRENT_FAMILIES:
+            raise ValueError(
+                f"scheduled_sampling is for the recurrent decoders {RECURRENT_FAMILIES}, not {self.decoder.family!r}"
+            )
+        self.batches_per_epoch = math.ceil(len(epoch_order(len(dataset), cfg.seed, 0, ctx)) / cfg.batch_size)
+        self.total_steps = self.batches_per_epoch * cfg.epochs
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "embed" in name.lower() or "wpe" in name else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.98),
+        )
+        if cfg.schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, warmup_cosine(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+            )
+        else:
+            mode = "min" if cfg.val_metric == "loss" else "max"
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode=mode, factor=0.5, patience=1)
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        if self.amp_dtype is torch.float16 and device.type != "cuda":
+            raise ValueError("amp=fp16 needs CUDA; use amp=bf16 on CPU")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.state = TrainState()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save(self) -> None:
+        if self.ctx.is_main:
+            save_checkpoint(self.checkpoint_dir, model=self.decoder, optimizer=self.optimizer,
+                            scheduler=self.scheduler, scaler=self.scaler, state=self.state.__dict__)
+
+    def try_resume(self) -> bool:
+        if not checkpoint_exists(self.checkpoint_dir):
+            return False
+        state = load_checkpoint(self.checkpoint_dir, model=self.decoder, optimizer=self.optimizer,
+                                scheduler=self.scheduler, scaler=self.scaler, device=self.device)
+        self.state = TrainState(**state)
+        log.info("resumed from %s: epoch %d, batch %d, step %d", self.checkpoint_dir, self.state.epoch + 1,
+                 self.state.batch_in_epoch, self.state.global_step)
+        return True
+
+    # -- one step -------------------------------------------------------------------------
+    def _forward(self, batch: CaptionBatch) -> torch.Tensor:
+        features = batch.features.to(self.device, non_blocking=True)
+        tokens = batch.tokens.to(self.device, non_blocking=True)
+        lengths = batch.lengths.to(self.device, non_blocking=True)
+        p = self.sampling_probability()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits, aux = self.model(features, tokens, lengths, p)
+            loss = caption_loss(logits, tokens, lengths, self.cfg.label_smoothing)
+        if aux is not None:
+            loss = loss + aux.float()
+        return loss
+
+    def sampling_probability(self) -> float:
+        if self.cfg.scheduled_sampling <= 0:
+            return 0.0
+        ramp = min(1.0, (self.state.epoch + 1) / self.cfg.scheduled_sampling_ramp_epochs)
+        return self.cfg.scheduled_sampling * ramp
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self, stop_after_steps: Optional[int] = None) -> TrainState:
+        cfg = self.cfg
+        st = self.state
+        steps_this_run = 0
+        while st.epoch < cfg.epochs and not st.finished:
+            order = epoch_order(len(self.dataset), cfg.seed, st.epoch, self.ctx)
+            self.model.train()
+            start, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            bar = progress(total=self.batches_per_epoch, initial=st.batch_in_epoch, unit="batch",
+                           desc=f"epoch {st.epoch + 1}/{cfg.epochs}", disable=not self.ctx.is_main)
+            for b in range(st.batch_in_epoch, self.batches_per_epoch):
+                batch = self.dataset.__getitems__(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+                loss = self._forward(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if cfg.schedule == "cosine":
+                    self.scheduler.step()
+                st.batch_in_epoch = b + 1
+                st.global_step += 1
+                steps_this_run += 1
+                seen += len(batch)
+                loss_sum += float(loss.detach())
+                loss_n += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}",
+                                samples_s=f"{seen * self.ctx.world_size / (time.perf_counter() - start):.0f}")
+                if st.global_step % cfg.checkpoint_every == 0:
+                    self.save()
+                if stop_after_steps is not None and steps_this_run >= stop_after_steps:
+                    bar.close()
+                    return st
+            bar.close()
+            train_seconds = time.perf_counter() - start
+            metrics = {"epoch": st.epoch + 1, "train_loss": loss_sum / max(loss_n, 1),
+                       "lr": self.optimizer.param_groups[0]["lr"],
+                       "samples_per_s": seen * self.ctx.world_size / max(train_seconds, 1e-9)}
+            if self.ctx.is_main:
+                self.model.eval()
+                metrics.update({f"val_{k}": v for k, v in self.validate(self.decoder).items()})
+            metrics = self._broadcast(metrics)
+            self._end_epoch(metrics)
+        if self.ctx.is_main:
+            self.save()
+        return st
+
+    def _broadcast(self, metrics: dict) -> dict:
+        if not self.ctx.is_distributed:
+            return metrics
+        import torch.distributed as dist
+
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)  # small dict of floats between our own ranks
+        return box[0]
+
+    def _end_epoch(self, metrics: dict) -> None:
+        cfg, st = self.cfg, self.state
+        value = metrics[f"val_{cfg.val_metric}"]
+        better = st.best_metric is None or (value < st.best_metric if cfg.val_metric == "loss" else value > st.best_metric)
+        if cfg.schedule == "plateau":
+            self.scheduler.step(value)
+        if better:
+            st.best_metric, st.best_epoch, st.epochs_without_improvement = value, st.epoch + 1, 0
+            if self.ctx.is_main:
+                self.on_improvement(st, metrics)
+        else:
+            st.epochs_without_improvement += 1
+        st.history.append(metrics)
+        if self.ctx.is_main:
+            self.on_epoch_end(st, metrics)
+        st.epoch += 1
+        st.batch_in_epoch = 0
+        if cfg.patience and st.epochs_without_improvement >= cfg.patience:
+            log.info("early stopping: no %s improvement for %d epochs", cfg.val_metric, cfg.patience)
+            st.finished = True
+        self.save()

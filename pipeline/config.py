@@ -137,6 +137,7 @@ class VocabConfig(StageConfig):
     out_dir: Path = Field(Path("models/tokenizers"), description="One sub-folder per tokenizer kind.")
     kinds: list[Literal["word", "bpe", "gpt2"]] = Field(["word", "bpe", "gpt2"], description="Tokenizers to build.")
     min_freq: int = Field(2, ge=1, description="Word vocabulary: words seen fewer times become <unk>.")
+    max_words: Optional[int] = Field(None, ge=1, description="Word vocabulary: keep at most this many words (most frequent).")
     max_length: int = Field(24, ge=1, description="Max caption tokens (without bos/eos).")
     lowercase: bool = True
     bpe_vocab_size: int = Field(1000, ge=259)
@@ -184,6 +185,61 @@ class TrainConfig(StageConfig):
     freeze_embeddings: bool = False
 
 
+HEADLINE_DECODINGS = ("greedy", "beam")
+
+
+class EvaluateConfig(StageConfig):
+    """Caption a split from the feature cache with one decoding setting, score it, and build a gallery."""
+
+    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Manifest with the split and references.")
+    features: Path = Field(Path("data/features"), description="Feature cache written by `extract` (checked against the bundle).")
+    model: Path = Field(Path("models/transformer/bundle"), description="Model bundle folder written by `train`.")
+    name: Optional[str] = Field(None, description="Name of the model in reports; default: the bundle's parent folder.")
+    out_dir: Optional[Path] = Field(None, description="Output folder; default: reports/<name>.")
+    split: Literal["train", "val", "test"] = Field("test", description="Manifest split to evaluate.")
+    decoding: str = Field(
+        "greedy",
+        description="Decoding of the headline metrics: greedy, beam (beam_size, length_penalty), or a caption mode "
+        "(consistent, safe_diverse, balanced_diverse, creative_diverse; sampled modes use their first sample, seeded).",
+    )
+    beam_size: int = Field(5, ge=1, description="Beams when decoding is `beam`.")
+    length_penalty: float = Field(0.0, description="GNMT length penalty alpha when decoding is `beam`.")
+    max_length: Optional[int] = Field(None, ge=1, description="Most caption tokens; default: the tokenizer's max_length.")
+    batch_size: int = Field(64, ge=1, description="Images decoded together.")
+    gallery_size: int = Field(24, ge=0, description="Gallery images: a third best, a third worst (per-image CIDEr), "
+                                                   "the rest random; 0: no gallery.")
+    gallery_sample_mode: str = Field("balanced_diverse", description="Sampling caption mode shown in the gallery (seeded).")
+    heatmaps: bool = Field(True, description="Per-word attention heatmaps in the gallery (attention decoders only).")
+    thumbnail_size: int = Field(256, ge=32, description="Longest side of the gallery images, pixels.")
+    spice: bool = Field(False, description="Also compute SPICE (needs Java and the Stanford CoreNLP 3.6.0 jars).")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    seed: int = Field(0, description="Seed of sampled captions and of the gallery's random picks.")
+
+    @model_validator(mode="after")
+    def _known_decodings(self) -> "EvaluateConfig":
+        from pipeline.decoding import CAPTION_MODES
+
+        known = (*HEADLINE_DECODINGS, *CAPTION_MODES)
+        if self.decoding not in known:
+            raise ValueError(f"decoding {self.decoding!r} is not one of {', '.join(known)}")
+        mode = CAPTION_MODES.get(self.gallery_sample_mode)
+        if mode is None or mode.method != "sample":
+            samplers = [k for k, v in CAPTION_MODES.items() if v.method == "sample"]
+            raise ValueError(f"gallery_sample_mode {self.gallery_sample_mode!r} is not one of {', '.join(samplers)}")
+        return self
+
+
+class ReportConfig(StageConfig):
+    """Compare evaluated models side by side and plot their training curves."""
+
+    reports: list[str] = Field(
+        ["reports/*/metrics.json"],
+        description="Evaluation outputs: report folders, metrics.json files, or glob patterns of either.",
+    )
+    live: list[str] = Field(["models/*/live"], description="dvclive folders (glob patterns) to plot training curves from.")
+    out: Path = Field(Path("reports/summary.md"), description="Markdown summary; curves go to <its folder>/curves/.")
+
+
 class DecoderSection(StageConfig):
     """One family's entry of the `decoders` section."""
 
@@ -204,6 +260,8 @@ SECTIONS: dict[str, type[StageConfig]] = {
     "vocab": VocabConfig,
     "train": TrainConfig,
     "decoders": DecodersConfig,
+    "evaluate": EvaluateConfig,
+    "report": ReportConfig,
 }
 
 

@@ -28,7 +28,7 @@ def run(cfg: VocabConfig) -> dict:
     for kind in cfg.kinds:
         if kind == "word":
             tok = build_tokenizer("word", captions, min_freq=cfg.min_freq, max_length=cfg.max_length,
-                                  lowercase=cfg.lowercase)
+                                  lowercase=cfg.lowercase, max_size=cfg.max_words)
         elif kind == "bpe":
             tok = build_tokenizer("bpe", captions, vocab_size=cfg.bpe_vocab_size,
                                   min_frequency=cfg.bpe_min_frequency, max_length=cfg.max_length)

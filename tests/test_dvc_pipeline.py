@@ -1,0 +1,79 @@
+"""The DVC DAG end to end, in a temporary copy of the repository with tiny params."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+TINY_PARAMS = {
+    "prepare": {"sources": [{"kind": "synthetic", "num_images": 40, "noisy_images": 8, "image_size": 64}],
+                "val_fraction": 0.2, "test_fraction": 0.2},
+    "extract": {"backbone": "test_efficientnet", "weights": None, "image_size": 64, "num_shards": 2,
+                "batch_size": 16, "workers": 0},
+    "vocab": {"kinds": ["word"], "min_freq": 1},
+    "train": {"epochs": 1, "batch_size": 16, "warmup_steps": 2, "amp": "none", "val_max_images": 8},
+    "decoders": {"transformer": {"options": {"d_model": 32, "num_layers": 1, "num_heads": 2}}},
+}
+
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in files.decode().split("\0"):
+        if rel and (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "copy"], cwd=dest, check=True)  # as a user's clone: dvclive reads HEAD
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, f"dvc {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("repo")
+    _copy_repo(dest)
+    (dest / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    return dest
+
+
+def test_repro_builds_then_noop_then_reruns_only_what_changed(repo_copy):
+    out = _dvc(repo_copy, "repro", "train@transformer")
+    for stage in ("prepare", "extract", "vocab", "train@transformer"):
+        assert f"Running stage '{stage}'" in out
+    manifest = (repo_copy / "data/prepared/manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == 40
+    meta = json.loads((repo_copy / "data/features/meta.json").read_text())
+    assert meta["records"] == 40 and meta["backbone"] == "test_efficientnet"
+    assert (repo_copy / "models/transformer/bundle/config.json").exists()
+    assert json.loads((repo_copy / "models/transformer/metrics.json").read_text())["epochs_run"] == 1
+
+    again = _dvc(repo_copy, "repro", "train@transformer")
+    assert "Running stage" not in again
+
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["extract"]["image_size"] = 96
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _dvc(repo_copy, "repro", "train@transformer")
+    assert "Running stage 'extract'" in changed and "Running stage 'train@transformer'" in changed
+    assert "Running stage 'prepare'" not in changed and "Running stage 'vocab'" not in changed
+    meta = json.loads((repo_copy / "data/features/meta.json").read_text())
+    assert meta["preprocessing"]["input_size"] == [3, 96, 96]
+    status = _dvc(repo_copy, "status", "train@transformer")
+    assert "changed" not in status and "modified" not in status

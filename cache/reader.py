@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -10,6 +11,44 @@ import lmdb
 import numpy as np
 
 from cache.format import CacheFormatError, CacheMeta, shard_name, shard_of
+
+# LMDB refuses to open the same file twice in one process, so every FeatureCache of a process shares
+# one environment per shard file (keyed by the file's identity, like lmdb's own guard: a cache rebuilt
+# at the same path is a new file), counted by its users and closed when the last one closes.
+_SHARED: dict[tuple[int, int], list] = {}  # (st_dev, st_ino) -> [pid, environment, users]
+_SHARED_LOCK = threading.Lock()
+
+
+def _file_key(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+def _acquire_environment(path: Path) -> lmdb.Environment:
+    key = _file_key(path)
+    with _SHARED_LOCK:
+        entry = _SHARED.get(key)
+        if entry is not None and entry[0] != os.getpid():
+            # Inherited through fork: unusable here, and it blocks reopening the file; read-only
+            # lock-free environments share no reader table, so closing the child's copy is safe.
+            entry[1].close()
+            entry = None
+        if entry is None:
+            env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=True, max_readers=256)
+            entry = _SHARED[key] = [os.getpid(), env, 0]
+        entry[2] += 1
+        return entry[1]
+
+
+def _release_environment(env: lmdb.Environment) -> None:
+    with _SHARED_LOCK:
+        for key, entry in list(_SHARED.items()):
+            if entry[1] is env and entry[0] == os.getpid():
+                entry[2] -= 1
+                if entry[2] <= 0:
+                    del _SHARED[key]
+                    env.close()
+                return
 
 
 class FeatureCache:
@@ -59,23 +98,22 @@ class FeatureCache:
     # -- access -----------------------------------------------------------------------------
     def _environments(self) -> list[lmdb.Environment]:
         if self._envs is None or self._pid != os.getpid():
-            if self._envs is not None:
-                # Handles inherited through fork are unusable here and block reopening the same files;
-                # read-only lock-free environments share no reader table, so closing them is safe.
-                for env in self._envs:
-                    env.close()
-            self._envs = [
-                lmdb.open(str(p), subdir=False, readonly=True, lock=False, readahead=True, max_readers=256)
-                for p in self._paths
-            ]
+            # First use in this process (a fork's inherited handles are replaced by _acquire_environment).
+            self._envs = [_acquire_environment(p) for p in self._paths]
             self._pid = os.getpid()
         return self._envs
 
     def close(self) -> None:
         if self._envs is not None and self._pid == os.getpid():
             for env in self._envs:
-                env.close()
+                _release_environment(env)
         self._envs = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: module globals may be gone already
+            pass
 
     def __getstate__(self) -> dict:  # picklable for spawn-based workers: environments reopen lazily
         state = dict(self.__dict__)

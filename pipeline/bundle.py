@@ -71,7 +71,11 @@ def backbone_state_for(spec: FeatureSpec) -> dict[str, torch.Tensor]:
     w = spec.weights
     if w.get("source") == "file":
         return read_state_dict(Path(w["path"]))
-    bb = create_backbone(spec.backbone, pretrained=w.get("source") == "timm-pretrained", init_seed=w.get("seed", 0))
+    # Rebuilding a random-init backbone reseeds the global RNG (torch.manual_seed): restore the caller's
+    # (training's dropout) stream afterwards, on the CPU and the CUDA device in use.
+    in_use = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=in_use):
+        bb = create_backbone(spec.backbone, pretrained=w.get("source") == "timm-pretrained", init_seed=w.get("seed", 0))
     return bb.model.state_dict()
 
 
@@ -138,6 +142,7 @@ class Captioner:
     features: FeatureSpec
     device: torch.device
     _backbone: Any = field(default=None, repr=False)
+    _transform: Any = field(default=None, repr=False)
 
     @classmethod
     def load(cls, directory: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Captioner":
@@ -220,11 +225,20 @@ class Captioner:
             self._backbone = bb
         return self._backbone
 
+    def preprocess(self, image: Any) -> torch.Tensor:
+        """One PIL image (RGB) -> the backbone's normalised input ``(3, H, W)`` (CPU; thread-safe)."""
+        if self._transform is None:
+            self._transform = self.backbone.eval_transform()
+        return self._transform(image)
+
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images (RGB) -> features ``(B, N, C)`` as the bundle's backbone computes them."""
+        return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images ``(B, 3, H, W)`` (see :meth:`preprocess`) -> features ``(B, N, C)``."""
         bb = self.backbone
-        transform = bb.eval_transform()
-        x = torch.stack([transform(im) for im in images]).to(self.device)
+        x = x.to(self.device)
         with torch.inference_mode():
             maps = bb.tokens(x)
         feats = torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]

@@ -21,7 +21,7 @@ from torch import nn
 
 from cache.loader import CachedCaptionDataset, CaptionBatch
 from pipeline.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.distributed import DistContext
 from pipeline.progress import progress
 
@@ -100,6 +100,7 @@ class TrainingForward(nn.Module):
 class TrainState:
     epoch: int = 0  # the epoch in progress (or next to start)
     batch_in_epoch: int = 0  # batches of `epoch` already done
+    epoch_loss_sum: float = 0.0  # training loss summed over those batches (so a resumed epoch reports all of them)
     global_step: int = 0
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
@@ -132,7 +133,7 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.decoder = getattr(model, "module", model).decoder
         if cfg.scheduled_sampling > 0 and self.decoder.family not in RECURRENT_FAMILIES:
-            raise ValueError(
+            raise ConfigError(
                 f"scheduled_sampling is for the recurrent decoders {RECURRENT_FAMILIES}, not {self.decoder.family!r}"
             )
         self.batches_per_epoch = math.ceil(len(epoch_order(len(dataset), cfg.seed, 0, ctx)) / cfg.batch_size)
@@ -201,7 +202,7 @@ class Trainer:
         while st.epoch < cfg.epochs and not st.finished:
             order = epoch_order(len(self.dataset), cfg.seed, st.epoch, self.ctx)
             self.model.train()
-            start, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            start, seen = time.perf_counter(), 0
             bar = progress(total=self.batches_per_epoch, initial=st.batch_in_epoch, unit="batch",
                            desc=f"epoch {st.epoch + 1}/{cfg.epochs}", disable=not self.ctx.is_main)
             for b in range(st.batch_in_epoch, self.batches_per_epoch):
@@ -220,10 +221,9 @@ class Trainer:
                 st.global_step += 1
                 steps_this_run += 1
                 seen += len(batch)
-                loss_sum += float(loss.detach())
-                loss_n += 1
+                st.epoch_loss_sum += float(loss.detach())
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}",
+                bar.set_postfix(loss=f"{st.epoch_loss_sum / st.batch_in_epoch:.3f}",
                                 samples_s=f"{seen * self.ctx.world_size / (time.perf_counter() - start):.0f}")
                 if st.global_step % cfg.checkpoint_every == 0:
                     self.save()
@@ -232,7 +232,7 @@ class Trainer:
                     return st
             bar.close()
             train_seconds = time.perf_counter() - start
-            metrics = {"epoch": st.epoch + 1, "train_loss": loss_sum / max(loss_n, 1),
+            metrics = {"epoch": st.epoch + 1, "train_loss": st.epoch_loss_sum / max(st.batch_in_epoch, 1),
                        "lr": self.optimizer.param_groups[0]["lr"],
                        "samples_per_s": seen * self.ctx.world_size / max(train_seconds, 1e-9)}
             if self.ctx.is_main:
@@ -270,6 +270,7 @@ class Trainer:
             self.on_epoch_end(st, metrics)
         st.epoch += 1
         st.batch_in_epoch = 0
+        st.epoch_loss_sum = 0.0
         if cfg.patience and st.epochs_without_improvement >= cfg.patience:
             log.info("early stopping: no %s improvement for %d epochs", cfg.val_metric, cfg.patience)
             st.finished = True

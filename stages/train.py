@@ -5,7 +5,9 @@ cache), ``cfg.tokenizer`` (a folder saved by `vocab`).
 Outputs in ``cfg.out_dir``:
 
 * ``bundle/`` — the best model (by the validation metric) as a self-describing bundle;
-* ``checkpoints/last/`` — the resumable state of the last step saved;
+* ``checkpoints/last/`` — the resumable state of the last step saved, ``checkpoints/best/`` the best
+  bundle so far, ``checkpoints/fingerprint.json`` what they were computed from (config, inputs,
+  code): checkpoints of anything else are discarded, never resumed;
 * ``metrics.json`` — the summary ``dvc metrics`` reads;
 * ``live/`` — per-epoch metrics and curves (dvclive; ``dvc plots`` reads them).
 
@@ -14,9 +16,11 @@ Data comes from the feature cache only, never from images.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +133,50 @@ def build_decoder(cfg: TrainConfig, spec: FeatureSpec, tokenizer: CaptionTokeniz
     return decoder
 
 
+# Options that do not change what training computes: a checkpoint written under other values resumes.
+_RESUMABLE_ACROSS = ("out_dir", "device", "checkpoint_every")
+# The code whose edits change what training computes.
+_TRAINING_CODE = ("stages/train.py", "pipeline/training.py", "pipeline/checkpoint.py", "pipeline/models/decoders")
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: TrainConfig, cache: FeatureCache, tokenizer: CaptionTokenizer) -> dict[str, Any]:
+    """Everything a checkpoint depends on: config, inputs' content, training code."""
+    root = Path(__file__).resolve().parents[1]
+    code = sorted(p for rel in _TRAINING_CODE for p in ([root / rel] if (root / rel).is_file()
+                                                          else (root / rel).rglob("*.py")))
+    return {
+        "config": {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUMABLE_ACROSS},
+        "features_sha256": cache.meta.content_sha256,
+        "tokenizer": tokenizer.fingerprint(),
+        "manifest_sha256": _sha256_files([Path(cfg.manifest)]),
+        "code_sha256": _sha256_files(code),
+    }
+
+
+def discard_stale_checkpoints(directory: Path, wanted: dict[str, Any]) -> None:
+    """Delete checkpoints written for other settings, inputs or code; record ``wanted`` beside new ones."""
+    marker = directory / "fingerprint.json"
+    if directory.exists():
+        found = json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else None
+        if found != wanted:
+            changed = sorted(k for k in set(wanted) | set(found or {}) if (found or {}).get(k) != wanted.get(k))
+            changed += sorted(f"config.{k}" for k in set(wanted["config"]) | set((found or {}).get("config", {}))
+                              if (found or {}).get("config", {}).get(k) != wanted["config"].get(k))
+            log.info("checkpoints in %s were written with other settings (%s): starting afresh", directory,
+                     ", ".join(changed) or "unknown")
+            shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg.device, local_rank)
@@ -165,6 +213,10 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
     if ctx.is_distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
+    checkpoints = out / "checkpoints"
+    if ctx.is_main:
+        discard_stale_checkpoints(checkpoints, run_fingerprint(cfg, cache, tokenizer))
+    ctx.barrier()
     validator = Validator(cfg, cache, val_records, tokenizer, device) if ctx.is_main else None
     live = None
     backbone_state = None
@@ -172,14 +224,16 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
         from dvclive import Live
 
         out.mkdir(parents=True, exist_ok=True)
-        resuming = (out / "checkpoints" / "last").exists()
+        resuming = (checkpoints / "last").exists() and (out / "live").exists()
         live = Live(dir=str(out / "live"), resume=resuming, report=None, save_dvc_exp=False, dvcyaml=None)
         backbone_state = backbone_state_for(spec)
 
     summary_base = {"decoder": cfg.decoder, "parameters": n_params, "config": config_to_dict(cfg)}
 
     def on_improvement(state: TrainState, metrics: dict) -> None:
-        save_bundle(out / "bundle", decoder=decoder, tokenizer=tokenizer, features=spec, backbone_state=backbone_state,
+        # The best model lives beside the resumable checkpoint (both persist across interruptions);
+        # it is exported to out/bundle when training ends.
+        save_bundle(checkpoints / "best", decoder=decoder, tokenizer=tokenizer, features=spec, backbone_state=backbone_state,
                     training={**summary_base, "best_epoch": state.epoch + 1, "val": metrics}, blind=cfg.blind)
 
     def on_epoch_end(state: TrainState, metrics: dict) -> None:
@@ -189,7 +243,7 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
         live.next_step()
         log.info("epoch %d: %s", metrics["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
 
-    trainer = Trainer(cfg, model, dataset, ctx=ctx, device=device, checkpoint_dir=out / "checkpoints" / "last",
+    trainer = Trainer(cfg, model, dataset, ctx=ctx, device=device, checkpoint_dir=checkpoints / "last",
                       validate=validator, on_improvement=on_improvement, on_epoch_end=on_epoch_end)
     if trainer.try_resume() and trainer.state.finished:
         log.info("training already finished (%d epochs); nothing to do", trainer.state.epoch)
@@ -197,6 +251,9 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
     if not ctx.is_main:
         return {}
     live.end()
+    if (out / "bundle").exists():
+        shutil.rmtree(out / "bundle")
+    shutil.copytree(checkpoints / "best", out / "bundle")
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     summary = {
         "decoder": cfg.decoder, "blind": cfg.blind, "parameters": n_params, "epochs_run": state.epoch,

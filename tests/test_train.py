@@ -1,0 +1,545 @@
+"""`train`: every decoder family trains on a tiny real cache; resume is exact; DDP, bundle, CLI.
+
+One module-scoped pipeline (prepare -> extract -> vocab) in a temporary folder: 80 synthetic
+64-px images, timm's tiny random ``test_efficientnet`` backbone (2x2 tokens of 256 channels),
+word / BPE / GPT-2 tokenizers. Decoders are a few tens of thousands of parameters, so a run of
+3 epochs x 20 batches takes about a second on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cache import CachedCaptionDataset, FeatureCache
+from pipeline.bundle import BundleError, Captioner
+from pipeline.cli import app
+from pipeline.config import (
+    ExtractConfig,
+    PrepareConfig,
+    SyntheticSource,
+    TrainConfig,
+    VocabConfig,
+)
+from pipeline.data.manifest import read_manifest
+from pipeline.text.tokenizers import load_tokenizer
+from pipeline.training import Trainer, TrainingForward
+from stages import extract, prepare, train, vocab
+from tests.conftest import REPO
+
+BACKBONE = "test_efficientnet"
+
+# Tiny sizes: every family under ~0.1M parameters (with the 68-word vocabulary).
+OPTIONS = {
+    "show_tell": {"embed_dim": 32, "hidden_dim": 32},
+    "show_attend_tell": {"embed_dim": 32, "hidden_dim": 32, "attention_dim": 32, "visual_dim": 32},
+    "transformer": {"d_model": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64},
+    "gpt2": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32},
+    "perceiver_gpt2": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32, "num_latents": 4,
+                       "resampler_depth": 1},
+}
+# GPT-2's own 50k vocabulary is slow with many epochs; the word and BPE vocabularies are not.
+TOKENIZER = {"show_tell": "word", "show_attend_tell": "word", "transformer": "word", "gpt2": "word",
+             "perceiver_gpt2": "bpe"}
+
+
+@dataclass
+class Pipe:
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "prepared" / "manifest.jsonl"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    def tokenizer(self, kind: str) -> Path:
+        return self.root / "tokenizers" / kind
+
+    def cfg(self, out: Path, decoder: str, **kw) -> TrainConfig:
+        base = dict(manifest=self.manifest, features=self.features, tokenizer=self.tokenizer(TOKENIZER[decoder]),
+                    out_dir=out, decoder=decoder, decoder_options=OPTIONS[decoder], epochs=3, batch_size=16,
+                    lr=3e-3, warmup_steps=0, val_max_images=4, max_caption_length=12, device="cpu", amp="none",
+                    patience=0)
+        base.update(kw)
+        return TrainConfig(**base)
+
+    def params_file(self, path: Path, train_section: dict, decoders: dict | None = None) -> Path:
+        import yaml
+
+        section = {"manifest": str(self.manifest), "features": str(self.features),
+                   "tokenizer": str(self.tokenizer("word")), "batch_size": 16, "lr": 3e-3, "warmup_steps": 0,
+                   "val_max_images": 4, "max_caption_length": 12, "device": "cpu", "patience": 0,
+                   **train_section}
+        data = {"train": section}
+        if decoders is not None:
+            data["decoders"] = decoders
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        return path
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory) -> Pipe:
+    # Two cores shared with other work: several OpenMP threads on tiny tensors spin far more than they
+    # compute (measured 5-10x slower than one thread under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("train_pipeline")
+    p = Pipe(root)
+    prepare.run(PrepareConfig(sources=[SyntheticSource(num_images=80, noisy_images=0, image_size=64)],
+                              out_dir=root / "prepared", check_images="none"))
+    extract.run(ExtractConfig(manifest=p.manifest, out_dir=p.features, backbone=BACKBONE, image_size=64,
+                              num_shards=2, batch_size=32, workers=0, device="cpu"))
+    vocab.run(VocabConfig(manifest=p.manifest, out_dir=root / "tokenizers", kinds=["word", "bpe", "gpt2"],
+                          bpe_vocab_size=300))
+    yield p
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(pipe):
+    """``trained(family)``: the output folder of one 3-epoch run of that family (run once per module)."""
+    done: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in done:
+            out = pipe.root / "runs" / family
+            train.run(pipe.cfg(out, family))
+            done[family] = out
+        return done[family]
+
+    return get
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "checkpoints" / "last" / "state.json").read_text())["state"]["history"]
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"{len(different)} of {len(ta)} tensors differ, e.g. {different[:5]}"
+
+
+# --------------------------------------------------------------------------- 1. every family trains
+@pytest.mark.parametrize("family", list(OPTIONS))
+def test_each_family_trains_and_writes_its_outputs(trained, family):
+    out = trained(family)
+    h = history(out)
+    assert [e["epoch"] for e in h] == [1, 2, 3]
+    assert h[-1]["train_loss"] < h[0]["train_loss"] - 0.1, [e["train_loss"] for e in h]
+    assert h[-1]["val_loss"] < h[0]["val_loss"] - 0.1, [e["val_loss"] for e in h]
+    assert all(math.isfinite(e["val_cider"]) and math.isfinite(e["val_bleu4"]) for e in h)
+
+    bundle = out / "bundle"
+    assert (bundle / "config.json").is_file() and (bundle / "model.safetensors").is_file()
+    assert (bundle / "tokenizer" / "caption_tokenizer.json").is_file()
+    assert {p.name for p in (out / "checkpoints" / "last").iterdir()} == {
+        "model.safetensors", "tensors.safetensors", "state.json"}
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["decoder"]["family"] == family
+    assert {k: config["decoder"]["options"][k] for k in OPTIONS[family]} == OPTIONS[family]
+    assert config["tokenizer"]["kind"] == TOKENIZER[family]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["decoder"] == family and metrics["epochs_run"] == 3 and metrics["steps"] == 60
+    assert metrics["blind"] is False
+    assert metrics["val_loss"] == min(e["val_loss"] for e in h if e["epoch"] == metrics["best_epoch"])
+    live = json.loads((out / "live" / "metrics.json").read_text())
+    assert live["step"] == 2 and "train" in live and "val" in live  # dvclive: last epoch's values (step 0-based)
+
+
+def test_gpt2_trains_with_the_real_gpt2_tokenizer(pipe, tmp_path, monkeypatch):
+    # 50257-way logits cost ~0.4 s a batch on a busy CPU: 16 training images (80 captions, 5 batches), 1 epoch.
+    rows = [json.loads(line) for line in pipe.manifest.read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"][:16] + [r for r in rows if r["split"] == "val"][:2]
+    manifest = tmp_path / "small.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = []
+    real = Trainer._forward
+
+    def recording(self, batch):
+        loss = real(self, batch)
+        losses.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(Trainer, "_forward", recording)
+    out = tmp_path / "gpt2-bpe50k"
+    summary = train.run(pipe.cfg(out, "gpt2", manifest=manifest, tokenizer=pipe.tokenizer("gpt2"), epochs=1, lr=1e-2,
+                                 val_max_images=2))
+    vocab_size = load_tokenizer(pipe.tokenizer("gpt2")).vocab_size
+    assert vocab_size == 50257
+    assert len(losses) == 5 and summary["epochs_run"] == 1
+    # An untrained model predicts about uniformly: ln(50257) = 10.8; five steps learn the frequent words.
+    assert abs(losses[0] - math.log(vocab_size)) < 0.5 and losses[-1] < losses[0] - 1, losses
+    (epoch,) = history(out)
+    assert epoch["val_loss"] < math.log(vocab_size) - 1, epoch
+    config = json.loads((out / "bundle" / "config.json").read_text())
+    assert config["tokenizer"]["kind"] == "gpt2"
+    assert Captioner.load(out / "bundle").tokenizer.vocab_size == 50257
+
+
+# --------------------------------------------------------------------------- 2. exact resume
+class SimulatedKill(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "family,kill_after,every",
+    [("show_attend_tell", 7, 3),  # killed mid-epoch 1; the last checkpoint (step 6) is one step behind
+     ("transformer", 25, 5)],  # killed mid-epoch 2, right after a checkpoint (step 25)
+)
+def test_killed_and_resumed_training_ends_with_the_same_weights(pipe, tmp_path, monkeypatch, family, kill_after,
+                                                                 every):
+    straight = tmp_path / "straight"
+    resumed = tmp_path / "resumed"
+    train.run(pipe.cfg(straight, family, epochs=2, checkpoint_every=every))
+    assert json.loads((straight / "bundle" / "config.json").read_text())["decoder"]["options"]["dropout"] > 0
+
+    steps = {"n": 0}
+    real_forward = Trainer._forward
+
+    def dying_forward(self, batch):
+        if steps["n"] == kill_after:  # after kill_after optimizer steps
+            raise SimulatedKill(f"killed after {kill_after} steps")
+        steps["n"] += 1
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(Trainer, "_forward", dying_forward)
+    with pytest.raises(SimulatedKill):
+        train.run(pipe.cfg(resumed, family, epochs=2, checkpoint_every=every))
+    saved = json.loads((resumed / "checkpoints" / "last" / "state.json").read_text())["state"]
+    assert saved["global_step"] == kill_after // every * every
+    assert saved["batch_in_epoch"] == saved["global_step"] % 20 and not saved["finished"]
+    monkeypatch.setattr(Trainer, "_forward", real_forward)
+
+    train.run(pipe.cfg(resumed, family, epochs=2, checkpoint_every=every))
+    assert_same_tensors(straight / "checkpoints" / "last" / "model.safetensors",
+                        resumed / "checkpoints" / "last" / "model.safetensors")
+    assert_same_tensors(straight / "checkpoints" / "last" / "tensors.safetensors",  # optimizer moments + RNG
+                        resumed / "checkpoints" / "last" / "tensors.safetensors")
+    assert_same_tensors(straight / "bundle" / "model.safetensors", resumed / "bundle" / "model.safetensors")
+    a, b = history(straight), history(resumed)
+    # Every per-epoch metric matches too, the train loss of the interrupted epoch included.
+    drop = ("samples_per_s",)
+    assert [{k: v for k, v in e.items() if k not in drop} for e in a] == \
+           [{k: v for k, v in e.items() if k not in drop} for e in b]
+    sa, sb = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
+    assert {k: v for k, v in sa.items() if k != "train_samples_per_s"} == \
+           {k: v for k, v in sb.items() if k != "train_samples_per_s"}
+
+
+def test_rerunning_a_finished_training_changes_nothing(trained, pipe):
+    out = trained("show_tell")
+    before = tensors(out / "bundle" / "model.safetensors")
+    summary = train.run(pipe.cfg(out, "show_tell"))
+    assert summary["epochs_run"] == 3 and summary["steps"] == 60
+    after = tensors(out / "bundle" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_backbone_copy_for_the_bundle_leaves_the_training_rng_alone():
+    from pipeline.bundle import FeatureSpec, backbone_state_for
+
+    spec = FeatureSpec(backbone=BACKBONE, weights={"source": "random-init", "seed": 0}, preprocessing={},
+                       token_sets=[["last", 4, 256]])
+    torch.manual_seed(123)
+    want = torch.get_rng_state()
+    backbone_state_for(spec)
+    assert torch.equal(torch.get_rng_state(), want)
+
+
+# --------------------------------------------------------------------------- 3. scheduled sampling
+def test_scheduled_sampling_runs_on_show_tell_and_changes_training(pipe, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = TrainingForward._scheduled_sampling
+
+    def counting(self, *args):
+        calls["n"] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(TrainingForward, "_scheduled_sampling", counting)
+    train.run(pipe.cfg(tmp_path / "none", "show_tell", epochs=1))
+    assert calls["n"] == 0
+    train.run(pipe.cfg(tmp_path / "ss", "show_tell", epochs=1, scheduled_sampling=0.5,
+                       scheduled_sampling_ramp_epochs=1))
+    assert calls["n"] == 20  # every training batch of the epoch (validation is teacher forced)
+    (epoch,) = history(tmp_path / "ss")
+    assert math.isfinite(epoch["train_loss"]) and math.isfinite(epoch["val_loss"])
+    a = tensors(tmp_path / "none" / "checkpoints" / "last" / "model.safetensors")
+    b = tensors(tmp_path / "ss" / "checkpoints" / "last" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_scheduled_sampling_is_refused_for_the_transformer(pipe, tmp_path):
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match=r"scheduled_sampling is for the recurrent decoders .*'transformer'"):
+        train.run(pipe.cfg(tmp_path / "t", "transformer", epochs=1, scheduled_sampling=0.25))
+    assert not (tmp_path / "t" / "bundle").exists()
+    params = pipe.params_file(tmp_path / "p.yaml", {"decoder": "transformer", "decoder_options": OPTIONS["transformer"],
+                                                    "scheduled_sampling": 0.25, "out_dir": str(tmp_path / "cli")})
+    result = CliRunner().invoke(app, ["train", "--params", str(params)])
+    assert result.exit_code == 2 and "error: scheduled_sampling is for the recurrent decoders" in result.output
+
+
+# --------------------------------------------------------------------------- 4. DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_train_one_model(pipe, tmp_path, trained):
+    out = tmp_path / "ddp"
+    params = pipe.params_file(tmp_path / "p.yaml", {"decoder": "transformer", "decoder_options": OPTIONS["transformer"],
+                                                    "epochs": 3, "out_dir": str(out)})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "pipeline.cli", "train", "--params", str(params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "2 process(es)" in res.stderr
+    # One writer: a single bundle, metrics and checkpoint, no leftovers of a second rank.
+    assert sorted(p.name for p in out.iterdir()) == ["bundle", "checkpoints", "live", "metrics.json"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "fingerprint.json", "last"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 320 captions, 160 per rank, per-rank batches of 16: 10 steps per epoch.
+    assert metrics["epochs_run"] == 3 and metrics["steps"] == 30
+    h = history(out)
+    assert h[-1]["train_loss"] < h[0]["train_loss"] - 0.1 and h[-1]["val_loss"] < h[0]["val_loss"] - 0.1
+    single = history(trained("transformer"))  # the same model on one process (batch 16, 20 steps an epoch)
+    assert single[-1]["val_loss"] < single[0]["val_loss"] - 0.1
+    # Half the optimizer steps of batch 32: it learns, just not as far (loose band, not equality).
+    curves = {"ddp": [e["val_loss"] for e in h], "single": [e["val_loss"] for e in single]}
+    assert single[-1]["val_loss"] - 0.1 < h[-1]["val_loss"] < h[0]["val_loss"] < math.log(68), curves
+    assert Captioner.load(out / "bundle").caption_features(torch.zeros(1, 4, 256))
+
+
+# --------------------------------------------------------------------------- 5. the bundle
+@pytest.fixture(scope="module")
+def captioner(trained) -> Captioner:
+    return Captioner.load(trained("transformer") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def val_images(pipe):
+    records = [r for r in read_manifest(pipe.manifest) if r.split == "val"][:4]
+    return [(r.image_id, pipe.manifest.parent / r.path) for r in records]
+
+
+def test_bundle_captions_cached_features(captioner, pipe, val_images):
+    cache = FeatureCache(pipe.features)
+    ids = [i for i, _ in val_images]
+    feats = torch.from_numpy(cache.get_batch(ids)["last"])
+    assert feats.dtype == torch.float16
+    captions = captioner.caption_features(feats.float(), backbone=BACKBONE)
+    assert len(captions) == len(ids)
+    assert all(len(c) == 1 and c[0].text.strip() for c in captions), [c[0].text for c in captions]
+
+
+def test_bundle_captions_images_exactly_like_their_cached_features(captioner, pipe, val_images):
+    cache = FeatureCache(pipe.features)
+    ids, paths = zip(*val_images)
+    from_images = captioner.caption_images(list(paths))
+    cached = torch.from_numpy(cache.get_batch(list(ids))["last"]).float()
+    from_cache = captioner.caption_features(cached)
+    assert [c[0].tokens for c in from_images] == [c[0].tokens for c in from_cache]
+    assert [c[0].text for c in from_images] == [c[0].text for c in from_cache]
+    # Its own backbone (backbone.safetensors) reproduces the cache, float16 rounding included.
+    from pipeline.data.images import load_rgb
+
+    encoded = captioner.encode_images([load_rgb(p) for p in paths])
+    torch.testing.assert_close(encoded, cached, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 256), (1, 4, 128), (2, 4, 255)])
+def test_bundle_refuses_features_of_another_shape(captioner, shape):
+    with pytest.raises(BundleError, match=r"test_efficientnet") as err:
+        captioner.caption_features(torch.zeros(shape))
+    assert "(batch, 4, 256)" in str(err.value) and str(tuple(shape)) in str(err.value)
+
+
+def test_bundle_refuses_another_backbones_features(captioner):
+    with pytest.raises(BundleError, match=r"'resnet50'.*'test_efficientnet'"):
+        captioner.caption_features(torch.zeros(1, 4, 256), backbone="resnet50")
+
+
+def test_bundle_with_a_tampered_tokenizer_is_refused(trained, tmp_path):
+    src = trained("transformer") / "bundle"
+    edited_config = shutil.copytree(src, tmp_path / "fingerprint")
+    config = json.loads((edited_config / "config.json").read_text())
+    config["tokenizer"]["fingerprint"] = "0" * 64
+    (edited_config / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="tokenizer files do not match"):
+        Captioner.load(edited_config)
+
+    edited_vocab = shutil.copytree(src, tmp_path / "vocab")
+    body = json.loads((edited_vocab / "tokenizer" / "vocab.json").read_text())
+    i, j = body["tokens"].index("red"), body["tokens"].index("blue")  # still a valid vocabulary, other ids
+    body["tokens"][i], body["tokens"][j] = body["tokens"][j], body["tokens"][i]
+    (edited_vocab / "tokenizer" / "vocab.json").write_text(json.dumps(body))
+    with pytest.raises(BundleError, match="tokenizer files do not match"):
+        Captioner.load(edited_vocab)
+
+
+def test_bundle_and_checkpoints_hold_no_pickle(trained):
+    out = trained("transformer")
+    files = [p for d in ("bundle", "checkpoints") for p in (out / d).rglob("*") if p.is_file()]
+    assert files and {p.suffix for p in files} <= {".json", ".safetensors", ".txt"}
+    assert not [p for p in files if p.read_bytes()[:1] == b"\x80"]  # pickle protocol 2+ magic
+    bundle = out / "bundle"
+    assert sorted(p.name for p in bundle.iterdir()) == ["backbone.safetensors", "config.json", "model.safetensors",
+                                                       "tokenizer"]
+
+
+# --------------------------------------------------------------------------- 6. memory
+def _peak_while_iterating(ds: CachedCaptionDataset, epochs: int = 2, batch_size: int = 16) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(epochs):
+            for start in range(0, len(ds), batch_size):
+                batch = ds.__getitems__(range(start, min(start + batch_size, len(ds))))
+                del batch
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def _arrays_held(obj, seen=None) -> list[str]:
+    """Names of numpy arrays / tensors reachable through ``obj``'s attributes and containers."""
+    seen = seen if seen is not None else set()
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return [type(obj).__name__]
+    found = []
+    if isinstance(obj, dict):
+        for v in obj.values():
+            found += _arrays_held(v, seen)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            found += _arrays_held(v, seen)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("cache", "pipeline"):
+        for k, v in vars(obj).items():
+            found += [f"{k}.{n}" for n in _arrays_held(v, seen)]
+    return found
+
+
+def test_training_memory_does_not_grow_with_the_cache(pipe):
+    cache = FeatureCache(pipe.features)
+    tok = load_tokenizer(pipe.tokenizer("word"))
+    records = read_manifest(pipe.manifest)  # all 80 images, every split: a dataset is any (id, tokens) list
+    small = CachedCaptionDataset(cache, train.caption_samples(records[:40], tok), pad_id=tok.pad_id)
+    large = CachedCaptionDataset(cache, train.caption_samples(records, tok), pad_id=tok.pad_id)
+    assert len(large) == 2 * len(small) == 400
+    record_bytes = cache.meta.record_nbytes  # 4 tokens x 256 channels x float16 = 2 KiB
+    batch_bytes = 16 * record_bytes
+    peak_small, peak_large = _peak_while_iterating(small), _peak_while_iterating(large)
+    print(f"tracemalloc peaks: {peak_small} B (40 images), {peak_large} B (80 images); one batch {batch_bytes} B")
+    # Features are read per batch and dropped: the peak is about one batch, whatever the number of records.
+    # Keeping features of the 40 extra images would add 40 x 2 KiB = 80 KiB.
+    assert peak_large < 3 * batch_bytes, (peak_small, peak_large, batch_bytes)
+    assert abs(peak_large - peak_small) < batch_bytes, (peak_small, peak_large, batch_bytes)
+    assert _arrays_held(large) == []  # only (image id, token ids) pairs, no feature arrays
+    assert all(isinstance(i, str) and isinstance(t, list) for i, t in large.samples)
+
+
+def test_two_open_caches_of_one_folder_both_read(pipe):
+    # LMDB refuses a second open of a file in one process; a cache kept alive elsewhere (an exception's
+    # traceback, a notebook variable) must not stop the next stage or a resumed run from reading it.
+    a, b = FeatureCache(pipe.features), FeatureCache(pipe.features)
+    ids = ["synthetic/000000", "synthetic/000001"]
+    np.testing.assert_array_equal(a.get_batch(ids)["last"], b.get_batch(ids)["last"])
+    a.close()
+    assert b.get_batch(ids)["last"].shape == (2, 4, 256)
+    b.close()
+
+
+# --------------------------------------------------------------------------- 7. the image-blind control
+def test_blind_control_trains_on_zeros_and_says_so(pipe, tmp_path, monkeypatch):
+    cache = FeatureCache(pipe.features)
+    tok = load_tokenizer(pipe.tokenizer("word"))
+    samples = train.caption_samples([r for r in read_manifest(pipe.manifest) if r.split == "train"][:4], tok)
+    seeing = CachedCaptionDataset(cache, samples, pad_id=tok.pad_id).__getitems__(range(len(samples)))
+    blind = CachedCaptionDataset(cache, samples, pad_id=tok.pad_id, zero_features=True).__getitems__(range(len(samples)))
+    assert seeing.features.abs().max() > 0 and seeing.features.shape == blind.features.shape
+    assert blind.features.dtype == seeing.features.dtype and not blind.features.any()
+    assert torch.equal(blind.tokens, seeing.tokens)
+
+    largest = []
+    real = Trainer._forward
+
+    def spy(self, batch):
+        largest.append(float(batch.features.float().abs().max()))
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "_forward", spy)
+    summary = train.run(pipe.cfg(tmp_path / "blind", "show_tell", epochs=1, blind=True))
+    assert len(largest) == 20 and max(largest) == 0.0
+    assert summary["blind"] is True
+    config = json.loads((tmp_path / "blind" / "bundle" / "config.json").read_text())
+    assert config["blind"] is True and config["training"]["config"]["blind"] is True
+    assert json.loads((tmp_path / "blind" / "metrics.json").read_text())["blind"] is True
+
+
+# --------------------------------------------------------------------------- 8. CLI and the decoders section
+def test_cli_applies_the_family_section_and_command_line_options(pipe, tmp_path):
+    out = tmp_path / "cli"
+    params = pipe.params_file(
+        tmp_path / "params.yaml", {"decoder": "transformer", "epochs": 3, "out_dir": str(out)},
+        decoders={"show_tell": {"options": {"embed_dim": 24, "hidden_dim": 32, "dropout": 0.3},
+                                "train": {"epochs": 1, "lr": 0.005}},
+                  "transformer": {"options": {"d_model": 64}, "train": {"epochs": 2}}},
+    )
+    result = CliRunner().invoke(app, ["train", "--params", str(params), "--decoder", "show_tell",
+                                      "--decoder-options", '{"hidden_dim": 40}'])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    config = json.loads((out / "bundle" / "config.json").read_text())
+    assert config["decoder"]["family"] == "show_tell"
+    options = config["decoder"]["options"]
+    assert (options["embed_dim"], options["hidden_dim"], options["dropout"]) == (24, 40, 0.3)
+    assert config["training"]["config"]["lr"] == 0.005 and config["training"]["config"]["epochs"] == 1
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 1
+
+
+def test_cli_refuses_an_unknown_family_in_the_decoders_section(pipe, tmp_path):
+    params = pipe.params_file(tmp_path / "params.yaml", {"decoder": "show_tell", "out_dir": str(tmp_path / "x")},
+                              decoders={"show_tel": {"options": {"hidden_dim": 32}}})
+    result = CliRunner().invoke(app, ["train", "--params", str(params)])
+    assert result.exit_code == 2
+    assert "unknown decoder family 'show_tel'" in result.output and "did you mean 'show_tell'" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_an_unknown_option_for_the_family(pipe, tmp_path):
+    params = pipe.params_file(tmp_path / "params.yaml", {"decoder": "show_tell", "out_dir": str(tmp_path / "x")},
+                              decoders={"show_tell": {"options": {"hiden_dim": 32}}})
+    result = CliRunner().invoke(app, ["train", "--params", str(params)])
+    assert result.exit_code == 2
+    assert "unknown option 'hiden_dim' for decoder 'show_tell'" in result.output

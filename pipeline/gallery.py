@@ -1,0 +1,365 @@
+"""A static, self-contained HTML gallery of captioned images, with per-word attention heatmaps.
+
+``write_gallery(folder, cases, ...)`` writes::
+
+    folder/index.html         inline CSS, no script, no remote asset: opens from disk
+    folder/images/<name>.jpg  each shown image, thumbnailed (longest side <= thumbnail_size)
+    folder/heatmaps/<name>.png  attention decoders: the image as the backbone saw it, then one
+                              panel per generated word with its attention map overlaid
+
+Every file the page shows is referenced by a relative path inside ``folder``.
+
+Heatmaps: a caption's attention is ``(T, N)`` (one row per generated word). Each token set of
+the bundle's features (``[name, tokens, channels]``, concatenated in that order) is reshaped to
+its ``sqrt(n) x sqrt(n)`` grid (a leading class token is dropped when ``n - 1`` is square),
+upsampled bilinearly to the backbone's input size and summed over the token sets; the maps of a
+caption share one colour scale (its largest value) and are overlaid on the image resized and
+centre-cropped as the backbone's preprocessing does. Rendering uses matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.images import ImageDecodeError, load_rgb
+from pipeline.data.manifest import ManifestRecord, resolve_image_path
+
+log = logging.getLogger(__name__)
+
+HEATMAP_PANEL = 160  # pixels of the longest side of a heatmap panel
+
+SECTIONS = {
+    "best": ("Best cases", "highest per-image CIDEr"),
+    "worst": ("Worst cases", "lowest per-image CIDEr"),
+    "random": ("Random cases", "picked at random (seeded) among the others"),
+}
+METRIC_LABELS = (("BLEU-1", "BLEU-1"), ("BLEU-2", "BLEU-2"), ("BLEU-3", "BLEU-3"), ("BLEU-4", "BLEU-4"),
+                 ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"), ("CIDEr", "CIDEr"), ("SPICE", "SPICE"))
+
+
+@dataclass
+class Case:
+    section: str  # best / worst / random
+    image_id: str
+    record: ManifestRecord
+    manifest: Path
+    rows: list[dict[str, Any]]  # [{"label", "caption", "headline": bool}]
+    scores: dict[str, float | None] = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)  # the headline caption's tokens
+    attention: torch.Tensor | None = None  # (len(tokens), N) for the headline caption
+
+
+def safe_name(image_id: str) -> str:
+    """A file name for ``image_id``: readable, filesystem-safe, unique (short hash of the id)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._")[:60] or "image"
+    return f"{stem}-{hashlib.sha1(image_id.encode('utf-8')).hexdigest()[:8]}"
+
+
+# --------------------------------------------------------------------------- images
+def backbone_view(img, preprocessing: dict[str, Any]):
+    """The image as the backbone's eval transform frames it: resized (shorter side to
+    ``size / crop_pct``) and centre-cropped to ``input_size``; ``crop_mode: squash`` resizes to it."""
+    from PIL import Image
+
+    size = preprocessing.get("input_size") or [3, 224, 224]
+    h, w = int(size[-2]), int(size[-1])
+    if preprocessing.get("crop_mode") == "squash":
+        return img.resize((w, h), Image.BICUBIC)
+    pct = float(preprocessing.get("crop_pct") or 1.0)
+    scale = math.floor(min(h, w) / pct)
+    iw, ih = img.size
+    r = scale / min(iw, ih)
+    img = img.resize((max(w, round(iw * r)), max(h, round(ih * r))), Image.BICUBIC)
+    iw, ih = img.size
+    left, top = (iw - w) // 2, (ih - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+def attention_maps(attention: torch.Tensor, token_sets: Sequence[Sequence[Any]],
+                   size: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+    """``(T, H, W)`` maps from ``(T, N)`` attention, all scaled by the caption's largest value (one colour
+    scale per caption, so a diffuse map looks diffuse), or ``(None, why)``."""
+    att = attention.float()
+    T, N = att.shape
+    expected = sum(int(t[1]) for t in token_sets)
+    if N != expected:
+        return None, f"attention over {N} tokens, the features have {expected}"
+    total = torch.zeros(T, 1, *size)
+    offset = 0
+    for name, n, _channels in token_sets:
+        n = int(n)
+        part = att[:, offset : offset + n]
+        offset += n
+        side = math.isqrt(n)
+        if side * side != n:
+            side = math.isqrt(n - 1)
+            if n > 1 and side * side == n - 1:
+                part = part[:, 1:]  # a class token first (ViT-style)
+            else:
+                return None, f"token set {name!r} has {n} tokens: not a square grid"
+        grid = part.reshape(T, 1, side, side)
+        total += torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    maps = total[:, 0].numpy()
+    peak = float(maps.max()) if maps.size else 0.0
+    return (maps / peak if peak > 0 else np.zeros_like(maps)), ""
+
+
+def render_heatmap(path: Path, image, maps: np.ndarray, words: Sequence[str], title: str) -> None:
+    """One PNG sheet (small multiples): the image, then a panel per word with its map overlaid.
+
+    The panels are composed into one array (the image blended half and half with the ``jet``
+    colour of the map, on one scale per caption) drawn by matplotlib's Agg backend with the words
+    as labels: one image draw per sheet keeps a gallery of a few dozen captions quick."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    panel = int(maps.shape[-1])
+    base = np.asarray(image.convert("RGB").resize((panel, int(maps.shape[-2])), Image.BICUBIC), dtype=np.float32) / 255
+    ph = base.shape[0]
+    colours = matplotlib.colormaps["jet"](np.clip(maps, 0, 1))[..., :3].astype(np.float32)
+    n = len(words) + 1
+    cols = min(6, n)
+    rows = math.ceil(n / cols)
+    pad, label, top = 8, 22, 26
+    width = pad + cols * (panel + pad)
+    height = top + rows * (label + ph + pad)
+    sheet = np.ones((height, width, 3), dtype=np.float32)
+    spots = []
+    for k in range(n):
+        r, c = divmod(k, cols)
+        x, y = pad + c * (panel + pad), top + r * (label + ph + pad) + label
+        sheet[y : y + ph, x : x + panel] = base if k == 0 else 0.5 * base + 0.5 * colours[k - 1]
+        spots.append((x + panel / 2, y - 4))
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(sheet, interpolation="nearest", extent=(0, width, height, 0))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_axis_off()
+    for k, (x, y) in enumerate(spots):
+        text = "input" if k == 0 else (words[k - 1] or "␣")
+        ax.text(x, y, text.replace("$", r"\$"), ha="center", va="bottom", fontsize=11 if k else 9,
+                color="#555" if k == 0 else "black", clip_on=False)
+    ax.text(pad, 6, title.replace("$", r"\$"), ha="left", va="top", fontsize=9, color="#333")
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # 256 colours are plenty for a heatmap sheet and make the file several times smaller than RGBA
+    Image.fromarray(rgb).quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+
+
+def _word(tokenizer: Any, token_id: int) -> str:
+    try:
+        return tokenizer.id_to_token(int(token_id)).strip()
+    except Exception:  # noqa: BLE001 - a label only
+        return str(token_id)
+
+
+# --------------------------------------------------------------------------- HTML
+CSS = """
+:root { --ink: #1d232b; --muted: #5b6672; --line: #d9dee4; --bg: #f4f6f8; --card: #fff; --accent: #2a6fdb;
+        --good: #1d7a46; --bad: #b3261e; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       color: var(--ink); background: var(--bg); }
+header { background: var(--card); border-bottom: 1px solid var(--line); padding: 18px 28px 12px; }
+h1 { font-size: 22px; margin: 0 0 4px; }
+h2 { font-size: 18px; margin: 28px 0 10px; }
+h2 small { color: var(--muted); font-weight: normal; font-size: 13px; margin-left: 6px; }
+.meta { color: var(--muted); margin: 0 0 10px; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px; font-weight: 600;
+         background: #fde7c8; color: #8a4b00; margin-left: 6px; vertical-align: 2px; }
+table.metrics { border-collapse: collapse; margin: 6px 0 4px; }
+table.metrics th, table.metrics td { border: 1px solid var(--line); padding: 3px 10px; text-align: center; }
+table.metrics th { background: var(--bg); font-weight: 600; font-size: 12px; }
+table.metrics td { font-variant-numeric: tabular-nums; }
+td.na { color: var(--muted); }
+nav a { color: var(--accent); margin-right: 14px; text-decoration: none; font-weight: 600; }
+main { padding: 0 28px 28px; }
+.note { color: var(--muted); font-size: 13px; margin: 4px 0; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 14px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; overflow: hidden;
+        display: flex; flex-direction: column; }
+.card .pic { background: #20252b; display: flex; justify-content: center; align-items: center; height: 200px; }
+.card .pic img { display: block; height: 184px; width: auto; max-width: 100%; object-fit: contain; }
+.card .pic .missing { color: #c9d1d9; padding: 12px; font-size: 13px; }
+.card .body { padding: 10px 12px 12px; }
+.id { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; color: var(--muted);
+      word-break: break-all; }
+.scores { margin: 4px 0 8px; font-size: 13px; }
+.scores b { font-variant-numeric: tabular-nums; }
+.best .scores b.cider { color: var(--good); }
+.worst .scores b.cider { color: var(--bad); }
+.caps { margin: 0 0 8px; }
+.cap { padding: 4px 0; }
+.cap + .cap { border-top: 1px dashed var(--line); }
+.cap .how { display: block; font-size: 11px; font-weight: 600; letter-spacing: .02em; text-transform: uppercase;
+            color: var(--muted); }
+.cap.headline .text { font-weight: 600; }
+.empty { color: var(--muted); font-style: italic; font-weight: normal; }
+details { font-size: 13px; }
+summary { cursor: pointer; color: var(--muted); }
+details ol { margin: 4px 0 0; padding-left: 20px; }
+.heat { display: inline-block; margin-top: 8px; font-size: 13px; color: var(--accent); }
+footer { color: var(--muted); font-size: 12px; padding: 0 28px 24px; }
+"""
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    head, cells = [], []
+    unavailable = metrics.get("unavailable", {})
+    for key, label in METRIC_LABELS:
+        head.append(f"<th>{label}</th>")
+        v = metrics.get(key)
+        if v is None:
+            reason = html.escape(str(unavailable.get(key, "not computed")), quote=True)
+            cells.append(f'<td class="na" title="{reason}">n/a</td>')
+        else:
+            cells.append(f"<td>{v:.4f}</td>")
+    return f'<table class="metrics"><tr>{"".join(head)}</tr><tr>{"".join(cells)}</tr></table>'
+
+
+def _card(case: Case, image_src: str | None, image_problem: str, heatmap_src: str | None) -> str:
+    e = html.escape
+    if image_src:
+        pic = f'<a href="{e(image_src)}"><img src="{e(image_src)}" alt="{e(case.image_id)}"></a>'
+    else:
+        pic = f'<div class="missing">image not available: {e(image_problem)}</div>'
+    score_bits = []
+    for key, label in (("CIDEr", "CIDEr"), ("BLEU-4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L")):
+        if key in case.scores:
+            cls = ' class="cider"' if key == "CIDEr" else ""
+            score_bits.append(f"{label} <b{cls}>{_fmt(case.scores[key])}</b>")
+    rows = []
+    for row in case.rows:
+        text = row["caption"]
+        shown = e(text) if text.strip() else '<span class="empty">(empty caption)</span>'
+        cls = "cap headline" if row.get("headline") else "cap"
+        tip = f' title="{e(row["title"], quote=True)}"' if row.get("title") else ""
+        rows.append(f'<div class="{cls}"><span class="how"{tip}>{e(row["label"])}</span>'
+                    f'<span class="text">{shown}</span></div>')
+    refs = "".join(f"<li>{e(r)}</li>" for r in case.record.captions)
+    heat = f'<a class="heat" href="{e(heatmap_src)}">attention per word &rarr;</a>' if heatmap_src else ""
+    return (
+        f'<article class="card" id="{e(safe_name(case.image_id))}"><div class="pic">{pic}</div><div class="body">'
+        f'<div class="id">{e(case.image_id)}</div><div class="scores">{" &middot; ".join(score_bits)}</div>'
+        f'<div class="caps">{"".join(rows)}</div>'
+        f"<details open><summary>References ({len(case.record.captions)})</summary><ol>{refs}</ol></details>"
+        f"{heat}</div></article>"
+    )
+
+
+def write_gallery(
+    folder: Path, cases: Sequence[Case], *, title: str, metrics: dict[str, Any], captioner: Any,
+    headline_label: str, thumbnail_size: int = 256, heatmap_note: str | None = None, sample_note: str = "",
+) -> Path:
+    """Write ``folder/index.html`` with its images (and heatmaps); returns the page's path."""
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    spec = captioner.features
+    size = spec.preprocessing.get("input_size") or [3, 224, 224]
+    scale = HEATMAP_PANEL / max(int(size[-2]), int(size[-1]))
+    hw = (max(1, round(int(size[-2]) * scale)), max(1, round(int(size[-1]) * scale)))  # panel size of the sheets
+    heatmaps_written = 0
+    heatmap_problems: set[str] = set()
+    cards: dict[str, list[str]] = {s: [] for s in SECTIONS}
+    for case in cases:
+        name = safe_name(case.image_id)
+        image_src, problem, heatmap_src = None, "", None
+        try:
+            img = load_rgb(resolve_image_path(case.record, case.manifest))
+        except ImageDecodeError as err:
+            img, problem = None, f"{err.reason}"
+            log.warning("gallery: %s", err)
+        if img is not None:
+            thumb = img.copy()
+            thumb.thumbnail((thumbnail_size, thumbnail_size), Image.BICUBIC)
+            thumb.save(folder / "images" / f"{name}.jpg", quality=88)
+            image_src = f"images/{name}.jpg"
+            if heatmap_note is None and case.attention is not None and case.tokens:
+                maps, why = attention_maps(case.attention, spec.token_sets, hw)
+                if maps is None:
+                    heatmap_problems.add(why)
+                else:
+                    words = [_word(captioner.tokenizer, t) for t in case.tokens]
+                    caption = next((r["caption"] for r in case.rows if r.get("headline")), "")
+                    render_heatmap(folder / "heatmaps" / f"{name}.png", backbone_view(img, spec.preprocessing),
+                                   maps, words, f"{case.image_id}: {caption}")
+                    heatmap_src = f"heatmaps/{name}.png"
+                    heatmaps_written += 1
+        cards.setdefault(case.section, []).append(_card(case, image_src, problem, heatmap_src))
+
+    e = html.escape
+    m = metrics
+    blind = '<span class="badge">image-blind control: zeroed features</span>' if m.get("blind") else ""
+    notes = [
+        (f"Headline numbers and per-image scores: <b>{e(headline_label)}</b> decoding (the ★ / bold caption, "
+         f"scored exactly as emitted); scorer tokenizer <b>{e(str(m.get('tokenizer')))}</b>."),
+        "Per-image CIDEr is CIDEr-D with document frequencies from the references of every evaluated image.",
+    ]
+    if sample_note:
+        notes.append(e(sample_note[:1].upper() + sample_note[1:]) + ".")
+    if heatmap_note:
+        notes.append(e(heatmap_note[:1].upper() + heatmap_note[1:]) + ".")
+    elif heatmaps_written:
+        notes.append("Attention heatmaps: one panel per generated word of the headline caption, over the image as the "
+                     "backbone saw it (resized, centre-cropped); one colour scale per caption (red: its most attended region).")
+    if heatmap_problems:
+        notes.append("Heatmaps skipped: " + e("; ".join(sorted(heatmap_problems))) + ".")
+    nav = " ".join(f'<a href="#{s}">{SECTIONS[s][0]} ({len(cards.get(s, []))})</a>' for s in SECTIONS if cards.get(s))
+    sections_html = []
+    for s, (heading, sub) in SECTIONS.items():
+        if not cards.get(s):
+            continue
+        sections_html.append(f'<section id="{s}" class="{s}"><h2>{heading}<small>{sub}</small></h2>'
+                             f'<div class="grid">{"".join(cards[s])}</div></section>')
+    page = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Caption gallery: {e(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<header>
+<h1>Caption gallery: {e(title)}{blind}</h1>
+<p class="meta">decoder <b>{e(str(m.get('decoder')))}</b> &middot; {m.get('parameters', 0):,} parameters &middot;
+{e(str(m.get('caption_tokenizer')))} tokenizer &middot; split <b>{e(str(m.get('split')))}</b>, {m.get('num_images')} images
+&middot; features {e(str(m.get('features', {}).get('backbone')))}</p>
+{_metrics_table(m)}
+{''.join(f'<p class="note">{n}</p>' for n in notes)}
+<nav>{nav}</nav>
+</header>
+<main>
+{''.join(sections_html)}
+</main>
+<footer>Written by <code>pipeline evaluate</code>. Static page: no scripts, every file next to it.</footer>
+</body>
+</html>
+"""
+    path = folder / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -16,6 +16,7 @@ so it does not grow with the size of the cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -62,11 +63,12 @@ def select_features(arrays: dict[str, np.ndarray], token_sets: Sequence[str] | N
 
 
 def pad_tokens(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    tokens = torch.full((len(sequences), int(lengths.max()) if len(sequences) else 0), pad_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        tokens[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return tokens, lengths
+    """``(tokens (B, T), lengths (B,))``: the sequences left-aligned, padded with ``pad_id``."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    tokens = np.full((len(sequences), int(lengths.max()) if len(sequences) else 0), pad_id, dtype=np.int64)
+    mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    tokens[mask] = np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(tokens), torch.from_numpy(lengths)
 
 
 class CachedCaptionDataset(Dataset):

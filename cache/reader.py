@@ -146,12 +146,13 @@ class FeatureCache:
         """
         meta = self.meta
         dtype = meta.np_dtype
-        out = {t.name: np.empty((len(image_ids), t.tokens, t.channels), dtype=dtype) for t in meta.token_sets}
+        expected = meta.record_nbytes
+        # One copy per record into a (B, record bytes) buffer; token sets are views of it.
+        raw = np.empty((len(image_ids), expected), dtype=np.uint8)
         by_shard: dict[int, list[int]] = {}
         for row, image_id in enumerate(image_ids):
             by_shard.setdefault(shard_of(image_id, meta.num_shards), []).append(row)
         envs = self._environments()
-        expected = meta.record_nbytes
         for shard, rows in by_shard.items():
             with envs[shard].begin(buffers=True) as txn:
                 for row in rows:
@@ -162,11 +163,16 @@ class FeatureCache:
                         raise CacheFormatError(
                             f"{self.directory}: record {image_ids[row]!r} has {len(value)} bytes, expected {expected}"
                         )
-                    offset = 0
-                    for t in meta.token_sets:
-                        n = t.tokens * t.channels
-                        out[t.name][row] = np.frombuffer(value, dtype=dtype, count=n, offset=offset).reshape(t.shape)
-                        offset += n * dtype.itemsize
+                    raw[row] = np.frombuffer(value, dtype=np.uint8)
+        values = raw.view(dtype)
+        out, offset = {}, 0
+        for t in meta.token_sets:
+            n = t.tokens * t.channels
+            part = values[:, offset : offset + n]
+            # one token set: a view of the buffer; several: each copied out contiguous
+            out[t.name] = (part if len(meta.token_sets) == 1 else np.ascontiguousarray(part)).reshape(
+                len(image_ids), t.tokens, t.channels)
+            offset += n
         return out
 
     def get(self, image_id: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,278 @@
+"""`clip-train`: train a small domain CLIP on clean captions, for offline caption filtering.
+
+Pretrained CLIP weights cannot be downloaded on an offline machine, and an untrained
+CLIP scores at random, so the default DAG trains its own: an open_clip architecture
+(by default the package's ``synthetic-clip-tiny``, registered with open_clip from
+``pipeline/models/clip_configs/``) built by ``open_clip.create_model_and_transforms``,
+trained with open_clip's own ``ClipLoss`` on the clean manifest's training captions.
+
+Inputs: ``cfg.manifest`` (its ``cfg.split`` images and captions; ``val`` for the report).
+Outputs in ``cfg.out_dir`` (open_clip's ``local-dir`` layout, loadable by `filter` and by
+open_clip itself):
+
+* ``open_clip_model.safetensors`` — the state dict;
+* ``open_clip_config.json`` — ``{"arch", "model_cfg", "preprocess_cfg", "training"}``;
+* ``train.json`` — loss per epoch, clean-val retrieval accuracy and cosine statistics, time.
+
+Each step takes ``batch_size`` images with one of their captions each (drawn afresh every
+epoch), so the in-batch negatives are other images' captions. On top of that:
+
+* ``shift`` — images are translated by a few pixels (never flipped: captions name sides);
+* ``social_noise`` — a caption is dressed up with random hashtags, emoji and an exclamation
+  from a generic list of social-media tags (:data:`SOCIAL_TAGS`), so that tags do not move
+  a caption's embedding much: the filter then scores "love this! a red circle #art" like
+  "a red circle";
+* ``random_negatives`` — captions of random words from the tokenizer's vocabulary (none of
+  the training captions' words) are added as negatives of every image, so text about
+  something else entirely (brunch, the gym, the weekend) scores low against every image
+  instead of landing anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ClipTrainConfig, config_to_dict
+from pipeline.data.images import ImageDecodeError, load_rgb
+from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
+from pipeline.distributed import resolve_device
+from pipeline.errors import UserError
+from pipeline.models import clip as clip_lib
+from pipeline.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
+
+# Generic social-media dressing (popular tags and emoji, not the synthetic generator's own lists).
+SOCIAL_TAGS: tuple[str, ...] = (
+    "#love", "#instagood", "#photooftheday", "#fashion", "#beautiful", "#happy", "#cute", "#tbt", "#like4like",
+    "#followme", "#picoftheday", "#follow", "#me", "#selfie", "#summer", "#art", "#instadaily", "#friends",
+    "#repost", "#nature", "#girl", "#fun", "#style", "#smile", "#food", "#instalike", "#family", "#travel",
+    "#likeforlike", "#fitness", "#igers", "#tagsforlikes", "#nofilter", "#life", "#beauty", "#amazing",
+    "#instagram", "#photography", "#photo", "#vscocam", "#sun", "#music", "#followforfollow", "#bestoftheday",
+    "#sky", "#design", "#aesthetic", "#artist", "#drawing", "#illustration", "#creative", "#colors", "#minimalism",
+    "#graphicdesign", "#modernart", "#digitalart", "#inspiration", "#weekend", "#mood", "#vibes", "#goals",
+)
+SOCIAL_EMOJI: tuple[str, ...] = ("❤️", "😍", "😂", "🔥", "✨", "🙏", "😊", "👍", "💕", "😎", "🎉", "💯", "👀", "🌸",
+                                 "🙌", "😘", "💖", "🌟", "👌", "🎨")
+SOCIAL_OPENERS: tuple[str, ...] = ("wow", "omg", "love it", "look at this", "loving this", "new post", "so good",
+                                   "obsessed", "yes", "ok but", "today's vibe", "guess what", "my latest")
+
+def social_dress(caption: str, rng: np.random.Generator) -> str:
+    """``caption`` with an optional opener, then 0-2 emoji and 1-3 hashtags (generic social noise)."""
+    parts = []
+    if rng.random() < 0.35:
+        parts.append(SOCIAL_OPENERS[rng.integers(len(SOCIAL_OPENERS))] + ("!" if rng.random() < 0.6 else ""))
+    parts.append(caption)
+    tail = [SOCIAL_EMOJI[j] for j in rng.choice(len(SOCIAL_EMOJI), size=int(rng.integers(0, 3)), replace=False)]
+    tail += [SOCIAL_TAGS[j] for j in rng.choice(len(SOCIAL_TAGS), size=int(rng.integers(0 if tail else 1, 4)),
+                                                replace=False)]
+    rng.shuffle(tail)
+    parts.append(" ".join(tail))
+    return " ".join(parts)
+
+
+class ExtraNegativesClipLoss(torch.nn.Module):
+    """open_clip's ``ClipLoss`` over the batch, averaged with an image -> text term that adds extra negatives.
+
+    The extra negatives (random-word captions) belong to no image: every image must score its
+    own caption above all of them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from open_clip.loss import ClipLoss
+
+        self.clip_loss = ClipLoss()
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self.clip_loss(image_features, text_features, logit_scale)
+        if negatives is None or negatives.shape[0] == 0:
+            return loss
+        logits = logit_scale * image_features @ torch.cat([text_features, negatives]).T
+        labels = torch.arange(image_features.shape[0], device=image_features.device)
+        return (loss + F.cross_entropy(logits, labels)) / 2
+
+
+def word_list(tokenizer, exclude: set[str]) -> list[str]:
+    """Whole words of the tokenizer's vocabulary (letters only, 3+ long) not in ``exclude``: for random captions."""
+    encoder = getattr(tokenizer, "encoder", None) or {}
+    words = sorted({t[:-4] for t in encoder if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii()
+                    and len(t) >= 7} - exclude)
+    return words or ["lorem", "ipsum", "dolor", "amet", "consectetur", "adipiscing", "elit", "sed", "tempor"]
+
+
+def random_caption(words: Sequence[str], rng: np.random.Generator) -> str:
+    """2-8 random words: a caption that describes none of the images."""
+    return " ".join(words[j] for j in rng.integers(len(words), size=int(rng.integers(2, 9))))
+
+
+def _decode_all(records: list[ManifestRecord], manifest: Path, preprocess, workers: int = 2):
+    """Preprocess every image once (float16 tensors kept in memory); bad images are skipped and returned."""
+    def one(rec: ManifestRecord):
+        try:
+            return preprocess(load_rgb(resolve_image_path(rec, manifest))).half(), None
+        except ImageDecodeError as e:
+            return None, {"id": rec.image_id, "reason": e.reason}
+
+    pixels, kept, bad = [], [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            progress_bar(total=len(records), desc="decode", unit="img") as bar:
+        for rec, (px, err) in zip(records, pool.map(one, records)):
+            if err is None:
+                pixels.append(px)
+                kept.append(rec)
+            else:
+                bad.append(err)
+            bar.update(1)
+    if not pixels:
+        raise UserError(f"{manifest}: no usable images to train the CLIP on")
+    return torch.stack(pixels), kept, bad
+
+
+def _shift(images: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (edge pixels repeat)."""
+    if max_shift <= 0:
+        return images
+    b, _, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=gen)
+    return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(offsets.tolist())])
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "logit_scale" in name or "positional_embedding" in name or name.endswith(".bias") \
+                or "class_embedding" in name or "token_embedding" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.inference_mode()
+def retrieval_report(model, tokenizer, pixels: torch.Tensor, captions: Sequence[Sequence[str]],
+                     device: torch.device, batch_size: int = 256) -> dict:
+    """Image -> caption retrieval on held-out images (first caption each), and cosine statistics."""
+    model.eval()
+    imgs = torch.cat([model.encode_image(pixels[i:i + batch_size].float().to(device), normalize=True).cpu()
+                      for i in range(0, len(pixels), batch_size)])
+    texts = [c[0] for c in captions]
+    txt = torch.cat([clip_lib.encode_text(model, tokenizer(texts[i:i + batch_size]).to(device)).cpu()
+                     for i in range(0, len(texts), batch_size)])
+    sim = imgs @ txt.T
+    n = len(texts)
+    # Captions shared by several images are all correct answers.
+    same = torch.tensor([[texts[i] == texts[j] for j in range(n)] for i in range(n)])
+    top1 = sim.argmax(1)
+    r1 = same[torch.arange(n), top1].float().mean().item()
+    pos = sim.diag()
+    neg = sim[~same]
+    return {"images": n, "image_to_text_r1": round(r1, 4), "positive_cosine_mean": round(pos.mean().item(), 4),
+            "negative_cosine_mean": round(neg.mean().item(), 4),
+            "negative_cosine_p99": round(torch.quantile(neg[:100000].float(), 0.99).item(), 4)}
+
+
+def run(cfg: ClipTrainConfig) -> dict:
+    start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model, _, eval_tf = clip_lib.create_untrained(cfg.arch, cfg.image_size, seed=cfg.seed)
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(cfg.arch)
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    records = [r for r in read_manifest(cfg.manifest, cfg.split) if r.captions]
+    if len(records) < 2:
+        raise UserError(f"{cfg.manifest}: split {cfg.split!r} has {len(records)} captioned images; need at least 2")
+    pixels, records, bad = _decode_all(records, cfg.manifest, eval_tf)
+    val_records = read_manifest(cfg.manifest, "val")[: cfg.val_max_images] if cfg.val_max_images else []
+    val_records = [r for r in val_records if r.captions]
+    val_pixels = _decode_all(val_records, cfg.manifest, eval_tf)[0] if val_records else None
+    captions = [r.captions for r in records]
+    words = word_list(tokenizer, {w for caps in captions for c in caps for w in c.lower().split()})
+    log.info("clip-train: %s (%.2fM parameters) on %d images / %d captions of %s [%s], %d epochs on %s",
+             cfg.arch, n_params / 1e6, len(records), sum(map(len, captions)), cfg.manifest, cfg.split, cfg.epochs,
+             device)
+
+    bs = min(cfg.batch_size, len(records))
+    steps_per_epoch = len(records) // bs
+    total_steps = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    loss_fn = ExtraNegativesClipLoss()
+    history = []
+    step = 0
+    with progress_bar(total=total_steps, desc="clip-train", unit="step") as bar:
+        for epoch in range(cfg.epochs):
+            model.train()
+            order = rng.permutation(len(records))
+            losses = []
+            for b in range(steps_per_epoch):
+                idx = order[b * bs:(b + 1) * bs]
+                images = _shift(pixels[torch.as_tensor(idx)].float(), cfg.shift, gen).to(device)
+                texts = [captions[i][rng.integers(len(captions[i]))] for i in idx]
+                neg_texts = [random_caption(words, rng) for _ in range(cfg.random_negatives)]
+                if cfg.social_noise > 0:
+                    texts = [social_dress(t, rng) if rng.random() < cfg.social_noise else t for t in texts]
+                    neg_texts = [social_dress(t, rng) if rng.random() < cfg.social_noise else t for t in neg_texts]
+                tokens = tokenizer(texts + neg_texts).to(device)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                image_f = model.encode_image(images, normalize=True)
+                text_f = clip_lib.encode_text(model, tokens)
+                scale = model.logit_scale.exp()
+                loss = loss_fn(image_f, text_f[: len(texts)], scale, text_f[len(texts):])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                losses.append(loss.item())
+                step += 1
+                bar.update(1)
+            entry = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
+                     "logit_scale": round(model.logit_scale.exp().item(), 2)}
+            history.append(entry)
+            log.info("epoch %d: loss %.4f, logit scale %.1f", epoch + 1, entry["loss"], entry["logit_scale"])
+
+    model.eval()
+    report = (retrieval_report(model, tokenizer, val_pixels, [r.captions for r in val_records], device)
+              if val_pixels is not None else {})
+    elapsed = time.perf_counter() - start
+    summary = {
+        "arch": cfg.arch, "parameters": n_params, "images": len(records), "captions": sum(map(len, captions)),
+        "rejected_images": bad, "steps": step, "seconds": round(elapsed, 1), "history": history,
+        "val": report, "config": config_to_dict(cfg),
+    }
+    model.to("cpu")
+    clip_lib.save_checkpoint(model, cfg.arch, cfg.out_dir, cfg.image_size,
+                             extra={"training": {k: summary[k] for k in ("images", "captions", "steps", "val")}})
+    (Path(cfg.out_dir) / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    log.info("clip-train: %d steps in %.1f s; clean val image->text R@1 %s -> %s", step, elapsed,
+             report.get("image_to_text_r1"), Path(cfg.out_dir) / clip_lib.CHECKPOINT_FILE)
+    return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,12 +52,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def _decode(fp, source: str, max_pixels: int, full: bool) -> Image.Image:
+def _decode(fp, source: str, max_pixels: int, full: bool, formats=None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL warns (not raises) between max_pixels and 2x; we refuse at max_pixels.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+            img = Image.open(fp, formats=formats)
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageDecodeError(source, "image too large", f"{w}x{h} > {max_pixels} pixels")
@@ -70,7 +71,8 @@ def _decode(fp, source: str, max_pixels: int, full: bool) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(source, "image too large", str(e)) from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(source, "not an image", "unrecognised image format") from None
+        known = f"; accepted formats: {', '.join(formats)}" if formats else ""
+        raise ImageDecodeError(source, "not an image", "unrecognised image format" + known) from None
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e)
         reason = "truncated image" if "truncated" in msg or "broken data stream" in msg else "corrupt image"
@@ -90,11 +92,17 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         return _decode(f, str(path), max_pixels, full=True)
 
 
-def decode_bytes(data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes (an upload, an LMDB value) into upright 8-bit RGB."""
+def decode_bytes(
+    data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, formats: Sequence[str] | None = None,
+) -> Image.Image:
+    """Decode image bytes (an upload, an LMDB value) into upright 8-bit RGB.
+
+    ``formats`` (PIL format names, e.g. ``("JPEG", "PNG")``) limits which decoders may be tried:
+    anything else is "not an image" (a server keeps untrusted bytes away from rarely used plugins).
+    """
     if not data:
         raise ImageDecodeError(source, "empty file", "zero bytes")
-    return _decode(io.BytesIO(data), source, max_pixels, full=True)
+    return _decode(io.BytesIO(data), source, max_pixels, full=True, formats=list(formats) if formats else None)
 
 
 def check_image(path: str | Path, mode: str = "full", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:

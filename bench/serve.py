@@ -1,0 +1,474 @@
+"""Serving: HTTP latency vs in-process, throughput from dynamic batching, robustness to malformed requests.
+
+A real server (``pipeline serve`` in a subprocess on 127.0.0.1, free port) is measured with httpx
+clients from this process; nothing leaves the loopback interface, and every loop is bounded in both
+request count and time.
+
+* **Latency**: one client, one request at a time (multipart upload of a 224 px JPEG, mode
+  ``consistent``), p50/p95 over ``--latency-requests``, versus the same work in-process
+  (``decode_bytes`` + preprocessing + the model + the JSON-ready result, the server's own code path
+  without HTTP) with the same number of torch threads. The two are measured in alternating blocks so
+  load drifts hit both. Target: HTTP p50 <= 1.2x in-process p50.
+* **Throughput**: closed-loop clients (each sends its next request when the answer arrives) for
+  ``--seconds`` each, 1 client vs ``--clients`` (8), alternating over ``--rounds``. Target: 8 clients
+  >= 2x the requests/s of 1 client, from the server batching concurrent requests on the model; zero errors.
+* **Mixed**: ``--mixed-requests`` (5,000) from 8 clients, ``--malformed`` (30 %) of them malformed in
+  equal parts: bad base64, not an image, oversized body (over the server's limit), truncated JPEG,
+  wrong content type; the rest valid in all three request shapes and all caption modes. Every answer
+  must be the expected status (200/400/422/413/422/415): zero 5xx, zero unexpected; the server must
+  still answer ``/health`` and caption afterwards.
+
+The model is ``--model``, else the first trained bundle under ``models/*/bundle``, else a random-weight
+stand-in shaped like the bundles ``dvc repro`` trains (params.yaml: EfficientNet-Lite0 with the packaged
+ImageNet weights at the extract image size, the ``show_attend_tell`` decoder options), its special
+tokens suppressed so that every caption is 16 words: a real model's compute per request, nonsense
+captions. The server runs with one torch thread per model call and as many model workers as cores
+(its defaults; ``--threads``, ``--model-workers``) and with ``--amp --channels-last`` (bf16 autocast,
+NHWC backbone; the in-process baseline the same), the recommended CPU configuration where bf16 units
+exist: in fp32 (``--fp32``) the backbone costs as much per image at batch 8 as at batch 1 on one
+thread, so batching speeds up only the decoder. ``--quick`` uses timm's tiny
+``test_efficientnet`` at 64 px with a tiny decoder and a few requests: a smoke run, not a measurement.
+
+    python -m bench.serve            # defaults: 100 latency requests, 2 x 15 s per client count, 5,000 mixed
+    python -m bench.serve --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from bench.common import base_parser, load_note, loadavg, log, machine_info, markdown_table, write_results
+
+NAME = "serve"
+TARGET_LATENCY_RATIO = 1.2
+TARGET_THROUGHPUT_RATIO = 2.0
+REPO = Path(__file__).resolve().parents[1]
+MALFORMED_KINDS = ("bad_base64", "not_an_image", "oversized", "truncated_jpeg", "wrong_content_type")
+EXPECTED = {"valid": 200, "bad_base64": 400, "not_an_image": 422, "oversized": 413, "truncated_jpeg": 422,
+            "wrong_content_type": 415}
+SERVER_LIMIT = 1024 * 1024  # the server's --max-request-bytes here; oversized bodies are 1.25x this
+CAPTION_WORDS = 16  # captions of the random stand-in model (synthetic captions run 5 to 15 words)
+
+
+def _parser():
+    p = base_parser(NAME, __doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="bundle to serve (default: models/*/bundle, else random)")
+    p.add_argument("--latency-requests", type=int, default=100)
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients of the throughput run (default 8)")
+    p.add_argument("--seconds", type=float, default=15.0, help="duration of each throughput measurement")
+    p.add_argument("--max-requests", type=int, default=20_000, help="cap on requests of each throughput measurement")
+    p.add_argument("--rounds", type=int, default=2, help="1-client / N-client throughput rounds (alternating)")
+    p.add_argument("--mixed-requests", type=int, default=5000)
+    p.add_argument("--malformed", type=float, default=0.3, help="share of malformed requests in the mixed run")
+    p.add_argument("--mixed-seconds", type=float, default=900.0, help="time limit of the mixed run")
+    p.add_argument("--threads", type=int, default=0, help="torch threads, server and in-process (0: half the cores)")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--model-workers", type=int, default=0, help="server's --model-workers (0: its default)")
+    p.add_argument("--fp32", action="store_true",
+                   help="serve in fp32 with the default layout (default: --amp --channels-last, in-process too)")
+    return p
+
+
+# --------------------------------------------------------------------------- model and inputs
+def find_trained_bundle() -> Optional[Path]:
+    found = sorted(p.parent for p in (REPO / "models").glob("*/bundle/config.json"))
+    return found[0] if found else None
+
+
+def build_random_bundle(directory: Path, *, quick: bool, seed: int = 0) -> Path:
+    """A random-weight bundle shaped like the ones ``dvc repro`` trains (params.yaml: the extract backbone
+    and image size, the ``show_attend_tell`` options), or a tiny one (quick). Special tokens are
+    suppressed, so every caption is ``CAPTION_WORDS`` words: the same work per request every time."""
+    import numpy as np
+    import torch
+    import yaml
+
+    from pipeline.bundle import FeatureSpec, save_bundle
+    from pipeline.data.synthetic import describe, sample_scene
+    from pipeline.models.backbones import create_backbone
+    from pipeline.models.decoders import create_decoder
+    from pipeline.text.tokenizers import build_word_vocab
+
+    if quick:
+        bb = create_backbone("test_efficientnet", image_size=64, crop_pct=1.0)
+        options = dict(embed_dim=16, hidden_dim=16, attention_dim=8, visual_dim=8)
+    else:
+        params = yaml.safe_load((REPO / "params.yaml").read_text()) if (REPO / "params.yaml").is_file() else {}
+        ex = params.get("extract", {})
+        weights = REPO / str(ex.get("weights") or "models/backbones/tf_efficientnet_lite0.safetensors")
+        bb = create_backbone(ex.get("backbone", "tf_efficientnet_lite0"), weights=weights if weights.is_file() else None,
+                             image_size=int(ex.get("image_size", 160)), crop_pct=1.0)
+        options = dict(params.get("decoders", {}).get("show_attend_tell", {}).get("options")
+                       or dict(embed_dim=128, hidden_dim=256, attention_dim=128, visual_dim=128, cell="lstm"))
+    options["dropout"] = 0.0
+    with torch.inference_mode():
+        tokens = bb.tokens(torch.zeros(1, 3, *bb.data_config["input_size"][1:]))[0]
+    spec = FeatureSpec(backbone=bb.name, weights=bb.weights_info, preprocessing=dict(bb.data_config),
+                       token_sets=[["last", int(tokens.shape[1]), int(tokens.shape[2])]], dtype="float16")
+    rng = np.random.default_rng(seed)
+    tok = build_word_vocab([c for _ in range(200) for c in describe(sample_scene(rng), rng)],
+                           max_length=CAPTION_WORDS)
+    torch.manual_seed(seed)
+    decoder = create_decoder("show_attend_tell", feature_dim=int(tokens.shape[2]), vocab_size=tok.vocab_size,
+                             pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, **options)
+    with torch.no_grad():
+        for special in {tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id}:
+            decoder.out.bias[special] = -30.0
+    decoder.eval()
+    save_bundle(directory, decoder=decoder, tokenizer=tok, features=spec, backbone_state=bb.model.state_dict(),
+                training={"note": "random weights: a benchmark stand-in"})
+    return directory
+
+
+def make_images(n: int, size: int, seed: int) -> list[bytes]:
+    import numpy as np
+
+    from pipeline.data.synthetic import render_scene, sample_scene
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        render_scene(sample_scene(rng), image_size=size, rng=rng).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def request_for(kind: str, images: list[bytes], i: int, modes: list[str]) -> dict[str, Any]:
+    """httpx keyword arguments of request ``i`` of ``kind`` (valid requests rotate shapes and modes)."""
+    img = images[i % len(images)]
+    if kind == "valid":
+        mode = modes[i % len(modes)]
+        shape = i % 3
+        if shape == 0:
+            return {"files": {"image": ("x.jpg", img, "image/jpeg")}, "data": {"caption_mode": mode}}
+        if shape == 1:
+            return {"json": {"image": base64.b64encode(img).decode(), "caption_mode": mode}}
+        return {"content": img, "headers": {"content-type": "image/jpeg"}, "params": {"caption_mode": mode}}
+    if kind == "bad_base64":
+        return {"json": {"image": "this is *not* base64!" + "x" * (i % 7)}}
+    if kind == "not_an_image":
+        return {"files": {"image": ("notes.jpg", b"%PDF-1.4 definitely not a picture " * (1 + i % 5), "image/jpeg")}}
+    if kind == "oversized":
+        return {"content": b"\xff" * int(SERVER_LIMIT * 1.25), "headers": {"content-type": "image/jpeg"}}
+    if kind == "truncated_jpeg":
+        return {"files": {"image": ("cut.jpg", img[: len(img) // 2], "image/jpeg")}}
+    if kind == "wrong_content_type":
+        return {"content": base64.b64encode(img), "headers": {"content-type": "text/plain"}}
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------- the server
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, log_path: Path, args, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(bundle), "--host", "127.0.0.1",
+           "--port", str(port), "--threads", str(args.threads), "--max-request-bytes", str(SERVER_LIMIT),
+           "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+           "--model-workers", str(args.model_workers)] + ([] if args.fp32 else ["--amp", "--channels-last"])
+    env = {**os.environ, "PIPELINE_API_KEY": ""}
+    logf = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    stop_server(proc)
+    tail = log_path.read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"the server did not come up within {timeout:.0f} s; its log ends:\n{tail}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# --------------------------------------------------------------------------- measurements
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def measure_latency(base: str, engine, images: list[bytes], n: int, block: int = 10) -> dict[str, Any]:
+    import httpx
+
+    http_ms: list[float] = []
+    local_ms: list[float] = []
+    options = engine.options("consistent")
+
+    def local(img: bytes) -> None:
+        image = engine.decode(img)
+        engine.result(engine.run([engine.prepare(image)], options).captions[0], mode="consistent")
+
+    with httpx.Client(base_url=base, timeout=60) as client:
+        for i in range(3):  # warm-up both paths
+            client.post("/caption", files={"image": ("x.jpg", images[i % len(images)], "image/jpeg")}).raise_for_status()
+            local(images[i % len(images)])
+        i = 0
+        while i < n:
+            for j in range(i, min(i + block, n)):
+                t = time.perf_counter()
+                r = client.post("/caption", files={"image": ("x.jpg", images[j % len(images)], "image/jpeg")})
+                http_ms.append((time.perf_counter() - t) * 1000.0)
+                r.raise_for_status()
+            for j in range(i, min(i + block, n)):
+                t = time.perf_counter()
+                local(images[j % len(images)])
+                local_ms.append((time.perf_counter() - t) * 1000.0)
+            i += block
+    out = {}
+    for name, xs in (("http", http_ms), ("in_process", local_ms)):
+        out[name] = {"p50_ms": round(percentile(xs, 0.5), 3), "p95_ms": round(percentile(xs, 0.95), 3),
+                     "mean_ms": round(statistics.fmean(xs), 3), "requests": len(xs)}
+    out["ratio_p50"] = round(out["http"]["p50_ms"] / out["in_process"]["p50_ms"], 3)
+    out["ratio_p95"] = round(out["http"]["p95_ms"] / out["in_process"]["p95_ms"], 3)
+    return out
+
+
+def closed_loop(base: str, clients: int, seconds: float, max_requests: int,
+                make: Callable[[int], tuple[str, dict[str, Any]]], *, timeout: float = 60.0) -> dict[str, Any]:
+    """``clients`` threads, each sending its next request when the answer arrives, until ``seconds`` have
+    passed or ``max_requests`` were sent. ``make(i)`` -> (kind, httpx kwargs) of request ``i``."""
+    import httpx
+
+    lock = threading.Lock()
+    counter = {"next": 0}
+    statuses: dict[str, dict[int, int]] = {}
+    failures: list[str] = []
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    deadline = time.monotonic() + seconds
+
+    def take() -> Optional[int]:
+        with lock:
+            if counter["next"] >= max_requests or time.monotonic() >= deadline:
+                return None
+            counter["next"] += 1
+            return counter["next"] - 1
+
+    def worker() -> None:
+        with httpx.Client(base_url=base, timeout=timeout) as client:
+            while (i := take()) is not None:
+                kind, kwargs = make(i)
+                t = time.perf_counter()
+                try:
+                    r = client.post("/caption", **kwargs)
+                    status = r.status_code
+                    bs = r.json()["timings"]["batch_size"] if status == 200 else None
+                except httpx.HTTPError as e:  # a transport failure is a failure too
+                    status, bs = -1, None
+                    with lock:
+                        failures.append(f"{kind}: {type(e).__name__}: {e}")
+                dt = (time.perf_counter() - t) * 1000.0
+                with lock:
+                    statuses.setdefault(kind, {}).setdefault(status, 0)
+                    statuses[kind][status] += 1
+                    if kind == "valid" and status == 200:
+                        latencies.append(dt)
+                        batch_sizes.append(bs)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, name=f"client-{k}", daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + timeout + 30)
+    elapsed = time.perf_counter() - started
+    ok = sum(s.get(200, 0) for s in statuses.values())
+    return {
+        "clients": clients, "seconds": round(elapsed, 3), "requests": sum(sum(s.values()) for s in statuses.values()),
+        "ok": ok, "requests_per_s": round(ok / elapsed, 3) if elapsed > 0 else 0.0,
+        "statuses": {k: {str(c): n for c, n in sorted(v.items())} for k, v in statuses.items()},
+        "transport_failures": failures[:20], "transport_failure_count": len(failures),
+        "latency_p50_ms": round(percentile(latencies, 0.5), 3) if latencies else None,
+        "latency_p95_ms": round(percentile(latencies, 0.95), 3) if latencies else None,
+        "mean_batch_size": round(statistics.fmean(batch_sizes), 3) if batch_sizes else None,
+    }
+
+
+def _errors(run: dict[str, Any], expected: dict[str, int]) -> int:
+    """Answers that are not the expected status (transport failures included)."""
+    bad = run["transport_failure_count"]
+    for kind, by_status in run["statuses"].items():
+        bad += sum(n for code, n in by_status.items() if int(code) != expected[kind] and int(code) != -1)
+    return bad
+
+
+def _five_xx(run: dict[str, Any]) -> int:
+    return sum(n for by_status in run["statuses"].values() for code, n in by_status.items() if int(code) >= 500)
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.latency_requests, args.seconds, args.rounds = 6, 1.5, 1
+        args.mixed_requests, args.mixed_seconds = 60, 60.0
+    import httpx
+
+    from pipeline.cli import _set_threads
+    from pipeline.decoding import CAPTION_MODES
+    from pipeline.serve.engine import CaptionEngine
+
+    _set_threads(args.threads)
+    info = machine_info()
+    before = loadavg()
+    tmp = None
+    if args.work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
+        work = Path(tmp.name)
+    else:
+        work = Path(args.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    proc = None
+    try:
+        bundle = args.model or (None if args.quick else find_trained_bundle())
+        model_note = "trained bundle" if bundle else "random weights (benchmark stand-in)"
+        if bundle is None:
+            log(f"[serve] no trained bundle: building a random {'tiny' if args.quick else 'realistic-size'} one")
+            bundle = build_random_bundle(work / "bundle", quick=args.quick, seed=args.seed)
+        engine = CaptionEngine.load(bundle, amp=not args.fp32, channels_last=not args.fp32)
+        engine.warm_up()
+        model = {**engine.info(), "path": str(bundle), "weights": model_note}
+        images = make_images(16, 224, args.seed)
+        log(f"[serve] starting the server on {bundle} ({model['decoder']} on {model['backbone']})")
+        proc, base = start_server(bundle, work / "server.log", args)
+
+        log(f"[serve] latency: {args.latency_requests} requests, HTTP vs in-process")
+        latency = measure_latency(base, engine, images, args.latency_requests)
+        del engine
+
+        log(f"[serve] throughput: 1 vs {args.clients} clients, {args.seconds:.0f} s each, {args.rounds} round(s)")
+        valid = lambda i: ("valid", request_for("valid", images, i, ["consistent"]))  # noqa: E731
+        rounds = []
+        for r in range(args.rounds):
+            order = (1, args.clients) if r % 2 == 0 else (args.clients, 1)
+            rounds.append({c: closed_loop(base, c, args.seconds, args.max_requests, valid) for c in order})
+        one = [rd[1] for rd in rounds]
+        many = [rd[args.clients] for rd in rounds]
+        ratio = statistics.median(m["requests_per_s"] / o["requests_per_s"] for o, m in zip(one, many))
+        load_errors = sum(_errors(x, EXPECTED) for x in one + many)
+
+        log(f"[serve] mixed: {args.mixed_requests} requests, {args.malformed:.0%} malformed, {args.clients} clients")
+        kinds = _mixed_kinds(args.mixed_requests, args.malformed, args.seed)
+        modes = list(CAPTION_MODES)
+        mixed = closed_loop(base, args.clients, args.mixed_seconds, args.mixed_requests,
+                            lambda i: (kinds[i], request_for(kinds[i], images, i, modes)))
+        health = httpx.get(base + "/health", timeout=30)
+        after_caption = httpx.post(base + "/caption", files={"image": ("x.jpg", images[0], "image/jpeg")}, timeout=60)
+        mixed["healthy_after"] = health.status_code == 200 and after_caption.status_code == 200
+        mixed["five_xx"] = _five_xx(mixed)
+        mixed["unexpected"] = _errors(mixed, EXPECTED)
+        mixed["complete"] = mixed["requests"] == args.mixed_requests
+        batching = health.json()["batching"] if health.status_code == 200 else {}
+        model["model_workers"] = batching.get("model_workers")
+    finally:
+        if proc is not None:
+            stop_server(proc)
+        if tmp is not None:
+            tmp.cleanup()
+    after = loadavg()
+
+    rps1 = statistics.median(o["requests_per_s"] for o in one)
+    rpsn = statistics.median(m["requests_per_s"] for m in many)
+    malformed = sum(n for k, v in mixed["statuses"].items() if k != "valid" for n in v.values())
+    rows = [
+        ["single request p50, in-process (ms)", latency["in_process"]["p50_ms"], ""],
+        ["single request p50, HTTP (ms)", latency["http"]["p50_ms"], ""],
+        ["p50 HTTP / in-process", latency["ratio_p50"], f"<= {TARGET_LATENCY_RATIO}"],
+        ["single request p95, in-process (ms)", latency["in_process"]["p95_ms"], ""],
+        ["single request p95, HTTP (ms)", latency["http"]["p95_ms"], ""],
+        ["p95 HTTP / in-process", latency["ratio_p95"], ""],
+        ["throughput, 1 client (captions/s)", rps1, ""],
+        [f"throughput, {args.clients} clients (captions/s)", rpsn, ""],
+        [f"{args.clients} clients / 1 client", round(ratio, 3), f">= {TARGET_THROUGHPUT_RATIO}"],
+        [f"mean batch size at {args.clients} clients", statistics.median(m["mean_batch_size"] or 0 for m in many), ""],
+        ["errors in the throughput runs", load_errors, "0"],
+        ["mixed run: requests (malformed)", f"{mixed['requests']:,} ({malformed:,})", f"{args.mixed_requests:,}"],
+        ["mixed run: 5xx answers", mixed["five_xx"], "0"],
+        ["mixed run: other unexpected answers", mixed["unexpected"], "0"],
+        ["mixed run: healthy and captioning after", "yes" if mixed["healthy_after"] else "NO", "yes"],
+    ]
+    table = markdown_table(["measurement", "value", "target"], rows)
+    caption = (
+        f"`pipeline serve` ({model['decoder']} on {model['backbone']} at {model['input_size'][-1]} px, "
+        f"{model['weights']}; {'fp32' if args.fp32 else 'bf16 autocast, channels_last'}; max batch {args.max_batch_size}, wait window {args.max_wait_ms:g} ms, "
+        f"{model.get('model_workers')} model worker(s); {info.get('torch_threads')} torch thread(s) per model call "
+        f"in the server and in-process) in a subprocess on 127.0.0.1, "
+        f"httpx clients in this process; 224 px JPEG uploads, mode consistent (the mixed run: all modes and "
+        f"request shapes). Throughput: medians of {args.rounds} round(s) of {args.seconds:g} s per client count"
+        f"{' (QUICK smoke run: not a measurement)' if args.quick else ''}. {info.get('processor')}, "
+        f"{info.get('cpus_usable')} cores. {load_note(before, after, info.get('cpus_usable'))}"
+    )
+    markdown = f"### Serving\n\n{table}\n\n{caption}\n"
+    print(markdown, flush=True)
+    data = {
+        "benchmark": NAME,
+        "quick": args.quick,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": info,
+        "model": model,
+        "loadavg_before": before,
+        "loadavg_after": after,
+        "latency": latency,
+        "throughput": {"one_client": one, "many_clients": many},
+        "mixed": mixed,
+        "server_batching": batching,
+        "ratios": {"latency_p50_http_vs_in_process": latency["ratio_p50"],
+                   "latency_p95_http_vs_in_process": latency["ratio_p95"],
+                   f"throughput_{args.clients}_vs_1_clients": round(ratio, 3)},
+        "targets": {"latency_p50_ratio_max": TARGET_LATENCY_RATIO, "throughput_ratio_min": TARGET_THROUGHPUT_RATIO},
+        "markdown": markdown,
+    }
+    path = write_results(args.results_dir, NAME, data)
+    log(f"[serve] wrote {path}")
+    return data
+
+
+def _mixed_kinds(n: int, malformed: float, seed: int) -> list[str]:
+    import random
+
+    bad = round(n * malformed)
+    kinds = [MALFORMED_KINDS[i % len(MALFORMED_KINDS)] for i in range(bad)] + ["valid"] * (n - bad)
+    random.Random(seed).shuffle(kinds)
+    return kinds
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,594 @@
+"""The HTTP API and its web page: ``create_app(bundle) -> FastAPI``.
+
+Endpoints:
+
+``POST /caption``
+    The image as a ``multipart/form-data`` upload (file field ``image``; form fields ``caption_mode`` and
+    ``attention``), as JSON ``{"image": "<base64 or data: URL>", "caption_mode": "...", "attention": false}``,
+    or as a raw ``image/*`` body. ``caption_mode`` (also accepted as a query parameter) is one of
+    :data:`pipeline.decoding.CAPTION_MODES` (default ``consistent``); ``attention`` asks for per-word
+    attention heatmaps (attention decoders only). Answers ``caption``, ``score``, ``alternatives``,
+    ``mode``, ``timings`` (and ``attention``).
+``GET /health``
+    Liveness plus what the page needs: the model, the modes, whether a key is required, limits, batching.
+``GET /``
+    The web page (``static/``: no remote asset, strict Content-Security-Policy).
+``GET /docs``, ``GET /openapi.json``
+    OpenAPI docs; Swagger UI is served from the locally installed ``swagger-ui-py`` package (no CDN);
+    without it ``/docs`` is off and ``/openapi.json`` still describes the API.
+
+Every error is JSON ``{"error": {"code": "...", "message": "..."}}``: 400 malformed request (bad JSON or
+base64, missing or unknown field, unknown caption mode — the valid ones are listed), 401 missing or wrong
+API key, 404/405, 413 body over ``max_request_bytes`` (refused from ``Content-Length`` before reading, or
+once the streamed body passes the limit), 415 unsupported ``Content-Type``, 422 an upload that is not a
+usable image (not an image, truncated, corrupt, empty, more than ``max_pixels`` pixels), 503 the model
+queue is full. A catch-all handler turns any other failure into a 500 JSON error (logged with its
+traceback), never a bare trace. The server loads nothing but the bundle's safetensors and JSON files.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import anyio
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from pipeline.bundle import Captioner
+from pipeline.data.images import ImageDecodeError
+from pipeline.decoding import CAPTION_MODES
+from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
+from pipeline.serve.engine import DEFAULT_MODE, SERVE_FORMATS, CaptionEngine, mode_list, unknown_mode_message
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_WAIT_MS = 5.0
+DEFAULT_MAX_QUEUE = 256
+DRAIN_SECONDS = 2.0  # at most this long reading (and dropping) the rest of an oversized body, see _read_body
+JSON_FIELDS = ("image", "caption_mode", "attention")
+FILE_FIELDS = ("image", "file")
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+DECODE_REASON_CODES = {
+    "empty file": "empty_image",
+    "not an image": "not_an_image",
+    "truncated image": "truncated_image",
+    "corrupt image": "corrupt_image",
+    "image too large": "too_many_pixels",
+}
+ModeName = Literal[tuple(CAPTION_MODES)]  # type: ignore[valid-type]
+
+
+# --------------------------------------------------------------------------- schemas (OpenAPI docs)
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_base64, unknown_mode, not_an_image.")
+    message: str = Field(description="What is wrong, for a person.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class CaptionJSONRequest(BaseModel):
+    image: str = Field(description="The image file's bytes in base64, or a data: URL (data:image/png;base64,...).")
+    caption_mode: Optional[ModeName] = Field(None, description=f"Caption mode; default {DEFAULT_MODE}.")
+    attention: bool = Field(False, description="Return per-word attention heatmaps (attention decoders only).")
+
+
+class CaptionMultipartRequest(BaseModel):
+    image: bytes = Field(description="The image file (field name `image`; `file` is accepted too).")
+    caption_mode: Optional[ModeName] = Field(None, description=f"Caption mode; default {DEFAULT_MODE}.")
+    attention: bool = Field(False, description="Return per-word attention heatmaps (attention decoders only).")
+
+
+class Alternative(BaseModel):
+    caption: str
+    score: Optional[float] = Field(description="Length-normalised log-probability (null: none, e.g. -inf).")
+
+
+class AttentionWord(BaseModel):
+    word: str
+    heatmap: str = Field(description="JPEG data URL: the image as the backbone saw it, this word's attention over it.")
+
+
+class AttentionMaps(BaseModel):
+    image: str = Field(description="JPEG data URL of the image as the backbone saw it (resized, centre-cropped).")
+    width: int
+    height: int
+    words: list[AttentionWord]
+
+
+class Timings(BaseModel):
+    decode_ms: float = Field(description="Reading and decoding the image.")
+    queue_ms: float = Field(description="Waiting for the model (dynamic batching window and earlier batches).")
+    model_ms: float = Field(description="The model call this image shared (backbone + decoding).")
+    attention_ms: Optional[float] = Field(None, description="Rendering the heatmaps, when asked for.")
+    total_ms: float = Field(description="From receiving the request to answering it.")
+    batch_size: int = Field(description="Images in the model call this image shared.")
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    score: Optional[float]
+    alternatives: list[Alternative] = Field(description="The other distinct captions, best first.")
+    mode: str
+    timings: Timings
+    attention: Optional[AttentionMaps] = Field(None, description="Present when asked for; null without attention.")
+
+
+ERROR_DOCS = {
+    400: "Malformed request: bad JSON or base64, missing or unknown field, unknown caption mode.",
+    401: "Missing or wrong API key (`X-API-Key: KEY` or `Authorization: Bearer KEY`).",
+    413: "Request body larger than the server's limit.",
+    415: "Content-Type is not multipart/form-data, application/json or image/*.",
+    422: "Not a usable image: not an image, truncated, corrupt, empty or too many pixels.",
+    503: "Too many requests waiting for the model; retry shortly.",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: Optional[dict[str, str]] = None,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers, extra
+
+
+def error_response(status: int, code: str, message: str, headers: Optional[dict[str, str]] = None,
+                   **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------- the app
+def create_app(
+    model: Union[str, Path, Captioner, CaptionEngine],
+    *,
+    api_key: Optional[str] = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    model_workers: int = 1,
+    decode_threads: int = 4,
+    device: str = "cpu",
+    warm_up: bool = True,
+) -> FastAPI:
+    """The captioning API for a bundle folder (or a loaded Captioner / CaptionEngine)."""
+    if isinstance(model, CaptionEngine):
+        engine = model
+    elif isinstance(model, Captioner):
+        engine = CaptionEngine(model)
+    else:
+        engine = CaptionEngine.load(model, device=device)
+    if max_request_bytes < 1 or max_pixels < 1:
+        raise ValueError("max_request_bytes and max_pixels must be positive")
+    if warm_up:
+        engine.warm_up()
+    state = _State(engine, api_key or None, max_request_bytes, max_pixels, decode_threads)
+    state.batcher = DynamicBatcher(state.run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                                   max_queue=max_queue, pending=lambda: state.pending, workers=model_workers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await state.batcher.close()
+
+    app = FastAPI(
+        title="Image captioning API",
+        version="1",
+        description=(f"Captions images with the model bundle `{engine.info()['bundle']}` "
+                     f"({engine.info()['decoder']} on {engine.info()['backbone']}). The page at [/](/) does "
+                     "it in a browser.\n\nCaption modes:\n\n"
+                     + "\n".join(f"* `{m['name']}`: {m['description']}" for m in mode_list())
+                     + "\n\nErrors are JSON `{\"error\": {\"code\": ..., \"message\": ...}}`."),
+        docs_url=None, redoc_url=None, lifespan=lifespan,
+    )
+    app.state.captioning = state
+    _install_error_handlers(app)
+    static = resources.files("pipeline.serve") / "static"
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"),
+                            headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+                                     "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    _add_docs(app)
+
+    @app.get("/health", summary="Liveness, model, caption modes, limits and batching statistics")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": engine.info(),
+            "modes": mode_list(),
+            "default_mode": DEFAULT_MODE,
+            "auth_required": state.api_key is not None,
+            "limits": {"max_request_bytes": state.max_request_bytes, "max_pixels": state.max_pixels,
+                       "image_formats": list(SERVE_FORMATS)},
+            "batching": {"max_batch_size": state.batcher.max_batch_size, "model_workers": state.batcher.workers,
+                         "max_wait_ms": state.batcher.max_wait * 1000.0, "queued": state.batcher.queued,
+                         **state.batcher.stats.as_dict()},
+        }
+
+    @app.post(
+        "/caption",
+        summary="Caption one image",
+        response_model=CaptionResponse,
+        responses={code: {"model": ErrorResponse, "description": text} for code, text in ERROR_DOCS.items()},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {"$ref": "#/components/schemas/CaptionMultipartRequest"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/CaptionJSONRequest"}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        }}},
+    )
+    async def caption(
+        request: Request,
+        caption_mode: Optional[str] = Query(None, description="Caption mode (a body field of the same name wins)."),
+        attention: Optional[bool] = Query(None, description="Ask for attention heatmaps (a body field wins)."),
+    ) -> Response:
+        return await state.handle(request, caption_mode, attention)
+
+    # Schemas only referenced from openapi_extra must be added to the components by hand.
+    original_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = original_openapi()
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model_cls in (CaptionJSONRequest, CaptionMultipartRequest):
+                comps[model_cls.__name__] = model_cls.model_json_schema(ref_template="#/components/schemas/{model}")
+            if state.api_key is not None:
+                schema["components"]["securitySchemes"] = {
+                    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                    "Bearer": {"type": "http", "scheme": "bearer"},
+                }
+                schema["paths"]["/caption"]["post"]["security"] = [{"ApiKey": []}, {"Bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+class _State:
+    """Everything a request needs: the engine, the batcher, the limits and the in-flight count."""
+
+    def __init__(self, engine: CaptionEngine, api_key: Optional[str], max_request_bytes: int, max_pixels: int,
+                 decode_threads: int) -> None:
+        self.engine = engine
+        self.api_key = api_key
+        self.max_request_bytes = max_request_bytes
+        self.max_pixels = max_pixels
+        self.decode_limiter = anyio.CapacityLimiter(max(1, decode_threads))
+        self.pending = 0  # requests received but not yet handed to the batcher (the batcher waits only for these)
+        self.batcher: DynamicBatcher  # set by create_app
+
+    # -- the model call (in the batcher's model thread) ------------------------------------------
+    def run_batch(self, key: tuple[str, bool], pixels: list[Any]) -> list[Any]:
+        mode, attention = key
+        return self.engine.run(pixels, self.engine.options(mode), attention=attention).captions
+
+    # -- one request -----------------------------------------------------------------------------
+    async def handle(self, request: Request, query_mode: Optional[str], query_attention: Optional[bool]) -> Response:
+        started = time.perf_counter()
+        self.pending += 1
+        submitted = False
+        try:
+            try:
+                self._check_key(request)
+                data, mode, attention = await self._read_request(request, query_mode, query_attention)
+            except ApiError:
+                if not getattr(request.state, "body_done", False):  # refused before reading (401, 415)
+                    await self._drain(request, 4 * self.max_request_bytes)
+                raise
+            mode = mode or DEFAULT_MODE
+            if mode not in CAPTION_MODES:
+                raise ApiError(400, "unknown_mode", unknown_mode_message(mode), valid=list(CAPTION_MODES))
+            t = time.perf_counter()
+            if _small_image(data):  # a few ms of work: cheaper here than a hop to a thread and back
+                image, pixels = self._decode(data)
+            else:
+                image, pixels = await anyio.to_thread.run_sync(self._decode, data, limiter=self.decode_limiter)
+            decode_ms = (time.perf_counter() - t) * 1000.0
+            wants_maps = bool(attention) and self.engine.has_attention
+            self.pending -= 1
+            submitted = True
+            try:
+                captions, info = await self.batcher.submit((mode, wants_maps), pixels)
+            except QueueFull as e:
+                raise ApiError(503, "busy", f"server busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+            except BatcherClosed as e:
+                raise ApiError(503, "shutting_down", str(e)) from None
+            attention_ms = None
+            if attention:
+                t = time.perf_counter()
+                body = await anyio.to_thread.run_sync(
+                    lambda: self.engine.result(captions, mode=mode, image=image, attention=True),
+                    limiter=self.decode_limiter)
+                attention_ms = round((time.perf_counter() - t) * 1000.0, 3)
+            else:
+                body = self.engine.result(captions, mode=mode)
+            body["timings"] = {
+                "decode_ms": round(decode_ms, 3), "queue_ms": round(info.queue_ms, 3),
+                "model_ms": round(info.model_ms, 3), "attention_ms": attention_ms,
+                "total_ms": round((time.perf_counter() - started) * 1000.0, 3), "batch_size": info.batch_size,
+            }
+            return JSONResponse(body)
+        finally:
+            if not submitted:
+                self.pending -= 1
+
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("x-api-key")
+        if given is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else None
+        if given is None:
+            raise ApiError(401, "unauthorized", "this server needs an API key: send it as `X-API-Key: KEY` "
+                           "or `Authorization: Bearer KEY`", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.api_key.encode("utf-8")):
+            raise ApiError(401, "unauthorized", "wrong API key", headers={"WWW-Authenticate": "Bearer"})
+
+    def _decode(self, data: bytes):
+        try:
+            image = self.engine.decode(data, "upload", self.max_pixels)
+        except ImageDecodeError as e:
+            code = DECODE_REASON_CODES.get(e.reason, "not_an_image")
+            message = e.reason + (f": {e.detail}" if e.detail else "")
+            if code == "too_many_pixels":
+                message += f" (this server accepts at most {self.max_pixels:,} pixels)"
+            raise ApiError(422, code, message) from None
+        try:
+            return image, self.engine.prepare(image)
+        except Exception as e:  # noqa: BLE001 - e.g. an image too small for the backbone's transform
+            raise ApiError(422, "unusable_image", f"cannot prepare this image for the model: {e}") from None
+
+    async def _read_request(self, request: Request, query_mode: Optional[str],
+                            query_attention: Optional[bool]) -> tuple[bytes, Optional[str], Optional[bool]]:
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media == "multipart/form-data":
+            kind = "multipart"
+        elif media == "application/json" or media.endswith("+json"):
+            kind = "json"
+        elif media.startswith("image/") or media == "application/octet-stream":
+            kind = "raw"
+        else:
+            got = f"Content-Type {media!r}" if media else "no Content-Type"
+            raise ApiError(415, "unsupported_media_type",
+                           f"{got}: send multipart/form-data (file field `image`), application/json "
+                           "({\"image\": base64 or data URL}) or a raw image/* body")
+        body = await self._read_body(request)
+        if kind == "raw":
+            return body, query_mode, query_attention
+        if kind == "json":
+            return self._parse_json(body, query_mode, query_attention)
+        return await self._parse_multipart(request, body, query_mode, query_attention)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refusing (413) one over the limit: by its Content-Length before reading it, else as it
+        streams in. The refused rest is read and dropped (up to 4x the limit, for at most DRAIN_SECONDS)
+        so the client sees the 413: closing a socket with unread data resets the connection, and the
+        client may lose the answer. (Requests refused before their body is read, 401 and 415, are drained
+        the same way.) A Content-Length over 4x the limit is answered at once, and the connection closed."""
+        limit = self.max_request_bytes
+        declared = request.headers.get("content-length")
+        too_large = f"request body over this server's limit of {limit:,} bytes"
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                raise ApiError(400, "invalid_request", f"bad Content-Length {declared!r}") from None
+            if n > limit:
+                if n <= 4 * limit:
+                    await self._drain(request, 4 * limit)
+                request.state.body_done = True
+                raise ApiError(413, "request_too_large", f"{too_large} (Content-Length {n:,})",
+                               headers={"Connection": "close"})
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    await self._drain(request, 4 * limit - size)
+                    request.state.body_done = True
+                    raise ApiError(413, "request_too_large", too_large, headers={"Connection": "close"})
+                chunks.append(chunk)
+        except ClientDisconnect:
+            request.state.body_done = True
+            raise ApiError(400, "client_disconnected", "the client went away before sending the whole body") from None
+        request.state.body_done = True
+        return b"".join(chunks)
+
+    @staticmethod
+    async def _drain(request: Request, budget: int) -> None:
+        read = 0
+        with anyio.move_on_after(DRAIN_SECONDS):
+            try:
+                async for chunk in request.stream():
+                    read += len(chunk)
+                    if read > budget:
+                        break
+            except (ClientDisconnect, RuntimeError):  # gone, or the stream already ended
+                pass
+
+    def _parse_json(self, body: bytes, query_mode, query_attention) -> tuple[bytes, Optional[str], Optional[bool]]:
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {str(e)[:200]}") from None
+        if not isinstance(doc, dict):
+            raise ApiError(400, "invalid_json", f"expected a JSON object with an `image` field, got {type(doc).__name__}")
+        unknown = sorted(set(doc) - set(JSON_FIELDS))
+        if unknown:
+            raise ApiError(400, "unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                           f"valid fields: {', '.join(JSON_FIELDS)}")
+        if "image" not in doc:
+            raise ApiError(400, "missing_field", "missing field `image` (the image as base64 or a data: URL)")
+        image = doc["image"]
+        if not isinstance(image, str):
+            raise ApiError(400, "invalid_field", f"`image` must be a base64 string or data: URL, got {type(image).__name__}")
+        mode = doc.get("caption_mode", query_mode)
+        if mode is not None and not isinstance(mode, str):
+            raise ApiError(400, "unknown_mode", unknown_mode_message(str(mode)), valid=list(CAPTION_MODES))
+        attention = doc.get("attention", query_attention)
+        if attention is not None and not isinstance(attention, bool):
+            raise ApiError(400, "invalid_field", "`attention` must be true or false")
+        return decode_base64(image), mode, attention
+
+    async def _parse_multipart(self, request: Request, body: bytes, query_mode,
+                               query_attention) -> tuple[bytes, Optional[str], Optional[bool]]:
+        from starlette.datastructures import UploadFile
+
+        async def replay() -> dict[str, Any]:  # the size-checked body, for a parser that reads a stream
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+        except Exception as e:  # noqa: BLE001 - MultiPartException and the parser's own errors alike
+            detail = getattr(e, "message", None) or str(e)
+            raise ApiError(400, "invalid_multipart", f"cannot parse the multipart body: {detail[:200]}") from None
+        try:
+            unknown = sorted(set(form) - set(FILE_FIELDS) - {"caption_mode", "attention"})
+            if unknown:
+                raise ApiError(400, "unknown_field", f"unknown form field(s) {', '.join(map(repr, unknown))}; "
+                               "valid fields: image (the file), caption_mode, attention")
+            upload = next((form[k] for k in FILE_FIELDS if k in form), None)
+            if upload is None:
+                raise ApiError(400, "missing_field", "missing file field `image`")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(400, "invalid_field", "`image` must be a file upload, not a text field")
+            data = await upload.read()
+            mode = form.get("caption_mode", query_mode)
+            if mode is not None and not isinstance(mode, str):
+                raise ApiError(400, "invalid_field", "`caption_mode` must be a text field")
+            attention = query_attention
+            if "attention" in form:
+                attention = _form_bool(form["attention"])
+            return data, (mode or None), attention
+        finally:
+            await form.close()
+
+
+INLINE_MAX_BYTES = 512 * 1024
+INLINE_MAX_PIXELS = 640 * 640
+
+
+def _small_image(data: bytes) -> bool:
+    """Whether ``data`` is small enough to decode on the event loop (its header says so; anything odd: no)."""
+    if len(data) > INLINE_MAX_BYTES:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=SERVE_FORMATS) as img:
+            w, h = img.size
+            return w * h <= INLINE_MAX_PIXELS and getattr(img, "n_frames", 1) == 1
+    except Exception:  # noqa: BLE001 - the decoder thread will say what is wrong
+        return False
+
+
+def _form_bool(value: Any) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise ApiError(400, "invalid_field", "`attention` must be true or false")
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 (standard or URL-safe, padding optional, whitespace ignored) or a base64 data: URL -> bytes."""
+    s = text.strip()
+    if s[:5].lower() == "data:":
+        header, sep, payload = s.partition(",")
+        if not sep or ";base64" not in header.lower():
+            raise ApiError(400, "invalid_base64", "a data: URL must be base64-encoded (data:image/...;base64,...)")
+        s = payload
+    s = "".join(s.split())
+    if not s:
+        raise ApiError(400, "invalid_base64", "`image` is empty")
+    altchars = b"-_" if ("-" in s or "_" in s) else None
+    s += "=" * (-len(s) % 4)
+    try:
+        return base64.b64decode(s, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, "invalid_base64", f"`image` is not valid base64: {e}") from None
+
+
+# --------------------------------------------------------------------------- errors and docs
+_STATUS_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.extra)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(400, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal_error", "internal server error; the server log has the details")
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI from the installed swagger-ui-py package's files (no CDN); /openapi.json always."""
+    try:
+        import swagger_ui
+    except ImportError:
+        log.info("swagger-ui-py not installed: /docs is off (/openapi.json describes the API)")
+        return
+    assets = Path(swagger_ui.__file__).parent / "static"
+    if not (assets / "swagger-ui-bundle.js").is_file():
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} — docs",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+

@@ -1,0 +1,267 @@
+"""The model side of captioning for people, shared by `pipeline caption` and `pipeline serve`.
+
+:class:`CaptionEngine` wraps a loaded :class:`~pipeline.bundle.Captioner`:
+
+* :meth:`~CaptionEngine.decode` untrusted bytes -> RGB image (:class:`ImageDecodeError` with a stable
+  ``reason`` otherwise; only common raster formats are tried);
+* :meth:`~CaptionEngine.prepare` image -> the backbone's normalised input (cheap; any thread);
+* :meth:`~CaptionEngine.run` a batch of prepared images with one :class:`DecodingOptions` -> captions
+  (the model: one thread at a time);
+* :meth:`~CaptionEngine.result` one image's captions -> the JSON-ready answer: ``caption``, ``score``,
+  ``alternatives`` (the other distinct captions, best first, with scores) and, on request, per-word
+  attention heatmaps.
+
+Caption modes are the named ones of :data:`pipeline.decoding.CAPTION_MODES`, with two serving
+adjustments: ``max_length`` is the bundle tokenizer's (the longest caption the model was trained on, as
+``pipeline evaluate`` does) and beam search keeps every beam (``n_best = beam_size``) so the other beams
+become the alternatives — the best caption is the same either way (stopping early never changes it).
+Sampling modes rank their samples by score; duplicates are dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from pipeline.bundle import Caption, Captioner
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_bytes
+from pipeline.decoding import CAPTION_MODES, DecodingOptions, options_for_mode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODE = "consistent"
+CUSTOM_MODE = "custom"  # the mode reported for explicit decoding options
+# PIL decoders tried on untrusted bytes: the common raster formats, nothing that shells out (EPS) or is exotic.
+SERVE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+HEATMAP_MIN_SIDE = 192  # heatmaps of small backbone inputs are upscaled to at least this many pixels
+
+
+def mode_list() -> list[dict[str, str]]:
+    """The caption modes with their descriptions, in their canonical order."""
+    return [{"name": k, "description": v.description} for k, v in CAPTION_MODES.items()]
+
+
+def unknown_mode_message(mode: str) -> str:
+    return f"unknown caption mode {mode!r}; valid modes: {', '.join(CAPTION_MODES)}"
+
+
+def _finite(x: float) -> Optional[float]:
+    """Scores as JSON can carry them: -inf (an empty unfinished hypothesis) becomes null."""
+    return round(float(x), 4) if math.isfinite(x) else None
+
+
+@dataclass
+class ModelRun:
+    captions: list[list[Caption]]  # per image, best first
+    model_ms: float
+    batch_size: int
+
+
+class CaptionEngine:
+    """A captioner ready for untrusted input: decoding, batching-friendly model calls, JSON results."""
+
+    def __init__(self, captioner: Captioner, *, seed: Optional[int] = None, amp: bool = False,
+                 channels_last: bool = False) -> None:
+        self.captioner = captioner
+        self.amp = amp  # bf16 autocast around the model call: faster on CPUs with bf16 units; captions may differ
+        self.channels_last = channels_last  # the backbone's convolutions in NHWC (oneDNN's preferred layout)
+        self.has_attention = bool(getattr(captioner.decoder, "has_attention", False))
+        self.blind = bool(captioner.config.get("blind", False))
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._mode_options = {name: self._serving_options(name) for name in CAPTION_MODES}
+        # Inference keeps no state in the modules, so model calls may overlap (several model threads);
+        # only a seeded generator is shared mutable state: seeded runs take turns.
+        self._seeded = threading.Lock()
+        if captioner.config.get("backbone_weights") is not None:
+            _quietly_build_backbone(captioner)
+            if channels_last:
+                captioner.backbone.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(cls, bundle: Union[str, Path], device: str = "cpu", *, seed: Optional[int] = None, amp: bool = False,
+             channels_last: bool = False) -> "CaptionEngine":
+        return cls(Captioner.load(bundle, device=device), seed=seed, amp=amp, channels_last=channels_last)
+
+    # -- options --------------------------------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        return int(self.captioner.tokenizer.max_length)
+
+    def _serving_options(self, mode: str) -> DecodingOptions:
+        opts = options_for_mode(mode, max_length=self.max_length)
+        if opts.method == "beam":
+            opts = opts.model_copy(update={"n_best": opts.beam_size})
+        return opts
+
+    def options(self, mode: str) -> DecodingOptions:
+        """The serving options of a named mode (``ValueError`` listing the valid modes otherwise)."""
+        try:
+            return self._mode_options[mode]
+        except (KeyError, TypeError):
+            raise ValueError(unknown_mode_message(mode)) from None
+
+    def explicit_options(self, mode: str = DEFAULT_MODE, **overrides: Any) -> DecodingOptions:
+        """A mode's serving options with explicit overrides (validated; ``ValueError`` says what is wrong)."""
+        from pydantic import ValidationError
+
+        base = self.options(mode).model_dump()
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "beam_size" in overrides and "n_best" not in overrides:
+            base["n_best"] = max(1, min(base["n_best"], overrides["beam_size"]))
+        try:
+            return DecodingOptions.model_validate({**base, **overrides})
+        except ValidationError as e:
+            problems = [f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}"
+                        + (f" (got {err['input']!r})" if err["loc"] else "") for err in e.errors()]
+            raise ValueError("invalid decoding options: " + "; ".join(problems)) from None
+
+    def info(self) -> dict[str, Any]:
+        c = self.captioner
+        return {
+            "decoder": c.config["decoder"]["family"],
+            "backbone": c.features.backbone,
+            "input_size": c.features.preprocessing.get("input_size"),
+            "tokenizer": c.config["tokenizer"]["kind"],
+            "attention": self.has_attention,
+            "blind": self.blind,
+            "max_length": self.max_length,
+            "amp": "bf16" if self.amp else None,
+            "channels_last": self.channels_last,
+            "bundle": c.directory.name if c.directory.name != "bundle" else c.directory.parent.name,
+        }
+
+    # -- images ---------------------------------------------------------------------------------
+    @staticmethod
+    def decode(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS):
+        """Untrusted bytes -> upright RGB ``PIL.Image``; any failure is an :class:`ImageDecodeError`."""
+        try:
+            return decode_bytes(data, source, max_pixels, formats=SERVE_FORMATS)
+        except ImageDecodeError:
+            raise
+        except MemoryError:
+            raise ImageDecodeError(source, "image too large", "out of memory while decoding") from None
+        except Exception as e:  # noqa: BLE001 - a decoder plugin failing on hostile bytes is the input's fault
+            raise ImageDecodeError(source, "corrupt image", f"{type(e).__name__}: {e}") from None
+
+    def prepare(self, image) -> torch.Tensor:
+        """RGB image -> the backbone's normalised input ``(3, H, W)``."""
+        return self.captioner.preprocess(image)
+
+    # -- the model ------------------------------------------------------------------------------
+    def run(self, pixels: Sequence[torch.Tensor], options: DecodingOptions, *, attention: bool = False) -> ModelRun:
+        """Caption a batch of prepared images with one set of options (thread-safe)."""
+        t = time.perf_counter()
+        x = torch.stack(list(pixels))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        device = self.captioner.device.type
+        with self._seeded if self.generator is not None else contextlib.nullcontext(), \
+                torch.autocast(device, dtype=torch.bfloat16, enabled=self.amp):
+            feats = self.captioner.encode_pixels(x)
+            if self.blind:
+                feats = torch.zeros_like(feats)
+            captions = self.captioner.caption_features(
+                feats, options, generator=self.generator, return_attention=attention and self.has_attention)
+        return ModelRun(captions, (time.perf_counter() - t) * 1000.0, len(pixels))
+
+    def warm_up(self) -> None:
+        """Build the backbone and run every code path once, so the first request is not the slow one."""
+        from PIL import Image
+
+        size = self.captioner.features.preprocessing.get("input_size") or [3, 224, 224]
+        x = self.prepare(Image.new("RGB", (int(size[-1]), int(size[-2])), (127, 127, 127)))
+        self.run([x], self.options(DEFAULT_MODE), attention=self.has_attention)
+
+    # -- results --------------------------------------------------------------------------------
+    def result(self, captions: Sequence[Caption], *, mode: str, image=None, attention: bool = False) -> dict[str, Any]:
+        """One image's answer. ``captions`` best first (beam) or in sampling order (ranked here)."""
+        ranked = sorted(captions, key=lambda c: -c.score if math.isfinite(c.score) else math.inf)
+        seen: set[str] = set()
+        distinct: list[Caption] = []
+        for c in ranked:
+            if c.text not in seen:
+                seen.add(c.text)
+                distinct.append(c)
+        best = distinct[0]
+        out: dict[str, Any] = {
+            "caption": best.text,
+            "score": _finite(best.score),
+            "alternatives": [{"caption": c.text, "score": _finite(c.score)} for c in distinct[1:]],
+            "mode": mode,
+        }
+        if attention:
+            out["attention"] = self.heatmaps(image, best) if image is not None else None
+        return out
+
+    def heatmaps(self, image, caption: Caption) -> Optional[dict[str, Any]]:
+        """Per-word attention heatmaps of ``caption`` over ``image`` as JPEG data URLs, or None (no attention)."""
+        from PIL import Image
+
+        from pipeline.gallery import attention_maps, backbone_view
+
+        if caption.attention is None or not caption.tokens:
+            return None
+        spec = self.captioner.features
+        view = backbone_view(image, spec.preprocessing)
+        w, h = view.size
+        scale = max(1.0, HEATMAP_MIN_SIDE / min(w, h))
+        if scale > 1:
+            view = view.resize((round(w * scale), round(h * scale)), Image.BICUBIC)
+            w, h = view.size
+        maps, why = attention_maps(caption.attention, spec.token_sets, (h, w))
+        if maps is None:
+            log.debug("no heatmaps: %s", why)
+            return None
+        base = np.asarray(view, dtype=np.float32)
+        words = []
+        for token, m in zip(caption.tokens, maps):
+            overlay = 0.5 * base + 0.5 * 255.0 * _jet(m)
+            words.append({"word": self._word(token), "heatmap": _data_url(Image.fromarray(overlay.astype(np.uint8)))})
+        return {"image": _data_url(view), "width": w, "height": h, "words": words}
+
+    def _word(self, token: int) -> str:
+        tok = self.captioner.tokenizer
+        try:
+            return tok.decode([int(token)]).strip() or tok.id_to_token(int(token)).strip()
+        except Exception:  # noqa: BLE001 - a label only
+            return str(token)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "random weights" not in record.getMessage()
+
+
+def _quietly_build_backbone(captioner: Captioner) -> None:
+    """Build the bundle's backbone now, without the "random weights" warning of the skeleton that the
+    bundle's own weights then fill (the warning is for caches extracted from a random backbone)."""
+    logger = logging.getLogger("pipeline.models.backbones")
+    quiet = _DropRandomInitWarning()
+    logger.addFilter(quiet)
+    try:
+        _ = captioner.backbone  # built on first use
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _jet(x: np.ndarray) -> np.ndarray:
+    """``(H, W)`` in [0, 1] -> ``(H, W, 3)`` RGB in [0, 1] (the classic jet colour map)."""
+    x = np.clip(x, 0.0, 1.0)[..., None]
+    return np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0], dtype=np.float32)), 0.0, 1.0)
+
+
+def _data_url(img, quality: int = 85) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -1,0 +1,113 @@
+"""A tiny but complete model bundle for tests: real files, real backbone, random weights, seconds to build.
+
+``build_tiny_bundle(folder)`` writes a bundle that captions image files end to end: timm's tiny
+``test_efficientnet`` backbone at 64 px (random init, its state dict stored as the bundle's backbone,
+a 2x2 grid of visual tokens), a word tokenizer built from a few captions, and a small randomly
+initialised decoder (``show_attend_tell`` by default, so attention heatmaps exist; its output bias keeps
+it from ending early, so every caption is ``MAX_LENGTH`` real words; or ``transformer``, no attention).
+
+Use the session fixture :func:`tiny_bundle` (``from tests.helpers_bundle import tiny_bundle``) to build it once.
+Also here: :func:`image_bytes` (a small encoded image) and :func:`serve_in_thread` (uvicorn on a free
+127.0.0.1 port in a background thread, for tests that need a real socket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+BACKBONE = "test_efficientnet"
+IMAGE_SIZE = 64
+MAX_LENGTH = 6
+CAPTIONS = [
+    "a red circle on a plain background", "one blue square in the middle", "the green star is small",
+    "two yellow triangles next to each other", "a purple circle above a red square", "three small blue stars",
+]
+
+
+def build_tiny_bundle(directory: Path, family: str = "show_attend_tell", *, seed: int = 0) -> Path:
+    from pipeline.bundle import FeatureSpec, save_bundle
+    from pipeline.models.backbones import create_backbone
+    from pipeline.models.decoders import create_decoder
+    from pipeline.text.tokenizers import build_word_vocab
+
+    bb = create_backbone(BACKBONE, image_size=IMAGE_SIZE, crop_pct=1.0)
+    with torch.inference_mode():
+        tokens = bb.tokens(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))[0]
+    num_tokens, channels = int(tokens.shape[1]), int(tokens.shape[2])
+    spec = FeatureSpec(backbone=BACKBONE, weights=bb.weights_info, preprocessing=dict(bb.data_config),
+                       token_sets=[["last", num_tokens, channels]], dtype="float16")
+    tok = build_word_vocab(CAPTIONS, min_freq=1, max_length=MAX_LENGTH)
+    torch.manual_seed(seed)
+    common = dict(feature_dim=channels, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                  eos_id=tok.eos_id)
+    if family == "show_attend_tell":
+        decoder = create_decoder(family, **common, embed_dim=16, hidden_dim=16, attention_dim=8, visual_dim=8,
+                                 dropout=0.0)
+        with torch.no_grad():  # never emit a special token: captions are MAX_LENGTH real words
+            for special in {tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id}:
+                decoder.out.bias[special] = -30.0
+    elif family == "transformer":  # no attention maps; captions may end early (its head has no bias)
+        decoder = create_decoder(family, **common, d_model=16, num_layers=1, num_heads=2, dropout=0.0,
+                                 max_length=MAX_LENGTH + 2, max_visual_tokens=num_tokens, tie_embeddings=False)
+    else:
+        raise ValueError(f"no tiny recipe for decoder family {family!r}")
+    decoder.eval()
+    save_bundle(Path(directory), decoder=decoder, tokenizer=tok, features=spec, backbone_state=bb.model.state_dict())
+    return Path(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    return build_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer_bundle(tmp_path_factory) -> Path:
+    return build_tiny_bundle(tmp_path_factory.mktemp("tiny-transformer") / "bundle", family="transformer")
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (48, 40), seed: int = 0) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, timeout: float = 20.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1 (free port) in a daemon thread; yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)

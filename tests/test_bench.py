@@ -1,0 +1,106 @@
+"""`bench`: every benchmark's --quick smoke run writes its JSON with positive ratios (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import BENCHMARKS
+
+
+def _positive_numbers(d: dict) -> bool:
+    return bool(d) and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in d.values())
+
+
+def test_extract_quick_writes_ratios(tmp_path, capsys):
+    from bench import extract
+
+    # timm's tiny test model and one torch thread keep this to seconds even on a busy machine; the default
+    # backbone and threads are what `python -m bench.extract` measures.
+    extract.main(["--quick", "--backbone", "test_efficientnet", "--threads", "1", "--results-dir", str(tmp_path),
+                  "--work-dir", str(tmp_path / "work")])
+    data = json.loads((tmp_path / "extract.json").read_text())
+    assert data["benchmark"] == "extract" and data["quick"] is True
+    for size in (224, 160):
+        for key in ("extract_vs_forward", "workers1_vs_workers0"):
+            assert f"{key}_{size}" in data["ratios"]
+    assert _positive_numbers(data["ratios"])
+    for row in data["results"]:
+        assert row["bare_forward_images_per_s"] > 0 and _positive_numbers(row["extract_images_per_s"])
+        assert row["images"] == sum(row["batch_sizes"]) and row["fixed_cost_s"] > 0
+    assert "| 224 px |" in capsys.readouterr().out
+
+
+def test_cache_read_quick_writes_ratios(tmp_path, capsys):
+    from bench import cache_read
+
+    cache_read.main(["--quick", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    data = json.loads((tmp_path / "cache_read.json").read_text())
+    assert data["benchmark"] == "cache_read" and data["quick"] is True
+    for key in ("lmdb_vs_memmap", "lmdb_vs_npy_files", "dataloader_vs_lmdb"):
+        assert key in data["ratios"]
+    assert _positive_numbers(data["ratios"])
+    assert _positive_numbers(data["warm_records_per_s"])
+    assert "LMDB cache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_has_a_main_and_quick_flag(name):
+    import importlib
+
+    mod = importlib.import_module(f"bench.{name}")
+    assert callable(mod.main)
+    assert "--quick" in mod._parser().format_help()
+
+
+def test_train_throughput_quick_writes_results(tmp_path, capsys):
+    from bench import train_throughput
+
+    # timm's tiny ConvNeXt and one torch thread keep this to seconds on a busy machine; the default
+    # (convnext_tiny at 224 px) is what `python -m bench.train_throughput` measures.
+    train_throughput.main(["--quick", "--backbone", "test_convnext", "--threads", "1", "--results-dir", str(tmp_path),
+                           "--work-dir", str(tmp_path / "work")])
+    data = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert data["benchmark"] == "train_throughput" and data["quick"] is True
+    variants = data["throughput"]["variants"]
+    assert set(variants) == {"cache", "trainer", "e2e_frozen", "e2e_last_stage"}
+    for v in variants.values():
+        for amp in ("fp32", "bf16"):
+            assert v[amp]["samples_per_s"] > 0 and v[amp]["seconds_per_step"]["total"] > 0
+    assert set(data["ratios"]) == {f"cache_vs_{v}_{a}" for v in ("trainer", "e2e_frozen", "e2e_last_stage")
+                                   for a in ("fp32", "bf16")}
+    assert _positive_numbers(data["ratios"])
+    ext = data["extraction"]
+    assert ext["seconds"] > 0 and ext["images_per_s"] > 0 and ext["cache_bytes"] > 0
+    assert [m["records"] for m in data["memory"]] == [32, 64]
+    for m in data["memory"]:
+        for key in ("ru_maxrss_bytes", "peak_rss_anon_bytes", "python_heap_samples_bytes", "cache_bytes",
+                    "distinct_records_read"):
+            assert m[key] > 0, key
+    out = capsys.readouterr().out
+    assert "feature cache vs end to end" in out and "peak memory" in out
+
+
+def test_serve_quick_writes_results(tmp_path, capsys):
+    import torch
+
+    from bench import serve
+
+    threads = torch.get_num_threads()
+    try:  # a real server subprocess on 127.0.0.1 and the tiny random bundle: seconds, not a measurement
+        serve.main(["--quick", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "serve.json").read_text())
+    assert data["benchmark"] == "serve" and data["quick"] is True
+    assert set(data["ratios"]) == {"latency_p50_http_vs_in_process", "latency_p95_http_vs_in_process",
+                                   "throughput_8_vs_1_clients"}
+    assert _positive_numbers(data["ratios"])
+    for run in data["throughput"]["one_client"] + data["throughput"]["many_clients"]:
+        assert run["ok"] > 0 and run["transport_failure_count"] == 0
+    mixed = data["mixed"]  # correctness, not speed: malformed input never gets a 5xx
+    assert mixed["complete"] and mixed["five_xx"] == 0 and mixed["unexpected"] == 0 and mixed["healthy_after"]
+    assert set(mixed["statuses"]) == {"valid", *serve.MALFORMED_KINDS}
+    assert "### Serving" in capsys.readouterr().out

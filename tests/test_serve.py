@@ -1,0 +1,535 @@
+"""`pipeline serve`: every request shape of POST /caption, every error class, batching, docs and the page's files.
+
+The app runs in-process (FastAPI's TestClient, httpx's ASGI transport, or uvicorn on a 127.0.0.1 port in a
+thread where a real socket matters) on the tiny random bundle of tests/helpers_bundle.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pipeline.decoding import CAPTION_MODES
+from pipeline.serve.app import create_app, decode_base64
+from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
+from pipeline.serve.engine import CaptionEngine
+from tests.helpers_bundle import MAX_LENGTH, image_bytes, serve_in_thread, tiny_bundle, tiny_transformer_bundle  # noqa: F401
+
+LIMIT = 300_000
+MAX_PIXELS = 1_000_000
+PNG = image_bytes("PNG", seed=1)
+JPEG = image_bytes("JPEG", size=(80, 60), seed=2)
+B64 = base64.b64encode(PNG).decode()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small models on a shared 2-core machine: one intra-op thread is far faster than two fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    return CaptionEngine.load(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    app = create_app(engine, max_request_bytes=LIMIT, max_pixels=MAX_PIXELS, max_wait_ms=2.0)
+    with TestClient(app) as c:
+        yield c
+
+
+def in_process(engine: CaptionEngine, data: bytes, mode: str = "consistent") -> dict:
+    image = engine.decode(data)
+    return engine.result(engine.run([engine.prepare(image)], engine.options(mode)).captions[0], mode=mode)
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def assert_caption(body: dict, mode: str = "consistent") -> None:
+    assert set(body) >= {"caption", "score", "alternatives", "mode", "timings"}
+    assert body["mode"] == mode
+    assert isinstance(body["caption"], str) and len(body["caption"].split()) == MAX_LENGTH
+    t = body["timings"]
+    assert set(t) == {"decode_ms", "queue_ms", "model_ms", "attention_ms", "total_ms", "batch_size"}
+    assert t["total_ms"] >= t["model_ms"] > 0 and t["batch_size"] >= 1
+    scores = [body["score"]] + [a["score"] for a in body["alternatives"]]
+    assert scores == sorted(scores, reverse=True)
+    texts = [body["caption"]] + [a["caption"] for a in body["alternatives"]]
+    assert len(set(texts)) == len(texts)
+
+
+# --------------------------------------------------------------------------- success
+def test_health_lists_modes_and_model(client):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["auth_required"] is False
+    assert [m["name"] for m in h["modes"]] == list(CAPTION_MODES) and all(m["description"] for m in h["modes"])
+    assert h["model"]["decoder"] == "show_attend_tell" and h["model"]["attention"] is True
+    assert h["limits"]["max_request_bytes"] == LIMIT and h["limits"]["max_pixels"] == MAX_PIXELS
+    assert h["batching"]["max_batch_size"] == 8
+
+
+@pytest.mark.parametrize("shape", ["multipart", "multipart-file-field", "json-base64", "json-data-url",
+                                   "json-urlsafe-unpadded", "json-wrapped-lines", "raw-png", "raw-octet-stream"])
+def test_every_request_shape_gives_the_in_process_caption(client, engine, shape):
+    urlsafe = base64.urlsafe_b64encode(JPEG).decode().rstrip("=")
+    data = JPEG if shape == "json-urlsafe-unpadded" else PNG
+    kwargs = {
+        "multipart": dict(files={"image": ("a.png", PNG, "image/png")}),
+        "multipart-file-field": dict(files={"file": ("a.png", PNG, "application/octet-stream")}),
+        "json-base64": dict(json={"image": B64}),
+        "json-data-url": dict(json={"image": "data:image/png;base64," + B64}),
+        "json-urlsafe-unpadded": dict(json={"image": urlsafe}),
+        "json-wrapped-lines": dict(json={"image": "\n".join(B64[i:i + 76] for i in range(0, len(B64), 76))}),
+        "raw-png": dict(content=PNG, headers={"content-type": "image/png"}),
+        "raw-octet-stream": dict(content=PNG, headers={"content-type": "application/octet-stream"}),
+    }[shape]
+    r = client.post("/caption", **kwargs)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert_caption(body)
+    assert "attention" not in body
+    want = in_process(engine, data)
+    assert body["caption"] == want["caption"]
+    assert [a["caption"] for a in body["alternatives"]] == [a["caption"] for a in want["alternatives"]]
+
+
+@pytest.mark.parametrize("mode", list(CAPTION_MODES))
+@pytest.mark.parametrize("where", ["json", "multipart", "query"])
+def test_each_caption_mode_in_each_place(client, mode, where):
+    if where == "json":
+        r = client.post("/caption", json={"image": B64, "caption_mode": mode})
+    elif where == "multipart":
+        r = client.post("/caption", files={"image": ("a.png", PNG, "image/png")}, data={"caption_mode": mode})
+    else:
+        r = client.post(f"/caption?caption_mode={mode}", content=PNG, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert_caption(body, mode)
+    if mode == "consistent":  # the other beams are the alternatives
+        assert 1 <= len(body["alternatives"]) <= CAPTION_MODES[mode].beam_size - 1
+    else:
+        assert len(body["alternatives"]) <= CAPTION_MODES[mode].num_samples - 1
+
+
+def test_consistent_mode_is_deterministic(client):
+    a, b = (client.post("/caption", json={"image": B64}).json() for _ in range(2))
+    assert (a["caption"], a["score"], a["alternatives"]) == (b["caption"], b["score"], b["alternatives"])
+
+
+@pytest.mark.parametrize("where", ["json", "multipart", "query"])
+def test_attention_heatmaps_one_per_word(client, where):
+    if where == "json":
+        r = client.post("/caption", json={"image": B64, "attention": True})
+    elif where == "multipart":
+        r = client.post("/caption", files={"image": ("a.png", PNG, "image/png")}, data={"attention": "true"})
+    else:
+        r = client.post("/caption?attention=true", content=PNG, headers={"content-type": "image/png"})
+    body = r.json()
+    assert r.status_code == 200, body
+    att = body["attention"]
+    words = body["caption"].split()
+    assert [w["word"] for w in att["words"]] == words
+    assert body["timings"]["attention_ms"] > 0
+    for url in [att["image"]] + [w["heatmap"] for w in att["words"]]:
+        assert url.startswith("data:image/jpeg;base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert img.size == (att["width"], att["height"]) and min(img.size) >= 64
+
+
+def test_no_heatmaps_for_a_decoder_without_attention(tiny_transformer_bundle):
+    app = create_app(tiny_transformer_bundle)
+    with TestClient(app) as c:
+        assert c.get("/health").json()["model"]["attention"] is False
+        r = c.post("/caption", json={"image": B64, "attention": True})
+        assert r.status_code == 200 and r.json()["attention"] is None
+
+
+# --------------------------------------------------------------------------- errors
+def _truncated_jpeg() -> bytes:
+    return JPEG[: len(JPEG) // 2]
+
+
+def _big_png() -> bytes:  # over MAX_PIXELS but a small file
+    buf = io.BytesIO()
+    Image.new("RGB", (1200, 1000), (10, 20, 30)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < LIMIT
+    return buf.getvalue()
+
+
+def _ico() -> bytes:  # a real image in a format the server does not try
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(buf, format="ICO")
+    return buf.getvalue()
+
+
+BAD_REQUESTS = {
+    # name: (request kwargs, status, code)
+    "invalid json": (dict(content=b'{"image": ', headers={"content-type": "application/json"}), 400, "invalid_json"),
+    "json not an object": (dict(json=[B64]), 400, "invalid_json"),
+    "json deeply nested": (dict(content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}),
+                           400, "invalid_json"),
+    "json not utf-8": (dict(content=b'{"image": "\xff\xfe"}', headers={"content-type": "application/json"}),
+                       400, "invalid_json"),
+    "missing image": (dict(json={"caption_mode": "consistent"}), 400, "missing_field"),
+    "unknown field": (dict(json={"image": B64, "mode": "consistent"}), 400, "unknown_field"),
+    "image not a string": (dict(json={"image": 12}), 400, "invalid_field"),
+    "attention not a bool": (dict(json={"image": B64, "attention": "yes please"}), 400, "invalid_field"),
+    "bad base64": (dict(json={"image": "not base64 at all!"}), 400, "invalid_base64"),
+    "base64 bad length": (dict(json={"image": "QUJDR"}), 400, "invalid_base64"),
+    "empty base64": (dict(json={"image": "   "}), 400, "invalid_base64"),
+    "data url not base64": (dict(json={"image": "data:image/png,%89PNG"}), 400, "invalid_base64"),
+    "unknown mode json": (dict(json={"image": B64, "caption_mode": "poetic"}), 400, "unknown_mode"),
+    "mode not a string": (dict(json={"image": B64, "caption_mode": 3}), 400, "unknown_mode"),
+    "unknown mode multipart": (dict(files={"image": ("a.png", PNG, "image/png")}, data={"caption_mode": "x"}),
+                               400, "unknown_mode"),
+    "unknown mode query": (dict(content=PNG, headers={"content-type": "image/png"}, params={"caption_mode": "x"}),
+                           400, "unknown_mode"),
+    "bad query bool": (dict(content=PNG, headers={"content-type": "image/png"}, params={"attention": "perhaps"}),
+                       400, "invalid_request"),
+    "multipart without file": (dict(files={"other": ("a.png", PNG, "image/png")}), 400, "unknown_field"),
+    "multipart unknown field": (dict(data={"image": "hello"}, files={"x": ("", b"", "text/plain")}),
+                                400, "unknown_field"),
+    "multipart only fields": (dict(content=b"--B\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nhi\r\n--B--\r\n",
+                                   headers={"content-type": "multipart/form-data; boundary=B"}), 400, "invalid_field"),
+    "multipart garbage": (dict(content=b"garbage without boundaries",
+                               headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "invalid_multipart"),
+    "multipart no boundary": (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
+                              400, "invalid_multipart"),
+    "multipart two files": (dict(files=[("image", ("a.png", PNG, "image/png")), ("file", ("b.png", PNG, "image/png"))]),
+                            400, "invalid_multipart"),
+    "no content type": (dict(content=PNG, headers={"content-type": ""}), 415, "unsupported_media_type"),
+    "text/plain": (dict(content=B64, headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+    "urlencoded form": (dict(data={"image": B64}), 415, "unsupported_media_type"),
+    "too large by content-length": (dict(content=b"\0" * (LIMIT + 1), headers={"content-type": "image/png"}),
+                                    413, "request_too_large"),
+    "too large json": (dict(json={"image": "A" * LIMIT}), 413, "request_too_large"),
+    "not an image": (dict(content=b"hello, I am text", headers={"content-type": "image/png"}), 422, "not_an_image"),
+    "not an image json": (dict(json={"image": base64.b64encode(b"%PDF-1.4 nope").decode()}), 422, "not_an_image"),
+    "unsupported format": (dict(content=_ico(), headers={"content-type": "image/x-icon"}), 422, "not_an_image"),
+    "empty upload": (dict(files={"image": ("a.png", b"", "image/png")}), 422, "empty_image"),
+    "empty raw body": (dict(content=b"", headers={"content-type": "image/png"}), 422, "empty_image"),
+    "truncated jpeg": (dict(files={"image": ("a.jpg", _truncated_jpeg(), "image/jpeg")}), 422, "truncated_image"),
+    "truncated png": (dict(json={"image": base64.b64encode(PNG[:-40]).decode()}), 422, "truncated_image"),
+    "too many pixels": (dict(content=_big_png(), headers={"content-type": "image/png"}), 422, "too_many_pixels"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_every_error_class_is_a_json_4xx(client, name):
+    kwargs, status, code = BAD_REQUESTS[name]
+    err = assert_error(client.post("/caption", **kwargs), status, code)
+    if code == "unknown_mode":
+        assert err["valid"] == list(CAPTION_MODES)
+        assert all(m in err["message"] for m in CAPTION_MODES)
+
+
+def test_not_found_and_wrong_method_are_json(client):
+    assert_error(client.get("/nowhere"), 404, "not_found")
+    r = client.get("/caption")
+    assert_error(r, 405, "method_not_allowed")
+    assert "POST" in r.headers["allow"]
+
+
+def test_streamed_body_over_the_limit_is_413(client):
+    def chunks():
+        for _ in range(LIMIT // 10_000 + 5):
+            yield b"\0" * 10_000
+
+    r = client.post("/caption", content=chunks(), headers={"content-type": "image/png"})  # chunked: no Content-Length
+    assert_error(r, 413, "request_too_large")
+
+
+def test_huge_content_length_is_refused_before_the_body_arrives(engine):
+    """A real socket: the headers alone announce 1 GB; the 413 comes back without a byte of body sent."""
+    app = create_app(engine, max_request_bytes=LIMIT, warm_up=False)
+    with serve_in_thread(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                      b"Content-Length: 1000000000\r\n\r\n")
+            started = time.monotonic()
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            assert time.monotonic() - started < 5
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413")
+        assert json.loads(body)["error"]["code"] == "request_too_large"
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+
+
+def test_random_bytes_never_cause_a_5xx(client):
+    gen = torch.Generator().manual_seed(0)
+    for i in range(40):
+        n = int(torch.randint(0, 2000, (1,), generator=gen))
+        junk = bytes(torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).tolist())
+        if i % 4 == 0:  # a real header followed by noise
+            junk = PNG[:30] + junk
+        elif i % 4 == 1:
+            junk = JPEG[:200] + junk
+        ctype = ["image/png", "application/json", "multipart/form-data; boundary=x", "image/jpeg"][i % 4]
+        r = client.post("/caption", content=junk, headers={"content-type": ctype})
+        assert 400 <= r.status_code < 500, (i, r.status_code, r.text)
+        assert "error" in r.json()
+    assert client.get("/health").json()["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- API key
+@pytest.fixture(scope="module")
+def keyed(engine):
+    with TestClient(create_app(engine, api_key="s3cret", max_request_bytes=LIMIT, warm_up=False)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({}, 401), ({"x-api-key": "wrong"}, 401), ({"authorization": "Bearer wrong"}, 401),
+    ({"authorization": "Basic s3cret"}, 401), ({"x-api-key": "s3cret"}, 200), ({"authorization": "Bearer s3cret"}, 200),
+])
+def test_api_key(keyed, headers, status):
+    r = keyed.post("/caption", json={"image": B64}, headers=headers)
+    if status == 401:
+        assert_error(r, 401, "unauthorized")
+    else:
+        assert r.status_code == 200, r.text
+
+
+def test_api_key_is_checked_before_the_body(keyed):
+    # no key + an oversized body: 401, not 413 (the body is never read for a stranger)
+    assert_error(keyed.post("/caption", content=b"\0" * (LIMIT + 10), headers={"content-type": "image/png"}),
+                 401, "unauthorized")
+    h = keyed.get("/health").json()
+    assert h["auth_required"] is True and "s3cret" not in json.dumps(h)
+    spec = keyed.get("/openapi.json").json()
+    assert spec["paths"]["/caption"]["post"]["security"] == [{"ApiKey": []}, {"Bearer": []}]
+    assert "s3cret" not in json.dumps(spec)
+
+
+# --------------------------------------------------------------------------- internal failures
+def test_an_internal_failure_is_a_json_500_and_the_server_survives(tiny_bundle, monkeypatch):
+    eng = CaptionEngine.load(tiny_bundle)
+    app = create_app(eng, warm_up=False)
+    calls = {"n": 0}
+    real_run = eng.run
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("model exploded")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(eng, "run", flaky)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/caption", json={"image": B64})
+        err = assert_error(r, 500, "internal_error")
+        assert "exploded" not in err["message"] and "Traceback" not in r.text
+        assert c.post("/caption", json={"image": B64}).status_code == 200
+        assert c.get("/health").json()["batching"]["failed_model_calls"] == 1
+
+
+# --------------------------------------------------------------------------- batching
+def test_concurrent_requests_share_model_calls(engine):
+    app = create_app(engine, max_wait_ms=200, max_batch_size=4, warm_up=False)
+    modes = ["consistent", "safe_diverse", "consistent", "consistent", "safe_diverse", "consistent", "consistent"]
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            rs = await asyncio.gather(*[c.post("/caption", json={"image": B64, "caption_mode": m}) for m in modes])
+            health = (await c.get("/health")).json()
+        await app.state.captioning.batcher.close()
+        return rs, health
+
+    rs, health = asyncio.run(go())
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    bodies = [r.json() for r in rs]
+    assert [b["mode"] for b in bodies] == modes
+    want = in_process(engine, PNG)["caption"]
+    assert all(b["caption"] == want for b in bodies if b["mode"] == "consistent")
+    assert max(b["timings"]["batch_size"] for b in bodies) > 1
+    assert all(b["timings"]["batch_size"] <= 4 for b in bodies)
+    stats = health["batching"]
+    assert stats["requests"] == len(modes) and stats["model_calls"] < len(modes)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_batcher_groups_by_key_and_caps_batches():
+    calls = []
+
+    def run_batch(key, payloads):
+        calls.append((key, list(payloads)))
+        return [f"{key}:{p}" for p in payloads]
+
+    async def go():
+        b = DynamicBatcher(run_batch, max_batch_size=3, max_wait_ms=100, pending=lambda: 1)
+        out = await asyncio.gather(*[b.submit("ab"[i % 2], i) for i in range(7)])
+        await b.close()
+        return out
+
+    out = _run(go())
+    assert [r for r, _ in out] == [f"{'ab'[i % 2]}:{i}" for i in range(7)]
+    assert all(len(p) <= 3 for _, p in calls) and sum(len(p) for _, p in calls) == 7
+    assert all(len({k}) == 1 for k, _ in calls)
+    assert [info.batch_size for _, info in out][:3] == [2, 1, 2]  # first batch: 0,1,2 -> a:[0,2], b:[1]
+
+
+def test_a_lone_request_does_not_wait_for_the_window():
+    async def go():
+        b = DynamicBatcher(lambda k, ps: ps, max_wait_ms=5_000, pending=lambda: 0)
+        t = time.perf_counter()
+        (r, info) = await b.submit("k", 1)
+        elapsed = time.perf_counter() - t
+        await b.close()
+        return r, info, elapsed
+
+    r, info, elapsed = _run(go())
+    assert r == 1 and info.batch_size == 1 and elapsed < 2.0
+
+
+def test_batcher_failures_go_to_their_group_only_and_the_queue_is_bounded():
+    import threading
+
+    release = threading.Event()
+
+    def run_batch(key, payloads):
+        if key == "slow":
+            release.wait(10)
+        if key == "bad":
+            raise ValueError("broken")
+        return payloads
+
+    async def go():
+        b = DynamicBatcher(run_batch, max_batch_size=8, max_wait_ms=0, max_queue=2)
+        slow = asyncio.ensure_future(b.submit("slow", 0))
+        await asyncio.sleep(0.05)  # the worker is now busy with "slow"
+        bad = asyncio.ensure_future(b.submit("bad", 1))
+        good = asyncio.ensure_future(b.submit("good", 2))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit("good", 3)
+        release.set()
+        results = await asyncio.gather(slow, bad, good, return_exceptions=True)
+        await b.close()
+        with pytest.raises(BatcherClosed):
+            await b.submit("good", 4)
+        return results
+
+    slow, bad, good = _run(go())
+    assert slow[0] == 0 and good[0] == 2 and isinstance(bad, ValueError)
+
+
+# --------------------------------------------------------------------------- docs, page, defaults
+def test_openapi_documents_the_request_shapes_and_errors(client):
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/caption"]["post"]
+    assert set(op["requestBody"]["content"]) == {"multipart/form-data", "application/json", "image/*"}
+    assert {"200", "400", "401", "413", "415", "422"} <= set(op["responses"])
+    assert "CaptionJSONRequest" in spec["components"]["schemas"]
+    assert set(spec["components"]["schemas"]["CaptionJSONRequest"]["properties"]["caption_mode"]["anyOf"][0]["enum"]) \
+        == set(CAPTION_MODES)
+
+
+def test_docs_and_page_use_no_remote_assets(client):
+    docs = client.get("/docs")
+    if docs.status_code == 200:  # swagger-ui-py installed
+        assert "/docs-assets/swagger-ui-bundle.js" in docs.text
+        assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+        assert "https://" not in docs.text and "http://" not in docs.text
+    page = client.get("/")
+    assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        r = client.get(path)
+        assert r.status_code == 200
+        assert "http://" not in r.text and "https://" not in r.text and "//cdn" not in r.text
+
+
+def test_decode_base64_variants():
+    assert decode_base64(" data:image/png;BASE64," + B64) == PNG
+    assert decode_base64(base64.urlsafe_b64encode(JPEG).decode().rstrip("=")) == JPEG
+
+
+def test_serve_binds_loopback_by_default():
+    import inspect
+
+    from pipeline.cli import serve_command
+
+    assert inspect.signature(serve_command).parameters["host"].default.default == "127.0.0.1"
+
+
+def test_several_model_workers_run_batches_at_once():
+    def run_batch(key, payloads):
+        time.sleep(0.4)
+        return payloads
+
+    async def go(workers):
+        b = DynamicBatcher(run_batch, max_batch_size=1, max_wait_ms=0, workers=workers)
+        t = time.perf_counter()
+        out = await asyncio.gather(*[b.submit("k", i) for i in range(4)])
+        elapsed = time.perf_counter() - t
+        await b.close()
+        return [r for r, _ in out], elapsed
+
+    results, elapsed = _run(go(4))
+    assert results == [0, 1, 2, 3] and elapsed < 1.2  # one at a time would take 1.6 s
+
+
+def test_a_second_worker_takes_only_a_full_batch():
+    import threading
+
+    running = []
+    lock = threading.Lock()
+    peak = {"n": 0}
+
+    def run_batch(key, payloads):
+        with lock:
+            running.append(1)
+            peak["n"] = max(peak["n"], len(running))
+        time.sleep(0.3)
+        with lock:
+            running.pop()
+        return payloads
+
+    async def go():
+        b = DynamicBatcher(run_batch, max_batch_size=4, max_wait_ms=0, workers=2)
+        first = asyncio.ensure_future(b.submit("k", 0))
+        await asyncio.sleep(0.05)  # the first call is running
+        rest = await asyncio.gather(*[b.submit("k", i) for i in (1, 2, 3)])  # not a full batch: they wait
+        await first
+        peak_small = peak["n"]
+        go_full = asyncio.ensure_future(b.submit("k", 10))
+        await asyncio.sleep(0.05)
+        full = await asyncio.gather(*[b.submit("k", i) for i in range(11, 19)])  # 2 full batches: run at once
+        await go_full
+        await b.close()
+        return [info.batch_size for _, info in rest], peak_small, peak["n"], [info.batch_size for _, info in full]
+
+    rest_sizes, peak_small, peak_full, full_sizes = _run(go())
+    assert rest_sizes == [3, 3, 3] and peak_small == 1
+    assert peak_full == 2 and set(full_sizes) == {4}

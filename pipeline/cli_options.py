@@ -37,6 +37,10 @@ def _cli_type(tp: Any) -> tuple[Any, bool]:
         return tp, False
     if typing.get_origin(tp) is Literal:
         return str, False
+    if typing.get_origin(tp) in (Union, types.UnionType) and all(
+        a in _SCALARS or typing.get_origin(a) is Literal for a in typing.get_args(tp)
+    ):
+        return str, False  # e.g. int | Literal["all"]: the text as given, converted by the model ("2" -> 2)
     if typing.get_origin(tp) is list and _strip_optional(typing.get_args(tp)[0]) in (str, int, float, Path):
         return list[_strip_optional(typing.get_args(tp)[0])], False
     return str, True

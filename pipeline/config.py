@@ -125,7 +125,10 @@ class ExtractConfig(StageConfig):
     num_shards: int = Field(4, ge=1)
     shard_index: Optional[int] = Field(None, ge=0, description="Only write this shard (for separate machines).")
     batch_size: int = Field(32, ge=1)
-    workers: int = Field(1, ge=0, description="DataLoader processes decoding images.")
+    workers: Optional[int] = Field(
+        None, ge=0, description="DataLoader processes decoding images (default: 0 on a CPU with <= 2 cores, "
+        "where a decode process slows the forward pass down; else 1)."
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     amp: bool = Field(False, description="bf16 autocast for the forward pass (CUDA).")
     channels_last: bool = False
@@ -192,7 +195,11 @@ class EvaluateConfig(StageConfig):
     """Caption a split from the feature cache with one decoding setting, score it, and build a gallery."""
 
     manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Manifest with the split and references.")
-    features: Path = Field(Path("data/features"), description="Feature cache written by `extract` (checked against the bundle).")
+    features: Optional[Path] = Field(
+        Path("data/features"),
+        description="Feature cache written by `extract` (checked against the bundle); none: encode the images with "
+        "the bundle's own backbone (fine-tuned bundles).",
+    )
     model: Path = Field(Path("models/transformer/bundle"), description="Model bundle folder written by `train`.")
     name: Optional[str] = Field(None, description="Name of the model in reports; default: the bundle's parent folder.")
     out_dir: Optional[Path] = Field(None, description="Output folder; default: reports/<name>.")
@@ -240,6 +247,178 @@ class ReportConfig(StageConfig):
     out: Path = Field(Path("reports/summary.md"), description="Markdown summary; curves go to <its folder>/curves/.")
 
 
+class ClipTrainConfig(StageConfig):
+    """Train a small domain CLIP (open_clip classes and ClipLoss) on clean captions, for offline filtering."""
+
+    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Clean manifest; its `split` images train the CLIP.")
+    split: Literal["train", "val", "test"] = Field("train", description="Manifest split to train on (val is used for the report).")
+    out_dir: Path = Field(Path("models/clip/synthetic-clip-tiny"), description="Writes open_clip_model.safetensors, "
+                          "open_clip_config.json, train.json.")
+    arch: str = Field("synthetic-clip-tiny", description="open_clip architecture (the package's own configs included).")
+    image_size: Optional[int] = Field(None, ge=16, description="Override the architecture's input size, pixels.")
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=2, description="Images per step (one caption each); in-batch negatives.")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up, then cosine decay to zero.")
+    shift: int = Field(4, ge=0, description="Augmentation: random translation of the training images, +- pixels "
+                                            "(no flips: captions name left and right).")
+    social_noise: float = Field(0.5, ge=0, le=1, description="Augmentation: probability of dressing a training caption "
+                                "up with random hashtags, emoji and an exclamation, so tags do not move the embedding.")
+    random_negatives: int = Field(16, ge=0, description="Captions of random words (none of the training captions' "
+                                  "words) added to each batch as negatives of every image.")
+    val_max_images: int = Field(300, ge=0, description="Clean val images for the retrieval report (0: none).")
+    seed: int = 0
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    device: str = Field("auto", description="auto, cpu, cuda, ...")
+
+
+class FilterConfig(StageConfig):
+    """Score every (image, caption) pair with an open_clip model; keep the pairs at or above the threshold."""
+
+    manifest: Path = Field(Path("data/prepared/noisy/manifest.jsonl"), description="Manifest of the (noisy) pairs to filter.")
+    out_dir: Path = Field(Path("data/filtered"), description="Writes manifest.jsonl, scores.jsonl, rejects.jsonl, "
+                          "retention.json, histogram.png, retention_curve.{png,tsv}.")
+    clip_model: str = Field("ViT-B-32", description="Any open_clip architecture (`synthetic-clip-tiny`: the pipeline's own).")
+    clip_pretrained: Optional[str] = Field(
+        "openai", description="A local open_clip checkpoint file or folder, or (online) a named open_clip tag."
+    )
+    clip_threshold: float = Field(0.27, ge=-1, le=1, description="Keep pairs whose image-text cosine is at least this.")
+    keep_fraction: Optional[float] = Field(None, gt=0, le=1, description="Instead keep the top fraction of pairs "
+                                           "(for models whose cosine scale differs); overrides clip_threshold.")
+    embeddings_dir: Path = Field(Path("data/clip-embeddings"), description="Image-embedding caches, one sub-folder "
+                                 "per CLIP model (architecture + checkpoint hash).")
+    labels: Optional[Path] = Field(None, description="Ground-truth labels (JSONL image_id, caption_index, match), "
+                                   "e.g. the synthetic noisy labels.jsonl: adds precision/recall to retention.json.")
+    batch_size: int = Field(64, ge=1, description="Images encoded together.")
+    num_shards: int = Field(1, ge=1, description="Shards of the embedding cache.")
+    workers: int = Field(0, ge=0, description="DataLoader processes decoding images.")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    device: str = Field("auto", description="auto, cpu, cuda, ...")
+    max_pixels: int = Field(128_000_000, description="Refuse larger images (decompression bombs).")
+
+
+class MixConfig(StageConfig):
+    """Combine the filtered noisy set with a clean set at a chosen ratio into one training manifest."""
+
+    clean: Path = Field(Path("data/prepared/manifest.jsonl"), description="Clean manifest; its val/test pass unchanged.")
+    filtered: Path = Field(Path("data/filtered/manifest.jsonl"), description="Filtered manifest; only its train split is mixed in.")
+    out_dir: Path = Field(Path("data/mixed"), description="Writes manifest.jsonl and stats.json.")
+    ratio: Optional[float] = Field(
+        None, ge=0, description="filtered:clean train ratio, counted in `unit`; the larger side is subsampled "
+                                "(seeded) to meet it. None: everything from both."
+    )
+    unit: Literal["images", "captions"] = Field("captions", description="What the ratio counts.")
+    seed: int = 0
+
+
+class FinetuneConfig(StageConfig):
+    """End-to-end fine-tuning of a trained bundle's backbone and decoder, from images (not the cache)."""
+
+    bundle: Path = Field(Path("models/transformer/bundle"), description="Bundle to start from (written by `train`); "
+                         "its decoder family is the one fine-tuned.")
+    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Images and captions (train/val splits).")
+    out_dir: Path = Field(Path("models/transformer-finetuned"), description="Bundle, checkpoints, metrics and plots.")
+    unfreeze_stages: Union[int, Literal["all"]] = Field(
+        1, description="Backbone stages trained, counted from the output side (0: none; `all`: every stage and the stem)."
+    )
+    backbone_lr: float = Field(5e-5, gt=0, description="Peak learning rate of the unfrozen backbone stages.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate of the decoder (already trained: keep it well below "
+                      "a from-scratch rate).")
+    weight_decay: float = Field(0.01, ge=0)
+    frozen_epochs: int = Field(0, ge=0, description="Warm-up epochs with the whole backbone frozen (decoder only).")
+    epochs: int = Field(3, ge=1, description="All epochs, the frozen warm-up included.")
+    batch_size: int = Field(32, ge=1, description="Images per step (each with its captions).")
+    captions_per_image: Optional[int] = Field(None, ge=1, description="Captions per image per step (drawn per epoch); "
+                                              "default: all of them.")
+    max_train_images: Optional[int] = Field(None, ge=1, description="Fine-tune on this many training images "
+                                            "(a seeded subset); default: all.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up of each learning rate (the backbone's from when it "
+                              "is unfrozen), then cosine decay to `min_lr_ratio` of it.")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    schedule: Literal["cosine"] = "cosine"
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
+    crop_scale: float = Field(0.85, gt=0, le=1, description="Random resized crop: smallest fraction of the image area "
+                              "kept (1.0: no crop).")
+    rotation: float = Field(8.0, ge=0, le=45, description="Random rotation, +- degrees.")
+    brightness: float = Field(0.2, ge=0, lt=1, description="Colour jitter: brightness factor range 1 +- this.")
+    contrast: float = Field(0.2, ge=0, lt=1, description="Colour jitter: contrast factor range 1 +- this.")
+    saturation: float = Field(0.2, ge=0, lt=1, description="Colour jitter: saturation factor range 1 +- this.")
+    hue: float = Field(0.0, ge=0, le=0.5, description="Colour jitter: hue shift +- this (keep 0 when captions name "
+                       "colours).")
+    hflip: Literal["swap", "off"] = Field(
+        "swap", description="Horizontal flips (half the images): `swap` flips and swaps left/right words in the "
+                            "captions; `off` never flips."
+    )
+    bn: Literal["train", "frozen"] = Field(
+        "frozen", description="Batch norm of the unfrozen stages: `frozen` keeps their running statistics (their "
+                              "affine parameters still train), `train` updates them from each batch (frozen stages "
+                              "are always in eval mode)."
+    )
+    grad_checkpointing: bool = Field(False, description="Recompute backbone activations in backward (less memory).")
+    channels_last: bool = Field(False, description="channels_last memory format for the backbone (CUDA).")
+    workers: int = Field(2, ge=1, description="Threads decoding and augmenting images.")
+    val_metric: Literal["cider", "bleu4", "loss"] = "cider"
+    val_max_images: Optional[int] = Field(200, ge=1, description="Validate on at most this many images.")
+    max_caption_length: int = Field(24, ge=1, description="Greedy captions at validation stop here.")
+    patience: int = Field(0, ge=0, description="Early stopping: epochs without improvement (0: off).")
+    checkpoint_every: int = Field(100, ge=1, description="Save a resumable checkpoint every N steps (and each epoch).")
+    seed: int = 0
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast: bf16 (CPU or CUDA), fp16 (CUDA).")
+    compile: bool = Field(False, description="torch.compile backbone + decoder (CUDA).")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    max_pixels: int = Field(128_000_000, description="Refuse larger images (decompression bombs).")
+
+
+class ScstConfig(StageConfig):
+    """Self-critical sequence training (CIDEr-D reward) of a trained bundle's decoder."""
+
+    bundle: Path = Field(Path("models/transformer/bundle"), description="Bundle to start from (`train` or `finetune`).")
+    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Train/val splits and reference captions.")
+    features: Path = Field(Path("data/features"), description="Feature cache, used when the bundle was trained on it; "
+                           "a fine-tuned bundle's features come from the images through its own backbone.")
+    out_dir: Path = Field(Path("models/transformer-scst"), description="Bundle, checkpoints, metrics and plots.")
+    baseline: Literal["greedy", "mean"] = Field(
+        "mean", description="Reward baseline: the greedy caption's (Rennie et al. 2017) or the mean of the image's "
+                            "other samples."
+    )
+    num_samples: int = Field(5, ge=1, description="Captions sampled per image (`mean` needs at least 2).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate of the decoder.")
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1, description="Images per step (each with num_samples captions).")
+    max_train_images: Optional[int] = Field(None, ge=1, description="Train on this many training images (a seeded "
+                                            "subset); the reward's statistics always use every training reference.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up, then cosine decay to `min_lr_ratio` * lr.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
+    entropy_weight: float = Field(0.0, ge=0, description="Bonus on the policy's mean entropy per sampled token.")
+    length_weight: float = Field(0.0, description="Added to the reward per caption token (negative: shorter captions).")
+    max_length: Optional[int] = Field(None, ge=1, description="Most tokens of a sampled caption; default: the "
+                                      "tokenizer's max_length.")
+    val_metric: Literal["cider", "bleu4", "loss"] = "cider"
+    val_max_images: Optional[int] = Field(200, ge=1, description="Validate on at most this many images.")
+    max_caption_length: int = Field(24, ge=1, description="Greedy captions at validation stop here.")
+    patience: int = Field(0, ge=0, description="Early stopping: epochs without improvement (0: off).")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps (and each epoch).")
+    workers: int = Field(2, ge=1, description="Threads decoding images (fine-tuned bundles).")
+    seed: int = 0
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast: bf16 (CPU or CUDA), fp16 (CUDA).")
+    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    max_pixels: int = Field(128_000_000, description="Refuse larger images (decompression bombs).")
+
+    @model_validator(mode="after")
+    def _mean_baseline_needs_two_samples(self) -> "ScstConfig":
+        if self.baseline == "mean" and self.num_samples < 2:
+            raise ValueError("baseline `mean` needs num_samples >= 2 (the other samples of the image are the baseline)")
+        return self
+
+
 class DecoderSection(StageConfig):
     """One family's entry of the `decoders` section."""
 
@@ -262,6 +441,11 @@ SECTIONS: dict[str, type[StageConfig]] = {
     "decoders": DecodersConfig,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
+    "clip_train": ClipTrainConfig,
+    "filter": FilterConfig,
+    "mix": MixConfig,
+    "finetune": FinetuneConfig,
+    "scst": ScstConfig,
 }
 
 

@@ -4,6 +4,14 @@ One epoch = every (image, caption) pair of the training split once, in an order
 drawn from ``(seed, epoch)``: a resumed run recomputes the order and skips the
 batches already done, so killed-and-resumed training ends with exactly the
 weights of an uninterrupted run (same seed, same device).
+
+:class:`Trainer` is also the loop of `finetune` (images through a partly unfrozen
+backbone, :mod:`pipeline.finetune`) and `scst` (self-critical training,
+:mod:`pipeline.scst`): they override its hooks — :meth:`Trainer.param_groups`,
+:meth:`Trainer.lr_lambdas`, :meth:`Trainer.fetch` (a batch from its indices and its
+``(epoch, batch)`` position, for augmentations seeded by that position),
+:meth:`Trainer.begin_epoch` and :meth:`Trainer._forward` — and may checkpoint a module
+other than the decoder (``checkpoint_module``: backbone + decoder).
 """
 
 from __future__ import annotations
@@ -60,6 +68,11 @@ def epoch_order(num_samples: int, seed: int, epoch: int, ctx: DistContext) -> li
     return order
 
 
+def is_no_decay(name: str, p: torch.Tensor) -> bool:
+    """Parameters trained without weight decay: biases, norm scales, embeddings, position tables."""
+    return p.ndim < 2 or "embed" in name.lower() or "wpe" in name
+
+
 class TrainingForward(nn.Module):
     """The decoder's training forward pass — teacher forcing, or scheduled sampling — as one module,
     so DistributedDataParallel can wrap it and synchronise gradients on either path."""
@@ -101,6 +114,7 @@ class TrainState:
     epoch: int = 0  # the epoch in progress (or next to start)
     batch_in_epoch: int = 0  # batches of `epoch` already done
     epoch_loss_sum: float = 0.0  # training loss summed over those batches (so a resumed epoch reports all of them)
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # other per-batch statistics (reported as train_<k>)
     global_step: int = 0
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
@@ -121,6 +135,7 @@ class Trainer:
         self, cfg: TrainConfig, model: nn.Module, dataset: CachedCaptionDataset, *, ctx: DistContext,
         device: torch.device, checkpoint_dir: Path, validate: Callable[[nn.Module], dict[str, float]],
         on_improvement: Callable[[TrainState, dict], None], on_epoch_end: Callable[[TrainState, dict], None],
+        checkpoint_module: Optional[nn.Module] = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -132,24 +147,17 @@ class Trainer:
         self.on_improvement = on_improvement
         self.on_epoch_end = on_epoch_end
         self.decoder = getattr(model, "module", model).decoder
-        if cfg.scheduled_sampling > 0 and self.decoder.family not in RECURRENT_FAMILIES:
+        # What checkpoints hold (strictly restored on resume): the decoder, or e.g. backbone + decoder.
+        self.checkpoint_module = checkpoint_module if checkpoint_module is not None else self.decoder
+        if getattr(cfg, "scheduled_sampling", 0.0) > 0 and self.decoder.family not in RECURRENT_FAMILIES:
             raise ConfigError(
                 f"scheduled_sampling is for the recurrent decoders {RECURRENT_FAMILIES}, not {self.decoder.family!r}"
             )
         self.batches_per_epoch = math.ceil(len(epoch_order(len(dataset), cfg.seed, 0, ctx)) / cfg.batch_size)
         self.total_steps = self.batches_per_epoch * cfg.epochs
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "embed" in name.lower() or "wpe" in name else decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.98),
-        )
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, betas=(0.9, 0.98))
         if cfg.schedule == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, warmup_cosine(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-            )
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambdas())
         else:
             mode = "min" if cfg.val_metric == "loss" else "max"
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode=mode, factor=0.5, patience=1)
@@ -159,16 +167,37 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.state = TrainState()
 
+    # -- hooks (overridden by fine-tuning and SCST) ------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: weight decay on matrices, none on biases, norms and embeddings."""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if is_no_decay(name, p) else decay).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def lr_lambdas(self) -> Any:
+        """The cosine schedule's factor of each group's learning rate (one callable, or one per group)."""
+        cfg = self.cfg
+        return warmup_cosine(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
+    def fetch(self, indices: list[int], epoch: int, batch_index: int) -> Any:
+        """The batch of ``indices``, the ``batch_index``-th of ``epoch`` (a pure function of them)."""
+        return self.dataset.__getitems__(indices)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called after ``model.train()`` at the start (or resumption) of every epoch."""
+
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> None:
         if self.ctx.is_main:
-            save_checkpoint(self.checkpoint_dir, model=self.decoder, optimizer=self.optimizer,
+            save_checkpoint(self.checkpoint_dir, model=self.checkpoint_module, optimizer=self.optimizer,
                             scheduler=self.scheduler, scaler=self.scaler, state=self.state.__dict__)
 
     def try_resume(self) -> bool:
         if not checkpoint_exists(self.checkpoint_dir):
             return False
-        state = load_checkpoint(self.checkpoint_dir, model=self.decoder, optimizer=self.optimizer,
+        state = load_checkpoint(self.checkpoint_dir, model=self.checkpoint_module, optimizer=self.optimizer,
                                 scheduler=self.scheduler, scaler=self.scaler, device=self.device)
         self.state = TrainState(**state)
         log.info("resumed from %s: epoch %d, batch %d, step %d", self.checkpoint_dir, self.state.epoch + 1,
@@ -189,7 +218,7 @@ class Trainer:
         return loss
 
     def sampling_probability(self) -> float:
-        if self.cfg.scheduled_sampling <= 0:
+        if getattr(self.cfg, "scheduled_sampling", 0.0) <= 0:
             return 0.0
         ramp = min(1.0, (self.state.epoch + 1) / self.cfg.scheduled_sampling_ramp_epochs)
         return self.cfg.scheduled_sampling * ramp
@@ -202,11 +231,12 @@ class Trainer:
         while st.epoch < cfg.epochs and not st.finished:
             order = epoch_order(len(self.dataset), cfg.seed, st.epoch, self.ctx)
             self.model.train()
+            self.begin_epoch(st.epoch)
             start, seen = time.perf_counter(), 0
             bar = progress(total=self.batches_per_epoch, initial=st.batch_in_epoch, unit="batch",
                            desc=f"epoch {st.epoch + 1}/{cfg.epochs}", disable=not self.ctx.is_main)
             for b in range(st.batch_in_epoch, self.batches_per_epoch):
-                batch = self.dataset.__getitems__(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+                batch = self.fetch(order[b * cfg.batch_size : (b + 1) * cfg.batch_size], st.epoch, b)
                 loss = self._forward(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -235,6 +265,9 @@ class Trainer:
             metrics = {"epoch": st.epoch + 1, "train_loss": st.epoch_loss_sum / max(st.batch_in_epoch, 1),
                        "lr": self.optimizer.param_groups[0]["lr"],
                        "samples_per_s": seen * self.ctx.world_size / max(train_seconds, 1e-9)}
+            metrics.update({f"train_{k}": v / max(st.batch_in_epoch, 1) for k, v in st.epoch_sums.items()})
+            metrics.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups[1:]
+                            if "name" in g and not g["name"].endswith("no_decay")})
             if self.ctx.is_main:
                 self.model.eval()
                 metrics.update({f"val_{k}": v for k, v in self.validate(self.decoder).items()})
@@ -271,6 +304,7 @@ class Trainer:
         st.epoch += 1
         st.batch_in_epoch = 0
         st.epoch_loss_sum = 0.0
+        st.epoch_sums = {}
         if cfg.patience and st.epochs_without_improvement >= cfg.patience:
             log.info("early stopping: no %s improvement for %d epochs", cfg.val_metric, cfg.patience)
             st.finished = True

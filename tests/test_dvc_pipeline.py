@@ -22,6 +22,9 @@ TINY_PARAMS = {
     "vocab": {"kinds": ["word"], "min_freq": 1},
     "train": {"epochs": 1, "batch_size": 16, "warmup_steps": 2, "amp": "none", "val_max_images": 8},
     "decoders": {"transformer": {"options": {"d_model": 32, "num_layers": 1, "num_heads": 2}}},
+    # dvc.yaml names these stages' paths from params (not run here)
+    "finetune": {"bundle": "models/transformer/bundle", "out_dir": "models/transformer-finetuned"},
+    "scst": {"bundle": "models/transformer/bundle", "out_dir": "models/transformer-scst"},
 }
 
 

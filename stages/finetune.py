@@ -1,0 +1,258 @@
+"""`finetune`: fine-tune a trained bundle end to end — its backbone's last stages and its decoder — from images.
+
+Inputs: ``cfg.bundle`` (a bundle written by `train`: decoder, tokenizer and the backbone its
+features were extracted with), ``cfg.manifest`` (train/val images and captions). The feature
+cache is *not* read: every batch is decoded from the image files and augmented.
+Outputs in ``cfg.out_dir`` (like `train`):
+
+* ``bundle/`` — the best model by the validation metric. Its ``backbone.safetensors`` holds the
+  fine-tuned backbone and its feature spec says ``source: "finetuned"`` (weights source
+  ``finetuned``): it captions images through that backbone, and cached features, which come from
+  the original backbone, do not fit it (evaluate it from images);
+* ``checkpoints/`` — ``last/`` (resumable: backbone + decoder, optimizer, RNG, progress),
+  ``best/``, ``start_metrics.json`` (the starting bundle's validation scores), ``fingerprint.json``;
+* ``metrics.json`` — best validation scores, the starting bundle's (``start_val_*``), timings;
+* ``live/`` — per-epoch metrics (dvclive).
+
+Schedule: ``frozen_epochs`` of decoder-only training (backbone frozen, eval mode), then the last
+``unfreeze_stages`` backbone stages train at ``backbone_lr`` beside the decoder at ``lr``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from pipeline.bundle import BundleError, Captioner, FeatureSpec, save_bundle
+from pipeline.config import FinetuneConfig, config_to_dict
+from pipeline.data.manifest import ManifestRecord, read_manifest
+from pipeline.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
+from pipeline.finetune import (
+    Augmentation,
+    CaptionValidator,
+    FinetuneForward,
+    FinetuneTrainer,
+    ImageCaptionDataset,
+    image_items,
+    subset,
+    trainable_backbone_parameters,
+)
+from pipeline.training import TrainState
+from stages.train import discard_stale_checkpoints
+
+log = logging.getLogger(__name__)
+
+# Options that do not change what training computes: a checkpoint written under other values resumes.
+RESUMABLE_ACROSS = ("out_dir", "device", "checkpoint_every", "workers", "threads")
+CODE = ("stages/finetune.py", "pipeline/finetune.py", "pipeline/training.py", "pipeline/checkpoint.py",
+        "pipeline/models/decoders", "pipeline/models/backbones.py")
+
+
+def files_sha256(paths: list[Path], root: Optional[Path] = None) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(p.relative_to(root) if root else p.name).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def bundle_sha256(directory: Path) -> str:
+    directory = Path(directory)
+    return files_sha256(sorted(p for p in directory.rglob("*") if p.is_file()), directory)
+
+
+def fingerprint(cfg: Any, inputs: dict[str, str], code: tuple[str, ...]) -> dict[str, Any]:
+    """Everything a checkpoint depends on: config (minus what resumes across), inputs' content, the code."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(p for rel in code for p in ([root / rel] if (root / rel).is_file() else (root / rel).rglob("*.py")))
+    return {
+        "config": {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE_ACROSS},
+        **inputs,
+        "code_sha256": files_sha256(files, root),
+    }
+
+
+def splits(manifest: Path) -> tuple[list[ManifestRecord], list[ManifestRecord]]:
+    records = read_manifest(manifest)
+    train = [r for r in records if r.split == "train"]
+    val = [r for r in records if r.split == "val"]
+    if not train or not val:
+        raise BundleError(f"{manifest}: needs train and val splits (found {len(train)} train, {len(val)} val images)")
+    return train, val
+
+
+def load_source(bundle: Path, device: torch.device) -> Captioner:
+    source = Captioner.load(bundle, device)
+    if source.config.get("blind"):
+        raise BundleError(f"{bundle}: an image-blind control bundle; start from a model that reads the image")
+    return source
+
+
+def open_live(out: Path, checkpoints: Path):
+    from dvclive import Live
+
+    out.mkdir(parents=True, exist_ok=True)
+    resuming = (checkpoints / "last").exists() and (out / "live").exists()
+    return Live(dir=str(out / "live"), resume=resuming, report=None, save_dvc_exp=False, dvcyaml=None)
+
+
+def epoch_logger(live, logger: logging.Logger = log) -> Callable[[TrainState, dict], None]:
+    def on_epoch_end(state: TrainState, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if k != "epoch":
+                live.log_metric(k.replace("val_", "val/").replace("train_", "train/"), v)
+        live.next_step()
+        logger.info("epoch %d: %s", metrics["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+
+    return on_epoch_end
+
+
+def start_metrics(path: Path, compute: Callable[[], dict]) -> dict:
+    """The starting model's validation scores: computed once, kept beside the checkpoints (so a resumed run
+    reports the same)."""
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    metrics = compute()
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return metrics
+
+
+def export(out: Path, checkpoints: Path, state: TrainState, summary: dict) -> dict:
+    if (out / "bundle").exists():
+        shutil.rmtree(out / "bundle")
+    shutil.copytree(checkpoints / "best", out / "bundle")
+    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    summary = {
+        **summary, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "steps": state.global_step,
+        **{k: v for k, v in best.items() if k.startswith("val_")},
+        "train_samples_per_s": sum(h["samples_per_s"] for h in state.history) / len(state.history),
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return summary
+
+
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg.device, local_rank)
+    ctx = init_distributed(device)
+    try:
+        return _run(cfg, device, ctx)
+    finally:
+        cleanup_distributed()
+
+
+def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
+    out = Path(cfg.out_dir)
+    source = load_source(cfg.bundle, device)
+    if source.config.get("backbone_weights") is None:
+        raise BundleError(f"{cfg.bundle}: this bundle holds no backbone weights, so there is nothing to fine-tune")
+    tokenizer, spec, decoder = source.tokenizer, source.features, source.decoder
+    backbone = source.backbone  # the bundle's own weights, on the device
+    torch.manual_seed(cfg.seed)  # dropout (and anything else drawing from the global stream) is seeded
+    size = int(spec.preprocessing["input_size"][-1])
+    train_all, val_records = splits(cfg.manifest)
+    train_records = subset(train_all, cfg.max_train_images, cfg.seed)
+    if cfg.val_max_images:
+        val_records = val_records[: cfg.val_max_images]
+
+    trainable = trainable_backbone_parameters(backbone, cfg.unfreeze_stages, size)
+    if cfg.grad_checkpointing:
+        backbone.model.set_grad_checkpointing(True)
+    core = FinetuneForward(backbone, decoder, trainable, bn=cfg.bn).to(device)
+    if cfg.channels_last:
+        core.backbone.to(memory_format=torch.channels_last)
+    n_backbone = sum(p.numel() for n, p in core.backbone.named_parameters() if n in core.trainable)
+    n_decoder = sum(p.numel() for p in decoder.parameters())
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    dataset = ImageCaptionDataset(
+        image_items(train_records, cfg.manifest, tokenizer), pad_id=tokenizer.pad_id, data_config=backbone.data_config,
+        eval_transform=backbone.eval_transform(), augmentation=Augmentation.from_config(cfg),
+        captions_per_image=cfg.captions_per_image, workers=cfg.workers, max_pixels=cfg.max_pixels,
+    )
+    log.info("finetune %s from %s: %s with %s of its stages trained (%.2fM parameters, lr %g) + decoder "
+             "(%.2fM, lr %g); %d train images (of %d), %d frozen epoch(s) of %d, device %s, %d process(es)",
+             decoder.family, cfg.bundle, spec.backbone, cfg.unfreeze_stages, n_backbone / 1e6, cfg.backbone_lr,
+             n_decoder / 1e6, cfg.lr, len(dataset), len(train_all), min(cfg.frozen_epochs, cfg.epochs), cfg.epochs,
+             device, ctx.world_size)
+
+    model: torch.nn.Module = core
+    if cfg.compile:
+        model = torch.compile(model)
+    if ctx.is_distributed:
+        # Unused parameters: the backbone during the frozen warm-up, stages after the last one read.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.frozen_epochs > 0 or backbone.out_indices is not None)
+
+    checkpoints = out / "checkpoints"
+    if ctx.is_main:
+        discard_stale_checkpoints(checkpoints, fingerprint(cfg, {
+            "bundle_sha256": bundle_sha256(cfg.bundle),
+            "manifest_sha256": files_sha256([Path(cfg.manifest)]),
+        }, CODE))
+    ctx.barrier()
+
+    validator, live, start = None, None, {}
+    if ctx.is_main:
+        val_data = ImageCaptionDataset(image_items(val_records, cfg.manifest, tokenizer), pad_id=tokenizer.pad_id,
+                                       data_config=backbone.data_config, eval_transform=backbone.eval_transform(),
+                                       workers=cfg.workers, max_pixels=cfg.max_pixels)
+        val_pixels = val_data.pixels(range(len(val_data)))  # decoded once; the backbone changes, the images do not
+        row = {r.image_id: k for k, r in enumerate(val_records)}
+
+        def encode(image_ids: list[str]) -> torch.Tensor:
+            x = val_pixels[[row[i] for i in image_ids]].to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return core.encode(x).float()
+
+        validator = CaptionValidator(val_records, tokenizer, encode, batch_size=cfg.batch_size,
+                                     max_caption_length=cfg.max_caption_length, device=device, amp_dtype=amp_dtype)
+
+        def evaluate_start() -> dict:
+            core.eval()
+            return {f"val_{k}": v for k, v in validator(decoder).items()}
+
+        start = start_metrics(checkpoints / "start_metrics.json", evaluate_start)
+        log.info("starting bundle: %s", ", ".join(f"{k} {v:.4g}" for k, v in start.items()))
+        live = open_live(out, checkpoints)
+
+    finetuned = FeatureSpec(
+        backbone=spec.backbone,
+        weights={"source": "finetuned", "base": spec.weights, "base_bundle": str(cfg.bundle),
+                 "unfreeze_stages": cfg.unfreeze_stages},
+        preprocessing=spec.preprocessing, token_sets=spec.token_sets, dtype="float32", source="finetuned",
+    )
+    summary_base = {"decoder": decoder.family, "source_bundle": str(cfg.bundle), "backbone": spec.backbone,
+                    "unfreeze_stages": cfg.unfreeze_stages, "trainable_backbone_parameters": n_backbone,
+                    "decoder_parameters": n_decoder, "config": config_to_dict(cfg)}
+
+    def on_improvement(state: TrainState, metrics: dict) -> None:
+        save_bundle(checkpoints / "best", decoder=decoder, tokenizer=tokenizer, features=finetuned,
+                    backbone_state=core.backbone.state_dict(),
+                    training={**summary_base, "best_epoch": state.epoch + 1, "val": metrics, "start": start})
+
+    trainer = FinetuneTrainer(cfg, model, dataset, ctx=ctx, device=device, checkpoint_dir=checkpoints / "last",
+                              validate=validator, on_improvement=on_improvement,
+                              on_epoch_end=epoch_logger(live) if live is not None else (lambda s, m: None),
+                              checkpoint_module=core)
+    try:
+        if trainer.try_resume() and trainer.state.finished:
+            log.info("fine-tuning already finished (%d epochs); nothing to do", trainer.state.epoch)
+        state = trainer.fit()
+    finally:
+        trainer.close()
+    if not ctx.is_main:
+        return {}
+    live.end()
+    summary_base.pop("config")
+    return export(out, checkpoints, state, {**summary_base, **{f"start_{k}": v for k, v in start.items()}})

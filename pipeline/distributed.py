@@ -59,3 +59,14 @@ def init_distributed(device: torch.device | None = None) -> DistContext:
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_distributed(body, cfg, device_spec: str):
+    """Run a stage's ``body(cfg, device, ctx)`` on this process's device inside the torchrun process group
+    (a plain single process without torchrun), leaving the group afterwards."""
+    device = resolve_device(device_spec, int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = init_distributed(device)
+    try:
+        return body(cfg, device, ctx)
+    finally:
+        cleanup_distributed()

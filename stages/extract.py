@@ -27,12 +27,7 @@ from cache.writer import CacheWriter, ShardWriter
 from pipeline.config import ExtractConfig, config_to_dict
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
-from pipeline.distributed import (
-    DistContext,
-    cleanup_distributed,
-    init_distributed,
-    resolve_device,
-)
+from pipeline.distributed import DistContext, run_distributed
 from pipeline.models.backbones import Backbone, create_backbone
 from pipeline.progress import progress as progress_bar
 
@@ -146,13 +141,7 @@ def _fill_shard(
 
 def run(cfg: ExtractConfig) -> CacheMeta | None:
     """Extract features for every image of ``cfg.manifest``; returns the cache meta when the cache is complete."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(cfg.device, local_rank)
-    ctx: DistContext = init_distributed(device)
-    try:
-        return _run(cfg, device, ctx)
-    finally:
-        cleanup_distributed()
+    return run_distributed(_run, cfg, cfg.device)
 
 
 def _run(cfg: ExtractConfig, device: torch.device, ctx: DistContext) -> CacheMeta | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,7 +32,7 @@ import torch
 from pipeline.bundle import BundleError, Captioner, FeatureSpec, save_bundle
 from pipeline.config import FinetuneConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord, read_manifest
-from pipeline.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
+from pipeline.distributed import DistContext, run_distributed
 from pipeline.finetune import (
     Augmentation,
     CaptionValidator,
@@ -141,13 +140,7 @@ def export(out: Path, checkpoints: Path, state: TrainState, summary: dict) -> di
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(cfg.device, local_rank)
-    ctx = init_distributed(device)
-    try:
-        return _run(cfg, device, ctx)
-    finally:
-        cleanup_distributed()
+    return run_distributed(_run, cfg, cfg.device)
 
 
 def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:

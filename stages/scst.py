@@ -14,7 +14,6 @@ See :mod:`pipeline.scst` for the method.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 from cache import FeatureCache
 from pipeline.bundle import BACKBONE, BundleError, save_bundle
 from pipeline.config import ScstConfig, config_to_dict
-from pipeline.distributed import DistContext, cleanup_distributed, init_distributed, resolve_device
+from pipeline.distributed import DistContext, run_distributed
 from pipeline.finetune import CaptionValidator, ImageCaptionDataset, image_items, subset
 from pipeline.scst import CachedImageDataset, ScstPolicy, ScstTrainer, reward_corpus
 from pipeline.training import TrainState
@@ -70,13 +69,7 @@ def check_cache(cache: FeatureCache, spec) -> None:
 def run(cfg: ScstConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(cfg.device, local_rank)
-    ctx = init_distributed(device)
-    try:
-        return _run(cfg, device, ctx)
-    finally:
-        cleanup_distributed()
+    return run_distributed(_run, cfg, cfg.device)
 
 
 def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,7 @@ from pipeline.bundle import FeatureSpec, backbone_state_for, save_bundle
 from pipeline.config import TrainConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord, read_manifest
 from pipeline.decoding import greedy
-from pipeline.distributed import (
-    DistContext,
-    cleanup_distributed,
-    init_distributed,
-    resolve_device,
-)
+from pipeline.distributed import DistContext, run_distributed
 from pipeline.metrics import CiderD, bleu4_fast, fallback_tokenize
 from pipeline.models.decoders import create_decoder
 from pipeline.text.tokenizers import CaptionTokenizer, load_tokenizer
@@ -178,13 +172,7 @@ def discard_stale_checkpoints(directory: Path, wanted: dict[str, Any]) -> None:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(cfg.device, local_rank)
-    ctx = init_distributed(device)
-    try:
-        return _run(cfg, device, ctx)
-    finally:
-        cleanup_distributed()
+    return run_distributed(_run, cfg, cfg.device)
 
 
 def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:

@@ -1,25 +1,49 @@
-"""Cache metadata, shard naming and the key -> shard rule."""
+"""What a cache holds: the feature contract, the cache's metadata, record layout and sharding.
+
+Two facts every later stage relies on live here, and only here:
+
+* :class:`FeatureSpec` — what a set of visual features *is*: backbone, weights (by the
+  sha256 of their bytes, never by a path), preprocessing, token sets (with the backbone
+  stage each comes from, as an integer), dtype. The cache's ``meta.json`` holds one; so
+  does a model bundle's ``config.json`` (the features its decoder was trained on).
+* :func:`spec_mismatches` / :func:`check_spec` — the one answer to "do these features fit
+  that model?", used by every stage and by the server.
+
+A record is keyed by image id and carries the sha256 of the image file it was computed
+from (:data:`DIGEST_BYTES` bytes before the features), so features of other pixels are
+never served: a changed image is re-extracted, and readers can check the digest.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from pipeline.errors import UserError
-
 FORMAT_NAME = "caption-feature-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DTYPES = ("float16", "float32")
 META_FILE = "meta.json"
+WEIGHTS_FILE = "backbone.safetensors"  # the backbone weights the features were computed with (a copy)
+DIGEST_BYTES = 32  # sha256 of the image file, at the start of every record
 
 
-class CacheFormatError(UserError, ValueError):
+class CacheError(Exception):
+    """Base of the cache's errors; messages name the folder or file and what to do."""
+
+
+class CacheFormatError(CacheError, ValueError):
     """A cache that is missing, incomplete, of another version, or not what the caller expects."""
+
+
+class FeatureMismatchError(CacheFormatError):
+    """Features (a cache, a tensor, an image pipeline) that do not fit a model; the message lists every difference."""
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -31,79 +55,247 @@ def shard_of(image_id: str, num_shards: int) -> int:
     return zlib.crc32(image_id.encode("utf-8")) % num_shards
 
 
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as indented, key-sorted JSON, written to a temporary file and renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class TokenSet:
-    """One feature map stored per image, flattened to ``(tokens, channels)``."""
+    """One feature map stored per image, flattened to ``(tokens, channels)``.
+
+    ``index`` is the backbone stage it comes from (timm ``forward_intermediates`` index),
+    ``None`` for the final feature map (``forward_features``)."""
 
     name: str
     tokens: int
     channels: int
+    index: Optional[int] = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.tokens, self.channels)
 
+    @classmethod
+    def from_dict(cls, d: Any) -> "TokenSet":
+        if isinstance(d, dict):
+            return cls(str(d["name"]), int(d["tokens"]), int(d["channels"]),
+                       None if d.get("index") is None else int(d["index"]))
+        raise CacheFormatError(f"token set {d!r}: expected an object with name, tokens, channels, index")
 
-@dataclass
-class CacheMeta:
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What visual features are: everything that determines their values, and nothing else.
+
+    ``weights`` identifies the backbone weights by content: ``{"source": "file" | "timm-pretrained"
+    | "random-init" | "finetuned", "sha256": <of the weights file the cache or bundle carries>, ...}``.
+    ``source`` says where a model's features come from: ``"cache"`` (precomputed with these weights)
+    or ``"finetuned"`` (the model's own backbone, trained with it; cached features do not fit it).
+    """
+
     backbone: str
-    weights: dict[str, Any]  # {"source": "random-init" | "timm-pretrained" | "file", "path"?, "sha256"?}
-    preprocessing: dict[str, Any]  # the backbone data config actually used (input_size, mean, std, ...)
-    token_sets: list[TokenSet]
-    dtype: str
-    num_shards: int
-    records: int = 0
-    content_sha256: str = ""
-    sharding: str = "crc32(utf8(image_id)) % num_shards"
-    config: dict[str, Any] = field(default_factory=dict)  # the resolved stage config that wrote it
-    format: str = FORMAT_NAME
-    version: int = FORMAT_VERSION
+    weights: dict[str, Any]
+    preprocessing: dict[str, Any]
+    token_sets: tuple[TokenSet, ...]
+    dtype: str = "float16"
+    source: str = "cache"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token_sets", tuple(self.token_sets))
 
     @property
-    def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+    def out_indices(self) -> Optional[list[int]]:
+        """The backbone stages to read (None: the final feature map only)."""
+        if all(t.index is None for t in self.token_sets):
+            return None
+        return [int(t.index) for t in self.token_sets]
 
     @property
-    def record_nbytes(self) -> int:
-        return sum(t.tokens * t.channels for t in self.token_sets) * self.np_dtype.itemsize
+    def feature_dim(self) -> int:
+        return int(self.token_sets[0].channels)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What must match for two runs to write the same cache (counts and hashes excluded)."""
+    @property
+    def num_tokens(self) -> int:
+        return sum(t.tokens for t in self.token_sets)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.preprocessing["input_size"][-1])
+
+    def select(self, names: Optional[Sequence[str]]) -> "FeatureSpec":
+        """The spec of a subset of the token sets, in the order given (all when ``names`` is None)."""
+        if names is None:
+            return self
+        have = {t.name: t for t in self.token_sets}
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise FeatureMismatchError(
+                f"token set(s) {missing} not among the features' token sets {list(have)}; "
+                f"choose from those, or re-extract with the stages you need (`pipeline extract --out-indices ...`)")
+        return replace(self, token_sets=tuple(have[n] for n in names))
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the feature bytes (comparable, JSON-ready)."""
         return {
             "backbone": self.backbone,
-            "weights": self.weights,
+            "weights_sha256": self.weights.get("sha256"),
             "preprocessing": self.preprocessing,
             "token_sets": [asdict(t) for t in self.token_sets],
             "dtype": self.dtype,
-            "num_shards": self.num_shards,
-            "version": self.version,
         }
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["token_sets"] = [asdict(t) for t in self.token_sets]
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "features") -> "FeatureSpec":
+        if not isinstance(d, dict):
+            raise CacheFormatError(f"{where}: expected an object describing the features, got {type(d).__name__}")
+        missing = [k for k in ("backbone", "weights", "preprocessing", "token_sets") if k not in d]
+        if missing:
+            raise CacheFormatError(f"{where}: missing keys {missing}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and k != "token_sets"},
+                   token_sets=tuple(TokenSet.from_dict(t) for t in d["token_sets"]))
+
+
+def spec_mismatches(have: FeatureSpec, want: FeatureSpec) -> list[str]:
+    """Every way the features ``have`` differ from the ones a model was trained on (``want``); [] when they fit.
+
+    Compared: feature source, backbone, weights (by sha256), every preprocessing key, and the token
+    sets the model reads (each must exist in ``have`` with the same shape and backbone stage; ``have``
+    may hold more). The dtype is not compared: float16 and float32 features of the same pixels fit."""
+    problems = []
+    if have.source != want.source:
+        problems.append(f"source: {have.source!r} vs {want.source!r}")
+    if have.backbone != want.backbone:
+        problems.append(f"backbone: {have.backbone!r} vs {want.backbone!r}")
+    ha, wa = have.weights.get("sha256"), want.weights.get("sha256")
+    if ha != wa:
+        problems.append(f"weights: sha256 {str(ha)[:12]} ({have.weights.get('source')}) vs {str(wa)[:12]} "
+                        f"({want.weights.get('source')})")
+    for key in sorted(set(have.preprocessing) | set(want.preprocessing)):
+        a, b = have.preprocessing.get(key), want.preprocessing.get(key)
+        if a != b:
+            problems.append(f"preprocessing.{key}: {a!r} vs {b!r}")
+    by_name = {t.name: t for t in have.token_sets}
+    for t in want.token_sets:
+        h = by_name.get(t.name)
+        if h is None:
+            problems.append(f"token set {t.name!r}: missing (have {list(by_name)})")
+        elif (h.tokens, h.channels, h.index) != (t.tokens, t.channels, t.index):
+            problems.append(f"token set {t.name!r}: {h.tokens}x{h.channels} from stage {h.index} vs "
+                            f"{t.tokens}x{t.channels} from stage {t.index}")
+    return problems
+
+
+def check_spec(have: FeatureSpec, want: FeatureSpec, *, have_label: str, want_label: str, remedy: str = "") -> None:
+    """Raise :class:`FeatureMismatchError` naming every difference (``have`` vs ``want``) and what to do."""
+    problems = spec_mismatches(have, want)
+    if problems:
+        if not remedy:
+            remedy = (f"re-extract with the model's settings (`pipeline extract --backbone {want.backbone}` at input "
+                      f"size {want.preprocessing.get('input_size')}, the same weights) or use a model trained on "
+                      f"these features")
+        raise FeatureMismatchError(f"the features of {have_label} do not fit {want_label} ({have_label} vs model): "
+                                   + "; ".join(problems) + f". {remedy}")
+
+
+@dataclass
+class CacheMeta:
+    """``meta.json``: the features' spec, how they are stored, and a content hash of every record.
+
+    ``identity()`` — spec, shard count and format version — is what must match for a cache folder
+    to be reused; counts, hashes and anything that changes no byte (batch size, device, paths) are
+    not part of it."""
+
+    spec: FeatureSpec
+    num_shards: int
+    records: int = 0
+    content_sha256: str = ""
+    weights_file: Optional[str] = None  # WEIGHTS_FILE when the cache carries its backbone's weights
+    sharding: str = "crc32(utf8(image_id)) % num_shards"
+    record_layout: str = "sha256(image file) [32 bytes], then each token set's (tokens, channels) array"
+    extra: dict[str, Any] = field(default_factory=dict)  # what a producer records beside (e.g. a CLIP model key)
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+
+    # -- conveniences (the spec's) ------------------------------------------------------------
+    @property
+    def backbone(self) -> str:
+        return self.spec.backbone
+
+    @property
+    def token_sets(self) -> tuple[TokenSet, ...]:
+        return self.spec.token_sets
+
+    @property
+    def dtype(self) -> str:
+        return self.spec.dtype
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        return self.spec.weights
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return self.spec.preprocessing
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.spec.dtype)
+
+    @property
+    def feature_nbytes(self) -> int:
+        return sum(t.tokens * t.channels for t in self.spec.token_sets) * self.np_dtype.itemsize
+
+    @property
+    def record_nbytes(self) -> int:
+        return DIGEST_BYTES + self.feature_nbytes
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.spec.identity(), "num_shards": self.num_shards, "version": self.version,
+                "extra": self.extra}
+
+    # -- files --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spec"] = self.spec.to_dict()
+        return d
+
     def write(self, directory: Path) -> None:
-        path = Path(directory) / META_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_json_atomic(Path(directory) / META_FILE, self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "meta") -> "CacheMeta":
-        if d.get("format") != FORMAT_NAME:
-            raise CacheFormatError(f"{source}: not a feature cache (format {d.get('format')!r}, expected {FORMAT_NAME!r})")
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
+            found = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise CacheFormatError(f"{source}: not a feature cache (format {found!r}, expected {FORMAT_NAME!r})")
         if d.get("version") != FORMAT_VERSION:
             raise CacheFormatError(
                 f"{source}: cache format version {d.get('version')!r}, this code reads version {FORMAT_VERSION}; "
                 "re-extract with `pipeline extract`"
             )
         d = dict(d)
-        d["token_sets"] = [TokenSet(**t) for t in d["token_sets"]]
-        if d["dtype"] not in DTYPES:
-            raise CacheFormatError(f"{source}: unsupported dtype {d['dtype']!r}")
-        return cls(**d)
+        d["spec"] = FeatureSpec.from_dict(d["spec"], where=f"{source}: spec")
+        if d["spec"].dtype not in DTYPES:
+            raise CacheFormatError(f"{source}: unsupported dtype {d['spec'].dtype!r}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def read(cls, directory: Path) -> "CacheMeta":

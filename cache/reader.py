@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import lmdb
 import numpy as np
 
-from cache.format import CacheFormatError, CacheMeta, shard_name, shard_of
+from cache.format import (
+    DIGEST_BYTES,
+    CacheFormatError,
+    CacheMeta,
+    FeatureSpec,
+    check_spec,
+    file_sha256,
+    shard_name,
+    shard_of,
+)
+from cache.writer import read_rejects
 
 # LMDB refuses to open the same file twice in one process, so every FeatureCache of a process shares
 # one environment per shard file (keyed by the file's identity, like lmdb's own guard: a cache rebuilt
@@ -54,46 +64,99 @@ def _release_environment(env: lmdb.Environment) -> None:
 class FeatureCache:
     """Read access to a finished cache folder.
 
-    ``expect`` lists what the caller needs, e.g. ``{"backbone": "convnext_tiny",
-    "token_sets": [("stage4", 49, 768)]}``; a cache that differs is refused with a
-    message saying what was found and what was expected.
+    ``expect`` is the :class:`~cache.format.FeatureSpec` the caller needs (e.g. a model bundle's);
+    a cache whose features differ is refused with every difference named
+    (:func:`~cache.format.check_spec`).
 
     LMDB environments are opened on first use in each process (an environment
     opened before ``fork`` is unusable in the child), so a ``FeatureCache`` can be
     created once and handed to DataLoader workers or ``torchrun`` ranks.
     """
 
-    def __init__(self, directory: str | Path, expect: dict[str, Any] | None = None) -> None:
+    def __init__(self, directory: str | Path, expect: FeatureSpec | None = None) -> None:
         self.directory = Path(directory)
         self.meta = CacheMeta.read(self.directory)
         self._paths = [self.directory / f"{shard_name(i, self.meta.num_shards)}.lmdb" for i in range(self.meta.num_shards)]
         missing = [p.name for p in self._paths if not p.exists()]
         if missing:
             raise CacheFormatError(f"{self.directory}: shard files missing: {', '.join(missing)}")
-        if expect:
-            self.check(expect)
         self._envs: list[lmdb.Environment] | None = None
         self._pid: int | None = None
+        if expect is not None:
+            self.check(expect)
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return self.meta.spec
 
     # -- checks -----------------------------------------------------------------------------
-    def check(self, expect: dict[str, Any]) -> None:
-        meta = self.meta
+    def check(self, expect: FeatureSpec, want_label: str = "the model", remedy: str = "") -> None:
+        """Refuse (FeatureMismatchError) unless this cache's features are the ones ``expect`` describes."""
+        check_spec(self.meta.spec, expect, have_label=f"the cache {self.directory}", want_label=want_label,
+                   remedy=remedy)
+
+    def weights_file(self) -> Path:
+        """The backbone weights the features were computed with, verified against their recorded sha256."""
+        if not self.meta.weights_file:
+            raise CacheFormatError(f"{self.directory}: this cache carries no backbone weights (re-extract it)")
+        path = self.directory / self.meta.weights_file
+        if not path.is_file():
+            raise CacheFormatError(f"{path}: the cache's backbone weights are missing; re-extract with `pipeline extract`")
+        found, recorded = file_sha256(path), self.meta.spec.weights.get("sha256")
+        if found != recorded:
+            raise CacheFormatError(
+                f"{path}: backbone weights changed since extraction (sha256 {found} now, {recorded} when the "
+                "features were computed); re-extract with `pipeline extract` (the weights must be the ones the "
+                "features came from)")
+        return path
+
+    def digests(self, image_ids: Sequence[str]) -> dict[str, str | None]:
+        """The sha256 of the image file each record was computed from (None: not in the cache)."""
+        out: dict[str, str | None] = {}
+        by_shard: dict[int, list[str]] = {}
+        for image_id in image_ids:
+            by_shard.setdefault(shard_of(image_id, self.meta.num_shards), []).append(image_id)
+        envs = self._environments()
+        for shard, ids in by_shard.items():
+            with envs[shard].begin(buffers=True) as txn:
+                for image_id in ids:
+                    value = txn.get(image_id.encode("utf-8"))
+                    out[image_id] = None if value is None else bytes(value[:DIGEST_BYTES]).hex()
+        return out
+
+    def rejects(self) -> list[dict]:
+        """Images the extraction could not encode (``id``, ``digest``, ``file``, ``reason``)."""
+        return read_rejects(self.directory / "rejects.jsonl")
+
+    def stale(self, wanted: dict[str, str | None]) -> dict[str, list[str]]:
+        """Which of ``{image_id: image sha256 or None (unknown)}`` the cache cannot serve: ``missing`` ids
+        (``rejected`` ones listed apart) and ``changed`` ones (the record was computed from other bytes)."""
+        found = self.digests(list(wanted))
+        rejected = {r["id"] for r in self.rejects()}
+        out: dict[str, list[str]] = {"missing": [], "rejected": [], "changed": []}
+        for image_id, digest in wanted.items():
+            have = found[image_id]
+            if have is None:
+                out["rejected" if image_id in rejected else "missing"].append(image_id)
+            elif digest is not None and have != digest:
+                out["changed"].append(image_id)
+        return out
+
+    def require(self, wanted: dict[str, str | None], source: str) -> list[str]:
+        """Refuse unless every image of ``wanted`` (``{image_id: sha256 or None}``, from ``source``) has
+        features computed from those bytes; returns the ids to skip because extraction rejected them."""
+        stale = self.stale(wanted)
         problems = []
-        if "backbone" in expect and expect["backbone"] != meta.backbone:
-            problems.append(f"backbone {meta.backbone!r}, expected {expect['backbone']!r}")
-        if "token_sets" in expect:
-            found = [(t.name, t.tokens, t.channels) for t in meta.token_sets]
-            wanted = [tuple(t) for t in expect["token_sets"]]
-            if found != wanted:
-                problems.append(f"token sets {found}, expected {wanted}")
-        if "preprocessing" in expect:
-            for k, v in expect["preprocessing"].items():
-                if meta.preprocessing.get(k) != v:
-                    problems.append(f"preprocessing {k}={meta.preprocessing.get(k)!r}, expected {v!r}")
-        if "dtype" in expect and expect["dtype"] != meta.dtype:
-            problems.append(f"dtype {meta.dtype}, expected {expect['dtype']}")
+        if stale["missing"]:
+            problems.append(f"{len(stale['missing'])} image(s) are not in it (e.g. {stale['missing'][:3]})")
+        if stale["changed"]:
+            problems.append(f"{len(stale['changed'])} image(s) changed since their features were computed "
+                            f"(e.g. {stale['changed'][:3]})")
         if problems:
-            raise CacheFormatError(f"{self.directory}: cache does not match: " + "; ".join(problems))
+            raise CacheFormatError(f"the feature cache {self.directory} does not cover {source}: "
+                                   + "; ".join(problems) + ". Run `pipeline extract` on this manifest (it computes "
+                                   "only the missing and changed images)")
+        return stale["rejected"]
 
     # -- access -----------------------------------------------------------------------------
     def _environments(self) -> list[lmdb.Environment]:
@@ -142,13 +205,16 @@ class FeatureCache:
     def get_batch(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Features of ``image_ids`` as ``{token_set: (B, tokens, channels)}``, read one transaction per shard.
 
+        (Each record's leading image digest is skipped; :meth:`digests` reads it.)
+
         A missing id raises ``KeyError`` naming the id and the cache: features are never invented.
         """
         meta = self.meta
         dtype = meta.np_dtype
         expected = meta.record_nbytes
+        feature_nbytes = meta.feature_nbytes
         # One copy per record into a (B, record bytes) buffer; token sets are views of it.
-        raw = np.empty((len(image_ids), expected), dtype=np.uint8)
+        raw = np.empty((len(image_ids), feature_nbytes), dtype=np.uint8)
         by_shard: dict[int, list[int]] = {}
         for row, image_id in enumerate(image_ids):
             by_shard.setdefault(shard_of(image_id, meta.num_shards), []).append(row)
@@ -163,7 +229,7 @@ class FeatureCache:
                         raise CacheFormatError(
                             f"{self.directory}: record {image_ids[row]!r} has {len(value)} bytes, expected {expected}"
                         )
-                    raw[row] = np.frombuffer(value, dtype=np.uint8)
+                    raw[row] = np.frombuffer(value, dtype=np.uint8, offset=DIGEST_BYTES)
         values = raw.view(dtype)
         out, offset = {}, 0
         for t in meta.token_sets:

@@ -1,37 +1,56 @@
-"""Writing a cache: one :class:`ShardWriter` per shard, then :meth:`CacheWriter.finalize`.
+"""Writing a cache: bring each shard up to date with the images wanted, then :meth:`CacheWriter.finalize`.
+
+The caller says which images a shard must cover — ``{image_id: sha256 of the image file}`` —
+and the shard works out the rest (:meth:`ShardWriter.open`): records and rejects of the same
+id *and* digest are kept, records of changed or no-longer-wanted images are deleted, and only
+the missing ones are returned to compute. A finished shard that already covers exactly the
+wanted images is left untouched (:meth:`ShardWriter.is_current`), so an unchanged rerun
+writes nothing and its files stay byte-identical.
 
 Crash safety, in order of events for one shard:
 
-1. records go into ``<shard>.lmdb.partial``, committed one batch per transaction;
-   a rerun reopens it and skips the keys already committed (resume);
-2. when every record is in, the partial file is compacted into ``<shard>.lmdb.tmp``
-   (a canonical copy: page order depends only on the contents), renamed to
-   ``<shard>.lmdb``, and only then ``<shard>.json`` is written — its presence
-   is what marks the shard done;
-3. when every shard is done, ``meta.json`` is written from the shard files.
-
-Same inputs, same batching -> byte-identical shard files, so DVC sees no change.
+1. records go into ``<shard>.lmdb.partial`` (a fresh file, or a copy of the finished shard
+   being extended), committed one batch per transaction; rejects are appended to
+   ``<shard>.rejects.jsonl`` before their batch commits; a rerun reopens the partial file and
+   keeps what it holds (resume);
+2. when every record is in, the partial file is compacted into ``<shard>.lmdb.tmp`` (a
+   canonical copy: page order depends only on the contents), renamed to ``<shard>.lmdb``, and
+   only then ``<shard>.json`` is written — its presence is what marks the shard done;
+3. when every shard is done, ``meta.json`` is written from the shard files (it is removed as
+   soon as any shard is reopened, so a half-updated cache is never read as complete).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import lmdb
 import numpy as np
 
-from cache.format import META_FILE, CacheFormatError, CacheMeta, shard_name
+from cache.format import (
+    DIGEST_BYTES,
+    META_FILE,
+    CacheFormatError,
+    CacheMeta,
+    shard_name,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
 
 INITIAL_MAP_SIZE = 1 << 30  # grown on demand (MapFullError)
 
 
-def _open_env(path: Path, map_size: int, readonly: bool) -> lmdb.Environment:
-    # subdir=False: one file per shard; lock=False: no lock file inside a DVC output.
+def open_env(path: Path, map_size: int = 0, readonly: bool = True) -> lmdb.Environment:
+    """An LMDB environment on one shard file (subdir=False), with no lock file inside a DVC output."""
     return lmdb.open(
         str(path), subdir=False, lock=False, readonly=readonly, map_size=map_size,
         meminit=True, readahead=True, max_readers=64, sync=not readonly, metasync=not readonly,
@@ -51,8 +70,33 @@ def hash_shard(env: lmdb.Environment) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
+def coverage_sha256(covered: dict[str, str]) -> str:
+    """A digest of ``{image_id: image sha256}``: what a shard covers (records and rejects alike)."""
+    h = hashlib.sha256()
+    for image_id in sorted(covered):
+        h.update(f"{image_id}\t{covered[image_id]}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def read_rejects(path: Path) -> list[dict]:
+    """The rejects of a shard or a cache (JSON Lines: ``id``, ``digest``, ``file``, ``reason``, ...)."""
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+
+
+@dataclass
+class ShardPlan:
+    """What :meth:`ShardWriter.open` found: ids still to compute, and how many were kept or dropped."""
+
+    todo: list[str]
+    kept: int = 0
+    changed: int = 0
+    dropped: int = 0
+
+
 class ShardWriter:
-    """Append-only writer of one shard, resumable after a crash."""
+    """Writer of one shard: reuses what is still valid, resumable after a crash."""
 
     def __init__(self, directory: Path, index: int, meta: CacheMeta) -> None:
         self.directory = Path(directory)
@@ -63,51 +107,97 @@ class ShardWriter:
         self.partial_path = self.directory / f"{self.name}.lmdb.partial"
         self.done_path = self.directory / f"{self.name}.json"
         self.rejects_path = self.directory / f"{self.name}.rejects.jsonl"
-        self.partial_fingerprint_path = self.directory / f"{self.name}.lmdb.partial.json"
+        self.partial_identity_path = self.directory / f"{self.name}.lmdb.partial.json"
         self._env: lmdb.Environment | None = None
         self._map_size = INITIAL_MAP_SIZE
 
     # -- state --------------------------------------------------------------------------------
-    def is_done(self) -> bool:
-        """True when the shard was finished by a run with the same fingerprint."""
+    def _identity(self) -> str:
+        return json.dumps(self.meta.identity(), sort_keys=True)
+
+    def done_info(self) -> Optional[dict]:
+        """The shard's done marker, if the shard is finished and was written with this cache's identity."""
         if not (self.done_path.exists() and self.final_path.exists()):
-            return False
+            return None
         info = json.loads(self.done_path.read_text(encoding="utf-8"))
-        return info.get("fingerprint") == self.meta.fingerprint()
+        return info if info.get("identity") == self.meta.identity() else None
 
-    def open(self) -> set[bytes]:
-        """Open the partial shard for writing; return the keys already committed.
+    def is_done(self) -> bool:
+        return self.done_info() is not None
 
-        A partial shard left by a run with another fingerprint (other backbone, weights,
-        preprocessing...) is discarded, never mixed with new records.
-        """
+    def is_current(self, wanted: dict[str, str]) -> bool:
+        """Finished, with this identity, covering exactly ``wanted`` (same ids, same image digests)."""
+        info = self.done_info()
+        return info is not None and info.get("coverage_sha256") == coverage_sha256(wanted)
+
+    def open(self, wanted: dict[str, str]) -> ShardPlan:
+        """Open the shard for writing so that it will cover ``wanted``; return the ids still to compute.
+
+        Reuses, in this order: a partial shard of the same identity (an interrupted run), else the
+        finished shard of the same identity (extended in a copy: finished files may be read-only DVC
+        hardlinks), else nothing. Records and rejects whose id is not wanted, or whose image digest
+        changed, are deleted."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Finished files are replaced, never written in place: under DVC they may be read-only hardlinks.
-        for stale in (self.done_path, self.final_path, self.final_path.with_suffix(".lmdb.tmp")):
-            stale.unlink(missing_ok=True)
-        fingerprint = json.dumps(self.meta.fingerprint(), sort_keys=True)
-        resumable = (
-            self.partial_path.exists()
-            and self.partial_fingerprint_path.exists()
-            and self.partial_fingerprint_path.read_text(encoding="utf-8") == fingerprint
-        )
+        (self.directory / META_FILE).unlink(missing_ok=True)  # the cache is incomplete from now on
+        identity = self._identity()
+        resumable = (self.partial_path.exists() and self.partial_identity_path.exists()
+                     and self.partial_identity_path.read_text(encoding="utf-8") == identity)
         if not resumable:
             self.partial_path.unlink(missing_ok=True)
-            self.rejects_path.unlink(missing_ok=True)
-            self.partial_fingerprint_path.write_text(fingerprint, encoding="utf-8")
+            if self.is_done():
+                tmp = self.partial_path.with_name(self.partial_path.name + ".copy")
+                shutil.copyfile(self.final_path, tmp)
+                os.replace(tmp, self.partial_path)
+            else:
+                self.rejects_path.unlink(missing_ok=True)
+            self.partial_identity_path.write_text(identity, encoding="utf-8")
+        for stale in (self.done_path, self.final_path, self.final_path.with_suffix(".lmdb.tmp")):
+            stale.unlink(missing_ok=True)
         if self.partial_path.exists():
             self._map_size = max(self._map_size, self.partial_path.stat().st_size * 2)
-        self._env = _open_env(self.partial_path, self._map_size, readonly=False)
-        with self._env.begin() as txn:
-            return {bytes(k) for k in txn.cursor().iternext(keys=True, values=False)}
+        self._env = open_env(self.partial_path, self._map_size, readonly=False)
+
+        plan = ShardPlan(todo=[])
+        valid: set[str] = set()
+        stale_keys: list[bytes] = []
+        with self._env.begin(buffers=True) as txn:
+            for key, value in txn.cursor():
+                image_id = bytes(key).decode("utf-8")
+                digest = bytes(value[:DIGEST_BYTES]).hex()
+                if wanted.get(image_id) == digest:
+                    valid.add(image_id)
+                else:
+                    stale_keys.append(bytes(key))
+                    if image_id in wanted:
+                        plan.changed += 1
+                    else:
+                        plan.dropped += 1
+        if stale_keys:
+            with self._env.begin(write=True) as txn:
+                for key in stale_keys:
+                    txn.delete(key)
+        kept_rejects = []
+        for r in read_rejects(self.rejects_path):
+            if wanted.get(r.get("id")) == r.get("digest") and r["id"] not in valid:
+                kept_rejects.append(r)
+                valid.add(r["id"])
+        if self.rejects_path.exists():
+            _write_jsonl(self.rejects_path, kept_rejects)
+        plan.kept = len(valid)
+        plan.todo = sorted(i for i in wanted if i not in valid)
+        return plan
 
     # -- writing ------------------------------------------------------------------------------
-    def encode(self, arrays: list[np.ndarray]) -> bytes:
-        """One record's value: each token set's array, cast and concatenated."""
-        if len(arrays) != len(self.meta.token_sets):
-            raise ValueError(f"expected {len(self.meta.token_sets)} token sets, got {len(arrays)}")
-        parts = []
-        for arr, ts in zip(arrays, self.meta.token_sets):
+    def encode(self, digest: str, arrays: list[np.ndarray]) -> bytes:
+        """One record's value: the image file's sha256, then each token set's array, cast and concatenated."""
+        token_sets = self.meta.token_sets
+        if len(arrays) != len(token_sets):
+            raise ValueError(f"expected {len(token_sets)} token sets, got {len(arrays)}")
+        raw = bytes.fromhex(digest)
+        if len(raw) != DIGEST_BYTES:
+            raise ValueError(f"image digest {digest!r} is not a sha256 hex digest")
+        parts = [raw]
+        for arr, ts in zip(arrays, token_sets):
             if tuple(arr.shape) != ts.shape:
                 raise ValueError(f"token set {ts.name!r}: shape {tuple(arr.shape)}, expected {ts.shape}")
             parts.append(np.ascontiguousarray(arr, dtype=self.meta.np_dtype).tobytes())
@@ -129,6 +219,8 @@ class ShardWriter:
                 self._env.set_mapsize(self._map_size)
 
     def add_rejects(self, rejects: list[dict]) -> None:
+        """Record images that could not be encoded: each a dict with ``id``, ``digest`` (None if unreadable),
+        ``file`` and ``reason``. Appended and synced before the batch they belong to commits."""
         if not rejects:
             return
         with open(self.rejects_path, "a", encoding="utf-8") as f:
@@ -142,31 +234,63 @@ class ShardWriter:
         assert self._env is not None
         self._env.sync(True)
         tmp = self.final_path.with_suffix(".lmdb.tmp")
-        tmp.unlink(missing_ok=True)
-        self._env.copy(str(tmp), compact=True)
+        self._write_canonical(tmp)
         self._env.close()
         self._env = None
         os.replace(tmp, self.final_path)
-        env = _open_env(self.final_path, 0, readonly=True)
+        env = open_env(self.final_path)
+        covered: dict[str, str] = {}
         try:
             count, digest = hash_shard(env)
+            with env.begin(buffers=True) as txn:
+                for key, value in txn.cursor():
+                    covered[bytes(key).decode("utf-8")] = bytes(value[:DIGEST_BYTES]).hex()
         finally:
             env.close()
-        rejects = []
-        if self.rejects_path.exists():
-            rejects = [json.loads(line) for line in self.rejects_path.read_text(encoding="utf-8").splitlines() if line]
-        info = {"records": count, "sha256": digest, "rejects": len(rejects), "fingerprint": self.meta.fingerprint()}
-        tmp_json = self.done_path.with_suffix(".json.tmp")
-        tmp_json.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp_json, self.done_path)
+        rejects = read_rejects(self.rejects_path)
+        for r in rejects:
+            covered.setdefault(r["id"], r.get("digest"))
+        info = {"records": count, "sha256": digest, "rejects": len(rejects), "identity": self.meta.identity(),
+                "coverage_sha256": coverage_sha256(covered)}
+        write_json_atomic(self.done_path, info)
         self.partial_path.unlink(missing_ok=True)
-        self.partial_fingerprint_path.unlink(missing_ok=True)
+        self.partial_identity_path.unlink(missing_ok=True)
         return info
+
+    def _write_canonical(self, path: Path) -> None:
+        """Copy the partial shard's records into ``path`` so that its bytes depend on the records alone.
+
+        The partial file's B-tree shape depends on its history (batch boundaries, a resume, deleted
+        records), and LMDB's compacting copy keeps that shape. Rewriting every record in key order in
+        one transaction, then compacting, gives the same file for the same records however they came."""
+        staging = path.with_name(path.name + ".staging")
+        map_size = max(INITIAL_MAP_SIZE, self.partial_path.stat().st_size * 2)
+        while True:
+            for p in (staging, path):
+                p.unlink(missing_ok=True)
+            env = open_env(staging, map_size, readonly=False)
+            try:
+                with self._env.begin(buffers=True) as src, env.begin(write=True) as dst:
+                    for key, value in src.cursor():
+                        dst.put(bytes(key), bytes(value), append=True)
+                env.copy(str(path), compact=True)
+                break
+            except lmdb.MapFullError:
+                map_size *= 2
+            finally:
+                env.close()
+        staging.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class CacheWriter:
@@ -182,7 +306,7 @@ class CacheWriter:
         return ShardWriter(self.directory, index, self.meta)
 
     def remove_foreign_files(self) -> None:
-        """Delete shards of another shard count or an old meta.json: the folder is rebuilt."""
+        """Delete shards of another shard count and a meta.json of another identity: the folder is rebuilt."""
         mine = {shard_name(i, self.meta.num_shards) for i in range(self.meta.num_shards)}
         for p in self.directory.glob("shard-*"):
             if p.name.split(".")[0] not in mine:
@@ -190,8 +314,7 @@ class CacheWriter:
         meta_path = self.directory / META_FILE
         if meta_path.exists():
             try:
-                old = CacheMeta.read(self.directory)
-                if old.fingerprint() != self.meta.fingerprint():
+                if CacheMeta.read(self.directory).identity() != self.meta.identity():
                     meta_path.unlink()
             except CacheFormatError:
                 meta_path.unlink()
@@ -200,23 +323,29 @@ class CacheWriter:
         return [i for i in range(self.meta.num_shards) if not self.shard(i).is_done()]
 
     def finalize(self) -> CacheMeta | None:
-        """Write ``meta.json`` and ``rejects.jsonl`` if every shard is done; return the meta, else None."""
+        """Write ``meta.json`` and ``rejects.jsonl`` if every shard is done; return the meta, else None.
+
+        An unchanged cache is not rewritten (its files keep their bytes and times)."""
         if self.pending_shards():
             return None
         total = 0
         h = hashlib.sha256()
-        rejects: list[str] = []
+        rejects: list[dict] = []
         for i in range(self.meta.num_shards):
             sw = self.shard(i)
             info = json.loads(sw.done_path.read_text(encoding="utf-8"))
             total += info["records"]
             h.update(info["sha256"].encode("ascii"))
-            if sw.rejects_path.exists():
-                rejects.extend(line for line in sw.rejects_path.read_text(encoding="utf-8").splitlines() if line)
-        tmp = self.directory / "rejects.jsonl.tmp"
-        tmp.write_text("".join(r + "\n" for r in sorted(rejects)), encoding="utf-8")
-        os.replace(tmp, self.directory / "rejects.jsonl")
+            rejects.extend(read_rejects(sw.rejects_path))
+        rejects.sort(key=lambda r: json.dumps(r, sort_keys=True))
         self.meta.records = total
         self.meta.content_sha256 = h.hexdigest()
-        self.meta.write(self.directory)
+        rejects_path = self.directory / "rejects.jsonl"
+        new_rejects = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects)
+        if not rejects_path.exists() or rejects_path.read_text(encoding="utf-8") != new_rejects:
+            _write_jsonl(rejects_path, rejects)
+        meta_path = self.directory / META_FILE
+        new_meta = json.dumps(self.meta.to_dict(), indent=2, sort_keys=True) + "\n"
+        if not meta_path.exists() or meta_path.read_text(encoding="utf-8") != new_meta:
+            self.meta.write(self.directory)
         return self.meta

@@ -27,7 +27,7 @@ from pipeline.config import (
     load_config,
     load_train_config,
 )
-from pipeline.errors import UserError
+from pipeline.errors import user_errors
 
 # Hub look-ups fail at once offline instead of retrying for ~45 s; online users may set it to 0.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,7 +81,7 @@ def stage_command(name: str, section: str, target: str, help: str, loader=None) 
         run = getattr(importlib.import_module(module_name), func_name)
         try:
             run(cfg)
-        except UserError as e:
+        except user_errors() as e:
             _fail(str(e))
 
     command.__name__ = name.replace("-", "_")
@@ -239,7 +239,7 @@ def convert_weights(
         if by_order:
             state = convert_by_order(state, model, str(path))
         load_weights(model, state, str(path))
-    except UserError as e:
+    except user_errors() as e:
         _fail(str(e))
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(dest), metadata={"backbone": backbone, "source": path.name})
@@ -349,7 +349,7 @@ def caption_command(
     try:
         engine = CaptionEngine.load(model, device=device, seed=seed, amp=amp, channels_last=channels_last)
         options = engine.explicit_options(mode, **explicit)
-    except UserError as e:
+    except user_errors() as e:
         _fail(str(e))
     except ValueError as e:  # unknown mode, invalid option values
         _fail(str(e).replace("\n", "; "))
@@ -454,7 +454,7 @@ def serve_command(
         application = create_app(engine, api_key=api_key, max_request_bytes=max_request_bytes, max_pixels=max_pixels,
                                  max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                  model_workers=model_workers)
-    except UserError as e:
+    except user_errors() as e:
         _fail(str(e))
     shown = f"[{host}]" if ":" in host else host
     typer.echo(f"serving {model} on http://{shown}:{port}/ (API docs at /docs); {model_workers} model "

@@ -7,3 +7,11 @@ for a user (which file, which key, what to do); the CLI prints it without a trac
 
 class UserError(Exception):
     """Mixin for errors whose message is enough for the user to act on."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Every exception class whose message is meant for the user: :class:`UserError` and the storage
+    layer's own base (``cache`` imports nothing from the library, so it cannot derive from this one)."""
+    from cache.format import CacheError
+
+    return (UserError, CacheError)

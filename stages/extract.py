@@ -1,7 +1,15 @@
 """`extract`: encode every manifest image once with a timm backbone into the sharded LMDB cache.
 
 Inputs: ``cfg.manifest`` (and the images it names), the backbone weights.
-Outputs: ``cfg.out_dir`` — shards, per-shard done markers, ``meta.json``, ``rejects.jsonl``.
+Outputs: ``cfg.out_dir`` — shards, per-shard done markers, ``backbone.safetensors`` (the
+weights the features were computed with), ``meta.json``, ``rejects.jsonl``.
+
+The cache knows what it holds: each record carries the sha256 of the image file it was
+computed from, and the cache's identity is the feature spec (backbone, weights by sha256,
+preprocessing, token sets, dtype) plus the shard count — nothing that changes no byte
+(batch size, workers, device, paths). A rerun hashes the manifest's images and computes
+exactly the records that are missing or whose image changed; records of images no longer
+in the manifest are dropped; shards that already cover the manifest are not touched.
 
 Work is split by shard: shard ``i`` is written by torchrun rank ``i % world_size``
 (or only ``--shard-index i`` on separate machines). Any process that sees every
@@ -11,54 +19,27 @@ from its last committed batch.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from cache.format import CacheMeta, TokenSet, shard_of
-from cache.writer import CacheWriter, ShardWriter
-from pipeline.config import ExtractConfig, config_to_dict
-from pipeline.data.images import ImageDecodeError, load_rgb
-from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
+from cache.format import WEIGHTS_FILE, CacheMeta, file_sha256
+from cache.writer import CacheWriter
+from pipeline.config import ExtractConfig
+from pipeline.data.manifest import read_manifest
 from pipeline.distributed import DistContext, run_distributed
-from pipeline.models.backbones import Backbone, create_backbone
-from pipeline.progress import progress as progress_bar
+from pipeline.encode import fill_cache
+from pipeline.errors import UserError
+from pipeline.models.backbones import Backbone, create_backbone, weights_bytes
 
 log = logging.getLogger(__name__)
 
 
-class ImageFiles(Dataset):
-    """Decodes and preprocesses manifest images; a bad image yields its error instead of a tensor."""
-
-    def __init__(self, records: list[ManifestRecord], manifest: Path, transform, max_pixels: int) -> None:
-        self.records = records
-        self.manifest = manifest
-        self.transform = transform
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        path = resolve_image_path(self.records[i], self.manifest)
-        try:
-            return i, self.transform(load_rgb(path, self.max_pixels)), None
-        except ImageDecodeError as e:
-            return i, None, {"file": str(path), "id": self.records[i].image_id, "reason": e.reason, "detail": e.detail}
-
-
-def _collate(items):
-    good = [(i, x) for i, x, err in items if err is None]
-    bad = [err for _, _, err in items if err is not None]
-    idx = [i for i, _ in good]
-    return idx, (torch.stack([x for _, x in good]) if good else None), bad
+class ExtractError(UserError, ValueError):
+    """Input that `extract` cannot use (a manifest out of date with its images, nothing to encode...)."""
 
 
 def default_workers(device: torch.device) -> int:
@@ -68,75 +49,22 @@ def default_workers(device: torch.device) -> int:
     return 0 if device.type == "cpu" and cores <= 2 else 1
 
 
-def build_meta(backbone: Backbone, cfg: ExtractConfig, device: torch.device) -> CacheMeta:
-    size = backbone.data_config["input_size"]
-    with torch.inference_mode():
-        probe = backbone.tokens(torch.zeros(1, *size, device=device))
-    token_sets = [TokenSet(n, int(t.shape[1]), int(t.shape[2])) for n, t in zip(backbone.token_set_names, probe)]
-    return CacheMeta(
-        backbone=backbone.name,
-        weights=backbone.weights_info,
-        preprocessing=backbone.data_config,
-        token_sets=token_sets,
-        dtype=cfg.dtype,
-        num_shards=cfg.num_shards,
-        config=config_to_dict(cfg),
-    )
+def build_meta(backbone: Backbone, cfg: ExtractConfig, weights: bytes) -> CacheMeta:
+    """The cache's metadata: the features' spec, with the weights identified by the sha256 of ``weights``."""
+    info = {k: v for k, v in backbone.weights_info.items()}
+    info["sha256"] = hashlib.sha256(weights).hexdigest()
+    spec = backbone.feature_spec(weights=info, dtype=cfg.dtype)
+    return CacheMeta(spec=spec, num_shards=cfg.num_shards, weights_file=WEIGHTS_FILE)
 
 
-def _write_shard(
-    sw: ShardWriter, records: list[ManifestRecord], backbone: Backbone, cfg: ExtractConfig, device: torch.device,
-    progress: tqdm,
-) -> dict:
-    committed = sw.open()
-    try:
-        return _fill_shard(sw, committed, records, backbone, cfg, device, progress)
-    finally:
-        sw.close()
-
-
-def _fill_shard(
-    sw: ShardWriter, committed: set[bytes], records: list[ManifestRecord], backbone: Backbone, cfg: ExtractConfig,
-    device: torch.device, progress: tqdm,
-) -> dict:
-    already_rejected = set()
-    if sw.rejects_path.exists():
-        already_rejected = {json.loads(line)["id"] for line in sw.rejects_path.read_text(encoding="utf-8").splitlines() if line}
-    todo = [r for r in records if r.image_id.encode("utf-8") not in committed and r.image_id not in already_rejected]
-    progress.update(len(records) - len(todo))
-    if committed:
-        log.info("%s: resuming, %d of %d records already committed", sw.name, len(committed), len(records))
-    workers = cfg.workers if cfg.workers is not None else default_workers(device)
-    loader = DataLoader(
-        ImageFiles(todo, cfg.manifest, backbone.eval_transform(), cfg.max_pixels),
-        batch_size=cfg.batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-        prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
-        pin_memory=device.type == "cuda",
-    )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
-    pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as io:  # LMDB writes overlap the next forward pass
-        for idx, images, bad in loader:
-            values = []
-            if images is not None:
-                images = images.to(device, non_blocking=True)
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), autocast:
-                    token_sets = backbone.tokens(images)
-                arrays = [t.float().cpu().numpy() for t in token_sets]
-                values = [(todo[i].image_id, sw.encode([a[j] for a in arrays])) for j, i in enumerate(idx)]
-            if pending is not None:
-                pending.result()
-            # The rejects of a batch are appended before its records commit, so a resumed run skips them too.
-            sw.add_rejects(bad)
-            for err in bad:
-                log.warning("skipped %s: %s%s", err["file"], err["reason"], f" ({err['detail']})" if err["detail"] else "")
-            pending = io.submit(sw.put_batch, values)
-            progress.update(len(idx) + len(bad))
-        if pending is not None:
-            pending.result()
-    return sw.finish()
+def store_weights(directory: Path, weights: bytes, sha256: str) -> None:
+    """Keep the backbone weights beside the features (atomically; untouched when already there)."""
+    path = Path(directory) / WEIGHTS_FILE
+    if path.exists() and file_sha256(path) == sha256:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(weights)
+    os.replace(tmp, path)
 
 
 def run(cfg: ExtractConfig) -> CacheMeta | None:
@@ -146,18 +74,23 @@ def run(cfg: ExtractConfig) -> CacheMeta | None:
 
 def _run(cfg: ExtractConfig, device: torch.device, ctx: DistContext) -> CacheMeta | None:
     if cfg.shard_index is not None and cfg.shard_index >= cfg.num_shards:
-        raise ValueError(f"--shard-index {cfg.shard_index} must be below --num-shards {cfg.num_shards}")
+        raise ExtractError(f"--shard-index {cfg.shard_index} must be below --num-shards {cfg.num_shards}")
     records = read_manifest(cfg.manifest)
+    if not records:
+        raise ExtractError(f"{cfg.manifest}: the manifest holds no images; nothing to extract")
     backbone = create_backbone(
         cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.image_size,
         crop_pct=cfg.crop_pct, out_indices=cfg.out_indices,
     )
+    weights = weights_bytes(backbone.model)
     backbone.model.to(device)
     if cfg.channels_last:
         backbone.model.to(memory_format=torch.channels_last)
-    meta = build_meta(backbone, cfg, device)
+    meta = build_meta(backbone, cfg, weights)
     writer = CacheWriter(cfg.out_dir, meta)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main or cfg.shard_index is not None:
+        store_weights(cfg.out_dir, weights, meta.spec.weights["sha256"])
     if ctx.is_main and cfg.shard_index is None:
         writer.remove_foreign_files()
     ctx.barrier()
@@ -166,30 +99,36 @@ def _run(cfg: ExtractConfig, device: torch.device, ctx: DistContext) -> CacheMet
         mine = [cfg.shard_index]
     else:
         mine = [i for i in range(cfg.num_shards) if i % ctx.world_size == ctx.rank]
-    by_shard: dict[int, list[ManifestRecord]] = {i: [] for i in mine}
-    for rec in records:
-        s = shard_of(rec.image_id, cfg.num_shards)
-        if s in by_shard:
-            by_shard[s].append(rec)
-    todo = {i: sorted(recs, key=lambda r: r.image_id) for i, recs in by_shard.items() if not writer.shard(i).is_done()}
-    total = sum(len(v) for v in todo.values())
-    log.info(
-        "extract: %s (%s weights) -> %s, token sets %s, %d images in %d shard(s) for rank %d/%d on %s",
-        cfg.backbone, meta.weights["source"], cfg.out_dir, [(t.name, t.shape) for t in meta.token_sets], total,
-        len(todo), ctx.rank, ctx.world_size, device,
-    )
-    start = time.perf_counter()
-    with progress_bar(total=total, unit="img", desc=f"extract[{ctx.rank}]") as bar:
-        for i, recs in todo.items():
-            info = _write_shard(writer.shard(i), recs, backbone, cfg, device, bar)
-            log.info("shard %d done: %d records, %d rejected", i, info["records"], info["rejects"])
-    if total:
-        log.info("extract: %d images in %.1f s (%.1f images/s)", total, time.perf_counter() - start,
-                 total / max(time.perf_counter() - start, 1e-9))
+    log.info("extract: %s (%s weights, sha256 %s) -> %s, token sets %s, %d shard(s) for rank %d/%d on %s",
+             cfg.backbone, meta.spec.weights["source"], meta.spec.weights["sha256"][:12], cfg.out_dir,
+             [(t.name, t.shape) for t in meta.token_sets], len(mine), ctx.rank, ctx.world_size, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+
+    def encode(images: torch.Tensor) -> list:
+        images = images.to(device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast:
+            token_sets = backbone.tokens(images)
+        return [t.float().cpu().numpy() for t in token_sets]
+
+    workers = cfg.workers if cfg.workers is not None else default_workers(device)
+    stats = fill_cache(writer, records, cfg.manifest, mine, transform=backbone.eval_transform(), encode=encode,
+                       batch_size=cfg.batch_size, workers=workers, max_pixels=cfg.max_pixels,
+                       pin_memory=device.type == "cuda", desc=f"extract[{ctx.rank}]")
+    log.info("extract: %d shard(s) already up to date, %d updated: %d record(s) kept, %d re-extracted (image "
+             "changed), %d dropped (no longer in the manifest), %d computed, %d rejected",
+             stats.shards_current, stats.shards_updated, stats.kept, stats.changed, stats.dropped, stats.computed,
+             stats.rejected)
     ctx.barrier()
     final = writer.finalize() if ctx.is_main or cfg.shard_index is not None else None
     if final is not None:
-        log.info("cache complete: %d records, sha256 %s", final.records, final.content_sha256[:16])
+        log.info("cache complete: %d records, %d rejected, sha256 %s", final.records,
+                 sum(1 for _ in (cfg.out_dir / "rejects.jsonl").open(encoding="utf-8")), final.content_sha256[:16])
+        if final.records == 0:
+            raise ExtractError(f"{cfg.manifest}: no image could be encoded (see {cfg.out_dir / 'rejects.jsonl'})")
     elif ctx.is_main:
         log.info("cache incomplete: shards %s still to be written", writer.pending_shards())
     return final
+
+

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -45,11 +44,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from cache.format import CacheMeta, TokenSet, shard_of
+from cache.format import CacheMeta, FeatureSpec, TokenSet
 from cache.reader import FeatureCache
-from cache.writer import CacheWriter, ShardWriter, _open_env
+from cache.writer import CacheWriter
 from pipeline.config import FilterConfig, config_to_dict
 from pipeline.data.manifest import (
     ManifestRecord,
@@ -61,7 +59,7 @@ from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.models.clip import ClipModel, load_clip
 from pipeline.progress import progress as progress_bar
-from stages.extract import ImageFiles, _collate
+from pipeline.encode import fill_cache
 
 log = logging.getLogger(__name__)
 
@@ -129,113 +127,32 @@ def best_f1_threshold(scores: np.ndarray, match: np.ndarray, step: float = 0.005
 # --------------------------------------------------------------------------- the embedding cache
 def _cache_meta(clip: ClipModel, cfg: FilterConfig) -> CacheMeta:
     weights = {k: v for k, v in clip.weights.items() if k != "path"}  # where the file lies is not what it is
-    return CacheMeta(
-        backbone=clip.arch,
-        weights=weights,
-        preprocessing=clip.preprocessing,
-        token_sets=[TokenSet("image", 1, clip.embed_dim)],
-        dtype="float32",
-        num_shards=cfg.num_shards,
-        config={"clip_model": cfg.clip_model, "clip_pretrained": cfg.clip_pretrained, "weights_path": clip.weights["path"],
-                "model_key": clip.key},
-    )
-
-
-def _done_shard_covers(sw: ShardWriter, ids: list[str]) -> bool:
-    """Whether a finished shard already holds (or has rejected) every id."""
-    rejected = set()
-    if sw.rejects_path.exists():
-        rejected = {json.loads(line)["id"] for line in sw.rejects_path.read_text(encoding="utf-8").splitlines() if line}
-    env = _open_env(sw.final_path, 0, readonly=True)
-    try:
-        with env.begin(buffers=True) as txn:
-            return all(i in rejected or txn.get(i.encode("utf-8")) is not None for i in ids)
-    finally:
-        env.close()
-
-
-def _reopen_done_shard(sw: ShardWriter) -> None:
-    """Turn a finished shard back into a partial one holding the same records, so new images can be added."""
-    tmp = sw.partial_path.with_name(sw.partial_path.name + ".copy")
-    shutil.copyfile(sw.final_path, tmp)  # a copy: the finished file may be a read-only DVC hardlink
-    os.replace(tmp, sw.partial_path)
-    sw.partial_fingerprint_path.write_text(json.dumps(sw.meta.fingerprint(), sort_keys=True), encoding="utf-8")
+    spec = FeatureSpec(backbone=clip.arch, weights=weights, preprocessing=clip.preprocessing,
+                       token_sets=(TokenSet("image", 1, clip.embed_dim),), dtype="float32")
+    return CacheMeta(spec=spec, num_shards=cfg.num_shards, extra={"model_key": clip.key})
 
 
 def image_embeddings(clip: ClipModel, records: list[ManifestRecord], cfg: FilterConfig) -> tuple[FeatureCache, dict]:
-    """The finished embedding cache holding every readable image of ``records``, and what this run computed."""
+    """The finished embedding cache holding every readable image of ``records``, and what this run computed.
+
+    Embeddings are computed once per image file (by content) and CLIP model: another threshold reuses
+    them all; a changed manifest computes only its new and changed images (:func:`pipeline.encode.fill_cache`)."""
     cache_dir = Path(cfg.embeddings_dir) / clip.key
     meta = _cache_meta(clip, cfg)
     writer = CacheWriter(cache_dir, meta)
     cache_dir.mkdir(parents=True, exist_ok=True)
     writer.remove_foreign_files()
-    by_shard: dict[int, list[ManifestRecord]] = defaultdict(list)
-    for rec in records:
-        by_shard[shard_of(rec.image_id, cfg.num_shards)].append(rec)
-    todo: dict[int, list[ManifestRecord]] = {}
-    for i in range(cfg.num_shards):
-        recs = sorted(by_shard.get(i, []), key=lambda r: r.image_id)
-        sw = writer.shard(i)
-        if sw.is_done():
-            if _done_shard_covers(sw, [r.image_id for r in recs]):
-                continue
-            _reopen_done_shard(sw)
-        todo[i] = recs
-    stats = {"dir": str(cache_dir), "model_key": clip.key, "computed": 0, "reused": 0, "rejected": 0}
-    total = sum(len(v) for v in todo.values())
-    start = time.perf_counter()
-    with progress_bar(total=total, unit="img", desc="clip images", disable=total == 0) as bar:
-        for i, recs in todo.items():
-            sw = writer.shard(i)
-            committed = sw.open()
-            try:
-                _fill(sw, committed, recs, clip, cfg, bar, stats)
-                sw.finish()
-            finally:
-                sw.close()
-    if stats["computed"]:
-        log.info("filter: embedded %d images in %.1f s -> %s", stats["computed"], time.perf_counter() - start, cache_dir)
+    fill = fill_cache(writer, records, cfg.manifest, list(range(cfg.num_shards)),
+                      transform=clip.preprocess, encode=lambda images: [clip.encode_images(images).numpy()[:, None]],
+                      batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels, desc="clip images")
+    if fill.computed:
+        log.info("filter: embedded %d images in %.1f s -> %s", fill.computed, fill.seconds, cache_dir)
     meta = writer.finalize()
     if meta is None:  # pragma: no cover - every shard was just written
         raise UserError(f"{cache_dir}: embedding cache incomplete; rerun `pipeline filter` (it resumes)")
-    stats["reused"] = len(records) - stats["computed"] - stats["rejected"]
-    return FeatureCache(cache_dir, expect={"token_sets": [("image", 1, clip.embed_dim)]}), stats
-
-
-def _fill(sw: ShardWriter, committed: set[bytes], records: list[ManifestRecord], clip: ClipModel,
-          cfg: FilterConfig, bar, stats: dict) -> None:
-    rejected = set()
-    if sw.rejects_path.exists():
-        rejected = {json.loads(line)["id"] for line in sw.rejects_path.read_text(encoding="utf-8").splitlines() if line}
-    todo = [r for r in records if r.image_id.encode("utf-8") not in committed and r.image_id not in rejected]
-    bar.update(len(records) - len(todo))
-    if not todo:
-        return
-    if committed:
-        log.info("%s: resuming, %d images already embedded", sw.name, len(committed))
-    loader = DataLoader(
-        ImageFiles(todo, cfg.manifest, clip.preprocess, cfg.max_pixels), batch_size=cfg.batch_size, shuffle=False,
-        num_workers=cfg.workers, collate_fn=_collate, prefetch_factor=4 if cfg.workers > 0 else None,
-    )
-    for idx, images, bad in loader:
-        values = []
-        if images is not None:
-            emb = clip.encode_images(images).numpy()
-            values = [(todo[i].image_id, sw.encode([emb[j:j + 1]])) for j, i in enumerate(idx)]
-        sw.add_rejects(bad)  # before the batch commits, so a resumed run skips them too
-        for err in bad:
-            log.warning("skipped %s: %s", err["file"], err["reason"])
-        sw.put_batch(values)
-        stats["computed"] += len(values)
-        stats["rejected"] += len(bad)
-        bar.update(len(idx) + len(bad))
-
-
-def _unreadable(cache: FeatureCache) -> list[dict]:
-    path = cache.directory / "rejects.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    stats = {"dir": str(cache_dir), "model_key": clip.key, "computed": fill.computed, "rejected": fill.rejected,
+             "reused": len(records) - fill.computed - fill.rejected}
+    return FeatureCache(cache_dir), stats
 
 
 # --------------------------------------------------------------------------- the stage
@@ -269,7 +186,7 @@ def run(cfg: FilterConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     cache, emb_stats = image_embeddings(clip, records, cfg)
-    unreadable = {r["id"]: r for r in _unreadable(cache)}
+    unreadable = {r["id"]: r for r in cache.rejects()}
     usable = [r for r in records if r.image_id not in unreadable]
     image_emb = {}
     for ids, batch in cache.iter_batches([r.image_id for r in usable], 1024):

@@ -64,6 +64,18 @@ def _import_synthetic(src: SyntheticSource, out_dir: Path) -> tuple[list[Manifes
     return result.records, result.noisy_records, result.noisy_labels
 
 
+def record_digests(records: list[ManifestRecord], manifest: Path, workers: int) -> None:
+    """Set each record's ``sha256`` (of its image file): later stages check cached features against it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cache.format import file_sha256
+    from pipeline.data.manifest import resolve_image_path
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for rec, digest in zip(records, pool.map(lambda r: file_sha256(resolve_image_path(r, manifest)), records)):
+            rec.sha256 = digest
+
+
 def run(cfg: PrepareConfig) -> dict:
     from pipeline.data.importers import import_source
 
@@ -93,6 +105,8 @@ def run(cfg: PrepareConfig) -> dict:
     records = sorted(unique.values(), key=lambda r: r.image_id)
 
     assign_splits(records, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    record_digests(records, out_dir / "manifest.jsonl", cfg.workers)
+    record_digests(noisy, out_dir / "manifest.jsonl", cfg.workers)
     n = write_manifest(out_dir / "manifest.jsonl", records)
     rejects.write(out_dir / "rejects.jsonl")
 

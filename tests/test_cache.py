@@ -19,14 +19,21 @@ from cache import (
     TokenSet,
     caption_collate,
 )
-from cache.format import shard_of
+from cache.format import FeatureMismatchError, FeatureSpec, shard_of
+
+SPEC = FeatureSpec(backbone="fake", weights={"source": "random-init", "sha256": "a" * 64},
+                   preprocessing={"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5]},
+                   token_sets=(TokenSet("last", 4, 6), TokenSet("stage2", 16, 6, 2)), dtype="float16")
 
 
 def _meta(num_shards=3) -> CacheMeta:
-    return CacheMeta(
-        backbone="fake", weights={"source": "random-init"}, preprocessing={"input_size": [3, 32, 32]},
-        token_sets=[TokenSet("last", 4, 6), TokenSet("stage2", 16, 6)], dtype="float16", num_shards=num_shards,
-    )
+    return CacheMeta(spec=SPEC, num_shards=num_shards)
+
+
+def _digest(image_id: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(image_id.encode()).hexdigest()
 
 
 def _features(i: int):
@@ -38,9 +45,9 @@ def write_cache(directory: Path, ids: list[str], num_shards: int = 3) -> CacheMe
     writer = CacheWriter(directory, _meta(num_shards))
     for s in range(num_shards):
         sw = writer.shard(s)
-        sw.open()
         mine = sorted(i for i in ids if shard_of(i, num_shards) == s)
-        sw.put_batch([(i, sw.encode(_features(int(i.split("/")[1])))) for i in mine])
+        assert sw.open({i: _digest(i) for i in mine}).todo == mine
+        sw.put_batch([(i, sw.encode(_digest(i), _features(int(i.split("/")[1])))) for i in mine])
         sw.finish()
     meta = writer.finalize()
     assert meta is not None
@@ -61,6 +68,7 @@ def test_round_trip_values_shapes_and_dtype(tmp_path):
         np.testing.assert_array_equal(batch["last"][row], want[0].astype(np.float16))
         np.testing.assert_array_equal(batch["stage2"][row], want[1].astype(np.float16))
     assert sorted(cache.keys()) == sorted(ids)
+    assert cache.digests(["x/3", "x/99"]) == {"x/3": _digest("x/3"), "x/99": None}
 
 
 def test_missing_key_is_an_error_naming_the_id(tmp_path):
@@ -70,12 +78,23 @@ def test_missing_key_is_an_error_naming_the_id(tmp_path):
 
 
 def test_reader_refuses_other_backbone_shapes_and_versions(tmp_path):
+    from dataclasses import replace
+
     write_cache(tmp_path, ["x/1"])
-    with pytest.raises(CacheFormatError, match="backbone 'fake', expected 'resnet50'"):
-        FeatureCache(tmp_path, expect={"backbone": "resnet50"})
-    with pytest.raises(CacheFormatError, match="token sets"):
-        FeatureCache(tmp_path, expect={"token_sets": [("last", 49, 768)]})
-    FeatureCache(tmp_path, expect={"backbone": "fake", "token_sets": [("last", 4, 6), ("stage2", 16, 6)]})
+    with pytest.raises(FeatureMismatchError, match="backbone: 'fake' vs 'resnet50'"):
+        FeatureCache(tmp_path, expect=replace(SPEC, backbone="resnet50"))
+    with pytest.raises(FeatureMismatchError, match=r"token set 'last': 4x6 from stage None vs 49x768"):
+        FeatureCache(tmp_path, expect=replace(SPEC, token_sets=(TokenSet("last", 49, 768),)))
+    other = replace(SPEC, preprocessing={"input_size": [3, 64, 64], "mean": [0.4, 0.5, 0.5]},
+                    weights={"source": "file", "sha256": "b" * 64})
+    with pytest.raises(FeatureMismatchError) as e:
+        FeatureCache(tmp_path, expect=other)
+    message = str(e.value)  # every difference named in one message
+    assert "weights: sha256 aaaaaaaaaaaa (random-init) vs bbbbbbbbbbbb (file)" in message
+    assert "preprocessing.input_size: [3, 32, 32] vs [3, 64, 64]" in message
+    assert "preprocessing.mean: [0.5, 0.5, 0.5] vs [0.4, 0.5, 0.5]" in message
+    FeatureCache(tmp_path, expect=SPEC)
+    FeatureCache(tmp_path, expect=SPEC.select(["stage2"]))  # a model reading one of the sets fits too
     meta = json.loads((tmp_path / "meta.json").read_text())
     meta["version"] = 99
     (tmp_path / "meta.json").write_text(json.dumps(meta))
@@ -86,8 +105,8 @@ def test_reader_refuses_other_backbone_shapes_and_versions(tmp_path):
 def test_incomplete_cache_is_refused(tmp_path):
     writer = CacheWriter(tmp_path, _meta(2))
     sw = writer.shard(0)
-    sw.open()
-    sw.put_batch([("x/1", sw.encode(_features(1)))])
+    sw.open({"x/1": _digest("x/1")})
+    sw.put_batch([("x/1", sw.encode(_digest("x/1"), _features(1)))])
     sw.finish()
     assert writer.finalize() is None and writer.pending_shards() == [1]
     with pytest.raises(CacheFormatError, match="no meta.json"):
@@ -96,8 +115,8 @@ def test_incomplete_cache_is_refused(tmp_path):
 
 def test_duplicate_key_is_refused(tmp_path):
     sw = CacheWriter(tmp_path, _meta(1)).shard(0)
-    sw.open()
-    value = sw.encode(_features(1))
+    sw.open({"x/1": _digest("x/1")})
+    value = sw.encode(_digest("x/1"), _features(1))
     sw.put_batch([("x/1", value)])
     with pytest.raises(CacheFormatError, match="duplicate key"):
         sw.put_batch([("x/1", value)])

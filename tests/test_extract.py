@@ -19,7 +19,8 @@ from cache import FeatureCache
 from cache.writer import ShardWriter
 from pipeline.config import ExtractConfig
 from stages import extract
-from tests.conftest import make_image_manifest
+from tests.conftest import make_image_manifest, write_png
+from tests.helpers_bundle import free_port
 
 BACKBONE = "test_efficientnet"  # timm's tiny test model: random init, milliseconds per batch
 
@@ -38,8 +39,12 @@ def _shard_bytes(directory: Path) -> dict[str, str]:
 def test_extract_writes_every_good_image_and_reports_the_bad(image_manifest, tmp_path):
     meta = extract.run(_cfg(image_manifest, tmp_path / "feat"))
     assert meta is not None and meta.records == 24
-    cache = FeatureCache(tmp_path / "feat", expect={"backbone": BACKBONE})
-    assert cache.meta.weights == {"source": "random-init", "seed": 0}
+    cache = FeatureCache(tmp_path / "feat")
+    assert cache.meta.backbone == BACKBONE
+    weights = cache.meta.weights
+    assert (weights["source"], weights["seed"]) == ("random-init", 0)
+    assert weights["sha256"] == hashlib.sha256((tmp_path / "feat" / "backbone.safetensors").read_bytes()).hexdigest()
+    assert cache.weights_file() == tmp_path / "feat" / "backbone.safetensors"
     assert cache.meta.preprocessing["input_size"] == [3, 64, 64]
     (ts,) = cache.meta.token_sets
     assert ts.name == "last" and ts.tokens == 4  # 64 px / stride 32 = 2x2
@@ -99,9 +104,9 @@ def test_resume_after_a_crash_finishes_without_duplicates_or_recomputation(image
     encoded = {"n": 0}
     real_encode = ShardWriter.encode
 
-    def counting_encode(self, arrays):
+    def counting_encode(self, digest, arrays):
         encoded["n"] += 1
-        return real_encode(self, arrays)
+        return real_encode(self, digest, arrays)
 
     monkeypatch.setattr(ShardWriter, "encode", counting_encode)
     meta = extract.run(_cfg(image_manifest, tmp_path / "resumed"))
@@ -160,7 +165,7 @@ def test_separate_machines_write_shards_and_the_last_one_writes_meta(image_manif
 
 def test_torchrun_two_processes_write_one_cache(image_manifest, tmp_path):
     (tmp_path / "p.yaml").write_text("{}\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pipeline.cli", "extract", "--manifest", str(image_manifest), "--out-dir", str(tmp_path / "dist"),
            "--backbone", BACKBONE, "--image-size", "64", "--num-shards", "4", "--batch-size", "4",
            "--workers", "0", "--weights", "none", "--params", str(tmp_path / "p.yaml")]
@@ -181,8 +186,9 @@ def test_torchrun_two_processes_write_one_cache(image_manifest, tmp_path):
 
 def test_multi_scale_token_sets(image_manifest, tmp_path):
     meta = extract.run(_cfg(image_manifest, tmp_path / "feat", out_indices=[1, 2]))
-    names = [(t.name, t.tokens) for t in meta.token_sets]
-    assert names == [("stage1", 256), ("stage2", 64)]  # strides 4 and 8 at 64 px
+    names = [(t.name, t.tokens, t.index) for t in meta.token_sets]
+    assert names == [("stage1", 256, 1), ("stage2", 64, 2)]  # strides 4 and 8 at 64 px
+    assert meta.spec.out_indices == [1, 2]
     batch = FeatureCache(tmp_path / "feat").get_batch(["t/001"])
     assert set(batch) == {"stage1", "stage2"}
 
@@ -206,3 +212,90 @@ def test_local_weights_load_and_bad_weights_name_the_keys(image_manifest, tmp_pa
     save_file(broken, str(tmp_path / "broken.safetensors"))
     with pytest.raises(WeightsError, match=r"missing keys: conv_stem.weight.*unexpected keys: extra.weight"):
         extract.run(_cfg(image_manifest, tmp_path / "c", weights=tmp_path / "broken.safetensors"))
+
+
+def _rewrite_manifest(manifest: Path, rows: list[dict]) -> None:
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_changed_images_are_re_extracted_and_removed_ones_dropped(tmp_path, caplog):
+    """The stale-features scenario: same ids, other pixels (and new and removed ids) after a prepare change."""
+    import logging
+
+    manifest = make_image_manifest(tmp_path / "data", 12)
+    out = tmp_path / "feat"
+    extract.run(_cfg(manifest, out))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i in (2, 7):  # new pixels under an old id
+        write_png(tmp_path / "data" / "img" / f"{i:03d}.png", seed=100 + i)
+    rows = [r for r in rows if r["image_id"] != "t/011"]  # no longer in the manifest
+    for i in (12, 13, 14):  # new images
+        write_png(tmp_path / "data" / "img" / f"{i:03d}.png", seed=i)
+        rows.append({"image_id": f"t/{i:03d}", "path": f"img/{i:03d}.png", "captions": ["new"], "split": "train",
+                     "source": "t"})
+    _rewrite_manifest(manifest, rows)
+    encoded = []
+    real_encode = ShardWriter.encode
+
+    def counting_encode(self, digest, arrays):
+        encoded.append(digest)
+        return real_encode(self, digest, arrays)
+
+    with caplog.at_level(logging.INFO), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ShardWriter, "encode", counting_encode)
+        meta = extract.run(_cfg(manifest, out))
+    assert len(encoded) == 5  # exactly the 2 changed and the 3 new images
+    assert "9 record(s) kept, 2 re-extracted (image changed), 1 dropped (no longer in the manifest), 5 computed" \
+        in caplog.text
+    assert meta.records == 14
+    extract.run(_cfg(manifest, tmp_path / "fresh"))
+    cache, fresh = FeatureCache(out), FeatureCache(tmp_path / "fresh")
+    ids = sorted(r["image_id"] for r in rows)
+    assert sorted(cache.keys()) == ids and "t/011" not in cache
+    # equal to a fresh extraction (up to float16 rounding of batch-size-dependent float sums)
+    np.testing.assert_allclose(cache.get_batch(ids)["last"].astype(np.float32),
+                               fresh.get_batch(ids)["last"].astype(np.float32), rtol=2e-3, atol=1e-5)
+    digests = {r["image_id"]: hashlib.sha256((tmp_path / "data" / r["path"]).read_bytes()).hexdigest() for r in rows}
+    assert cache.digests(ids) == digests
+
+
+def test_settings_that_change_no_byte_keep_the_cache_and_its_files(image_manifest, tmp_path):
+    weights = tmp_path / "w.safetensors"
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    save_file(timm.create_model(BACKBONE).state_dict(), str(weights))
+    out = tmp_path / "feat"
+    extract.run(_cfg(image_manifest, out, weights=weights))
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir())}
+    moved = tmp_path / "elsewhere" / "renamed.safetensors"
+    moved.parent.mkdir()
+    weights.rename(moved)
+    extract.run(_cfg(image_manifest, out, weights=moved, batch_size=3, workers=0, device="cpu"))
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir())} == files
+    assert "renamed" not in (out / "meta.json").read_text() and "batch_size" not in (out / "meta.json").read_text()
+
+
+def test_the_cache_refuses_weights_that_changed_after_extraction(image_manifest, tmp_path):
+    from cache import CacheFormatError
+
+    out = tmp_path / "feat"
+    extract.run(_cfg(image_manifest, out))
+    recorded = FeatureCache(out).meta.weights["sha256"]
+    with open(out / "backbone.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(CacheFormatError, match=rf"backbone.safetensors: backbone weights changed since extraction "
+                                               rf"\(sha256 [0-9a-f]{{64}} now, {recorded} when"):
+        FeatureCache(out).weights_file()
+
+
+def test_a_manifest_older_than_its_images_is_refused(image_manifest, tmp_path):
+    from pipeline.encode import StaleManifestError
+
+    rows = [json.loads(line) for line in image_manifest.read_text().splitlines()]
+    rows[0]["sha256"] = "0" * 64
+    _rewrite_manifest(image_manifest, rows)
+    with pytest.raises(StaleManifestError, match=r"1 image\(s\) differ from the sha256 the manifest records.*t/000"):
+        extract.run(_cfg(image_manifest, tmp_path / "feat"))

@@ -7,6 +7,7 @@ a few stable phrases (used as rejects-report reasons).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ class ImageDecodeError(UserError, Exception):
         self.source = source
         self.reason = reason
         self.detail = detail
+        self.digest: str | None = None  # sha256 of the file's bytes, when they could be read
         super().__init__(f"{source}: {reason}" + (f" ({detail})" if detail else ""))
 
 
@@ -123,3 +125,20 @@ def check_image(path: str | Path, mode: str = "full", max_pixels: int = DEFAULT_
         return
     with open(path, "rb") as f:
         _decode(f, str(path), max_pixels, full=(mode == "full"))
+
+
+def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, Image.Image]:
+    """``(sha256 of the file's bytes, the decoded image)``, reading the file once.
+
+    The digest is what identifies the pixels a feature was computed from (the feature cache keys
+    its records by it); raises :class:`ImageDecodeError` (with ``digest`` set when the bytes were read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageDecodeError(str(path), "missing image file")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return digest, decode_bytes(data, str(path), max_pixels)
+    except ImageDecodeError as e:
+        e.digest = digest
+        raise

@@ -39,11 +39,14 @@ class ManifestRecord:
     split: str
     source: str
     extra: dict = field(default_factory=dict)
+    sha256: str | None = None  # of the image file, as `prepare` read it (what cached features are keyed by)
 
     def to_json(self) -> str:
         row = asdict(self)
         if not row["extra"]:
             del row["extra"]
+        if row["sha256"] is None:
+            del row["sha256"]
         return json.dumps(row, ensure_ascii=False, sort_keys=False)
 
     @classmethod
@@ -51,7 +54,7 @@ class ManifestRecord:
         missing = [k for k in ("image_id", "path", "captions", "split", "source") if k not in row]
         if missing:
             raise ValueError(f"missing keys {missing}")
-        unknown = set(row) - {"image_id", "path", "captions", "split", "source", "extra"}
+        unknown = set(row) - {"image_id", "path", "captions", "split", "source", "extra", "sha256"}
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}")
         if row["split"] not in SPLITS:
@@ -65,6 +68,7 @@ class ManifestRecord:
             split=row["split"],
             source=str(row["source"]),
             extra=dict(row.get("extra") or {}),
+            sha256=None if row.get("sha256") is None else str(row["sha256"]),
         )
 
 

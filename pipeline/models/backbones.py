@@ -7,7 +7,6 @@ read with ``weights_only=True``), or nothing (random init, recorded as such).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from cache.format import FeatureSpec, TokenSet, file_sha256
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,8 @@ class WeightsError(UserError, ValueError):
     """A weights file that cannot be used with a backbone; the message lists the offending keys."""
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["Backbone", "WeightsError", "convert_by_order", "create_backbone", "file_sha256", "load_weights",
+           "read_state_dict", "weights_bytes"]
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -118,6 +114,18 @@ class Backbone:
             maps = self.model.forward_intermediates(images, indices=self.out_indices, intermediates_only=True)
         return [flatten_map(m) for m in maps]
 
+    def feature_spec(self, *, weights: dict[str, Any], dtype: str, source: str = "cache") -> FeatureSpec:
+        """The spec of the features this backbone computes (token-set shapes from one probe forward pass)."""
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with torch.inference_mode():
+            probe = self.tokens(torch.zeros(1, *self.data_config["input_size"], device=device))
+        indices = self.out_indices or [None] * len(probe)
+        token_sets = [TokenSet(n, int(t.shape[1]), int(t.shape[2]), i)
+                      for n, t, i in zip(self.token_set_names, probe, indices)]
+        return FeatureSpec(backbone=self.name, weights=weights, preprocessing=dict(self.data_config),
+                           token_sets=tuple(token_sets), dtype=dtype, source=source)
+
     def eval_transform(self):
         """Resize the shorter side, centre-crop, normalise — as the data config says."""
         cfg = self.data_config
@@ -136,39 +144,62 @@ def flatten_map(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"backbone returned a {x.ndim}-D feature map; expected (B, C, H, W) or (B, N, C)")
 
 
+def weights_bytes(model: nn.Module) -> bytes:
+    """The model's state dict as safetensors bytes: the canonical form of "these weights" (its sha256 is
+    what caches and bundles record; the same tensors give the same bytes)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
+
+
 def create_backbone(
     name: str,
     *,
     pretrained: bool = False,
     weights: Optional[Path] = None,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
     image_size: Optional[int] = None,
     crop_pct: Optional[float] = None,
+    preprocessing: Optional[dict[str, Any]] = None,
     out_indices: Optional[list[int]] = None,
     init_seed: int = 0,
 ) -> Backbone:
-    """Build ``name`` from timm with weights from exactly one place, in eval mode."""
-    if pretrained and weights is not None:
-        raise WeightsError("give either pretrained=True (download) or a local weights file, not both")
+    """Build ``name`` from timm with weights from exactly one place, in eval mode.
+
+    Weights: ``pretrained`` (timm's download), ``weights`` (a local file), ``state_dict`` (tensors in
+    hand, e.g. a bundle's: the model is built as a bare skeleton, without reseeding torch's RNG or a
+    random-weights warning), or none of them (seeded random init, recorded as such).
+    Preprocessing: timm's data config for the model, with ``image_size`` / ``crop_pct`` overrides; or
+    ``preprocessing``, a recorded data config used as it is."""
+    if sum([bool(pretrained), weights is not None, state_dict is not None]) > 1:
+        raise WeightsError("give one source of backbone weights: pretrained=True (download), a local weights file, "
+                           "or a state dict; not several")
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
         raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    if not pretrained and weights is None:
+    if not pretrained and weights is None and state_dict is None:
         torch.manual_seed(init_seed)  # random init is reproducible, so reruns write identical caches
     model = timm.create_model(name, pretrained=pretrained)
     if weights is not None:
         load_weights(model, read_state_dict(weights), source=str(weights))
-        weights_info = {"source": "file", "path": str(weights), "sha256": file_sha256(Path(weights))}
+        weights_info: dict[str, Any] = {"source": "file"}
+    elif state_dict is not None:
+        load_weights(model, state_dict, source=f"{name} state dict")
+        weights_info = {"source": "state-dict"}
     elif pretrained:
         weights_info = {"source": "timm-pretrained", "tag": model.pretrained_cfg.get("tag") or ""}
     else:
         weights_info = {"source": "random-init", "seed": init_seed}
         log.warning("backbone %s has random weights (no --pretrained, no --weights): features carry little meaning", name)
     model.eval()
-    data_config = dict(timm.data.resolve_data_config({}, model=model))
-    if image_size is not None:
-        data_config["input_size"] = (3, image_size, image_size)
-    if crop_pct is not None:
-        data_config["crop_pct"] = crop_pct
+    if preprocessing is not None:
+        data_config = dict(preprocessing)
+    else:
+        data_config = dict(timm.data.resolve_data_config({}, model=model))
+        if image_size is not None:
+            data_config["input_size"] = (3, image_size, image_size)
+        if crop_pct is not None:
+            data_config["crop_pct"] = crop_pct
     data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
     names = ["last"] if out_indices is None else [f"stage{i}" for i in out_indices]
     return Backbone(name, model, data_config, weights_info, out_indices, names)

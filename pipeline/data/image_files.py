@@ -1,0 +1,47 @@
+"""Manifest images as a torch Dataset for encoders (feature extraction, CLIP embeddings).
+
+Each item is decoded once from its file, with the sha256 of the bytes read (what a cached
+feature is keyed by), or the reason it could not be used — a bad image never stops a batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.data.images import ImageDecodeError, read_image_file
+from pipeline.data.manifest import ManifestRecord, resolve_image_path
+
+
+class ImageFiles(Dataset):
+    """``(index, digest, tensor, None)`` per image, or ``(index, digest or None, None, reject)`` for a bad one."""
+
+    def __init__(self, records: list[ManifestRecord], manifest: Path, transform: Callable, max_pixels: int) -> None:
+        self.records = records
+        self.manifest = manifest
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        path = resolve_image_path(self.records[i], self.manifest)
+        try:
+            digest, image = read_image_file(path, self.max_pixels)
+            return i, digest, self.transform(image), None
+        except ImageDecodeError as e:
+            reject = {"file": str(path), "id": self.records[i].image_id, "digest": e.digest, "reason": e.reason,
+                      "detail": e.detail}
+            return i, e.digest, None, reject
+
+
+def collate_image_files(items) -> tuple[list[int], list[str], Optional[torch.Tensor], list[dict]]:
+    """``(indices, digests, stacked images or None, rejects)`` of a batch of :class:`ImageFiles` items."""
+    good = [(i, d, x) for i, d, x, err in items if err is None]
+    bad = [err for *_, err in items if err is not None]
+    return ([i for i, _, _ in good], [d for _, d, _ in good],
+            torch.stack([x for _, _, x in good]) if good else None, bad)

@@ -1,0 +1,175 @@
+"""Fill a feature cache from manifest images with any encoder: the loop `extract` and `filter` share.
+
+:func:`fill_cache` hashes the images of the shards it is given, leaves alone the shards that
+already cover them (same ids, same image bytes, same cache identity), and for the others
+computes exactly the missing and changed records — one DataLoader over all of them, so the
+loader's start-up is paid once per run, not once per shard. Bad images are recorded as
+rejects (with the digest of their bytes, so a fixed file is retried), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cache.format import file_sha256, shard_of
+from cache.writer import CacheWriter, ShardWriter
+from pipeline.data.image_files import ImageFiles, collate_image_files
+from pipeline.data.manifest import ManifestRecord, resolve_image_path
+from pipeline.errors import UserError
+from pipeline.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
+
+
+class StaleManifestError(UserError, ValueError):
+    """Images that no longer match the sha256 their manifest records."""
+
+
+def image_digests(records: list[ManifestRecord], manifest: Path) -> dict[str, Optional[str]]:
+    """sha256 of every image file (None: missing or unreadable), read by two threads.
+
+    A manifest that records digests (``prepare`` does) must agree with the files: otherwise the
+    images changed after ``prepare`` and the manifest's other facts may be stale too."""
+
+    def one(rec: ManifestRecord) -> Optional[str]:
+        try:
+            return file_sha256(resolve_image_path(rec, manifest))
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(2) as pool:
+        digests = list(progress_bar(pool.map(one, records), total=len(records), unit="img", desc="hash images",
+                                    disable=len(records) < 2000))
+    out = dict(zip((r.image_id for r in records), digests))
+    stale = [r.image_id for r in records if r.sha256 and out[r.image_id] and r.sha256 != out[r.image_id]]
+    if stale:
+        raise StaleManifestError(
+            f"{manifest}: {len(stale)} image(s) differ from the sha256 the manifest records (e.g. {stale[:3]}): "
+            "the images changed after `pipeline prepare`; rerun `pipeline prepare` so the manifest describes them")
+    return out
+
+
+@dataclass
+class FillStats:
+    """What one :func:`fill_cache` call did."""
+
+    shards_current: int = 0
+    shards_updated: int = 0
+    kept: int = 0
+    changed: int = 0
+    dropped: int = 0
+    computed: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+    per_shard: dict[int, dict] = field(default_factory=dict)
+
+
+Encoder = Callable[[torch.Tensor], list[np.ndarray]]  # a batch of preprocessed images -> one array per token set
+
+
+def fill_cache(
+    writer: CacheWriter, records: list[ManifestRecord], manifest: Path, shards: list[int], *, transform: Callable,
+    encode: Encoder, batch_size: int, workers: int = 0, max_pixels: int, pin_memory: bool = False,
+    desc: str = "encode",
+) -> FillStats:
+    """Bring ``shards`` of ``writer``'s cache up to date with the images of ``records`` that belong to them."""
+    num_shards = writer.meta.num_shards
+    by_shard: dict[int, list[ManifestRecord]] = {i: [] for i in shards}
+    for rec in records:
+        s = shard_of(rec.image_id, num_shards)
+        if s in by_shard:
+            by_shard[s].append(rec)
+    digests = image_digests([r for recs in by_shard.values() for r in recs], manifest)
+    stats = FillStats()
+    open_shards: dict[int, ShardWriter] = {}
+    items: list[tuple[int, ManifestRecord]] = []
+    remaining: dict[int, int] = {}
+    try:
+        for i in shards:
+            wanted = {r.image_id: digests[r.image_id] for r in by_shard[i]}
+            sw = writer.shard(i)
+            if sw.is_current(wanted):
+                stats.shards_current += 1
+                continue
+            plan = sw.open(wanted)
+            open_shards[i] = sw
+            stats.shards_updated += 1
+            stats.kept += plan.kept
+            stats.changed += plan.changed
+            stats.dropped += plan.dropped
+            stats.per_shard[i] = {"kept": plan.kept, "changed": plan.changed, "dropped": plan.dropped,
+                                  "computed": len(plan.todo)}
+            recs = {r.image_id: r for r in by_shard[i]}
+            items.extend((i, recs[image_id]) for image_id in plan.todo)
+            remaining[i] = len(plan.todo)
+            log.info("%s: %d record(s) kept, %d changed, %d dropped (no longer in the manifest), %d to compute",
+                     sw.name, plan.kept, plan.changed, plan.dropped, len(plan.todo))
+        for i in [i for i, n in remaining.items() if n == 0]:
+            _finish(open_shards.pop(i))
+        if not items:
+            return stats
+        start = time.perf_counter()
+        loader = DataLoader(
+            ImageFiles([r for _, r in items], manifest, transform, max_pixels), batch_size=batch_size, shuffle=False,
+            num_workers=workers, collate_fn=collate_image_files, prefetch_factor=4 if workers > 0 else None,
+            persistent_workers=False, pin_memory=pin_memory,
+        )
+        pending: Optional[Future] = None
+        with ThreadPoolExecutor(max_workers=1) as io, \
+                progress_bar(total=len(items), unit="img", desc=desc) as bar:  # writes overlap the next forward pass
+            for idx, batch_digests, images, bad in loader:
+                values: dict[int, list[tuple[str, bytes]]] = {}
+                if images is not None:
+                    arrays = encode(images)
+                    for j, (k, digest) in enumerate(zip(idx, batch_digests)):
+                        shard, rec = items[k]
+                        values.setdefault(shard, []).append(
+                            (rec.image_id, open_shards[shard].encode(digest, [a[j] for a in arrays])))
+                if pending is not None:
+                    pending.result()
+                for err in bad:  # appended before the batch's records commit, so a resumed run skips them too
+                    shard = shard_of(err["id"], num_shards)
+                    open_shards[shard].add_rejects([err])
+                    log.warning("skipped %s: %s%s", err["file"], err["reason"],
+                                f" ({err['detail']})" if err["detail"] else "")
+                    remaining[shard] -= 1
+                for shard, vals in values.items():
+                    remaining[shard] -= len(vals)
+                done_now = [s for s in open_shards if remaining[s] == 0]
+                pending = io.submit(_commit, dict(open_shards), values, done_now)
+                for s in done_now:
+                    open_shards.pop(s)
+                stats.computed += sum(len(v) for v in values.values())
+                stats.rejected += len(bad)
+                bar.update(len(idx) + len(bad))
+            if pending is not None:
+                pending.result()
+        stats.seconds = time.perf_counter() - start
+        log.info("%s: %d images in %.1f s (%.1f images/s)", desc, len(items), stats.seconds,
+                 len(items) / max(stats.seconds, 1e-9))
+        return stats
+    finally:
+        for sw in open_shards.values():
+            sw.close()
+
+
+def _commit(shards: dict[int, ShardWriter], values: dict[int, list[tuple[str, bytes]]], finish: list[int]) -> None:
+    for shard, vals in values.items():
+        shards[shard].put_batch(vals)
+    for shard in finish:
+        _finish(shards[shard])
+
+
+def _finish(sw: ShardWriter) -> None:
+    info = sw.finish()
+    sw.close()
+    log.info("shard %d done: %d records, %d rejected", sw.index, info["records"], info["rejects"])

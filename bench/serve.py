@@ -94,7 +94,7 @@ def build_random_bundle(directory: Path, *, quick: bool, seed: int = 0) -> Path:
     import torch
     import yaml
 
-    from pipeline.bundle import FeatureSpec, save_bundle
+    from pipeline.bundle import save_bundle
     from pipeline.data.synthetic import describe, sample_scene
     from pipeline.models.backbones import create_backbone
     from pipeline.models.decoders import create_decoder
@@ -112,15 +112,12 @@ def build_random_bundle(directory: Path, *, quick: bool, seed: int = 0) -> Path:
         options = dict(params.get("decoders", {}).get("show_attend_tell", {}).get("options")
                        or dict(embed_dim=128, hidden_dim=256, attention_dim=128, visual_dim=128, cell="lstm"))
     options["dropout"] = 0.0
-    with torch.inference_mode():
-        tokens = bb.tokens(torch.zeros(1, 3, *bb.data_config["input_size"][1:]))[0]
-    spec = FeatureSpec(backbone=bb.name, weights=bb.weights_info, preprocessing=dict(bb.data_config),
-                       token_sets=[["last", int(tokens.shape[1]), int(tokens.shape[2])]], dtype="float16")
+    spec = bb.feature_spec(weights=bb.weights_info, dtype="float16")  # save_bundle adds the weights' sha256
     rng = np.random.default_rng(seed)
     tok = build_word_vocab([c for _ in range(200) for c in describe(sample_scene(rng), rng)],
                            max_length=CAPTION_WORDS)
     torch.manual_seed(seed)
-    decoder = create_decoder("show_attend_tell", feature_dim=int(tokens.shape[2]), vocab_size=tok.vocab_size,
+    decoder = create_decoder("show_attend_tell", feature_dim=spec.feature_dim, vocab_size=tok.vocab_size,
                              pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, **options)
     with torch.no_grad():
         for special in {tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id}:

@@ -211,7 +211,7 @@ def check_spec(have: FeatureSpec, want: FeatureSpec, *, have_label: str, want_la
             remedy = (f"re-extract with the model's settings (`pipeline extract --backbone {want.backbone}` at input "
                       f"size {want.preprocessing.get('input_size')}, the same weights) or use a model trained on "
                       f"these features")
-        raise FeatureMismatchError(f"the features of {have_label} do not fit {want_label} ({have_label} vs model): "
+        raise FeatureMismatchError(f"the features of {have_label} do not fit {want_label} (found vs expected): "
                                    + "; ".join(problems) + f". {remedy}")
 
 

@@ -2,29 +2,35 @@
 
 Layout::
 
-    config.json            decoder family + options, backbone + preprocessing, token sets,
-                           tokenizer kind, training summary, format version
+    config.json            decoder family + the options of the architecture actually built, the features
+                           it reads (a :class:`cache.format.FeatureSpec`: backbone, weights by sha256,
+                           preprocessing, token sets), tokenizer kind, training summary, format version
     model.safetensors      decoder weights
-    backbone.safetensors   backbone weights (so images can be captioned; fine-tuned ones too)
+    backbone.safetensors   backbone weights (so images can be captioned; fine-tuned ones too); their
+                           sha256 is the one the feature spec records
     tokenizer/             the saved tokenizer (see pipeline.text.tokenizers)
 
-No pickle anywhere. ``Captioner.load(folder)`` hands back everything needed to
-caption an image file or a tensor of cached features; features from another
-backbone are refused with a message, not a shape error.
+No pickle anywhere, and nothing outside the folder is needed to load it. ``Captioner.load(folder)``
+hands back everything needed to caption an image file or a tensor of cached features; features that
+do not fit (another backbone, preprocessing, weights or token sets) are refused with every
+difference named (:func:`cache.format.check_spec`), not with a shape error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_model
 
+from cache.format import CacheError, FeatureSpec, check_spec, file_sha256
 from pipeline.decoding import DecodingOptions, Hypothesis, generate, options_for_mode
 from pipeline.errors import UserError
 from pipeline.models.decoders import create_decoder
@@ -32,8 +38,10 @@ from pipeline.text.tokenizers import CaptionTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+__all__ = ["BundleError", "Caption", "Captioner", "FeatureSpec", "read_bundle_config", "save_bundle"]
+
 BUNDLE_FORMAT = "caption-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
 CONFIG = "config.json"
 MODEL = "model.safetensors"
 BACKBONE = "backbone.safetensors"
@@ -44,47 +52,20 @@ class BundleError(UserError, ValueError):
     """A bundle that cannot be loaded, or input it cannot caption; the message says why."""
 
 
-@dataclass
-class FeatureSpec:
-    """What the decoder was trained on: which backbone, preprocessing and token sets."""
-
-    backbone: str
-    weights: dict[str, Any]
-    preprocessing: dict[str, Any]
-    token_sets: list[list]  # [[name, tokens, channels], ...] in the order they are concatenated
-    dtype: str = "float16"
-    source: str = "cache"  # "cache": features precomputed; "finetuned": the bundle's backbone was trained too
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.token_sets[0][2])
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(int(t[1]) for t in self.token_sets)
-
-
-def backbone_state_for(spec: FeatureSpec) -> dict[str, torch.Tensor]:
-    """The backbone weights a cache was extracted with, to store in the bundle."""
-    from pipeline.models.backbones import create_backbone, read_state_dict
-
-    w = spec.weights
-    if w.get("source") == "file":
-        return read_state_dict(Path(w["path"]))
-    # Rebuilding a random-init backbone reseeds the global RNG (torch.manual_seed): restore the caller's
-    # (training's dropout) stream afterwards, on the CPU and the CUDA device in use.
-    in_use = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=in_use):
-        bb = create_backbone(spec.backbone, pretrained=w.get("source") == "timm-pretrained", init_seed=w.get("seed", 0))
-    return bb.model.state_dict()
-
-
 def save_bundle(
     directory: Path, *, decoder: torch.nn.Module, tokenizer: CaptionTokenizer, features: FeatureSpec,
-    backbone_state: Optional[dict[str, torch.Tensor]] = None, training: Optional[dict[str, Any]] = None,
-    blind: bool = False,
-) -> None:
-    """Write a bundle atomically (temporary folder renamed into place)."""
+    backbone_file: Optional[Path] = None, backbone_state: Optional[dict[str, torch.Tensor]] = None,
+    training: Optional[dict[str, Any]] = None, blind: bool = False,
+) -> FeatureSpec:
+    """Write a bundle atomically (a temporary folder swapped into place); returns the feature spec it records.
+
+    The backbone comes as a file (e.g. a cache's ``backbone.safetensors``, copied byte for byte) or as a
+    state dict. Features from a cache must name exactly those weights (sha256); a spec without a sha256,
+    or of fine-tuned features, gets the sha256 of the weights written."""
+    from pipeline.models.backbones import state_dict_bytes
+
+    if backbone_file is not None and backbone_state is not None:
+        raise ValueError("give the backbone as a file or as a state dict, not both")
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -92,34 +73,61 @@ def save_bundle(
     decoder = getattr(decoder, "module", decoder)  # unwrap DDP
     decoder = getattr(decoder, "_orig_mod", decoder)  # unwrap torch.compile
     save_model(decoder, str(tmp / MODEL))  # tied weights (embedding = output layer) stored once
-    if backbone_state is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(tmp / BACKBONE))
+    digest = None
+    if backbone_file is not None:
+        shutil.copyfile(backbone_file, tmp / BACKBONE)
+        digest = file_sha256(tmp / BACKBONE)
+    elif backbone_state is not None:
+        data = state_dict_bytes(backbone_state)
+        (tmp / BACKBONE).write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+    recorded = features.weights.get("sha256")
+    if digest is not None and recorded != digest:
+        if features.source == "cache" and recorded is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BundleError(f"{directory}: the backbone weights given (sha256 {digest}) are not the ones the "
+                              f"features were computed with (sha256 {recorded})")
+        features = replace(features, weights={**features.weights, "sha256": digest})
     tokenizer.save(tmp / TOKENIZER)
     config = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
         "decoder": {"family": decoder.family, "options": decoder.config.model_dump(mode="json")},
-        "features": features.__dict__,
-        "backbone_weights": BACKBONE if backbone_state is not None else None,
+        "features": features.to_dict(),
+        "backbone_weights": BACKBONE if digest is not None else None,
         "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint(), "path": TOKENIZER},
         "blind": blind,
         "training": training or {},
     }
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    swap_folder(tmp, directory)
+    return features
+
+
+def swap_folder(new: Path, target: Path) -> None:
+    """Replace ``target`` by the finished folder ``new`` so that one of the two always exists whole."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_bundle_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise BundleError(f"{directory}: no {CONFIG} — not a model bundle (train one with `pipeline train`)")
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: format {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e}); the bundle is damaged: train or copy it again") from None
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise BundleError(f"{path}: format {found!r}, expected {BUNDLE_FORMAT!r}")
     if config.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle version {config.get('version')!r}; this code reads version {BUNDLE_VERSION}")
+        raise BundleError(f"{path}: bundle version {config.get('version')!r}; this code reads version {BUNDLE_VERSION} "
+                          "(retrain with `pipeline train`)")
     return config
 
 
@@ -151,11 +159,13 @@ class Captioner:
         tokenizer = load_tokenizer(directory / config["tokenizer"]["path"])
         if tokenizer.fingerprint() != config["tokenizer"]["fingerprint"]:
             raise BundleError(f"{directory}: tokenizer files do not match the ones the model was trained with")
-        spec = FeatureSpec(**config["features"])
+        try:
+            spec = FeatureSpec.from_dict(config.get("features"), where=f"{directory / CONFIG}: features")
+        except CacheError as e:
+            raise BundleError(str(e)) from None
         decoder = create_decoder(
             config["decoder"]["family"], feature_dim=spec.feature_dim, vocab_size=tokenizer.vocab_size,
-            pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-            **_without_pretrained_path(config["decoder"]["options"]),
+            pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, **config["decoder"]["options"],
         )
         missing, unexpected = load_model(decoder, str(directory / MODEL), strict=False)
         if missing or unexpected:
@@ -166,14 +176,17 @@ class Captioner:
         return cls(directory, config, decoder, tokenizer, spec, device)
 
     # -- features -------------------------------------------------------------------------
-    def check_features(self, features: torch.Tensor, backbone: Optional[str] = None) -> None:
-        """Refuse features that are not what the decoder was trained on, saying what differs."""
+    def check_spec(self, have: FeatureSpec, label: str, remedy: str = "") -> None:
+        """Refuse features described by ``have`` (a cache's, an image pipeline's) unless they are the ones
+        this model was trained on; the message names every difference."""
+        if have.source == "cache" and self.features.source == "finetuned" and not remedy:
+            remedy = ("this model's backbone was fine-tuned, so cached features do not fit it: caption the images "
+                      "(`--features none` in evaluate: they are encoded with the bundle's own backbone)")
+        check_spec(have, self.features, have_label=label, want_label=f"the model {self.directory}", remedy=remedy)
+
+    def check_features(self, features: torch.Tensor) -> None:
+        """Refuse a feature tensor whose shape is not what the decoder reads."""
         spec = self.features
-        if backbone is not None and backbone != spec.backbone:
-            raise BundleError(
-                f"features come from backbone {backbone!r}, but this model was trained on {spec.backbone!r} "
-                f"features; extract with `pipeline extract --backbone {spec.backbone}` or caption images directly"
-            )
         if features.ndim != 3 or features.shape[1] != spec.num_tokens or features.shape[2] != spec.feature_dim:
             raise BundleError(
                 f"features of shape {tuple(features.shape)} do not fit this model: it expects (batch, "
@@ -183,12 +196,16 @@ class Captioner:
 
     def caption_features(
         self, features: torch.Tensor, options: Union[str, DecodingOptions, None] = None, *,
-        backbone: Optional[str] = None, generator: Optional[torch.Generator] = None, return_attention: bool = False,
+        spec: Optional[FeatureSpec] = None, generator: Optional[torch.Generator] = None,
+        return_attention: bool = False,
     ) -> list[list[Caption]]:
-        """Caption a batch of features ``(B, N, C)``; per image the captions, best first."""
+        """Caption a batch of features ``(B, N, C)`` (described by ``spec``, when known); per image the
+        captions, best first."""
         if features.ndim == 2:
             features = features[None]
-        self.check_features(features, backbone)
+        if spec is not None:
+            self.check_spec(spec, "the features given")
+        self.check_features(features)
         opts = self.decoding_options(options)
         hyps = generate(self.decoder, features.to(self.device), opts, generator, return_attention=return_attention)
         return [[self._caption(h) for h in per_image] for per_image in hyps]
@@ -206,22 +223,27 @@ class Captioner:
     # -- images ---------------------------------------------------------------------------
     @property
     def backbone(self):
+        """The bundle's backbone with its recorded preprocessing, checked against the feature spec."""
         if self._backbone is None:
-            from pipeline.models.backbones import create_backbone, load_weights
+            from pipeline.models.backbones import create_backbone
 
             spec = self.features
             if self.config.get("backbone_weights") is None:
                 raise BundleError(f"{self.directory}: this bundle holds no backbone weights; caption cached features")
-            size = spec.preprocessing["input_size"][-1]
-            out_indices = None
-            names = [t[0] for t in spec.token_sets]
-            if names != ["last"]:
-                out_indices = [int(n.removeprefix("stage")) for n in names]
-            bb = create_backbone(spec.backbone, image_size=size, crop_pct=spec.preprocessing.get("crop_pct"),
-                                 out_indices=out_indices)
-            load_weights(bb.model, load_file(str(self.directory / BACKBONE)), str(self.directory / BACKBONE))
-            bb.data_config = dict(spec.preprocessing)
+            path = self.directory / BACKBONE
+            recorded = spec.weights.get("sha256")
+            if recorded is not None and path.is_file() and file_sha256(path) != recorded:
+                raise BundleError(f"{path}: backbone weights changed (sha256 {file_sha256(path)} now, {recorded} "
+                                  "recorded); the bundle is damaged: train or copy it again")
+            try:
+                state = load_file(str(path))
+            except Exception as e:  # noqa: BLE001 - a damaged file, named
+                raise BundleError(f"{path}: cannot read the backbone weights ({e}); the bundle is damaged") from None
+            bb = create_backbone(spec.backbone, state_dict=state, preprocessing=spec.preprocessing,
+                                 out_indices=spec.out_indices)
             bb.model.to(self.device).eval()
+            have = bb.feature_spec(weights=spec.weights, dtype=spec.dtype, source=spec.source)
+            self.check_spec(have, f"this code's {spec.backbone} image pipeline")
             self._backbone = bb
         return self._backbone
 
@@ -255,11 +277,3 @@ class Captioner:
         pil = [load_rgb(im) if isinstance(im, (str, Path)) else im.convert("RGB") for im in images]
         return self.caption_features(self.encode_images(pil), options, generator=generator,
                                      return_attention=return_attention)
-
-
-def _without_pretrained_path(options: dict[str, Any]) -> dict[str, Any]:
-    """A bundle's weights replace any pretrained init, so the pretrained folder is not needed to load it."""
-    options = dict(options)
-    if options.get("pretrained_path"):
-        options["pretrained_path"] = None
-    return options

@@ -149,43 +149,76 @@ class VocabConfig(StageConfig):
     glove: Optional[Path] = Field(None, description="GloVe text file: report its coverage of the word vocabulary.")
 
 
-class TrainConfig(StageConfig):
+# --------------------------------------------------------------------------- training runs
+# What `train`, `finetune` and `scst` share is stated once, as types (constraint + help text) and as
+# LoopConfig's fields; a stage sets only its own defaults.
+Epochs = Annotated[int, Field(ge=1, description="Epochs (passes over the training split).")]
+BatchSize = Annotated[int, Field(ge=1, description="Samples per step.")]
+LearningRate = Annotated[float, Field(gt=0, description="Peak learning rate.")]
+WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay (matrices only; not biases, norms, "
+                                                       "embeddings).")]
+WarmupSteps = Annotated[int, Field(ge=0, description="Linear warm-up, then cosine decay to `min_lr_ratio` * lr.")]
+MinLrRatio = Annotated[float, Field(ge=0, le=1, description="Where the cosine decay ends, as a fraction of lr.")]
+ValMaxImages = Annotated[Optional[int], Field(ge=1, description="Validate on at most this many images.")]
+Patience = Annotated[int, Field(ge=0, description="Early stopping: epochs without improvement (0: off).")]
+CheckpointEvery = Annotated[int, Field(ge=1, description="Save a resumable checkpoint every N steps (and each "
+                                                          "epoch).")]
+LabelSmoothing = Annotated[float, Field(ge=0, lt=1, description="Label smoothing of the caption loss.")]
+Threads = Annotated[Optional[int], Field(ge=1, description="torch CPU threads; default: torch's choice.")]
+Compile = Annotated[bool, Field(description="torch.compile the model (CUDA).")]
+MaxPixels = Annotated[int, Field(description="Refuse larger images (decompression bombs).")]
+ImageWorkers = Annotated[int, Field(ge=1, description="Threads decoding (and augmenting) images.")]
+
+
+class LoopConfig(StageConfig):
+    """The training loop's options (:class:`pipeline.training.Trainer` reads these and no others)."""
+
+    epochs: Epochs = 10
+    batch_size: BatchSize = 64
+    lr: LearningRate = 1e-3
+    weight_decay: WeightDecay = 0.01
+    warmup_steps: WarmupSteps = 200
+    min_lr_ratio: MinLrRatio = 0.05
+    schedule: Literal["cosine", "plateau"] = Field(
+        "cosine", description="cosine: warm-up + cosine decay; plateau: ReduceLROnPlateau on the validation metric."
+    )
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
+    val_metric: Literal["cider", "bleu4", "loss"] = Field("cider", description="Validation metric that picks the "
+                                                          "best epoch (and early stopping).")
+    val_max_images: ValMaxImages = None
+    max_caption_length: int = Field(24, ge=1, description="Greedy captions at validation stop here.")
+    patience: Patience = 4
+    checkpoint_every: CheckpointEvery = 200
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast: bf16 (CPU or CUDA), fp16 (CUDA).")
+
+
+class TrainConfig(LoopConfig):
     """Training on cached features. Family options live in the `decoders` section."""
 
     manifest: Path = Field(Path("data/prepared/manifest.jsonl"))
     features: Path = Field(Path("data/features"), description="Feature cache written by `extract`.")
     tokenizer: Path = Field(Path("models/tokenizers/word"), description="A folder saved by `vocab`.")
-    out_dir: Path = Field(Path("models/transformer"), description="Bundle, checkpoints, metrics and plots.")
+    out_dir: Optional[Path] = Field(None, description="Bundle, checkpoints, metrics and plots; default: "
+                                    "models/<decoder>.")
     decoder: str = Field("transformer", description="Decoder family (`pipeline decoders` lists them).")
     decoder_options: dict[str, Any] = Field(default_factory=dict, description="Overrides of the family's options.")
     token_sets: Optional[list[str]] = Field(None, description="Cached token sets to use; default: all (concatenated).")
     blind: bool = Field(False, description="Image-blind control: replace the visual features by zeros.")
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(200, ge=0, description="Linear warm-up, then cosine decay to `min_lr_ratio` * lr.")
-    min_lr_ratio: float = Field(0.05, ge=0, le=1)
-    schedule: Literal["cosine", "plateau"] = Field(
-        "cosine", description="cosine: warm-up + cosine decay; plateau: ReduceLROnPlateau on the validation metric."
-    )
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
+    label_smoothing: LabelSmoothing = 0.1
     scheduled_sampling: float = Field(
         0.0, ge=0, le=1, description="Recurrent decoders: final probability of feeding back the model's own token."
     )
     scheduled_sampling_ramp_epochs: int = Field(5, ge=1)
-    val_metric: Literal["cider", "bleu4", "loss"] = "cider"
-    val_max_images: Optional[int] = Field(None, ge=1, description="Validate on at most this many images.")
-    max_caption_length: int = Field(24, ge=1, description="Greedy captions at validation stop here.")
-    patience: int = Field(4, ge=0, description="Early stopping: epochs without improvement (0: off).")
-    checkpoint_every: int = Field(200, ge=1, description="Save a resumable checkpoint every N steps (and each epoch).")
-    seed: int = 0
-    device: str = "auto"
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast: bf16 (CPU or CUDA), fp16 (CUDA).")
-    compile: bool = Field(False, description="torch.compile the decoder (CUDA).")
+    compile: Compile = False
     glove: Optional[Path] = Field(None, description="GloVe text file to initialise word embeddings (word tokenizer).")
     freeze_embeddings: bool = False
+
+    @property
+    def output_dir(self) -> Path:
+        """``out_dir``, or ``models/<decoder>`` (so training another family never overwrites this one's bundle)."""
+        return self.out_dir if self.out_dir is not None else Path("models") / self.decoder
 
 
 HEADLINE_DECODINGS = ("greedy", "beam")
@@ -312,7 +345,7 @@ class MixConfig(StageConfig):
     seed: int = 0
 
 
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(LoopConfig):
     """End-to-end fine-tuning of a trained bundle's backbone and decoder, from images (not the cache)."""
 
     bundle: Path = Field(Path("models/transformer/bundle"), description="Bundle to start from (written by `train`); "
@@ -322,23 +355,21 @@ class FinetuneConfig(StageConfig):
     unfreeze_stages: Union[int, Literal["all"]] = Field(
         1, description="Backbone stages trained, counted from the output side (0: none; `all`: every stage and the stem)."
     )
-    backbone_lr: float = Field(5e-5, gt=0, description="Peak learning rate of the unfrozen backbone stages.")
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate of the decoder (already trained: keep it well below "
-                      "a from-scratch rate).")
-    weight_decay: float = Field(0.01, ge=0)
+    backbone_lr: LearningRate = Field(5e-5, description="Peak learning rate of the unfrozen backbone stages.")
+    lr: LearningRate = Field(3e-4, description="Peak learning rate of the decoder (already trained: keep it "
+                             "well below a from-scratch rate).")
+    weight_decay: WeightDecay = 0.01
     frozen_epochs: int = Field(0, ge=0, description="Warm-up epochs with the whole backbone frozen (decoder only).")
-    epochs: int = Field(3, ge=1, description="All epochs, the frozen warm-up included.")
-    batch_size: int = Field(32, ge=1, description="Images per step (each with its captions).")
+    epochs: Epochs = Field(3, description="All epochs, the frozen warm-up included.")
+    batch_size: BatchSize = Field(32, description="Images per step (each with its captions).")
     captions_per_image: Optional[int] = Field(None, ge=1, description="Captions per image per step (drawn per epoch); "
                                               "default: all of them.")
     max_train_images: Optional[int] = Field(None, ge=1, description="Fine-tune on this many training images "
                                             "(a seeded subset); default: all.")
-    warmup_steps: int = Field(50, ge=0, description="Linear warm-up of each learning rate (the backbone's from when it "
-                              "is unfrozen), then cosine decay to `min_lr_ratio` of it.")
-    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    warmup_steps: WarmupSteps = Field(50, description="Linear warm-up of each learning rate (the backbone's from "
+                                      "when it is unfrozen), then cosine decay to `min_lr_ratio` of it.")
     schedule: Literal["cosine"] = "cosine"
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
+    label_smoothing: LabelSmoothing = 0.1
     crop_scale: float = Field(0.85, gt=0, le=1, description="Random resized crop: smallest fraction of the image area "
                               "kept (1.0: no crop).")
     rotation: float = Field(8.0, ge=0, le=45, description="Random rotation, +- degrees.")
@@ -358,21 +389,16 @@ class FinetuneConfig(StageConfig):
     )
     grad_checkpointing: bool = Field(False, description="Recompute backbone activations in backward (less memory).")
     channels_last: bool = Field(False, description="channels_last memory format for the backbone (CUDA).")
-    workers: int = Field(2, ge=1, description="Threads decoding and augmenting images.")
-    val_metric: Literal["cider", "bleu4", "loss"] = "cider"
-    val_max_images: Optional[int] = Field(200, ge=1, description="Validate on at most this many images.")
-    max_caption_length: int = Field(24, ge=1, description="Greedy captions at validation stop here.")
-    patience: int = Field(0, ge=0, description="Early stopping: epochs without improvement (0: off).")
-    checkpoint_every: int = Field(100, ge=1, description="Save a resumable checkpoint every N steps (and each epoch).")
-    seed: int = 0
-    device: str = "auto"
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast: bf16 (CPU or CUDA), fp16 (CUDA).")
-    compile: bool = Field(False, description="torch.compile backbone + decoder (CUDA).")
-    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
-    max_pixels: int = Field(128_000_000, description="Refuse larger images (decompression bombs).")
+    workers: ImageWorkers = 2
+    val_max_images: ValMaxImages = 200
+    patience: Patience = 0
+    checkpoint_every: CheckpointEvery = 100
+    compile: Compile = False
+    threads: Threads = None
+    max_pixels: MaxPixels = 128_000_000
 
 
-class ScstConfig(StageConfig):
+class ScstConfig(LoopConfig):
     """Self-critical sequence training (CIDEr-D reward) of a trained bundle's decoder."""
 
     bundle: Path = Field(Path("models/transformer/bundle"), description="Bundle to start from (`train` or `finetune`).")
@@ -386,31 +412,25 @@ class ScstConfig(StageConfig):
     )
     num_samples: int = Field(5, ge=1, description="Captions sampled per image (`mean` needs at least 2).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    lr: float = Field(2e-5, gt=0, description="Peak learning rate of the decoder.")
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(32, ge=1, description="Images per step (each with num_samples captions).")
+    lr: LearningRate = Field(2e-5, description="Peak learning rate of the decoder.")
+    weight_decay: WeightDecay = 0.0
+    epochs: Epochs = 2
+    batch_size: BatchSize = Field(32, description="Images per step (each with num_samples captions).")
     max_train_images: Optional[int] = Field(None, ge=1, description="Train on this many training images (a seeded "
                                             "subset); the reward's statistics always use every training reference.")
-    warmup_steps: int = Field(10, ge=0, description="Linear warm-up, then cosine decay to `min_lr_ratio` * lr.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: WarmupSteps = 10
+    min_lr_ratio: MinLrRatio = 0.1
     schedule: Literal["cosine"] = "cosine"
-    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0: off).")
     entropy_weight: float = Field(0.0, ge=0, description="Bonus on the policy's mean entropy per sampled token.")
     length_weight: float = Field(0.0, description="Added to the reward per caption token (negative: shorter captions).")
     max_length: Optional[int] = Field(None, ge=1, description="Most tokens of a sampled caption; default: the "
                                       "tokenizer's max_length.")
-    val_metric: Literal["cider", "bleu4", "loss"] = "cider"
-    val_max_images: Optional[int] = Field(200, ge=1, description="Validate on at most this many images.")
-    max_caption_length: int = Field(24, ge=1, description="Greedy captions at validation stop here.")
-    patience: int = Field(0, ge=0, description="Early stopping: epochs without improvement (0: off).")
-    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps (and each epoch).")
-    workers: int = Field(2, ge=1, description="Threads decoding images (fine-tuned bundles).")
-    seed: int = 0
-    device: str = "auto"
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast: bf16 (CPU or CUDA), fp16 (CUDA).")
-    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
-    max_pixels: int = Field(128_000_000, description="Refuse larger images (decompression bombs).")
+    val_max_images: ValMaxImages = 200
+    patience: Patience = 0
+    checkpoint_every: CheckpointEvery = 50
+    workers: ImageWorkers = 2
+    threads: Threads = None
+    max_pixels: MaxPixels = 128_000_000
 
     @model_validator(mode="after")
     def _mean_baseline_needs_two_samples(self) -> "ScstConfig":

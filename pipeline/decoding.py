@@ -633,3 +633,14 @@ def beam_search(
         hyps = [f.hypothesis() for f in fin[:n_best]]
         results.append(hyps or [_empty_hypothesis()])
     return results
+
+
+def decoding_label(d: dict[str, Any]) -> str:
+    """Short human label of :func:`stages.evaluate.describe_options` output: ``greedy``, ``beam 5 (α=0.6)``, ``sample T=0.8 p=0.9``."""
+    if d["method"] == "greedy":
+        return "greedy"
+    if d["method"] == "beam":
+        lp = d.get("length_penalty", 0.0)
+        return f"beam {d['beam_size']}" + (f" (α={lp:g})" if lp else "")
+    return f"sample T={d['temperature']:g}" + (f" p={d['top_p']:g}" if d["top_p"] < 1 else "") + (
+        f" k={d['top_k']}" if d["top_k"] else "")

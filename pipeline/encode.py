@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cache.format import file_sha256, shard_of
+from cache.format import shard_of
 from cache.writer import CacheWriter, ShardWriter
 from pipeline.data.image_files import ImageFiles, collate_image_files
+from pipeline.data.images import image_sha256
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 from pipeline.errors import UserError
 from pipeline.progress import progress as progress_bar
@@ -42,7 +43,7 @@ def image_digests(records: list[ManifestRecord], manifest: Path) -> dict[str, Op
 
     def one(rec: ManifestRecord) -> Optional[str]:
         try:
-            return file_sha256(resolve_image_path(rec, manifest))
+            return image_sha256(resolve_image_path(rec, manifest))
         except OSError:
             return None
 

@@ -17,8 +17,6 @@
 * :class:`FinetuneTrainer` is :class:`pipeline.training.Trainer` with two learning rates
   (decoder, backbone; each with a no-decay group), the backbone's schedule starting when it
   is unfrozen, image batches, and checkpoints of backbone + decoder.
-* :class:`CaptionValidator` scores any decoder on features computed by a callable (the
-  backbone being fine-tuned, a frozen one, or the cache).
 """
 
 from __future__ import annotations
@@ -39,8 +37,6 @@ from cache.loader import pad_tokens
 from pipeline.config import ConfigError
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
-from pipeline.decoding import greedy
-from pipeline.metrics import CiderD, bleu4_fast, fallback_tokenize
 from pipeline.models.backbones import Backbone
 from pipeline.text.tokenizers import CaptionTokenizer
 from pipeline.training import Trainer, caption_loss, epoch_order, is_no_decay, warmup_cosine
@@ -57,7 +53,6 @@ __all__ = [
     "ImageCaptionBatch",
     "ImageCaptionDataset",
     "FinetuneTrainer",
-    "CaptionValidator",
     "image_items",
     "subset",
 ]
@@ -482,14 +477,14 @@ class FinetuneTrainer(Trainer):
     def _forward(self, batch: ImageCaptionBatch) -> torch.Tensor:
         dev = self.device
         pixels = batch.pixels.to(dev, non_blocking=True)
-        if getattr(self.cfg, "channels_last", False):
+        if self.cfg.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         tokens = batch.tokens.to(dev, non_blocking=True)
         lengths = batch.lengths.to(dev, non_blocking=True)
         index = batch.image_index.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             logits, aux = self.model(pixels, tokens, lengths, index)
-            loss = caption_loss(logits, tokens, lengths, self.cfg.label_smoothing)
+            loss = caption_loss(logits, tokens, lengths, self.label_smoothing)
         if aux is not None:
             loss = loss + aux.float()
         return loss
@@ -502,53 +497,3 @@ class FinetuneTrainer(Trainer):
             self._prefetcher.shutdown(wait=True)
             self._prefetcher = None
         self.dataset.close()
-
-
-# --------------------------------------------------------------------------- validation
-class CaptionValidator:
-    """Teacher-forced loss and greedy-caption CIDEr-D / BLEU-4 of a decoder on ``records``, with features from
-    ``encode(image_ids) -> (B, N, C)`` (called once per batch of images; each image's captions share them)."""
-
-    def __init__(self, records: Sequence[ManifestRecord], tokenizer: CaptionTokenizer,
-                 encode: Callable[[list[str]], torch.Tensor], *, batch_size: int, max_caption_length: int,
-                 device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> None:
-        self.records = list(records)
-        self.tokenizer = tokenizer
-        self.encode = encode
-        self.batch_size = batch_size
-        self.max_caption_length = max_caption_length
-        self.device = device
-        self.amp_dtype = amp_dtype
-        self.tokens = {r.image_id: tokenizer.encode_captions(r.captions) for r in self.records}
-        self.refs = {r.image_id: [fallback_tokenize(c) for c in r.captions] for r in self.records}
-        self.cider = CiderD(self.refs)
-
-    @torch.inference_mode()
-    def __call__(self, decoder: nn.Module) -> dict[str, float]:
-        was_training = decoder.training
-        decoder.eval()
-        loss_sum, n, captions = 0.0, 0, {}
-        ids = [r.image_id for r in self.records]
-        for i in range(0, len(ids), self.batch_size):
-            chunk = ids[i : i + self.batch_size]
-            caps = [c for image_id in chunk for c in self.tokens[image_id]]
-            index = torch.tensor([b for b, image_id in enumerate(chunk) for _ in self.tokens[image_id]],
-                                 device=self.device)
-            tokens, lengths = pad_tokens(caps, self.tokenizer.pad_id)
-            tokens, lengths = tokens.to(self.device), lengths.to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                feats = self.encode(chunk).to(self.device).float()
-                out = decoder(feats.index_select(0, index), tokens, lengths)
-                loss_sum += float(caption_loss(out.logits, tokens, lengths)) * len(caps)
-                hyps = greedy(decoder, feats, max_length=self.max_caption_length)
-            n += len(caps)
-            for image_id, h in zip(chunk, hyps):
-                captions[image_id] = self.tokenizer.decode(h.tokens)
-        decoder.train(was_training)
-        cands = [fallback_tokenize(captions[i]) for i in ids]
-        return {
-            "loss": loss_sum / max(n, 1),
-            "cider": float(self.cider.corpus_score(cands, ids)),
-            "bleu4": float(bleu4_fast(captions, {i: self.refs[i] for i in ids})),
-        }

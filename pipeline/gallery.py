@@ -86,19 +86,19 @@ def backbone_view(img, preprocessing: dict[str, Any]):
     return img.crop((left, top, left + w, top + h))
 
 
-def attention_maps(attention: torch.Tensor, token_sets: Sequence[Sequence[Any]],
+def attention_maps(attention: torch.Tensor, token_sets: Sequence[Any],
                    size: tuple[int, int]) -> tuple[np.ndarray | None, str]:
     """``(T, H, W)`` maps from ``(T, N)`` attention, all scaled by the caption's largest value (one colour
     scale per caption, so a diffuse map looks diffuse), or ``(None, why)``."""
     att = attention.float()
     T, N = att.shape
-    expected = sum(int(t[1]) for t in token_sets)
+    expected = sum(t.tokens for t in token_sets)
     if N != expected:
         return None, f"attention over {N} tokens, the features have {expected}"
     total = torch.zeros(T, 1, *size)
     offset = 0
-    for name, n, _channels in token_sets:
-        n = int(n)
+    for t in token_sets:
+        name, n = t.name, t.tokens
         part = att[:, offset : offset + n]
         offset += n
         side = math.isqrt(n)

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.loader import CachedCaptionDataset, CaptionBatch
+from cache.loader import CaptionBatch
 from pipeline.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import ConfigError, LoopConfig
 from pipeline.distributed import DistContext
 from pipeline.progress import progress
 
@@ -124,18 +124,21 @@ class TrainState:
 
 
 class Trainer:
-    """Trains ``model`` (a :class:`TrainingForward`, maybe DDP-wrapped) with the options of ``cfg``.
+    """Trains ``model`` (a :class:`TrainingForward`, maybe DDP-wrapped) with the loop options of ``cfg``.
 
     ``validate(model) -> dict`` returns at least ``loss`` and the metric named by
     ``cfg.val_metric``; higher is better except for ``loss``. ``on_improvement(state,
     metrics)`` saves the best model; ``on_epoch_end(state, metrics)`` logs.
+    ``label_smoothing`` and ``scheduled_sampling`` (final probability, ramp epochs; recurrent
+    decoders only) shape the caption loss of the default :meth:`_forward`.
     """
 
     def __init__(
-        self, cfg: TrainConfig, model: nn.Module, dataset: CachedCaptionDataset, *, ctx: DistContext,
+        self, cfg: LoopConfig, model: nn.Module, dataset: Any, *, ctx: DistContext,
         device: torch.device, checkpoint_dir: Path, validate: Callable[[nn.Module], dict[str, float]],
         on_improvement: Callable[[TrainState, dict], None], on_epoch_end: Callable[[TrainState, dict], None],
-        checkpoint_module: Optional[nn.Module] = None,
+        checkpoint_module: Optional[nn.Module] = None, label_smoothing: float = 0.0,
+        scheduled_sampling: tuple[float, int] = (0.0, 1),
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -149,7 +152,9 @@ class Trainer:
         self.decoder = getattr(model, "module", model).decoder
         # What checkpoints hold (strictly restored on resume): the decoder, or e.g. backbone + decoder.
         self.checkpoint_module = checkpoint_module if checkpoint_module is not None else self.decoder
-        if getattr(cfg, "scheduled_sampling", 0.0) > 0 and self.decoder.family not in RECURRENT_FAMILIES:
+        self.label_smoothing = label_smoothing
+        self.scheduled_sampling, self.scheduled_sampling_ramp_epochs = scheduled_sampling
+        if self.scheduled_sampling > 0 and self.decoder.family not in RECURRENT_FAMILIES:
             raise ConfigError(
                 f"scheduled_sampling is for the recurrent decoders {RECURRENT_FAMILIES}, not {self.decoder.family!r}"
             )
@@ -212,16 +217,16 @@ class Trainer:
         p = self.sampling_probability()
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             logits, aux = self.model(features, tokens, lengths, p)
-            loss = caption_loss(logits, tokens, lengths, self.cfg.label_smoothing)
+            loss = caption_loss(logits, tokens, lengths, self.label_smoothing)
         if aux is not None:
             loss = loss + aux.float()
         return loss
 
     def sampling_probability(self) -> float:
-        if getattr(self.cfg, "scheduled_sampling", 0.0) <= 0:
+        if self.scheduled_sampling <= 0:
             return 0.0
-        ramp = min(1.0, (self.state.epoch + 1) / self.cfg.scheduled_sampling_ramp_epochs)
-        return self.cfg.scheduled_sampling * ramp
+        ramp = min(1.0, (self.state.epoch + 1) / self.scheduled_sampling_ramp_epochs)
+        return self.scheduled_sampling * ramp
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self, stop_after_steps: Optional[int] = None) -> TrainState:

@@ -41,7 +41,7 @@ import torch
 
 from cache import FeatureCache
 from cache.loader import select_features
-from pipeline.bundle import BundleError, Captioner
+from pipeline.bundle import Captioner
 from pipeline.config import EvaluateConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
 from pipeline.decoding import DecodingOptions, options_for_mode
@@ -49,13 +49,11 @@ from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.metrics import coco_caption_metrics
 from pipeline.progress import progress
-from stages.report import decoding_label
+from pipeline.decoding import decoding_label
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
-# What preprocessing keys must agree between the cache and the features the bundle was trained on.
-_PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
 
 
 class EvaluateError(UserError, ValueError):
@@ -97,51 +95,6 @@ def same_decoding(a: DecodingOptions, b: DecodingOptions) -> bool:
     return a.model_dump(exclude={"description"}) == b.model_dump(exclude={"description"})
 
 
-def check_cache_matches_bundle(captioner: Captioner, cache: FeatureCache) -> None:
-    """Refuse a cache whose features are not what the bundle's decoder was trained on."""
-    spec, meta = captioner.features, cache.meta
-    if spec.source != "cache":
-        raise BundleError(
-            f"{captioner.directory}: this model's backbone was fine-tuned (features source {spec.source!r}), so "
-            f"cached features from {cache.directory} do not fit it; evaluate it from the images with "
-            "`--features none` (they are encoded with the bundle's own backbone)"
-        )
-    # Backbone first: Captioner.check_features says what to do about it.
-    captioner.check_features(torch.empty(0, spec.num_tokens, spec.feature_dim), backbone=meta.backbone)
-    have = {t.name: t for t in meta.token_sets}
-    wanted = [str(t[0]) for t in spec.token_sets]
-    missing = [n for n in wanted if n not in have]
-    if missing:
-        raise BundleError(
-            f"the model reads token set(s) {wanted} but the cache {cache.directory} holds {list(have)}; "
-            f"extract those stages (`pipeline extract --out-indices ...`) or evaluate a model trained on this cache"
-        )
-    problems = []
-    for name, tokens, channels in spec.token_sets:
-        t = have[str(name)]
-        if (t.tokens, t.channels) != (int(tokens), int(channels)):
-            problems.append(f"token set {name!r} is {t.tokens}x{t.channels} in the cache, {tokens}x{channels} in the model")
-    for k in _PREPROCESSING_KEYS:
-        a, b = meta.preprocessing.get(k), spec.preprocessing.get(k)
-        if a is not None and b is not None and a != b:
-            problems.append(f"preprocessing {k} is {a!r} in the cache, {b!r} in the model")
-    wa, wb = meta.weights or {}, spec.weights or {}
-    if wa.get("sha256") and wb.get("sha256"):
-        if wa["sha256"] != wb["sha256"]:
-            problems.append(f"backbone weights differ (sha256 {wa['sha256'][:12]}… in the cache, {wb['sha256'][:12]}… "
-                            "in the model)")
-    elif wa.get("source") != wb.get("source"):
-        problems.append(f"backbone weights are {wa.get('source')!r} in the cache, {wb.get('source')!r} in the model")
-    if problems:
-        raise BundleError(
-            f"the feature cache {cache.directory} does not match the model {captioner.directory}: "
-            + "; ".join(problems) + f". Re-extract with the model's settings (backbone {spec.backbone}, input size "
-            f"{spec.preprocessing.get('input_size')}) or evaluate a model trained on this cache."
-        )
-    if meta.dtype != spec.dtype:
-        log.warning("the cache stores %s features, the model was trained on %s ones", meta.dtype, spec.dtype)
-
-
 class FeatureSource:
     """The decoder's input for a list of image ids: from the cache (checked against the bundle once),
     or, without a cache, the images encoded by the bundle's backbone. An image-blind bundle gets
@@ -153,17 +106,24 @@ class FeatureSource:
         self.cache: FeatureCache | None = None
         if cfg.features is not None:
             self.cache = FeatureCache(cfg.features)
-            check_cache_matches_bundle(captioner, self.cache)
-            missing = [i for i in records if i not in self.cache]
-            if missing:
-                raise EvaluateError(f"{len(missing)} of {len(records)} {cfg.split} images are not in the feature "
-                                    f"cache {cfg.features}, e.g. {missing[:3]}; run `pipeline extract` on this manifest")
+            captioner.check_spec(self.cache.spec, f"the cache {self.cache.directory}")
+            skipped = self.cache.require({i: r.sha256 for i, r in records.items()},
+                                         f"the {cfg.split} split of {cfg.manifest}")
+            if skipped:
+                raise EvaluateError(f"{len(skipped)} {cfg.split} image(s) were rejected by the extraction (see "
+                                    f"{self.cache.directory / 'rejects.jsonl'}), e.g. {skipped[:3]}: fix or remove "
+                                    "them, then rerun `pipeline prepare` and `pipeline extract`")
         elif not blind:
             _ = captioner.backbone  # fails now, with the reason, if the bundle holds no backbone weights
 
     @property
     def backbone(self) -> str:
         return self.cache.meta.backbone if self.cache is not None else self.captioner.features.backbone
+
+    @property
+    def spec(self):
+        """What the features are (checked against the bundle when the source was opened)."""
+        return None if self.cache is None else self.cache.spec
 
     def describe(self) -> dict[str, Any]:
         if self.cache is not None:
@@ -176,7 +136,7 @@ class FeatureSource:
         if self.blind:  # no visual information at all; nothing to read
             return torch.zeros(len(image_ids), spec.num_tokens, spec.feature_dim)
         if self.cache is not None:
-            names = [str(t[0]) for t in spec.token_sets]
+            names = [t.name for t in spec.token_sets]
             return torch.from_numpy(select_features(self.cache.get_batch(image_ids), names)).float()
         from pipeline.data.images import ImageDecodeError, load_rgb
 
@@ -257,7 +217,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     with progress(total=len(ids), desc=f"evaluate {name}", unit="img") as bar:
         for start in range(0, len(ids), cfg.batch_size):
             chunk = ids[start : start + cfg.batch_size]
-            caps = captioner.caption_features(features(chunk), opts, backbone=features.backbone, generator=generator,
+            caps = captioner.caption_features(features(chunk), opts, spec=features.spec, generator=generator,
                                               return_attention=want_attention)
             for image_id, per_image in zip(chunk, caps):
                 c = per_image[0]
@@ -358,7 +318,7 @@ def _build_gallery(
         for label, o in comparisons:
             if same_decoding(headline, o):
                 continue  # the headline caption itself (exactly what was scored)
-            caps = captioner.caption_features(feats, o, backbone=features.backbone, generator=generator)
+            caps = captioner.caption_features(feats, o, spec=features.spec, generator=generator)
             for image_id, per_image in zip(chunk, caps):
                 alt[image_id][label] = per_image[0].text
 

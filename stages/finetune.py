@@ -20,22 +20,18 @@ Schedule: ``frozen_epochs`` of decoder-only training (backbone frozen, eval mode
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
-from pipeline.bundle import BundleError, Captioner, FeatureSpec, save_bundle
+from cache import FeatureSpec
+from pipeline.bundle import BundleError, Captioner, save_bundle
 from pipeline.config import FinetuneConfig, config_to_dict
-from pipeline.data.manifest import ManifestRecord, read_manifest
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.finetune import (
     Augmentation,
-    CaptionValidator,
     FinetuneForward,
     FinetuneTrainer,
     ImageCaptionDataset,
@@ -43,98 +39,20 @@ from pipeline.finetune import (
     subset,
     trainable_backbone_parameters,
 )
+from pipeline.runs import CaptionValidator, TrainingRun, files_sha256, run_fingerprint, train_val_splits, tree_sha256
 from pipeline.training import TrainState
-from stages.train import discard_stale_checkpoints
 
 log = logging.getLogger(__name__)
 
-# Options that do not change what training computes: a checkpoint written under other values resumes.
-RESUMABLE_ACROSS = ("out_dir", "device", "checkpoint_every", "workers", "threads")
-CODE = ("stages/finetune.py", "pipeline/finetune.py", "pipeline/training.py", "pipeline/checkpoint.py",
-        "pipeline/models/decoders", "pipeline/models/backbones.py")
-
-
-def files_sha256(paths: list[Path], root: Optional[Path] = None) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(str(p.relative_to(root) if root else p.name).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def bundle_sha256(directory: Path) -> str:
-    directory = Path(directory)
-    return files_sha256(sorted(p for p in directory.rglob("*") if p.is_file()), directory)
-
-
-def fingerprint(cfg: Any, inputs: dict[str, str], code: tuple[str, ...]) -> dict[str, Any]:
-    """Everything a checkpoint depends on: config (minus what resumes across), inputs' content, the code."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(p for rel in code for p in ([root / rel] if (root / rel).is_file() else (root / rel).rglob("*.py")))
-    return {
-        "config": {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE_ACROSS},
-        **inputs,
-        "code_sha256": files_sha256(files, root),
-    }
-
-
-def splits(manifest: Path) -> tuple[list[ManifestRecord], list[ManifestRecord]]:
-    records = read_manifest(manifest)
-    train = [r for r in records if r.split == "train"]
-    val = [r for r in records if r.split == "val"]
-    if not train or not val:
-        raise BundleError(f"{manifest}: needs train and val splits (found {len(train)} train, {len(val)} val images)")
-    return train, val
+CODE = ("stages/finetune.py", "pipeline/finetune.py", "pipeline/models/backbones.py")
 
 
 def load_source(bundle: Path, device: torch.device) -> Captioner:
+    """The bundle a run starts from (not an image-blind control)."""
     source = Captioner.load(bundle, device)
     if source.config.get("blind"):
         raise BundleError(f"{bundle}: an image-blind control bundle; start from a model that reads the image")
     return source
-
-
-def open_live(out: Path, checkpoints: Path):
-    from dvclive import Live
-
-    out.mkdir(parents=True, exist_ok=True)
-    resuming = (checkpoints / "last").exists() and (out / "live").exists()
-    return Live(dir=str(out / "live"), resume=resuming, report=None, save_dvc_exp=False, dvcyaml=None)
-
-
-def epoch_logger(live, logger: logging.Logger = log) -> Callable[[TrainState, dict], None]:
-    def on_epoch_end(state: TrainState, metrics: dict) -> None:
-        for k, v in metrics.items():
-            if k != "epoch":
-                live.log_metric(k.replace("val_", "val/").replace("train_", "train/"), v)
-        live.next_step()
-        logger.info("epoch %d: %s", metrics["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-
-    return on_epoch_end
-
-
-def start_metrics(path: Path, compute: Callable[[], dict]) -> dict:
-    """The starting model's validation scores: computed once, kept beside the checkpoints (so a resumed run
-    reports the same)."""
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
-    metrics = compute()
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return metrics
-
-
-def export(out: Path, checkpoints: Path, state: TrainState, summary: dict) -> dict:
-    if (out / "bundle").exists():
-        shutil.rmtree(out / "bundle")
-    shutil.copytree(checkpoints / "best", out / "bundle")
-    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
-    summary = {
-        **summary, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "steps": state.global_step,
-        **{k: v for k, v in best.items() if k.startswith("val_")},
-        "train_samples_per_s": sum(h["samples_per_s"] for h in state.history) / len(state.history),
-    }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return summary
 
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -152,7 +70,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
     backbone = source.backbone  # the bundle's own weights, on the device
     torch.manual_seed(cfg.seed)  # dropout (and anything else drawing from the global stream) is seeded
     size = int(spec.preprocessing["input_size"][-1])
-    train_all, val_records = splits(cfg.manifest)
+    train_all, val_records = train_val_splits(cfg.manifest)
     train_records = subset(train_all, cfg.max_train_images, cfg.seed)
     if cfg.val_max_images:
         val_records = val_records[: cfg.val_max_images]
@@ -186,15 +104,9 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
             model, device_ids=[device] if device.type == "cuda" else None,
             find_unused_parameters=cfg.frozen_epochs > 0 or backbone.out_indices is not None)
 
-    checkpoints = out / "checkpoints"
-    if ctx.is_main:
-        discard_stale_checkpoints(checkpoints, fingerprint(cfg, {
-            "bundle_sha256": bundle_sha256(cfg.bundle),
-            "manifest_sha256": files_sha256([Path(cfg.manifest)]),
-        }, CODE))
-    ctx.barrier()
-
-    validator, live, start = None, None, {}
+    training_run = TrainingRun(out, ctx, run_fingerprint(cfg, {
+        "bundle_sha256": tree_sha256(cfg.bundle), "manifest_sha256": files_sha256([Path(cfg.manifest)])}, CODE))
+    validator, start = None, {}
     if ctx.is_main:
         val_data = ImageCaptionDataset(image_items(val_records, cfg.manifest, tokenizer), pad_id=tokenizer.pad_id,
                                        data_config=backbone.data_config, eval_transform=backbone.eval_transform(),
@@ -215,13 +127,12 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
             core.eval()
             return {f"val_{k}": v for k, v in validator(decoder).items()}
 
-        start = start_metrics(checkpoints / "start_metrics.json", evaluate_start)
-        log.info("starting bundle: %s", ", ".join(f"{k} {v:.4g}" for k, v in start.items()))
-        live = open_live(out, checkpoints)
+        start = training_run.start_metrics(evaluate_start)
 
+    # The fine-tuned weights' sha256 is filled in by save_bundle from the weights it writes.
     finetuned = FeatureSpec(
         backbone=spec.backbone,
-        weights={"source": "finetuned", "base": spec.weights, "base_bundle": str(cfg.bundle),
+        weights={"source": "finetuned", "base_sha256": spec.weights.get("sha256"),
                  "unfreeze_stages": cfg.unfreeze_stages},
         preprocessing=spec.preprocessing, token_sets=spec.token_sets, dtype="float32", source="finetuned",
     )
@@ -230,22 +141,18 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
                     "decoder_parameters": n_decoder, "config": config_to_dict(cfg)}
 
     def on_improvement(state: TrainState, metrics: dict) -> None:
-        save_bundle(checkpoints / "best", decoder=decoder, tokenizer=tokenizer, features=finetuned,
+        save_bundle(training_run.best, decoder=decoder, tokenizer=tokenizer, features=finetuned,
                     backbone_state=core.backbone.state_dict(),
                     training={**summary_base, "best_epoch": state.epoch + 1, "val": metrics, "start": start})
 
-    trainer = FinetuneTrainer(cfg, model, dataset, ctx=ctx, device=device, checkpoint_dir=checkpoints / "last",
-                              validate=validator, on_improvement=on_improvement,
-                              on_epoch_end=epoch_logger(live) if live is not None else (lambda s, m: None),
-                              checkpoint_module=core)
+    trainer = FinetuneTrainer(cfg, model, dataset, ctx=ctx, device=device, checkpoint_dir=training_run.last,
+                              validate=validator, on_improvement=on_improvement, on_epoch_end=training_run.log_epoch,
+                              checkpoint_module=core, label_smoothing=cfg.label_smoothing)
     try:
         if trainer.try_resume() and trainer.state.finished:
             log.info("fine-tuning already finished (%d epochs); nothing to do", trainer.state.epoch)
         state = trainer.fit()
     finally:
         trainer.close()
-    if not ctx.is_main:
-        return {}
-    live.end()
     summary_base.pop("config")
-    return export(out, checkpoints, state, {**summary_base, **{f"start_{k}": v for k, v in start.items()}})
+    return training_run.finish(state, {**summary_base, **{f"start_{k}": v for k, v in start.items()}})

@@ -68,11 +68,11 @@ def record_digests(records: list[ManifestRecord], manifest: Path, workers: int) 
     """Set each record's ``sha256`` (of its image file): later stages check cached features against it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cache.format import file_sha256
+    from pipeline.data.images import image_sha256
     from pipeline.data.manifest import resolve_image_path
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for rec, digest in zip(records, pool.map(lambda r: file_sha256(resolve_image_path(r, manifest)), records)):
+        for rec, digest in zip(records, pool.map(lambda r: image_sha256(resolve_image_path(r, manifest)), records)):
             rec.sha256 = digest
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ReportConfig
+from pipeline.decoding import decoding_label
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -243,17 +244,6 @@ def _num(v: Any, digits: int = 4) -> str:
 
 def _rel(target: Path, start: Path) -> str:
     return Path(os.path.relpath(Path(target).resolve(), Path(start).resolve())).as_posix()
-
-
-def decoding_label(d: dict[str, Any]) -> str:
-    """Short human label of :func:`describe_options` output: ``greedy``, ``beam 5 (α=0.6)``, ``sample T=0.8 p=0.9``."""
-    if d["method"] == "greedy":
-        return "greedy"
-    if d["method"] == "beam":
-        lp = d.get("length_penalty", 0.0)
-        return f"beam {d['beam_size']}" + (f" (α={lp:g})" if lp else "")
-    return f"sample T={d['temperature']:g}" + (f" p={d['top_p']:g}" if d["top_p"] < 1 else "") + (
-        f" k={d['top_k']}" if d["top_k"] else "")
 
 
 def _decoding(m: dict[str, Any]) -> str:

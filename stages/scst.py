@@ -18,52 +18,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from cache import FeatureCache
-from pipeline.bundle import BACKBONE, BundleError, save_bundle
+from pipeline.bundle import BACKBONE, BundleError, Captioner, save_bundle
 from pipeline.config import ScstConfig, config_to_dict
 from pipeline.distributed import DistContext, run_distributed
-from pipeline.finetune import CaptionValidator, ImageCaptionDataset, image_items, subset
+from pipeline.finetune import ImageCaptionDataset, image_items, subset
+from pipeline.runs import (
+    CaptionValidator,
+    TrainingRun,
+    digests_of,
+    files_sha256,
+    run_fingerprint,
+    train_val_splits,
+    tree_sha256,
+)
 from pipeline.scst import CachedImageDataset, ScstPolicy, ScstTrainer, reward_corpus
 from pipeline.training import TrainState
-from stages.finetune import (
-    bundle_sha256,
-    epoch_logger,
-    export,
-    files_sha256,
-    fingerprint,
-    load_source,
-    open_live,
-    splits,
-    start_metrics,
-)
-from stages.train import discard_stale_checkpoints
 
 log = logging.getLogger(__name__)
 
-CODE = ("stages/scst.py", "stages/finetune.py", "pipeline/scst.py", "pipeline/finetune.py", "pipeline/training.py",
-        "pipeline/checkpoint.py", "pipeline/decoding.py", "pipeline/metrics.py", "pipeline/models/decoders")
-
-
-def check_cache(cache: FeatureCache, spec) -> None:
-    """Refuse a cache whose features are not the ones the bundle's decoder was trained on."""
-    meta = cache.meta
-    problems = []
-    if meta.backbone != spec.backbone:
-        problems.append(f"backbone {meta.backbone!r} in the cache, {spec.backbone!r} in the model")
-    have = {t.name: (t.tokens, t.channels) for t in meta.token_sets}
-    for name, tokens, channels in spec.token_sets:
-        if have.get(name) != (int(tokens), int(channels)):
-            problems.append(f"token set {name!r} is {have.get(name)} in the cache, {(tokens, channels)} in the model")
-    wa, wb = meta.weights, spec.weights
-    if wa.get("sha256") and wb.get("sha256") and wa["sha256"] != wb["sha256"]:
-        problems.append("backbone weights differ")
-    if meta.preprocessing.get("input_size") != spec.preprocessing.get("input_size"):
-        problems.append(f"input size {meta.preprocessing.get('input_size')} in the cache, "
-                        f"{spec.preprocessing.get('input_size')} in the model")
-    if problems:
-        raise BundleError(f"the feature cache {cache.directory} does not fit the bundle: " + "; ".join(problems))
+CODE = ("stages/scst.py", "pipeline/scst.py", "pipeline/finetune.py", "pipeline/decoding.py", "pipeline/metrics.py")
 
 
 def run(cfg: ScstConfig) -> dict[str, Any]:
@@ -74,10 +49,12 @@ def run(cfg: ScstConfig) -> dict[str, Any]:
 
 def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
     out = Path(cfg.out_dir)
-    source = load_source(cfg.bundle, device)
+    source = Captioner.load(cfg.bundle, device)
+    if source.config.get("blind"):
+        raise BundleError(f"{cfg.bundle}: an image-blind control bundle; start from a model that reads the image")
     tokenizer, spec, decoder = source.tokenizer, source.features, source.decoder
     torch.manual_seed(cfg.seed)  # dropout (and anything else drawing from the global stream) is seeded
-    train_all, val_records = splits(cfg.manifest)
+    train_all, val_records = train_val_splits(cfg.manifest)
     train_records = subset(train_all, cfg.max_train_images, cfg.seed)
     if cfg.val_max_images:
         val_records = val_records[: cfg.val_max_images]
@@ -85,11 +62,12 @@ def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, A
     max_length = cfg.max_length or tokenizer.max_length
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
-    inputs = {"bundle_sha256": bundle_sha256(cfg.bundle), "manifest_sha256": files_sha256([Path(cfg.manifest)])}
+    inputs = {"bundle_sha256": tree_sha256(cfg.bundle), "manifest_sha256": files_sha256([Path(cfg.manifest)])}
     if spec.source == "cache":
         cache = FeatureCache(cfg.features)
-        check_cache(cache, spec)
-        names = [t[0] for t in spec.token_sets]
+        source.check_spec(cache.spec, f"the cache {cache.directory}")
+        cache.require(digests_of(train_records + val_records), f"the manifest {cfg.manifest}")
+        names = [t.name for t in spec.token_sets]
         dataset: Any = CachedImageDataset(cache, [r.image_id for r in train_records], names)
         val_data = CachedImageDataset(cache, [r.image_id for r in val_records], names)
         encode_batch = lambda batch: batch.features  # noqa: E731 (a one-line adapter)
@@ -122,34 +100,27 @@ def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, A
     if ctx.is_distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    checkpoints = out / "checkpoints"
-    if ctx.is_main:
-        discard_stale_checkpoints(checkpoints, fingerprint(cfg, inputs, CODE))
-    ctx.barrier()
-    validator, live, start = None, None, {}
+    training_run = TrainingRun(out, ctx, run_fingerprint(cfg, inputs, CODE))
+    validator, start = None, {}
     if ctx.is_main:
         validator = CaptionValidator(val_records, tokenizer, encode_val, batch_size=max(cfg.batch_size, 32),
                                      max_caption_length=cfg.max_caption_length, device=device, amp_dtype=amp_dtype)
-        start = start_metrics(checkpoints / "start_metrics.json",
-                              lambda: {f"val_{k}": v for k, v in validator(decoder).items()})
-        log.info("starting bundle: %s", ", ".join(f"{k} {v:.4g}" for k, v in start.items()))
-        live = open_live(out, checkpoints)
+        start = training_run.start_metrics(lambda: {f"val_{k}": v for k, v in validator(decoder).items()})
 
-    backbone_state = load_file(str(Path(cfg.bundle) / BACKBONE)) if source.config.get("backbone_weights") else None
+    backbone_file = Path(cfg.bundle) / BACKBONE if source.config.get("backbone_weights") else None
     summary_base = {"decoder": decoder.family, "source_bundle": str(cfg.bundle), "feature_source": spec.source,
                     "baseline": cfg.baseline, "num_samples": cfg.num_samples, "parameters": n_params}
 
     def on_improvement(state: TrainState, metrics: dict) -> None:
-        save_bundle(checkpoints / "best", decoder=decoder, tokenizer=tokenizer, features=spec,
-                    backbone_state=backbone_state,
+        save_bundle(training_run.best, decoder=decoder, tokenizer=tokenizer, features=spec,
+                    backbone_file=backbone_file,
                     training={**summary_base, "config": config_to_dict(cfg), "method": "scst",
                               "best_epoch": state.epoch + 1, "val": metrics, "start": start,
                               "base_training": source.config.get("training", {})})
 
     trainer = ScstTrainer(cfg, model, dataset, reward=reward, tokenizer=tokenizer, encode=encode_batch,
-                          max_length=max_length, ctx=ctx, device=device, checkpoint_dir=checkpoints / "last",
-                          validate=validator, on_improvement=on_improvement,
-                          on_epoch_end=epoch_logger(live, log) if live is not None else (lambda s, m: None))
+                          max_length=max_length, ctx=ctx, device=device, checkpoint_dir=training_run.last,
+                          validate=validator, on_improvement=on_improvement, on_epoch_end=training_run.log_epoch)
     try:
         if trainer.try_resume() and trainer.state.finished:
             log.info("SCST already finished (%d epochs); nothing to do", trainer.state.epoch)
@@ -158,7 +129,4 @@ def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, A
         close = getattr(dataset, "close", None)
         if close:
             close()
-    if not ctx.is_main:
-        return {}
-    live.end()
-    return export(out, checkpoints, state, {**summary_base, **{f"start_{k}": v for k, v in start.items()}})
+    return training_run.finish(state, {**summary_base, **{f"start_{k}": v for k, v in start.items()}})

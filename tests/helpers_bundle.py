@@ -35,17 +35,14 @@ CAPTIONS = [
 
 
 def build_tiny_bundle(directory: Path, family: str = "show_attend_tell", *, seed: int = 0) -> Path:
-    from pipeline.bundle import FeatureSpec, save_bundle
+    from pipeline.bundle import save_bundle
     from pipeline.models.backbones import create_backbone
     from pipeline.models.decoders import create_decoder
     from pipeline.text.tokenizers import build_word_vocab
 
     bb = create_backbone(BACKBONE, image_size=IMAGE_SIZE, crop_pct=1.0)
-    with torch.inference_mode():
-        tokens = bb.tokens(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))[0]
-    num_tokens, channels = int(tokens.shape[1]), int(tokens.shape[2])
-    spec = FeatureSpec(backbone=BACKBONE, weights=bb.weights_info, preprocessing=dict(bb.data_config),
-                       token_sets=[["last", num_tokens, channels]], dtype="float16")
+    spec = bb.feature_spec(weights=bb.weights_info, dtype="float16")  # save_bundle adds the weights' sha256
+    num_tokens, channels = spec.num_tokens, spec.feature_dim
     tok = build_word_vocab(CAPTIONS, min_freq=1, max_length=MAX_LENGTH)
     torch.manual_seed(seed)
     common = dict(feature_dim=channels, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,

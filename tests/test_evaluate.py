@@ -8,6 +8,7 @@ is covered by tests/test_metrics.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -19,7 +20,8 @@ import torch
 from typer.testing import CliRunner
 
 from cache import CacheMeta, CacheWriter, TokenSet
-from pipeline.bundle import BundleError, FeatureSpec, save_bundle
+from cache import FeatureMismatchError, FeatureSpec
+from pipeline.bundle import save_bundle
 from pipeline.config import (
     ConfigError,
     EvaluateConfig,
@@ -37,7 +39,7 @@ TOKENS, CHANNELS = 4, 8  # a 2x2 feature grid
 BACKBONE = "tiny_net"
 PREPROCESSING = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
                  "crop_mode": "center", "interpolation": "bicubic"}
-WEIGHTS = {"source": "random-init", "seed": 0}
+WEIGHTS = {"source": "random-init", "seed": 0, "sha256": "0" * 64}
 COLOURS = ["red", "blue", "green", "yellow", "purple"]
 SHAPES = ["circle", "square", "star", "triangle"]
 TEST_IDS = [f"tiny/{i:03d}" for i in range(9)]
@@ -49,13 +51,15 @@ def _captions(i: int) -> list[str]:
 
 
 def _write_cache(directory: Path, ids: list[str], *, backbone: str = BACKBONE, tokens: int = TOKENS) -> Path:
-    meta = CacheMeta(backbone=backbone, weights=WEIGHTS, preprocessing=PREPROCESSING,
-                     token_sets=[TokenSet("last", tokens, CHANNELS)], dtype="float16", num_shards=1)
-    writer = CacheWriter(directory, meta)
+    spec = FeatureSpec(backbone=backbone, weights=WEIGHTS, preprocessing=PREPROCESSING,
+                       token_sets=(TokenSet("last", tokens, CHANNELS),), dtype="float16")
+    writer = CacheWriter(directory, CacheMeta(spec=spec, num_shards=1))
     shard = writer.shard(0)
-    shard.open()
+    digest = "1" * 64  # manifests written by hand here record no image sha256, so any digest serves
+    shard.open({i: digest for i in ids})
     rng = np.random.default_rng(0)
-    shard.put_batch([(i, shard.encode([rng.normal(size=(tokens, CHANNELS)).astype(np.float32)])) for i in ids])
+    shard.put_batch([(i, shard.encode(digest, [rng.normal(size=(tokens, CHANNELS)).astype(np.float32)]))
+                     for i in ids])
     shard.finish()
     assert writer.finalize() is not None
     return directory
@@ -63,7 +67,7 @@ def _write_cache(directory: Path, ids: list[str], *, backbone: str = BACKBONE, t
 
 def _spec() -> FeatureSpec:
     return FeatureSpec(backbone=BACKBONE, weights=WEIGHTS, preprocessing=PREPROCESSING,
-                       token_sets=[["last", TOKENS, CHANNELS]], dtype="float16")
+                       token_sets=(TokenSet("last", TOKENS, CHANNELS),), dtype="float16")
 
 
 def _no_early_end(decoder: torch.nn.Module, layer: torch.nn.Linear, tok) -> None:
@@ -231,10 +235,10 @@ def test_features_that_do_not_fit_the_bundle_fail_clearly(world, tmp_path):
     other = _write_cache(tmp_path / "other", TEST_IDS, backbone="resnet50")
     cfg = EvaluateConfig(manifest=world["manifest"], features=other, model=world["models"] / "sat" / "bundle",
                          out_dir=tmp_path / "out", device="cpu")
-    with pytest.raises(BundleError, match="backbone 'resnet50'.*tiny_net"):
+    with pytest.raises(FeatureMismatchError, match="backbone: 'resnet50' vs 'tiny_net'"):
         run(cfg)
     bigger = _write_cache(tmp_path / "bigger", TEST_IDS, tokens=9)
-    with pytest.raises(BundleError, match="token set 'last' is 9x8 in the cache, 4x8 in the model"):
+    with pytest.raises(FeatureMismatchError, match="token set 'last': 9x8 from stage None vs 4x8 from stage None"):
         run(cfg.model_copy(update={"features": bigger}))
     assert not (tmp_path / "out").exists()
 
@@ -289,13 +293,12 @@ def test_images_through_the_bundles_backbone_give_the_cached_captions(world, tmp
     from pipeline.models.backbones import create_backbone
     from stages import extract
     from stages.evaluate import run
-    from stages.train import feature_spec
 
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda cmd, *a, **k: None if cmd == "java" else real_which(cmd, *a, **k))
     extract.run(ExtractConfig(manifest=world["manifest"], out_dir=tmp_path / "feat", backbone="test_efficientnet",
                               image_size=64, num_shards=1, batch_size=16, workers=0, weights=None, device="cpu"))
-    spec = feature_spec(FeatureCache(tmp_path / "feat"), None)
+    spec = FeatureCache(tmp_path / "feat").spec
     tok = world["tok"]
     torch.manual_seed(1)
     decoder = create_decoder("show_attend_tell", feature_dim=spec.feature_dim, vocab_size=tok.vocab_size,
@@ -303,7 +306,8 @@ def test_images_through_the_bundles_backbone_give_the_cached_captions(world, tmp
                              attention_dim=8, visual_dim=8, dropout=0.0)
     _no_early_end(decoder, decoder.out, tok)
     state = create_backbone("test_efficientnet", image_size=64, crop_pct=1.0).model.state_dict()
-    save_bundle(tmp_path / "m" / "bundle", decoder=decoder, tokenizer=tok, features=spec, backbone_state=state)
+    save_bundle(tmp_path / "m" / "bundle", decoder=decoder, tokenizer=tok, features=spec,
+                backbone_file=FeatureCache(tmp_path / "feat").weights_file())
     common = {"manifest": world["manifest"], "model": tmp_path / "m" / "bundle", "device": "cpu", "batch_size": 4}
     from_cache = run(EvaluateConfig(**common, features=tmp_path / "feat", out_dir=tmp_path / "a", gallery_size=0))
     from_images = run(EvaluateConfig(**common, features=None, out_dir=tmp_path / "b", gallery_size=2))
@@ -311,9 +315,9 @@ def test_images_through_the_bundles_backbone_give_the_cached_captions(world, tmp
     assert _read(tmp_path / "a" / "results.json") == _read(tmp_path / "b" / "results.json")
     assert len(list((tmp_path / "b" / "gallery" / "heatmaps").glob("*.png"))) == 2  # a 2x2 grid at 64 px
 
-    finetuned = FeatureSpec(**{**spec.__dict__, "source": "finetuned", "weights": {"source": "finetuned"}})
+    finetuned = dataclasses.replace(spec, source="finetuned", weights={"source": "finetuned"})
     save_bundle(tmp_path / "ft" / "bundle", decoder=decoder, tokenizer=tok, features=finetuned, backbone_state=state)
-    with pytest.raises(BundleError, match="fine-tuned.*--features none"):
+    with pytest.raises(FeatureMismatchError, match="source: 'cache' vs 'finetuned'.*fine-tuned.*--features none"):
         run(EvaluateConfig(**{**common, "model": tmp_path / "ft" / "bundle"}, features=tmp_path / "feat",
                            out_dir=tmp_path / "c"))
 

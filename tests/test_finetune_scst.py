@@ -519,12 +519,12 @@ def test_scst_from_a_finetuned_bundle_reads_images(pipe, finetuned, tmp_path, mo
 
 
 def test_scst_refuses_a_cache_of_another_backbone(pipe, tmp_path):
-    from pipeline.bundle import BundleError
+    from cache import FeatureMismatchError
 
     other = tmp_path / "feat"
     extract.run(ExtractConfig(manifest=pipe.manifest, out_dir=other, backbone="test_resnet", image_size=64,
                               num_shards=1, batch_size=40, workers=0, device="cpu"))
-    with pytest.raises(BundleError, match="does not fit the bundle"):
+    with pytest.raises(FeatureMismatchError, match="backbone: 'test_resnet' vs 'test_efficientnet'"):
         scst.run(pipe.sc(tmp_path / "x", features=other))
 
 

@@ -105,7 +105,7 @@ def test_noisy_labels_one_row_per_caption_and_not_in_manifests(synthetic_run):
     # No label leaks into a manifest row (neither the noisy nor the clean one).
     for manifest in (out / "noisy" / "manifest.jsonl", out / "manifest.jsonl"):
         for row in read_jsonl(manifest):
-            assert set(row) <= {"image_id", "path", "captions", "split", "source", "extra"}
+            assert set(row) <= {"image_id", "path", "captions", "split", "source", "extra", "sha256"}
             assert not {"match", "labels", "caption_index"} & set(row.get("extra", {}))
             assert '"match"' not in json.dumps(row)
 

@@ -259,14 +259,11 @@ def test_rerunning_a_finished_training_changes_nothing(trained, pipe):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_the_backbone_copy_for_the_bundle_leaves_the_training_rng_alone():
-    from pipeline.bundle import FeatureSpec, backbone_state_for
-
-    spec = FeatureSpec(backbone=BACKBONE, weights={"source": "random-init", "seed": 0}, preprocessing={},
-                       token_sets=[["last", 4, 256]])
+def test_loading_a_bundles_backbone_leaves_the_rng_alone(trained):
+    bundle = Captioner.load(trained("transformer") / "bundle")
     torch.manual_seed(123)
     want = torch.get_rng_state()
-    backbone_state_for(spec)
+    assert bundle.backbone is not None  # built as a skeleton for the bundle's weights: no reseeding
     assert torch.equal(torch.get_rng_state(), want)
 
 
@@ -354,7 +351,7 @@ def test_bundle_captions_cached_features(captioner, pipe, val_images):
     ids = [i for i, _ in val_images]
     feats = torch.from_numpy(cache.get_batch(ids)["last"])
     assert feats.dtype == torch.float16
-    captions = captioner.caption_features(feats.float(), backbone=BACKBONE)
+    captions = captioner.caption_features(feats.float(), spec=cache.spec)
     assert len(captions) == len(ids)
     assert all(len(c) == 1 and c[0].text.strip() for c in captions), [c[0].text for c in captions]
 
@@ -382,8 +379,13 @@ def test_bundle_refuses_features_of_another_shape(captioner, shape):
 
 
 def test_bundle_refuses_another_backbones_features(captioner):
-    with pytest.raises(BundleError, match=r"'resnet50'.*'test_efficientnet'"):
-        captioner.caption_features(torch.zeros(1, 4, 256), backbone="resnet50")
+    from dataclasses import replace
+
+    from cache import FeatureMismatchError
+
+    other = replace(captioner.features, backbone="resnet50")
+    with pytest.raises(FeatureMismatchError, match=r"backbone: 'resnet50' vs 'test_efficientnet'"):
+        captioner.caption_features(torch.zeros(1, 4, 256), spec=other)
 
 
 def test_bundle_with_a_tampered_tokenizer_is_refused(trained, tmp_path):

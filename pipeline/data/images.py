@@ -127,6 +127,12 @@ def check_image(path: str | Path, mode: str = "full", max_pixels: int = DEFAULT_
         _decode(f, str(path), max_pixels, full=(mode == "full"))
 
 
+def image_sha256(path: str | Path) -> str:
+    """The digest that identifies an image file's content: sha256 of its bytes (manifests record it, the
+    feature cache keys its records by it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, Image.Image]:
     """``(sha256 of the file's bytes, the decoded image)``, reading the file once.
 

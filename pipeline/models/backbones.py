@@ -30,7 +30,7 @@ class WeightsError(UserError, ValueError):
 
 
 __all__ = ["Backbone", "WeightsError", "convert_by_order", "create_backbone", "file_sha256", "load_weights",
-           "read_state_dict", "weights_bytes"]
+           "read_state_dict", "state_dict_bytes", "weights_bytes"]
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -144,12 +144,17 @@ def flatten_map(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"backbone returned a {x.ndim}-D feature map; expected (B, C, H, W) or (B, N, C)")
 
 
-def weights_bytes(model: nn.Module) -> bytes:
-    """The model's state dict as safetensors bytes: the canonical form of "these weights" (its sha256 is
-    what caches and bundles record; the same tensors give the same bytes)."""
+def state_dict_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """A state dict as safetensors bytes: the canonical form of "these weights" (its sha256 is what caches
+    and bundles record; the same tensors give the same bytes)."""
     from safetensors.torch import save
 
-    return save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()})
+
+
+def weights_bytes(model: nn.Module) -> bytes:
+    """``model``'s weights in the canonical form of :func:`state_dict_bytes`."""
+    return state_dict_bytes(model.state_dict())
 
 
 def create_backbone(
@@ -179,7 +184,11 @@ def create_backbone(
         raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
     if not pretrained and weights is None and state_dict is None:
         torch.manual_seed(init_seed)  # random init is reproducible, so reruns write identical caches
-    model = timm.create_model(name, pretrained=pretrained)
+    if state_dict is not None:
+        with torch.random.fork_rng(devices=[]):  # a skeleton's throwaway init draws nothing from the caller's stream
+            model = timm.create_model(name)
+    else:
+        model = timm.create_model(name, pretrained=pretrained)
     if weights is not None:
         load_weights(model, read_state_dict(weights), source=str(weights))
         weights_info: dict[str, Any] = {"source": "file"}

@@ -3,8 +3,14 @@ cross-attention in every block, fed visual states by the family's :meth:`encode`
 
 * :class:`GPT2Options`: the GPT-2 options (size from scratch, or ``pretrained_path``).
 * :func:`build_gpt2`: ``GPT2LMHeadModel`` with ``add_cross_attention=True``, from scratch or
-  from a local pretrained directory (its cross-attention layers then start fresh).
+  from a local pretrained directory (its cross-attention layers then start fresh), and the
+  options that describe the model built.
 * :class:`GPT2CaptionDecoder`: forward / init_state / step on top of it.
+
+Recorded options. ``decoder.config`` (what a saved bundle stores) always describes the
+architecture actually built: after a pretrained start it holds the checkpoint's sizes and
+``pretrained_path=None``, so building a decoder from it gives the same modules from
+scratch, ready for the saved weights, without the pretrained directory.
 
 Incremental state. GPT-2 keeps its keys/values in a transformers ``EncoderDecoderCache``
 (self-attention + cross-attention ``DynamicCache``), which it *mutates in place*. To keep
@@ -35,9 +41,20 @@ from . import DecoderConfig, DecoderConfigError
 from .base import CaptionDecoder, DecoderOutput, StepOutput
 
 SIZE_OPTIONS = ("n_layer", "n_head", "n_embd", "n_positions")
+"""The options a pretrained checkpoint determines (its values are recorded; a disagreeing explicit one is refused)."""
+
+# GPT2Config fields, besides the sizes, that shape the network; the options have none of them, so a
+# from-scratch build uses GPT-2's defaults and a pretrained checkpoint must have those too.
+ARCHITECTURE_FIELDS = (
+    "n_inner", "activation_function", "layer_norm_epsilon", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings",
+)
 
 
 class GPT2Options(DecoderConfig):
+    """GPT-2 options. On a built decoder (``decoder.config``) they describe the model it holds:
+    the sizes of a pretrained checkpoint, and ``pretrained_path`` None (see :func:`build_gpt2`)."""
+
     n_layer: int = Field(6, ge=1, description="GPT-2 blocks (from scratch; GPT-2 small: 12).")
     n_head: int = Field(8, ge=1, description="Attention heads (from scratch; GPT-2 small: 12).")
     n_embd: int = Field(512, ge=1, description="Width (from scratch; GPT-2 small: 768).")
@@ -45,8 +62,9 @@ class GPT2Options(DecoderConfig):
     dropout: float = Field(0.1, ge=0, lt=1, description="GPT-2's resid/embd/attn dropout, also used by the visual side.")
     pretrained_path: Optional[Path] = Field(
         None,
-        description="Local directory of a pretrained GPT-2 (save_pretrained layout). Its size wins over "
-        "n_layer/n_head/n_embd/n_positions (setting one that disagrees is an error); vocab must match.",
+        description="Local directory of a pretrained GPT-2 (save_pretrained layout), used to initialise the "
+        "weights. Its size wins over n_layer/n_head/n_embd/n_positions (setting one that disagrees is an error) "
+        "and is what the built decoder records, with pretrained_path None; vocab must match.",
     )
     num_encoder_layers: int = Field(0, ge=0, description="Transformer encoder blocks over the visual tokens first.")
     max_visual_tokens: int = Field(1024, ge=1, description="Most visual tokens N (size of their learned position table).")
@@ -58,14 +76,40 @@ class GPT2Options(DecoderConfig):
         return self
 
 
-def build_gpt2(options: GPT2Options, family: str, vocab_size: int, bos_id: int, eos_id: int) -> GPT2LMHeadModel:
-    dropout = dict(resid_pdrop=options.dropout, embd_pdrop=options.dropout, attn_pdrop=options.dropout)
+def _scratch_config(options: GPT2Options, vocab_size: int, bos_id: int, eos_id: int) -> GPT2Config:
+    """The GPT2Config of a from-scratch build with these options (GPT-2's defaults for everything else)."""
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=options.n_positions, n_embd=options.n_embd, n_layer=options.n_layer,
+        n_head=options.n_head, add_cross_attention=True, bos_token_id=bos_id, eos_token_id=eos_id,
+        **_dropout(options),
+    )
+
+
+def _dropout(options: GPT2Options) -> dict[str, float]:
+    return dict(resid_pdrop=options.dropout, embd_pdrop=options.dropout, attn_pdrop=options.dropout)
+
+
+def _architecture(config: GPT2Config) -> dict:
+    """The fields of ``config`` that decide the modules, their shapes and their arithmetic."""
+    fields = {name: getattr(config, name) for name in ("vocab_size", *SIZE_OPTIONS, *ARCHITECTURE_FIELDS)}
+    fields["n_inner"] = fields["n_inner"] or 4 * config.n_embd  # None means 4 * n_embd
+    return fields
+
+
+def build_gpt2(
+    options: GPT2Options, family: str, vocab_size: int, bos_id: int, eos_id: int
+) -> tuple[GPT2LMHeadModel, GPT2Options]:
+    """The GPT-2 LM (float32, cross-attention in every block) and the options that describe it.
+
+    From scratch, those are ``options`` unchanged. From ``pretrained_path``, they are ``options``
+    with the checkpoint's sizes (:data:`SIZE_OPTIONS`) and ``pretrained_path=None``: a from-scratch
+    build with them has the same architecture, so saved weights load into it without the
+    directory. Refused: a vocabulary other than the checkpoint's, an explicit size option that
+    disagrees with it, and a checkpoint those options could not describe (:data:`ARCHITECTURE_FIELDS`
+    other than GPT-2's defaults).
+    """
     if options.pretrained_path is None:
-        config = GPT2Config(
-            vocab_size=vocab_size, n_positions=options.n_positions, n_embd=options.n_embd, n_layer=options.n_layer,
-            n_head=options.n_head, add_cross_attention=True, bos_token_id=bos_id, eos_token_id=eos_id, **dropout,
-        )
-        return GPT2LMHeadModel(config)
+        return GPT2LMHeadModel(_scratch_config(options, vocab_size, bos_id, eos_id)), options
 
     path = Path(options.pretrained_path)
     if not (path / "config.json").is_file():
@@ -82,8 +126,24 @@ def build_gpt2(options: GPT2Options, family: str, vocab_size: int, bos_id: int, 
                 f"decoder {family!r}: option {name}={getattr(options, name)} disagrees with the pretrained GPT-2 "
                 f"at {str(path)!r} ({name}={getattr(pretrained, name)}); leave it unset"
             )
-    # Weights of the existing layers load; the new cross-attention layers are initialised fresh.
-    return GPT2LMHeadModel.from_pretrained(path, add_cross_attention=True, local_files_only=True, **dropout)
+    recorded = type(options).from_options(family, {
+        **options.model_dump(exclude_unset=True), **{n: getattr(pretrained, n) for n in SIZE_OPTIONS},
+        "pretrained_path": None,
+    })
+    wanted, found = _architecture(_scratch_config(recorded, vocab_size, bos_id, eos_id)), _architecture(pretrained)
+    differ = [f"{name}={found[name]!r} (options give {wanted[name]!r})" for name in wanted if found[name] != wanted[name]]
+    if differ:
+        raise DecoderConfigError(
+            f"decoder {family!r}: the pretrained GPT-2 at {str(path)!r} has {', '.join(differ)}; the decoder options "
+            "cannot describe that architecture, so a saved model could not be rebuilt"
+        )
+    # Weights of the existing layers load; the new cross-attention layers are initialised fresh. float32 and
+    # the caption ids, as from scratch, whatever the checkpoint was saved with.
+    model = GPT2LMHeadModel.from_pretrained(
+        path, add_cross_attention=True, local_files_only=True, dtype=torch.float32,
+        bos_token_id=bos_id, eos_token_id=eos_id, **_dropout(options),
+    )
+    return model, recorded
 
 
 def _to_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
@@ -95,12 +155,16 @@ def _from_cache(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class GPT2CaptionDecoder(CaptionDecoder):
-    """GPT-2 cross-attending to ``self.encode(features)``; subclasses define ``encode``."""
+    """GPT-2 cross-attending to ``self.encode(features)``; subclasses define ``encode``.
+
+    ``self.config`` describes the decoder built, not necessarily the options given: after a
+    ``pretrained_path`` start it has the checkpoint's sizes and no ``pretrained_path`` (see
+    :func:`build_gpt2`). Subclasses build their own modules from ``self.config``.
+    """
 
     def __init__(self, config: GPT2Options, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
         super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id)
-        self.config = config
-        self.gpt2 = build_gpt2(config, self.family, vocab_size, bos_id, eos_id)
+        self.gpt2, self.config = build_gpt2(config, self.family, vocab_size, bos_id, eos_id)
         self.n_embd = self.gpt2.config.n_embd
         self.n_positions = self.gpt2.config.n_positions
 

@@ -9,8 +9,10 @@
 GPT-2 (transformers) adds a cross-attention sub-layer to every block. Build it from
 scratch at any size (n_layer, n_head, n_embd, n_positions), or start from a local
 pretrained GPT-2 with ``pretrained_path`` (its cross-attention layers start fresh; the
-caption vocabulary must be that model's). With ``num_encoder_layers > 0`` this is the
-"CNN + Transformer encoder + GPT-2-style decoder" recipe.
+caption vocabulary must be that model's; the decoder's ``config`` then records the
+checkpoint's sizes and no ``pretrained_path``, enough to rebuild it for saved weights).
+With ``num_encoder_layers > 0`` this is the "CNN + Transformer encoder + GPT-2-style
+decoder" recipe.
 
 Padding is masked with an attention mask built from ``lengths``; the incremental
 state and its reordering are described in :mod:`._gpt2_common`.
@@ -39,9 +41,9 @@ class GPT2Decoder(GPT2CaptionDecoder):
 
     def __init__(self, config: GPT2DecoderConfig, **ids_and_sizes):
         super().__init__(config, **ids_and_sizes)
-        gpt = self.gpt2.config
+        config = self.config  # the options of the model built (a pretrained checkpoint's sizes)
         self.visual = VisualEncoder(
-            self.feature_dim, self.n_embd, num_layers=config.num_encoder_layers, num_heads=gpt.n_head,
+            self.feature_dim, config.n_embd, num_layers=config.num_encoder_layers, num_heads=config.n_head,
             dropout=config.dropout, max_tokens=config.max_visual_tokens,
         )
 

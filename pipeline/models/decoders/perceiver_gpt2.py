@@ -79,13 +79,14 @@ class PerceiverGPT2Decoder(GPT2CaptionDecoder):
 
     def __init__(self, config: PerceiverGPT2Config, **ids_and_sizes):
         super().__init__(config, **ids_and_sizes)
-        d, heads = self.n_embd, config.resampler_heads or self.gpt2.config.n_head
+        config = self.config  # the options of the model built (a pretrained checkpoint's sizes)
+        d, heads = config.n_embd, config.resampler_heads or config.n_head
         if d % heads:
             raise DecoderConfigError(
                 f"decoder 'perceiver_gpt2': n_embd ({d}) must be a multiple of resampler_heads ({heads})"
             )
         self.visual = VisualEncoder(
-            self.feature_dim, d, num_layers=config.num_encoder_layers, num_heads=self.gpt2.config.n_head,
+            self.feature_dim, d, num_layers=config.num_encoder_layers, num_heads=config.n_head,
             dropout=config.dropout, max_tokens=config.max_visual_tokens,
         )
         self.resampler = PerceiverResampler(

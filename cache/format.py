@@ -231,6 +231,7 @@ class CacheMeta:
     sharding: str = "crc32(utf8(image_id)) % num_shards"
     record_layout: str = "sha256(image file) [32 bytes], then each token set's (tokens, channels) array"
     extra: dict[str, Any] = field(default_factory=dict)  # what a producer records beside (e.g. a CLIP model key)
+    last_update: dict[str, int] = field(default_factory=dict)  # what the last run that changed a record did
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 

@@ -322,12 +322,22 @@ class CacheWriter:
     def pending_shards(self) -> list[int]:
         return [i for i in range(self.meta.num_shards) if not self.shard(i).is_done()]
 
-    def finalize(self) -> CacheMeta | None:
+    def finalize(self, update: Optional[dict[str, int]] = None) -> CacheMeta | None:
         """Write ``meta.json`` and ``rejects.jsonl`` if every shard is done; return the meta, else None.
 
-        An unchanged cache is not rewritten (its files keep their bytes and times)."""
+        ``update`` (counts of kept / changed / dropped / computed / rejected records) is recorded as the
+        meta's ``last_update`` when this run changed records; otherwise the previous one is kept, so an
+        unchanged cache is not rewritten (its files keep their bytes and times)."""
         if self.pending_shards():
             return None
+        meta_path = self.directory / META_FILE
+        if update is not None:
+            self.meta.last_update = dict(update)
+        elif meta_path.exists():
+            try:
+                self.meta.last_update = CacheMeta.read(self.directory).last_update
+            except CacheFormatError:
+                pass
         total = 0
         h = hashlib.sha256()
         rejects: list[dict] = []
@@ -344,7 +354,6 @@ class CacheWriter:
         new_rejects = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects)
         if not rejects_path.exists() or rejects_path.read_text(encoding="utf-8") != new_rejects:
             _write_jsonl(rejects_path, rejects)
-        meta_path = self.directory / META_FILE
         new_meta = json.dumps(self.meta.to_dict(), indent=2, sort_keys=True) + "\n"
         if not meta_path.exists() or meta_path.read_text(encoding="utf-8") != new_meta:
             self.meta.write(self.directory)

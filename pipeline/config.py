@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+import logging
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.errors import UserError
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
@@ -109,6 +112,9 @@ class PrepareConfig(StageConfig):
 
 
 class ExtractConfig(StageConfig):
+    # `--backbone` on the command line without `--weights`: the params file's weights belong to its own backbone.
+    paired: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": ("weights",)}
+
     manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Manifest of the images to encode.")
     out_dir: Path = Field(Path("data/features"), description="Cache folder: shard-*.lmdb + meta.json.")
     backbone: str = Field("tf_efficientnet_lite0", description="Any timm model name.")
@@ -525,6 +531,13 @@ def load_config(section: str, params: Path | None = DEFAULT_PARAMS, overrides: d
         where = f"{params} [{section}]"
     elif params is not None and Path(params) != DEFAULT_PARAMS:
         raise ConfigError(f"{params}: params file not found")
+    for key, dependents in getattr(model, "paired", {}).items():
+        if overrides and key in overrides and overrides[key] != values.get(key, model.model_fields[key].default):
+            for dep in dependents:
+                if dep not in overrides and values.get(dep) is not None:
+                    log.info("%s %r given on the command line: %s's %s (%s, set for %s %r) not used", key,
+                             overrides[key], where, dep, values[dep], key, values.get(key))
+                    values.pop(dep)
     try:
         cfg = model.model_validate(values)
     except ValidationError as e:

@@ -121,7 +121,11 @@ def _run(cfg: ExtractConfig, device: torch.device, ctx: DistContext) -> CacheMet
              stats.shards_current, stats.shards_updated, stats.kept, stats.changed, stats.dropped, stats.computed,
              stats.rejected)
     ctx.barrier()
-    final = writer.finalize() if ctx.is_main or cfg.shard_index is not None else None
+    update = None
+    if stats.shards_updated:
+        update = {"kept": stats.kept, "changed": stats.changed, "dropped": stats.dropped, "computed": stats.computed,
+                  "rejected": stats.rejected}
+    final = writer.finalize(update) if ctx.is_main or cfg.shard_index is not None else None
     if final is not None:
         log.info("cache complete: %d records, %d rejected, sha256 %s", final.records,
                  sum(1 for _ in (cfg.out_dir / "rejects.jsonl").open(encoding="utf-8")), final.content_sha256[:16])

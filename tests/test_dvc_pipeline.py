@@ -63,7 +63,7 @@ def test_repro_builds_then_noop_then_reruns_only_what_changed(repo_copy):
     manifest = (repo_copy / "data/prepared/manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 40
     meta = json.loads((repo_copy / "data/features/meta.json").read_text())
-    assert meta["records"] == 40 and meta["backbone"] == "test_efficientnet"
+    assert meta["records"] == 40 and meta["spec"]["backbone"] == "test_efficientnet"
     assert (repo_copy / "models/transformer/bundle/config.json").exists()
     assert json.loads((repo_copy / "models/transformer/metrics.json").read_text())["epochs_run"] == 1
 
@@ -77,6 +77,62 @@ def test_repro_builds_then_noop_then_reruns_only_what_changed(repo_copy):
     assert "Running stage 'extract'" in changed and "Running stage 'train@transformer'" in changed
     assert "Running stage 'prepare'" not in changed and "Running stage 'vocab'" not in changed
     meta = json.loads((repo_copy / "data/features/meta.json").read_text())
-    assert meta["preprocessing"]["input_size"] == [3, 96, 96]
+    assert meta["spec"]["preprocessing"]["input_size"] == [3, 96, 96]
+
+
+def _set_params(repo: Path, section: str, **values) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _lock_hash(repo: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
+
+
+def test_a_setting_that_changes_no_byte_reruns_extract_alone(repo_copy):
+    _dvc(repo_copy, "repro", "train@transformer")
+    before = _lock_hash(repo_copy, "extract", "data/features")
+    _set_params(repo_copy, "extract", batch_size=5, workers=0)
+    status = _dvc(repo_copy, "status", "train@transformer")
+    assert "extract:" in status and "train@transformer:" not in status and "prepare:" not in status
+    out = _dvc(repo_copy, "repro", "train@transformer")
+    assert "Running stage 'extract'" in out and "Running stage 'train@transformer'" not in out
+    assert _lock_hash(repo_copy, "extract", "data/features") == before
+
+
+def test_changed_images_under_old_ids_are_re_extracted(repo_copy):
+    """The stale-features scenario: another seed renders other pixels under the same ids, and more images."""
+    import numpy as np
+
+    from cache import FeatureCache
+
+    _dvc(repo_copy, "repro", "extract")
+    old = {r["image_id"]: r["sha256"] for r in map(json.loads, (repo_copy / "data/prepared/manifest.jsonl")
+                                                  .read_text().splitlines())}
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["prepare"]["sources"][0].update(seed=1, num_images=46)
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _dvc(repo_copy, "repro", "extract")
+    assert "Running stage 'prepare'" in out and "Running stage 'extract'" in out
+    rows = [json.loads(line) for line in (repo_copy / "data/prepared/manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 46
+    changed = sum(1 for r in rows if r["image_id"] in old and old[r["image_id"]] != r["sha256"])
+    new = sum(1 for r in rows if r["image_id"] not in old)
+    assert changed > 0 and new == 6
+    meta = json.loads((repo_copy / "data/features/meta.json").read_text())
+    assert meta["records"] == 46
+    assert meta["last_update"]["changed"] == changed and meta["last_update"]["computed"] == changed + new
+    assert f"{changed} re-extracted (image changed)" in out and f"{changed + new} computed" in out
+    # every cached record equals a fresh extraction of the current image
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "extract", "--out-dir", str(repo_copy / "fresh")],
+                   cwd=repo_copy, env=env, check=True, capture_output=True)
+    cache, fresh = FeatureCache(repo_copy / "data/features"), FeatureCache(repo_copy / "fresh")
+    ids = [r["image_id"] for r in rows]
+    assert cache.digests(ids) == {r["image_id"]: r["sha256"] for r in rows}
+    np.testing.assert_allclose(cache.get_batch(ids)["last"].astype(np.float32),
+                               fresh.get_batch(ids)["last"].astype(np.float32), rtol=2e-3, atol=1e-5)
     status = _dvc(repo_copy, "status", "train@transformer")
     assert "changed" not in status and "modified" not in status

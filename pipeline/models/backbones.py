@@ -8,6 +8,7 @@ read with ``weights_only=True``), or nothing (random init, recorded as such).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -187,8 +188,16 @@ def create_backbone(
     if state_dict is not None:
         with torch.random.fork_rng(devices=[]):  # a skeleton's throwaway init draws nothing from the caller's stream
             model = timm.create_model(name)
+    elif pretrained:
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except Exception as e:  # noqa: BLE001 - hub and network failures come in many classes
+            offline = " (HF_HUB_OFFLINE=1: downloads are off)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+            raise WeightsError(f"{name}: timm's pretrained weights could not be loaded{offline}: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
+                               "pass a local weights file with --weights FILE") from None
     else:
-        model = timm.create_model(name, pretrained=pretrained)
+        model = timm.create_model(name)
     if weights is not None:
         load_weights(model, read_state_dict(weights), source=str(weights))
         weights_info: dict[str, Any] = {"source": "file"}

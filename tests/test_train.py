@@ -545,3 +545,27 @@ def test_cli_refuses_an_unknown_option_for_the_family(pipe, tmp_path):
     result = CliRunner().invoke(app, ["train", "--params", str(params)])
     assert result.exit_code == 2
     assert "unknown option 'hiden_dim' for decoder 'show_tell'" in result.output
+
+
+def test_default_out_dir_follows_the_family_and_another_familys_bundle_is_kept(pipe, tmp_path, monkeypatch):
+    """The README's `pipeline train --decoder show_attend_tell ...` in a repository must not overwrite
+    models/transformer: the default out_dir is models/<decoder>, and an explicit out_dir holding another
+    family's bundle is refused."""
+    monkeypatch.chdir(tmp_path)
+    params = pipe.params_file(tmp_path / "params.yaml", {"decoder": "transformer", "epochs": 1})
+    result = CliRunner().invoke(app, ["train", "--params", str(params)])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    transformer = tmp_path / "models" / "transformer" / "bundle" / "config.json"
+    before = transformer.read_bytes()
+    result = CliRunner().invoke(app, ["train", "--params", str(params), "--decoder", "show_tell",
+                                      "--decoder-options", json.dumps(OPTIONS["show_tell"])])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert json.loads((tmp_path / "models" / "show_tell" / "bundle" / "config.json").read_text()
+                      )["decoder"]["family"] == "show_tell"
+    assert transformer.read_bytes() == before
+    result = CliRunner().invoke(app, ["train", "--params", str(params), "--decoder", "show_tell",
+                                      "--decoder-options", json.dumps(OPTIONS["show_tell"]),
+                                      "--out-dir", "models/transformer"])
+    assert result.exit_code == 2
+    assert "holds a trained 'transformer' model" in result.output and "--out-dir models/show_tell" in result.output
+    assert transformer.read_bytes() == before

@@ -74,7 +74,9 @@ def _record(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
 
 def write_layouts(root: Path, n: int, shape: tuple[int, int], num_shards: int, seed: int) -> dict[str, Path]:
     """The same ``n`` records as an LMDB cache, one memmapped .npy, and one .npy per image."""
-    from cache.format import CacheMeta, TokenSet, shard_of
+    import hashlib
+
+    from cache.format import CacheMeta, FeatureSpec, TokenSet, shard_of
     from cache.writer import CacheWriter
 
     rng = np.random.default_rng(seed)
@@ -83,15 +85,17 @@ def write_layouts(root: Path, n: int, shape: tuple[int, int], num_shards: int, s
         data[i] = _record(rng, shape)
 
     lmdb_dir = root / "lmdb"
-    meta = CacheMeta(backbone="bench", weights={"source": "random-init"}, preprocessing={},
-                     token_sets=[TokenSet("last", *shape)], dtype="float16", num_shards=num_shards)
+    spec = FeatureSpec(backbone="bench", weights={"source": "random-init"}, preprocessing={},
+                       token_sets=(TokenSet("last", *shape),), dtype="float16")
+    meta = CacheMeta(spec=spec, num_shards=num_shards)
     writer = CacheWriter(lmdb_dir, meta)
     for s in range(num_shards):
         sw = writer.shard(s)
-        sw.open()
         rows = sorted((i for i in range(n) if shard_of(image_id(i), num_shards) == s), key=image_id)
+        digest = {i: hashlib.sha256(image_id(i).encode()).hexdigest() for i in rows}  # stands in for image bytes
+        sw.open({image_id(i): digest[i] for i in rows})
         for j in range(0, len(rows), 64):
-            sw.put_batch([(image_id(i), sw.encode([data[i]])) for i in rows[j : j + 64]])
+            sw.put_batch([(image_id(i), sw.encode(digest[i], [data[i]])) for i in rows[j : j + 64]])
         sw.finish()
     assert writer.finalize() is not None
 

@@ -73,7 +73,7 @@ def _parser():
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the stage's progress bars and info/warning logs (they cost nothing measurable)."""
-    import stages.extract as ex
+    import pipeline.encode as ex
     from pipeline.progress import progress
 
     saved_bar = ex.progress_bar

@@ -544,21 +544,25 @@ def write_memory_cache(directory: Path, n: int, shape: tuple[int, int], seed: in
     """``n`` float16 records (a pool of random arrays, reused) under ids ``mem/NNNNNNN``; returns file bytes."""
     import numpy as np
 
-    from cache.format import CacheMeta, TokenSet, shard_of
+    import hashlib
+
+    from cache.format import CacheMeta, FeatureSpec, TokenSet, shard_of
     from cache.writer import CacheWriter
 
     rng = np.random.default_rng(seed)
     pool = [rng.standard_normal(shape, dtype=np.float32).astype(np.float16) for _ in range(16)]
-    meta = CacheMeta(backbone="bench-memory", weights={"source": "random-init"}, preprocessing={},
-                     token_sets=[TokenSet("last", *shape)], dtype="float16", num_shards=num_shards)
+    spec = FeatureSpec(backbone="bench-memory", weights={"source": "random-init"}, preprocessing={},
+                       token_sets=(TokenSet("last", *shape),), dtype="float16")
+    meta = CacheMeta(spec=spec, num_shards=num_shards)
     writer = CacheWriter(directory, meta)
     ids = memory_ids(n)
     for sh in range(num_shards):
         sw = writer.shard(sh)
-        sw.open()
         rows = sorted(i for i in range(n) if shard_of(ids[i], num_shards) == sh)
+        digest = {i: hashlib.sha256(ids[i].encode()).hexdigest() for i in rows}  # stands in for image bytes
+        sw.open({ids[i]: digest[i] for i in rows})
         for j in range(0, len(rows), 256):
-            sw.put_batch([(ids[i], sw.encode([pool[i % len(pool)]])) for i in rows[j : j + 256]])
+            sw.put_batch([(ids[i], sw.encode(digest[i], [pool[i % len(pool)]])) for i in rows[j : j + 256]])
         sw.finish()
     assert writer.finalize() is not None
     return sum(p.stat().st_size for p in directory.glob("shard-*.lmdb"))

@@ -119,8 +119,16 @@ def fill_cache(
         if not items:
             return stats
         start = time.perf_counter()
+        # Batches never straddle two shards: a shard's records are computed in the same batches whichever
+        # shards a run writes (one process, torchrun ranks, --shard-index), so its bytes are the same.
+        batches, start_of = [], 0
+        for i in shards:
+            n = remaining.get(i, 0)
+            batches.extend(list(range(k, min(k + batch_size, start_of + n))) for k in range(start_of, start_of + n,
+                                                                                          batch_size))
+            start_of += n
         loader = DataLoader(
-            ImageFiles([r for _, r in items], manifest, transform, max_pixels), batch_size=batch_size, shuffle=False,
+            ImageFiles([r for _, r in items], manifest, transform, max_pixels), batch_sampler=batches,
             num_workers=workers, collate_fn=collate_image_files, prefetch_factor=4 if workers > 0 else None,
             persistent_workers=False, pin_memory=pin_memory,
         )

@@ -116,7 +116,8 @@ class Readers:
         import torch
         from torch.utils.data import DataLoader
 
-        from cache import CachedCaptionDataset, FeatureCache, caption_collate
+        from cache import FeatureCache
+        from pipeline.data.features import CachedCaptionDataset, caption_collate
 
         self.paths = paths
         self.n = n

@@ -276,7 +276,7 @@ class PadCollate:
     def __call__(self, items):
         import torch
 
-        from cache.loader import pad_tokens
+        from pipeline.data.features import pad_tokens
 
         tokens, lengths = pad_tokens([ids for _, ids in items], self.pad_id)
         return torch.stack([x for x, _ in items]), tokens, lengths
@@ -423,7 +423,8 @@ def decode_probe(dataset: JpegCaptions, n: int) -> float:
 
 # --------------------------------------------------------------------------- throughput
 def bench_throughput(args, s: Setup) -> dict[str, Any]:
-    from cache import CachedCaptionDataset, FeatureCache
+    from cache import FeatureCache
+    from pipeline.data.features import CachedCaptionDataset
     from pipeline.data.manifest import resolve_image_path
     from pipeline.models.backbones import create_backbone
     from stages.train import caption_samples
@@ -609,7 +610,8 @@ def memory_child(args) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from cache import CachedCaptionDataset, FeatureCache
+    from cache import FeatureCache
+    from pipeline.data.features import CachedCaptionDataset
     from pipeline.models.decoders import create_decoder
 
     if args.threads > 0:

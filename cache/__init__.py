@@ -27,7 +27,6 @@ from cache.format import (
     shard_of,
     spec_mismatches,
 )
-from cache.loader import CachedCaptionDataset, CaptionBatch, caption_collate
 from cache.reader import FeatureCache
 from cache.writer import CacheWriter
 
@@ -43,7 +42,4 @@ __all__ = [
     "shard_of",
     "FeatureCache",
     "CacheWriter",
-    "CachedCaptionDataset",
-    "CaptionBatch",
-    "caption_collate",
 ]

@@ -15,15 +15,11 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(UserError, ValueError):
-    """A params file or option that cannot be used; the message says which and why."""
 
 
 class StageConfig(BaseModel):
@@ -473,10 +469,6 @@ SECTIONS: dict[str, type[StageConfig]] = {
     "finetune": FinetuneConfig,
     "scst": ScstConfig,
 }
-
-
-def register_section(name: str, model: type[StageConfig]) -> None:
-    SECTIONS[name] = model
 
 
 # --------------------------------------------------------------------------- loading

@@ -9,6 +9,10 @@ class UserError(Exception):
     """Mixin for errors whose message is enough for the user to act on."""
 
 
+class ConfigError(UserError, ValueError):
+    """A params file or option that cannot be used; the message says which and why."""
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """Every exception class whose message is meant for the user: :class:`UserError` and the storage
     layer's own base (``cache`` imports nothing from the library, so it cannot derive from this one)."""

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cache.loader import pad_tokens
-from pipeline.config import ConfigError
+from pipeline.data.features import pad_tokens
+from pipeline.errors import ConfigError
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 from pipeline.models.backbones import Backbone

@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 GPT2_VOCAB_SIZE = 50_257
 GPT2_SPECIAL_ID = 50_256  # <|endoftext|>: bos, eos and pad

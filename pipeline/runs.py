@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from cache.loader import pad_tokens
+from pipeline.data.features import pad_tokens
 from pipeline.config import LoopConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord, read_manifest
 from pipeline.decoding import greedy

@@ -23,10 +23,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cache.loader import pad_tokens, select_features
+from pipeline.data.features import pad_tokens, select_features
 from cache.reader import FeatureCache
 from pipeline.decoding import Hypothesis, greedy, sample
 from pipeline.metrics import CiderD, fallback_tokenize
@@ -188,12 +187,3 @@ def scst_step_reward(decoder: nn.Module, features: torch.Tensor, image_ids: Sequ
                   generator=torch.Generator().manual_seed(seed))
     texts = [fallback_tokenize(tokenizer.decode(h.tokens)) for per in hyps for h in per]
     return float(reward.score(texts, [i for i in image_ids for _ in range(num_samples)]).mean())
-
-
-def teacher_forced_nll(decoder: nn.Module, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
-                       ) -> torch.Tensor:
-    """Mean per-token negative log-likelihood (no smoothing); a diagnostic."""
-    logits = decoder(features, tokens, lengths).logits
-    targets = tokens[:, 1:]
-    mask = torch.arange(targets.shape[1], device=tokens.device)[None, :] < (lengths[:, None] - 1)
-    return F.cross_entropy(logits[:, : targets.shape[1]][mask].float(), targets[mask])

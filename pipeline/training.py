@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.loader import CaptionBatch
+from pipeline.data.features import CaptionBatch
 from pipeline.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from pipeline.config import ConfigError, LoopConfig
+from pipeline.config import LoopConfig
+from pipeline.errors import ConfigError
 from pipeline.distributed import DistContext
 from pipeline.progress import progress
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from cache import FeatureCache
-from cache.loader import select_features
+from pipeline.data.features import select_features
 from pipeline.bundle import Captioner
 from pipeline.config import EvaluateConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path

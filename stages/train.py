@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from cache import CachedCaptionDataset, FeatureCache, FeatureSpec
-from cache.loader import select_features
+from cache import FeatureCache, FeatureSpec
+from pipeline.data.features import CachedCaptionDataset
+from pipeline.data.features import select_features
 from pipeline.bundle import BundleError, read_bundle_config, save_bundle
 from pipeline.config import TrainConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord

@@ -10,15 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cache import (
-    CachedCaptionDataset,
-    CacheFormatError,
-    CacheMeta,
-    CacheWriter,
-    FeatureCache,
-    TokenSet,
-    caption_collate,
-)
+from cache import CacheFormatError, CacheMeta, CacheWriter, FeatureCache, TokenSet
+from pipeline.data.features import CachedCaptionDataset, caption_collate
 from cache.format import FeatureMismatchError, FeatureSpec, shard_of
 
 SPEC = FeatureSpec(backbone="fake", weights={"source": "random-init", "sha256": "a" * 64},

@@ -23,7 +23,6 @@ import shlex
 from functools import cache
 from pathlib import Path, PurePosixPath
 
-import pytest
 
 from tests.conftest import REPO
 

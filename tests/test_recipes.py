@@ -11,7 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ConfigError, load_config, load_train_config
+from pipeline.config import load_config, load_train_config
+from pipeline.errors import ConfigError
 from pipeline.models.decoders import create_decoder
 from pipeline.recipes import (
     GPT2_SPECIAL_ID,

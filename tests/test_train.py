@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cache import CachedCaptionDataset, FeatureCache
+from cache import FeatureCache
+from pipeline.data.features import CachedCaptionDataset
 from pipeline.bundle import BundleError, Captioner
 from pipeline.cli import app
 from pipeline.config import (

@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 from .base import CaptionDecoder, DecoderOutput, StepOutput, reorder_tensors
 

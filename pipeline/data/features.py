@@ -1,4 +1,6 @@
-"""A torch Dataset over (image, caption) pairs whose features come from the cache.
+"""A torch Dataset over (image, caption) pairs whose features come from the cache, and the padding helpers.
+
+The library side of cached features (``cache`` itself is storage only).
 
 Reading a whole batch in one LMDB transaction in the main process is several
 times faster than per-item reads through DataLoader workers (measured: 22-27k vs

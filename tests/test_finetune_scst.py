@@ -28,11 +28,7 @@ from pipeline.config import (
     ConfigError,
     ExtractConfig,
     FinetuneConfig,
-    PrepareConfig,
     ScstConfig,
-    SyntheticSource,
-    TrainConfig,
-    VocabConfig,
     load_config,
 )
 from pipeline.data.images import load_rgb
@@ -52,32 +48,15 @@ from pipeline.metrics import CiderD, fallback_tokenize
 from pipeline.models.backbones import create_backbone
 from pipeline.scst import ScstPolicy, ScstTrainer, reward_corpus, scst_step_reward
 from pipeline.text.tokenizers import load_tokenizer
-from stages import extract, finetune, prepare, scst, train, vocab
-from tests.conftest import REPO
+from stages import extract, finetune, scst
+from tests.conftest import REPO, TINY_TRANSFORMER, TinyPipeline
 
 BACKBONE = "test_efficientnet"
-DECODER = {"d_model": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64}
+DECODER = TINY_TRANSFORMER  # the options of the session pipeline's bundle
 
 
-@dataclasses.dataclass
-class Pipe:
-    root: Path
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "prepared" / "manifest.jsonl"
-
-    @property
-    def features(self) -> Path:
-        return self.root / "features"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizers" / "word"
-
-    @property
-    def bundle(self) -> Path:
-        return self.root / "base" / "bundle"
+class Pipe(TinyPipeline):
+    """The session's tiny pipeline, with this module's run configs."""
 
     def ft(self, out: Path, **kw) -> FinetuneConfig:
         base = dict(bundle=self.bundle, manifest=self.manifest, out_dir=out, epochs=2, frozen_epochs=0,
@@ -95,21 +74,9 @@ class Pipe:
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory) -> Pipe:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine: one thread is much faster
-    root = tmp_path_factory.mktemp("finetune_pipeline")
-    p = Pipe(root)
-    prepare.run(PrepareConfig(sources=[SyntheticSource(num_images=80, noisy_images=0, image_size=64)],
-                              out_dir=root / "prepared", check_images="none"))
-    extract.run(ExtractConfig(manifest=p.manifest, out_dir=p.features, backbone=BACKBONE, image_size=64,
-                              num_shards=2, batch_size=32, workers=0, device="cpu"))
-    vocab.run(VocabConfig(manifest=p.manifest, out_dir=root / "tokenizers", kinds=["word"]))
-    train.run(TrainConfig(manifest=p.manifest, features=p.features, tokenizer=p.tokenizer, out_dir=root / "base",
-                          decoder="transformer", decoder_options=DECODER, epochs=4, batch_size=16, lr=3e-3,
-                          warmup_steps=0, val_max_images=8, max_caption_length=12, device="cpu", patience=0))
-    yield p
-    torch.set_num_threads(threads)
+def pipe(tiny_pipeline, one_thread) -> Pipe:
+    assert tiny_pipeline.bundle.exists()  # the transformer every run here starts from
+    return Pipe(tiny_pipeline.root)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +152,7 @@ def test_flipped_synthetic_captions_describe_the_mirrored_scene():
 
 
 def test_flipped_images_get_flipped_captions_and_off_never_flips(pipe):
-    tok = load_tokenizer(pipe.tokenizer)
+    tok = load_tokenizer(pipe.tokenizer())
     records = [r for r in read_manifest(pipe.manifest) if r.split == "train"]
     spatial = [r for r in records if any("left" in c for c in r.captions)][:6]
     assert spatial, "the synthetic data has spatial captions"
@@ -214,7 +181,7 @@ def test_flipped_images_get_flipped_captions_and_off_never_flips(pipe):
 
 
 def test_augmentations_are_a_function_of_their_key(pipe):
-    tok = load_tokenizer(pipe.tokenizer)
+    tok = load_tokenizer(pipe.tokenizer())
     records = [r for r in read_manifest(pipe.manifest) if r.split == "train"][:5]
     bb = create_backbone(BACKBONE, image_size=64, crop_pct=1.0)
     ds = ImageCaptionDataset(image_items(records, pipe.manifest, tok), pad_id=tok.pad_id, data_config=bb.data_config,

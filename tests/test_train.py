@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,17 +30,13 @@ from pipeline.data.features import CachedCaptionDataset
 from pipeline.bundle import BundleError, Captioner
 from pipeline.cli import app
 from pipeline.config import (
-    ExtractConfig,
-    PrepareConfig,
-    SyntheticSource,
     TrainConfig,
-    VocabConfig,
 )
 from pipeline.data.manifest import read_manifest
 from pipeline.text.tokenizers import load_tokenizer
 from pipeline.training import Trainer, TrainingForward
-from stages import extract, prepare, train, vocab
-from tests.conftest import REPO
+from stages import train
+from tests.conftest import REPO, TinyPipeline
 
 BACKBONE = "test_efficientnet"
 
@@ -59,20 +54,8 @@ TOKENIZER = {"show_tell": "word", "show_attend_tell": "word", "transformer": "wo
              "perceiver_gpt2": "bpe"}
 
 
-@dataclass
-class Pipe:
-    root: Path
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "prepared" / "manifest.jsonl"
-
-    @property
-    def features(self) -> Path:
-        return self.root / "features"
-
-    def tokenizer(self, kind: str) -> Path:
-        return self.root / "tokenizers" / kind
+class Pipe(TinyPipeline):
+    """The session's tiny pipeline, with this module's run configs."""
 
     def cfg(self, out: Path, decoder: str, **kw) -> TrainConfig:
         base = dict(manifest=self.manifest, features=self.features, tokenizer=self.tokenizer(TOKENIZER[decoder]),
@@ -97,21 +80,8 @@ class Pipe:
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory) -> Pipe:
-    # Two cores shared with other work: several OpenMP threads on tiny tensors spin far more than they
-    # compute (measured 5-10x slower than one thread under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("train_pipeline")
-    p = Pipe(root)
-    prepare.run(PrepareConfig(sources=[SyntheticSource(num_images=80, noisy_images=0, image_size=64)],
-                              out_dir=root / "prepared", check_images="none"))
-    extract.run(ExtractConfig(manifest=p.manifest, out_dir=p.features, backbone=BACKBONE, image_size=64,
-                              num_shards=2, batch_size=32, workers=0, device="cpu"))
-    vocab.run(VocabConfig(manifest=p.manifest, out_dir=root / "tokenizers", kinds=["word", "bpe", "gpt2"],
-                          bpe_vocab_size=300))
-    yield p
-    torch.set_num_threads(threads)
+def pipe(tiny_pipeline, one_thread) -> Pipe:
+    return Pipe(tiny_pipeline.root)
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +302,10 @@ def test_torchrun_two_processes_train_one_model(pipe, tmp_path, trained):
     # Half the optimizer steps of batch 32: it learns, just not as far (loose band, not equality).
     curves = {"ddp": [e["val_loss"] for e in h], "single": [e["val_loss"] for e in single]}
     assert single[-1]["val_loss"] - 0.1 < h[-1]["val_loss"] < h[0]["val_loss"] < math.log(68), curves
-    assert Captioner.load(out / "bundle").caption_features(torch.zeros(1, 4, 256))
+    ids = [r.image_id for r in read_manifest(pipe.manifest) if r.split == "val"][:2]
+    feats = torch.from_numpy(FeatureCache(pipe.features).get_batch(ids)["last"]).float()
+    captions = Captioner.load(out / "bundle").caption_features(feats)
+    assert len(captions) == 2 and all(len(c) == 1 and c[0].text.strip() for c in captions)
 
 
 # --------------------------------------------------------------------------- 5. the bundle

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-all bench clean-venv
+.PHONY: install browser repro test test-all bench clean-venv
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,17 @@ $(VENV)/.installed: pyproject.toml
 repro: install
 	$(BIN)/dvc repro
 
-## The test suite CI runs (slow end-to-end tests excluded; `make test-all` includes them).
-test: install
+## Debian's Chromium for the web page's browser tests (a test tool's own browser download fails offline).
+## Installed when missing and apt-get can (root); otherwise say plainly that those tests will be skipped.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	  || echo "chromium could not be installed: the 3 browser tests will be skipped (apt-get install -y chromium)" >&2; \
+	else echo "no /usr/bin/chromium: the 3 browser tests will be skipped; run 'sudo apt-get install -y chromium' to include them" >&2; fi
+
+## The test suite CI runs (slow end-to-end tests excluded; `make test-all` includes them), browser tests included.
+test: install browser
 	$(BIN)/python -m pytest
 
 test-all: install

@@ -15,11 +15,14 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 log = logging.getLogger(__name__)
+
+MaxPixels = Annotated[int, Field(ge=1, description="Refuse larger images (decompression bombs).")]
 
 
 class StageConfig(BaseModel):
@@ -134,7 +137,7 @@ class ExtractConfig(StageConfig):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     amp: bool = Field(False, description="bf16 autocast for the forward pass (CUDA).")
     channels_last: bool = False
-    max_pixels: int = Field(128_000_000, description="Refuse larger images (decompression bombs).")
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
 
 
 class VocabConfig(StageConfig):
@@ -168,7 +171,6 @@ CheckpointEvery = Annotated[int, Field(ge=1, description="Save a resumable check
 LabelSmoothing = Annotated[float, Field(ge=0, lt=1, description="Label smoothing of the caption loss.")]
 Threads = Annotated[Optional[int], Field(ge=1, description="torch CPU threads; default: torch's choice.")]
 Compile = Annotated[bool, Field(description="torch.compile the model (CUDA).")]
-MaxPixels = Annotated[int, Field(description="Refuse larger images (decompression bombs).")]
 ImageWorkers = Annotated[int, Field(ge=1, description="Threads decoding (and augmenting) images.")]
 
 
@@ -330,7 +332,7 @@ class FilterConfig(StageConfig):
     workers: int = Field(0, ge=0, description="DataLoader processes decoding images.")
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     device: str = Field("auto", description="auto, cpu, cuda, ...")
-    max_pixels: int = Field(128_000_000, description="Refuse larger images (decompression bombs).")
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
 
 
 class MixConfig(StageConfig):
@@ -397,7 +399,7 @@ class FinetuneConfig(LoopConfig):
     checkpoint_every: CheckpointEvery = 100
     compile: Compile = False
     threads: Threads = None
-    max_pixels: MaxPixels = 128_000_000
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
 
 
 class ScstConfig(LoopConfig):
@@ -432,7 +434,7 @@ class ScstConfig(LoopConfig):
     checkpoint_every: CheckpointEvery = 50
     workers: ImageWorkers = 2
     threads: Threads = None
-    max_pixels: MaxPixels = 128_000_000
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
 
     @model_validator(mode="after")
     def _mean_baseline_needs_two_samples(self) -> "ScstConfig":
@@ -449,9 +451,23 @@ class DecoderSection(StageConfig):
 
 
 class DecodersConfig(StageConfig):
-    """Per-family options; keys are decoder family names (checked against the registry when used)."""
+    """Per-family options; keys are decoder family names, checked against the registry when the params file
+    is read (a misspelled family is an error at once, not only when `train` runs)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_families(cls, data: Any) -> Any:
+        from pipeline.models.decoders import DECODERS
+
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in DECODERS]
+            if unknown:
+                raise ValueError(f"unknown decoder family {_with_hint(unknown[0], DECODERS)}")
+            for family, entry in data.items():
+                DecoderSection.model_validate(entry or {})
+        return data
 
 
 # Every section a params file may hold, and the model that validates it.

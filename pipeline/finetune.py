@@ -35,7 +35,7 @@ from torch import nn
 
 from pipeline.data.features import pad_tokens
 from pipeline.errors import ConfigError
-from pipeline.data.images import load_rgb
+from pipeline.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 from pipeline.models.backbones import Backbone
 from pipeline.text.tokenizers import CaptionTokenizer
@@ -276,7 +276,7 @@ class ImageCaptionDataset:
     def __init__(
         self, items: Sequence[ImageItem], *, pad_id: int, data_config: dict[str, Any], eval_transform: Callable,
         augmentation: Optional[Augmentation] = None, captions_per_image: Optional[int] = None, workers: int = 2,
-        max_pixels: int = 128_000_000,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.items = list(items)
         self.pad_id = pad_id

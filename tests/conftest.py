@@ -45,6 +45,25 @@ def image_manifest(tmp_path: Path) -> Path:
     return make_image_manifest(tmp_path / "data", 24, bad=True)
 
 
+def copy_repo(dest: Path) -> Path:
+    """A copy of the working tree as a user's fresh clone would have it (tracked and untracked-but-not-ignored
+    files), committed in a new git repository (dvclive reads HEAD)."""
+    import shutil
+    import subprocess
+
+    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    for rel in listing.decode().split("\0"):
+        if rel and (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run with ``n`` torch CPU threads, then restore. Tiny tensors on a shared 2-core machine run several

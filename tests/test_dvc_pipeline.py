@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import copy_repo
 
 TINY_PARAMS = {
     "prepare": {"sources": [{"kind": "synthetic", "num_images": 40, "noisy_images": 8, "image_size": 64}],
@@ -28,18 +28,6 @@ TINY_PARAMS = {
 }
 
 
-def _copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for rel in files.decode().split("\0"):
-        if rel and (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-qm", "copy"], cwd=dest, check=True)  # as a user's clone: dvclive reads HEAD
-
-
 def _dvc(cwd: Path, *args: str) -> str:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
     res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env,
@@ -51,11 +39,12 @@ def _dvc(cwd: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("repo")
-    _copy_repo(dest)
+    copy_repo(dest)
     (dest / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     return dest
 
 
+@pytest.mark.integration
 def test_repro_builds_then_noop_then_reruns_only_what_changed(repo_copy):
     out = _dvc(repo_copy, "repro", "train@transformer")
     for stage in ("prepare", "extract", "vocab", "train@transformer"):
@@ -91,6 +80,7 @@ def _lock_hash(repo: Path, stage: str, path: str) -> str:
     return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
 
 
+@pytest.mark.integration
 def test_a_setting_that_changes_no_byte_reruns_extract_alone(repo_copy):
     _dvc(repo_copy, "repro", "train@transformer")
     before = _lock_hash(repo_copy, "extract", "data/features")
@@ -102,6 +92,7 @@ def test_a_setting_that_changes_no_byte_reruns_extract_alone(repo_copy):
     assert _lock_hash(repo_copy, "extract", "data/features") == before
 
 
+@pytest.mark.integration
 def test_changed_images_under_old_ids_are_re_extracted(repo_copy):
     """The stale-features scenario: another seed renders other pixels under the same ids, and more images."""
     import numpy as np

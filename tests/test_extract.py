@@ -120,6 +120,7 @@ def test_resume_after_a_crash_finishes_without_duplicates_or_recomputation(image
     assert _shard_bytes(tmp_path / "resumed") == _shard_bytes(tmp_path / "clean")
 
 
+@pytest.mark.integration
 def test_sigkill_mid_shard_then_rerun_completes(tmp_path):
     manifest = make_image_manifest(tmp_path / "data", 60)
     args = [sys.executable, "-m", "pipeline.cli", "extract", "--manifest", str(manifest), "--backbone", BACKBONE,
@@ -163,6 +164,7 @@ def test_separate_machines_write_shards_and_the_last_one_writes_meta(image_manif
     assert _shard_bytes(out) == _shard_bytes(tmp_path / "single")
 
 
+@pytest.mark.integration
 def test_torchrun_two_processes_write_one_cache(image_manifest, tmp_path):
     (tmp_path / "p.yaml").write_text("{}\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

@@ -195,6 +195,7 @@ def test_bpe_deterministic_bytes(tmp_path, bpe):
     assert other.fingerprint() != bpe.fingerprint()
 
 
+@pytest.mark.integration
 def test_bpe_deterministic_across_processes(tmp_path, bpe):
     """Rust hash maps are seeded per process: train in a fresh interpreter and compare bytes."""
     corpus = tmp_path / "corpus.json"

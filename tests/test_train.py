@@ -279,6 +279,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_torchrun_two_processes_train_one_model(pipe, tmp_path, trained):
     out = tmp_path / "ddp"
     params = pipe.params_file(tmp_path / "p.yaml", {"decoder": "transformer", "decoder_options": OPTIONS["transformer"],

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from pipeline.decoding import DecodingOptions, Hypothesis, generate, options_for
 from pipeline.errors import UserError
 from pipeline.models.decoders import create_decoder
 from pipeline.text.tokenizers import CaptionTokenizer, load_tokenizer
+from pipeline.files import swap_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +99,9 @@ def save_bundle(
         "blind": blind,
         "training": training or {},
     }
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(tmp / CONFIG, config)
     swap_folder(tmp, directory)
     return features
-
-
-def swap_folder(new: Path, target: Path) -> None:
-    """Replace ``target`` by the finished folder ``new`` so that one of the two always exists whole."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_bundle_config(directory: Path) -> dict[str, Any]:

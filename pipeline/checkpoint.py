@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from pipeline.files import swap_folder
+
 MODEL = "model.safetensors"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -77,12 +79,7 @@ def save_checkpoint(
         "state": state,
     }
     (tmp / STATE).write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_folder(tmp, directory)
 
 
 def load_checkpoint(

@@ -36,6 +36,7 @@ from pipeline.errors import UserError
 from pipeline.metrics import CiderD, bleu4_fast, fallback_tokenize
 from pipeline.text.tokenizers import CaptionTokenizer
 from pipeline.training import TrainState, caption_loss
+from pipeline.files import swap_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def discard_stale_checkpoints(directory: Path, wanted: dict[str, Any]) -> None:
                      ", ".join(changed) or "unknown")
             shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(marker, wanted)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -205,7 +206,7 @@ class TrainingRun:
         if path.exists():
             return json.loads(path.read_text(encoding="utf-8"))
         metrics = compute()
-        path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(path, metrics)
         log.info("starting model: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
 
@@ -224,8 +225,6 @@ class TrainingRun:
         validation scores and timings); returns what was written."""
         if self.live is None:
             return {}
-        from pipeline.bundle import swap_folder
-
         self.live.end()
         tmp = self.out / "bundle.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -237,5 +236,5 @@ class TrainingRun:
             **{k: v for k, v in best.items() if k.startswith("val_")},
             "train_samples_per_s": sum(h["samples_per_s"] for h in state.history) / len(state.history),
         }
-        (self.out / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(self.out / "metrics.json", summary)
         return summary

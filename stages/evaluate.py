@@ -27,7 +27,6 @@ evaluated on zeroed features too, as it was trained.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
@@ -50,6 +49,7 @@ from pipeline.errors import UserError
 from pipeline.metrics import coco_caption_metrics
 from pipeline.progress import progress
 from pipeline.decoding import decoding_label
+from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,7 @@ def caption_stats(captions: list[str]) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, data, sort_keys=False, ensure_ascii=False)
 
 
 def select_gallery(scores: dict[str, float], all_ids: list[str], size: int, seed: int) -> dict[str, list[str]]:

@@ -33,6 +33,7 @@ from pipeline.data.manifest import read_manifest
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.encode import fill_cache
 from pipeline.errors import UserError
+from pipeline.files import write_bytes
 from pipeline.models.backbones import Backbone, create_backbone, weights_bytes
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,7 @@ def store_weights(directory: Path, weights: bytes, sha256: str) -> None:
     path = Path(directory) / WEIGHTS_FILE
     if path.exists() and file_sha256(path) == sha256:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(weights)
-    os.replace(tmp, path)
+    write_bytes(path, weights)
 
 
 def run(cfg: ExtractConfig) -> CacheMeta | None:

@@ -20,7 +20,6 @@ The reference "filtered + clean" recovery experiment is then a DVC experiment, e
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -36,6 +35,7 @@ from pipeline.data.manifest import (
     write_manifest,
 )
 from pipeline.errors import UserError
+from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def run(cfg: MixConfig) -> dict:
         "renamed_ids": renamed,
         "config": config_to_dict(cfg),
     }
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "stats.json", stats, sort_keys=False)
     log.info("mix: %d train images (%d clean, %d filtered; filtered:clean %s = %s) + clean val/test -> %s",
              len(train), stats["train"]["clean"]["images"], stats["train"]["filtered"]["images"], cfg.unit,
              stats["ratio_achieved"], out_dir / "manifest.jsonl")

@@ -16,7 +16,6 @@ Sources with a split keep it; the others get a seeded image-level split.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -30,6 +29,7 @@ from pipeline.data.manifest import (
     RejectsReport,
     write_manifest,
 )
+from pipeline.files import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,7 @@ def run(cfg: PrepareConfig) -> dict:
             if not Path(rec.path).is_absolute():
                 rec.path = f"../{rec.path}"
         write_manifest(out_dir / "noisy" / "manifest.jsonl", noisy)
-        with open(out_dir / "noisy" / "labels.jsonl", "w", encoding="utf-8") as f:
-            for row in noisy_labels:
-                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        write_jsonl(out_dir / "noisy" / "labels.jsonl", noisy_labels, sort_keys=True)
 
     stats = {
         "manifest_version": MANIFEST_VERSION,
@@ -130,7 +128,7 @@ def run(cfg: PrepareConfig) -> dict:
         "rejects": rejects.summary(),
         "config": config_to_dict(cfg),
     }
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(out_dir / "stats.json", stats)
     log.info(
         "prepare: %d images (%s), %d captions, %d rejected%s -> %s",
         n, ", ".join(f"{k} {v}" for k, v in stats["by_split"].items()), stats["captions"], len(rejects),

@@ -7,13 +7,13 @@ and ``cfg.out_dir/report.json`` (sizes, coverage of training words, GloVe covera
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from pipeline.config import VocabConfig, config_to_dict
 from pipeline.data.manifest import read_manifest
 from pipeline.text.tokenizers import build_tokenizer, split_words, training_captions
+from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,5 +52,5 @@ def run(cfg: VocabConfig) -> dict:
         report["tokenizers"][kind] = info
         log.info("vocab %s: %d tokens, %.1f tokens per caption, %d truncated -> %s", kind, tok.vocab_size,
                  info["mean_tokens"], truncated, out / kind)
-    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(out / "report.json", report)
     return report

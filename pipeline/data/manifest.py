@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from pipeline.errors import UserError
+from pipeline.files import write_jsonl, write_text
 
 SPLITS = ("train", "val", "test")
 MANIFEST_VERSION = 1
@@ -80,16 +81,9 @@ def resolve_image_path(record: ManifestRecord, manifest_path: Path) -> Path:
 
 def write_manifest(path: Path, records: Iterable[ManifestRecord]) -> int:
     """Write records as JSON Lines (atomically: a temp file renamed into place). Returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(rec.to_json() + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
+    rows = [rec.to_json() + "\n" for rec in records]
+    write_text(path, "".join(rows))
+    return len(rows)
 
 
 def iter_manifest(path: Path) -> Iterator[ManifestRecord]:
@@ -156,11 +150,7 @@ class RejectsReport:
         return {"total": len(self.items), "by_reason": dict(sorted(self.reasons().items()))}
 
     def write(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for r in self.items:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+        write_jsonl(path, [r.to_dict() for r in self.items])
 
     @staticmethod
     def read(path: Path) -> list[dict]:

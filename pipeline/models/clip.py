@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import UserError
+from pipeline.files import write_json
 from pipeline.models.backbones import file_sha256
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ def save_checkpoint(model: torch.nn.Module, arch: str, out_dir: Path, image_size
     save_file(state, str(tmp), metadata={"arch": arch, "format": "open_clip"})
     tmp.replace(ckpt)
     config = {"arch": arch, "model_cfg": model_cfg, "preprocess_cfg": pcfg, **(extra or {})}
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(out_dir / CONFIG_FILE, config)
     return ckpt
 
 

@@ -22,6 +22,10 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 log = logging.getLogger(__name__)
 
+# Where `prepare` writes (its out_dir default) and the manifest every later stage reads by default.
+PREPARED = Path("data/prepared")
+MANIFEST = PREPARED / "manifest.jsonl"
+
 MaxPixels = Annotated[int, Field(ge=1, description="Refuse larger images (decompression bombs).")]
 
 
@@ -96,7 +100,7 @@ Source = Annotated[
 # --------------------------------------------------------------------------- stages
 class PrepareConfig(StageConfig):
     sources: list[Source] = Field(default_factory=lambda: [SyntheticSource()], description="Datasets to import (JSON list).")
-    out_dir: Path = Field(Path("data/prepared"), description="Writes manifest.jsonl, rejects.jsonl, stats.json.")
+    out_dir: Path = Field(PREPARED, description="Writes manifest.jsonl, rejects.jsonl, stats.json.")
     seed: int = Field(0, description="Seed of the image-level split for sources without one.")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)
@@ -114,7 +118,7 @@ class ExtractConfig(StageConfig):
     # `--backbone` on the command line without `--weights`: the params file's weights belong to its own backbone.
     paired: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": ("weights",)}
 
-    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Manifest of the images to encode.")
+    manifest: Path = Field(MANIFEST, description="Manifest of the images to encode.")
     out_dir: Path = Field(Path("data/features"), description="Cache folder: shard-*.lmdb + meta.json.")
     backbone: str = Field("tf_efficientnet_lite0", description="Any timm model name.")
     pretrained: bool = Field(False, description="Download timm's pretrained weights (online users).")
@@ -141,7 +145,7 @@ class ExtractConfig(StageConfig):
 
 
 class VocabConfig(StageConfig):
-    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Captions of its train split are used.")
+    manifest: Path = Field(MANIFEST, description="Captions of its train split are used.")
     out_dir: Path = Field(Path("models/tokenizers"), description="One sub-folder per tokenizer kind.")
     kinds: list[Literal["word", "bpe", "gpt2"]] = Field(["word", "bpe", "gpt2"], description="Tokenizers to build.")
     min_freq: int = Field(2, ge=1, description="Word vocabulary: words seen fewer times become <unk>.")
@@ -201,7 +205,7 @@ class LoopConfig(StageConfig):
 class TrainConfig(LoopConfig):
     """Training on cached features. Family options live in the `decoders` section."""
 
-    manifest: Path = Field(Path("data/prepared/manifest.jsonl"))
+    manifest: Path = Field(MANIFEST)
     features: Path = Field(Path("data/features"), description="Feature cache written by `extract`.")
     tokenizer: Path = Field(Path("models/tokenizers/word"), description="A folder saved by `vocab`.")
     out_dir: Optional[Path] = Field(None, description="Bundle, checkpoints, metrics and plots; default: "
@@ -231,7 +235,7 @@ HEADLINE_DECODINGS = ("greedy", "beam")
 class EvaluateConfig(StageConfig):
     """Caption a split from the feature cache with one decoding setting, score it, and build a gallery."""
 
-    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Manifest with the split and references.")
+    manifest: Path = Field(MANIFEST, description="Manifest with the split and references.")
     features: Optional[Path] = Field(
         Path("data/features"),
         description="Feature cache written by `extract` (checked against the bundle); none: encode the images with "
@@ -287,7 +291,7 @@ class ReportConfig(StageConfig):
 class ClipTrainConfig(StageConfig):
     """Train a small domain CLIP (open_clip classes and ClipLoss) on clean captions, for offline filtering."""
 
-    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Clean manifest; its `split` images train the CLIP.")
+    manifest: Path = Field(MANIFEST, description="Clean manifest; its `split` images train the CLIP.")
     split: Literal["train", "val", "test"] = Field("train", description="Manifest split to train on (val is used for the report).")
     out_dir: Path = Field(Path("models/clip/synthetic-clip-tiny"), description="Writes open_clip_model.safetensors, "
                           "open_clip_config.json, train.json.")
@@ -313,7 +317,7 @@ class ClipTrainConfig(StageConfig):
 class FilterConfig(StageConfig):
     """Score every (image, caption) pair with an open_clip model; keep the pairs at or above the threshold."""
 
-    manifest: Path = Field(Path("data/prepared/noisy/manifest.jsonl"), description="Manifest of the (noisy) pairs to filter.")
+    manifest: Path = Field(PREPARED / "noisy" / "manifest.jsonl", description="Manifest of the (noisy) pairs to filter.")
     out_dir: Path = Field(Path("data/filtered"), description="Writes manifest.jsonl, scores.jsonl, rejects.jsonl, "
                           "retention.json, histogram.png, retention_curve.{png,tsv}.")
     clip_model: str = Field("ViT-B-32", description="Any open_clip architecture (`synthetic-clip-tiny`: the pipeline's own).")
@@ -338,7 +342,7 @@ class FilterConfig(StageConfig):
 class MixConfig(StageConfig):
     """Combine the filtered noisy set with a clean set at a chosen ratio into one training manifest."""
 
-    clean: Path = Field(Path("data/prepared/manifest.jsonl"), description="Clean manifest; its val/test pass unchanged.")
+    clean: Path = Field(MANIFEST, description="Clean manifest; its val/test pass unchanged.")
     filtered: Path = Field(Path("data/filtered/manifest.jsonl"), description="Filtered manifest; only its train split is mixed in.")
     out_dir: Path = Field(Path("data/mixed"), description="Writes manifest.jsonl and stats.json.")
     ratio: Optional[float] = Field(
@@ -354,7 +358,7 @@ class FinetuneConfig(LoopConfig):
 
     bundle: Path = Field(Path("models/transformer/bundle"), description="Bundle to start from (written by `train`); "
                          "its decoder family is the one fine-tuned.")
-    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Images and captions (train/val splits).")
+    manifest: Path = Field(MANIFEST, description="Images and captions (train/val splits).")
     out_dir: Path = Field(Path("models/transformer-finetuned"), description="Bundle, checkpoints, metrics and plots.")
     unfreeze_stages: Union[int, Literal["all"]] = Field(
         1, description="Backbone stages trained, counted from the output side (0: none; `all`: every stage and the stem)."
@@ -406,7 +410,7 @@ class ScstConfig(LoopConfig):
     """Self-critical sequence training (CIDEr-D reward) of a trained bundle's decoder."""
 
     bundle: Path = Field(Path("models/transformer/bundle"), description="Bundle to start from (`train` or `finetune`).")
-    manifest: Path = Field(Path("data/prepared/manifest.jsonl"), description="Train/val splits and reference captions.")
+    manifest: Path = Field(MANIFEST, description="Train/val splits and reference captions.")
     features: Path = Field(Path("data/features"), description="Feature cache, used when the bundle was trained on it; "
                            "a fine-tuned bundle's features come from the images through its own backbone.")
     out_dir: Path = Field(Path("models/transformer-scst"), description="Bundle, checkpoints, metrics and plots.")

@@ -16,6 +16,7 @@ from tests.conftest import copy_repo
 
 TINY_PARAMS = {
     "prepare": {"sources": [{"kind": "synthetic", "num_images": 40, "noisy_images": 8, "image_size": 64}],
+                "out_dir": "data/prepared",  # dvc.yaml wires every later stage to it
                 "val_fraction": 0.2, "test_fraction": 0.2},
     "extract": {"backbone": "test_efficientnet", "weights": None, "image_size": 64, "num_shards": 2,
                 "batch_size": 16, "workers": 0},

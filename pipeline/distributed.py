@@ -61,9 +61,12 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def run_distributed(body, cfg, device_spec: str):
+def run_distributed(body, cfg, device_spec: str, threads: int | None = None):
     """Run a stage's ``body(cfg, device, ctx)`` on this process's device inside the torchrun process group
-    (a plain single process without torchrun), leaving the group afterwards."""
+    (a plain single process without torchrun), leaving the group afterwards; ``threads`` sets torch's CPU
+    threads first (None: torch's choice)."""
+    if threads:
+        torch.set_num_threads(threads)
     device = resolve_device(device_spec, int(os.environ.get("LOCAL_RANK", "0")))
     ctx = init_distributed(device)
     try:

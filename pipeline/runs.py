@@ -113,6 +113,16 @@ def train_val_splits(manifest: Path) -> tuple[list[ManifestRecord], list[Manifes
     return train, val
 
 
+def load_start_bundle(bundle: Path, device: torch.device):
+    """The bundle a run (finetune, scst) starts from, loaded on ``device``; an image-blind control is refused."""
+    from pipeline.bundle import BundleError, Captioner
+
+    source = Captioner.load(bundle, device)
+    if source.config.get("blind"):
+        raise BundleError(f"{bundle}: an image-blind control bundle; start from a model that reads the image")
+    return source
+
+
 def digests_of(records: Sequence[ManifestRecord]) -> dict[str, Optional[str]]:
     """``{image_id: sha256 of its image}`` as the manifest records it (None where it does not)."""
     return {r.image_id: r.sha256 for r in records}

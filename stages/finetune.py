@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from cache import FeatureSpec
-from pipeline.bundle import BundleError, Captioner, save_bundle
+from pipeline.bundle import BundleError, save_bundle
 from pipeline.config import FinetuneConfig, config_to_dict
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.finetune import (
@@ -39,7 +39,15 @@ from pipeline.finetune import (
     subset,
     trainable_backbone_parameters,
 )
-from pipeline.runs import CaptionValidator, TrainingRun, files_sha256, run_fingerprint, train_val_splits, tree_sha256
+from pipeline.runs import (
+    CaptionValidator,
+    TrainingRun,
+    files_sha256,
+    load_start_bundle,
+    run_fingerprint,
+    train_val_splits,
+    tree_sha256,
+)
 from pipeline.training import TrainState
 
 log = logging.getLogger(__name__)
@@ -47,23 +55,13 @@ log = logging.getLogger(__name__)
 CODE = ("stages/finetune.py", "pipeline/finetune.py", "pipeline/models/backbones.py")
 
 
-def load_source(bundle: Path, device: torch.device) -> Captioner:
-    """The bundle a run starts from (not an image-blind control)."""
-    source = Captioner.load(bundle, device)
-    if source.config.get("blind"):
-        raise BundleError(f"{bundle}: an image-blind control bundle; start from a model that reads the image")
-    return source
-
-
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return run_distributed(_run, cfg, cfg.device)
+    return run_distributed(_run, cfg, cfg.device, threads=cfg.threads)
 
 
 def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
     out = Path(cfg.out_dir)
-    source = load_source(cfg.bundle, device)
+    source = load_start_bundle(cfg.bundle, device)
     if source.config.get("backbone_weights") is None:
         raise BundleError(f"{cfg.bundle}: this bundle holds no backbone weights, so there is nothing to fine-tune")
     tokenizer, spec, decoder = source.tokenizer, source.features, source.decoder

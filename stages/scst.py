@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cache import FeatureCache
-from pipeline.bundle import BACKBONE, BundleError, Captioner, save_bundle
+from pipeline.bundle import BACKBONE, BundleError, save_bundle
 from pipeline.config import ScstConfig, config_to_dict
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.finetune import ImageCaptionDataset, image_items, subset
@@ -29,6 +29,7 @@ from pipeline.runs import (
     TrainingRun,
     digests_of,
     files_sha256,
+    load_start_bundle,
     run_fingerprint,
     train_val_splits,
     tree_sha256,
@@ -42,16 +43,12 @@ CODE = ("stages/scst.py", "pipeline/scst.py", "pipeline/finetune.py", "pipeline/
 
 
 def run(cfg: ScstConfig) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return run_distributed(_run, cfg, cfg.device)
+    return run_distributed(_run, cfg, cfg.device, threads=cfg.threads)
 
 
 def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
     out = Path(cfg.out_dir)
-    source = Captioner.load(cfg.bundle, device)
-    if source.config.get("blind"):
-        raise BundleError(f"{cfg.bundle}: an image-blind control bundle; start from a model that reads the image")
+    source = load_start_bundle(cfg.bundle, device)
     tokenizer, spec, decoder = source.tokenizer, source.features, source.decoder
     torch.manual_seed(cfg.seed)  # dropout (and anything else drawing from the global stream) is seeded
     train_all, val_records = train_val_splits(cfg.manifest)

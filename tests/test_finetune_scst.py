@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +49,7 @@ from pipeline.scst import ScstPolicy, ScstTrainer, reward_corpus, scst_step_rewa
 from pipeline.text.tokenizers import load_tokenizer
 from stages import extract, finetune, scst
 from tests.conftest import REPO, TINY_TRANSFORMER, TinyPipeline
+from tests.helpers_bundle import free_port
 
 BACKBONE = "test_efficientnet"
 DECODER = TINY_TRANSFORMER  # the options of the session pipeline's bundle
@@ -434,7 +434,6 @@ def test_one_scst_step_raises_the_reward_of_a_tiny_model_on_a_fixed_batch(pipe):
     records = [r for r in read_manifest(pipe.manifest) if r.split == "train"]
     reward = reward_corpus(records)
     from cache import FeatureCache
-
     from pipeline.distributed import DistContext
     from pipeline.scst import CachedImageDataset
 
@@ -531,12 +530,6 @@ def test_cli_runs_finetune_and_scst_from_a_params_file(pipe, tmp_path):
 
 
 # --------------------------------------------------------------------------- 8. DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_finetune_one_model(pipe, tmp_path):
     import yaml
@@ -547,7 +540,7 @@ def test_torchrun_two_processes_finetune_one_model(pipe, tmp_path):
         "bundle": str(pipe.bundle), "manifest": str(pipe.manifest), "out_dir": str(out), "epochs": 2,
         "frozen_epochs": 1, "batch_size": 8, "max_train_images": 32, "val_max_images": 4, "device": "cpu",
         "workers": 1}}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pipeline.cli", "finetune", "--params", str(params)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tracemalloc
@@ -26,17 +25,18 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cache import FeatureCache
-from pipeline.data.features import CachedCaptionDataset
 from pipeline.bundle import BundleError, Captioner
 from pipeline.cli import app
 from pipeline.config import (
     TrainConfig,
 )
+from pipeline.data.features import CachedCaptionDataset
 from pipeline.data.manifest import read_manifest
 from pipeline.text.tokenizers import load_tokenizer
 from pipeline.training import Trainer, TrainingForward
 from stages import train
 from tests.conftest import REPO, TinyPipeline
+from tests.helpers_bundle import free_port
 
 BACKBONE = "test_efficientnet"
 
@@ -273,18 +273,12 @@ def test_scheduled_sampling_is_refused_for_the_transformer(pipe, tmp_path):
 
 
 # --------------------------------------------------------------------------- 4. DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_torchrun_two_processes_train_one_model(pipe, tmp_path, trained):
     out = tmp_path / "ddp"
     params = pipe.params_file(tmp_path / "p.yaml", {"decoder": "transformer", "decoder_options": OPTIONS["transformer"],
                                                     "epochs": 3, "out_dir": str(out)})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pipeline.cli", "train", "--params", str(params)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)

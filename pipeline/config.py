@@ -299,9 +299,10 @@ class ClipTrainConfig(StageConfig):
     image_size: Optional[int] = Field(None, ge=16, description="Override the architecture's input size, pixels.")
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(128, ge=2, description="Images per step (one caption each); in-batch negatives.")
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup_steps: int = Field(20, ge=0, description="Linear warm-up, then cosine decay to zero.")
+    lr: LearningRate = 2e-3
+    weight_decay: WeightDecay = 0.1
+    warmup_steps: WarmupSteps = 20
+    min_lr_ratio: MinLrRatio = Field(0.0, description="Where the cosine decay ends, as a fraction of lr (0: at zero).")
     shift: int = Field(4, ge=0, description="Augmentation: random translation of the training images, +- pixels "
                                             "(no flips: captions name left and right).")
     social_noise: float = Field(0.5, ge=0, le=1, description="Augmentation: probability of dressing a training caption "
@@ -315,7 +316,23 @@ class ClipTrainConfig(StageConfig):
 
 
 class FilterConfig(StageConfig):
-    """Score every (image, caption) pair with an open_clip model; keep the pairs at or above the threshold."""
+    """Score every (image, caption) pair with an open_clip model; keep the pairs at or above the threshold.
+
+    The threshold is chosen one way: ``clip_threshold`` or ``keep_fraction``, never both from the
+    same place (params file, or command line) — an error naming both. An option given on the
+    command line replaces the other way's key from the params file (and a ``--clip-threshold``
+    also the params file's ``threshold_tuned_for``). With neither set, the threshold is
+    :attr:`default_threshold`'s, OpenAI's ViT-B/32's. A cosine threshold belongs to one CLIP
+    model: :meth:`threshold_warning` says when ``clip_model`` is not the one it was tuned for.
+    """
+
+    # The threshold when neither clip_threshold nor keep_fraction is set, and the model it was tuned for.
+    default_threshold: ClassVar[tuple[float, str]] = (0.27, "ViT-B-32")
+    # A key given on the command line drops these keys of the params file (see load_config).
+    paired: ClassVar[dict[str, tuple[str, ...]]] = {
+        "clip_threshold": ("keep_fraction", "threshold_tuned_for"),
+        "keep_fraction": ("clip_threshold", "threshold_tuned_for"),
+    }
 
     manifest: Path = Field(PREPARED / "noisy" / "manifest.jsonl", description="Manifest of the (noisy) pairs to filter.")
     out_dir: Path = Field(Path("data/filtered"), description="Writes manifest.jsonl, scores.jsonl, rejects.jsonl, "
@@ -324,9 +341,15 @@ class FilterConfig(StageConfig):
     clip_pretrained: Optional[str] = Field(
         "openai", description="A local open_clip checkpoint file or folder, or (online) a named open_clip tag."
     )
-    clip_threshold: float = Field(0.27, ge=-1, le=1, description="Keep pairs whose image-text cosine is at least this.")
-    keep_fraction: Optional[float] = Field(None, gt=0, le=1, description="Instead keep the top fraction of pairs "
-                                           "(for models whose cosine scale differs); overrides clip_threshold.")
+    clip_threshold: Optional[float] = Field(
+        None, ge=-1, le=1, description="Keep pairs whose image-text cosine is at least this (a value tuned for one "
+        "CLIP model: name it in threshold_tuned_for). Unset, and no keep_fraction: 0.27, OpenAI's ViT-B/32's."
+    )
+    threshold_tuned_for: Optional[str] = Field(
+        None, description="The clip_model that clip_threshold was tuned for: a warning when clip_model is another."
+    )
+    keep_fraction: Optional[float] = Field(None, gt=0, le=1, description="Instead of clip_threshold (not with it): "
+                                           "keep the top fraction of pairs, for a model without a tuned threshold.")
     embeddings_dir: Path = Field(Path("data/clip-embeddings"), description="Image-embedding caches, one sub-folder "
                                  "per CLIP model (architecture + checkpoint hash).")
     labels: Optional[Path] = Field(None, description="Ground-truth labels (JSONL image_id, caption_index, match), "
@@ -337,6 +360,47 @@ class FilterConfig(StageConfig):
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     device: str = Field("auto", description="auto, cpu, cuda, ...")
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
+
+    @model_validator(mode="after")
+    def _one_way_to_the_threshold(self) -> "FilterConfig":
+        if self.clip_threshold is not None and self.keep_fraction is not None:
+            raise ValueError(
+                f"clip_threshold ({self.clip_threshold}) and keep_fraction ({self.keep_fraction}) are both set; they "
+                "are two ways to choose the threshold: set one, and the other to null"
+            )
+        return self
+
+    @property
+    def threshold(self) -> Optional[float]:
+        """The cosine threshold of threshold mode; None when ``keep_fraction`` chooses it."""
+        if self.keep_fraction is not None:
+            return None
+        return self.clip_threshold if self.clip_threshold is not None else self.default_threshold[0]
+
+    @property
+    def threshold_model(self) -> Optional[str]:
+        """The CLIP model :attr:`threshold` was tuned for, when known."""
+        if self.keep_fraction is not None:
+            return None
+        return self.threshold_tuned_for if self.clip_threshold is not None else self.default_threshold[1]
+
+    def threshold_warning(self, clip_model: Optional[str] = None) -> Optional[str]:
+        """Why :attr:`threshold` may not suit ``clip_model`` (default: ``self.clip_model``), or None.
+
+        Names compare case-insensitively and without open_clip's ``-quickgelu`` suffix (the same
+        weights' architecture with another GELU approximation).
+        """
+        model = clip_model or self.clip_model
+        tuned = self.threshold_model
+        if tuned is None or self._model_family(tuned) == self._model_family(model):
+            return None
+        how = f"{'the default threshold' if self.clip_threshold is None else 'clip_threshold'} {self.threshold}"
+        return (f"{how} was tuned for CLIP model {tuned!r}, not {model!r}: cosine scales differ between models; "
+                f"set clip_threshold (tuned for {model!r}, with threshold_tuned_for) or keep_fraction")
+
+    @staticmethod
+    def _model_family(name: str) -> str:
+        return name.lower().removesuffix("-quickgelu")
 
 
 class MixConfig(StageConfig):

@@ -49,6 +49,7 @@ from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.models import clip as clip_lib
 from pipeline.progress import progress as progress_bar
+from pipeline.training import is_no_decay, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,11 @@ def _shift(images: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
+    """AdamW groups: ``weight_decay`` on the matrices, none where :func:`pipeline.training.is_no_decay` says."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "logit_scale" in name or "positional_embedding" in name or name.endswith(".bias") \
-                or "class_embedding" in name or "token_embedding" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        if p.requires_grad:
+            (no_decay if is_no_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -218,11 +215,7 @@ def run(cfg: ClipTrainConfig) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    lr_factor = warmup_cosine(total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
 
     loss_fn = ExtraNegativesClipLoss()
     history = []
@@ -242,7 +235,7 @@ def run(cfg: ClipTrainConfig) -> dict:
                     neg_texts = [social_dress(t, rng) if rng.random() < cfg.social_noise else t for t in neg_texts]
                 tokens = tokenizer(texts + neg_texts).to(device)
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
+                    g["lr"] = cfg.lr * lr_factor(step)
                 image_f = model.encode_image(images, normalize=True)
                 text_f = clip_lib.encode_text(model, tokens)
                 scale = model.logit_scale.exp()

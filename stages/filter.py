@@ -27,8 +27,14 @@ Outputs in ``cfg.out_dir``:
 * ``histogram.png`` — the score histogram with the threshold marked (split by label when known);
 * ``retention_curve.png`` + ``retention_curve.tsv`` — pairs and images kept per threshold.
 
-``keep_fraction`` (when set, instead of ``clip_threshold``): the threshold becomes the score
-of the ``ceil(F * pairs)``-th best pair, so the top fraction is kept (ties at the cut kept too).
+The threshold: ``clip_threshold`` (tuned for one CLIP model, ``threshold_tuned_for``: a warning
+when ``clip_model`` is another), or ``keep_fraction``, never both (:class:`FilterConfig`); with
+``keep_fraction`` the threshold becomes the score of the ``ceil(F * pairs)``-th best pair, so the
+top fraction is kept (ties at the cut kept too).
+
+This module is the stage: inputs -> image embeddings (:func:`pipeline.encode.fill_cache`) ->
+scores -> selection -> outputs. Selection and its precision/recall maths are
+:mod:`pipeline.filtering`'s, the plots :mod:`pipeline.plots`'s.
 """
 
 from __future__ import annotations
@@ -38,9 +44,8 @@ import logging
 import math
 import os
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -56,72 +61,17 @@ from pipeline.data.manifest import (
     write_manifest,
 )
 from pipeline.distributed import resolve_device
-from pipeline.errors import UserError
-from pipeline.models.clip import ClipModel, load_clip
-from pipeline.progress import progress as progress_bar
 from pipeline.encode import fill_cache
+from pipeline.errors import UserError
+from pipeline.filtering import fraction, label_report, retention_by, retention_curve, score_stats, select
+from pipeline.models.clip import ClipModel, load_clip
+from pipeline.plots import score_histogram, threshold_curves
+from pipeline.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
-TABLE_THRESHOLDS = [round(0.05 * i, 2) for i in range(21)]  # 0.00 .. 1.00
 REASON_BELOW = "score below threshold"
 REASON_NO_CAPTION = "no caption above threshold"
-
-
-# --------------------------------------------------------------------------- selection
-def select(scores: np.ndarray, threshold: Optional[float] = None,
-           keep_fraction: Optional[float] = None) -> tuple[np.ndarray, float]:
-    """(kept mask, threshold used): ``score >= threshold``, or the top ``keep_fraction`` of the pairs.
-
-    With ``keep_fraction`` the threshold is the score of the ``ceil(F * n)``-th best pair; pairs
-    tied with it are kept too, so at least that many are kept.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if keep_fraction is not None:
-        if not 0 < keep_fraction <= 1:
-            raise ValueError(f"keep_fraction must be in (0, 1], not {keep_fraction}")
-        if scores.size == 0:
-            return np.zeros(0, dtype=bool), float("nan")
-        k = max(1, math.ceil(keep_fraction * scores.size - 1e-9))
-        threshold = float(np.sort(scores)[::-1][k - 1])
-    elif threshold is None:
-        raise ValueError("give a threshold or a keep_fraction")
-    return scores >= threshold, float(threshold)
-
-
-def precision_recall(scores: np.ndarray, match: np.ndarray, threshold: float) -> dict:
-    """Precision, recall and F1 of the matching pairs among those kept at ``threshold``."""
-    kept = np.asarray(scores) >= threshold
-    match = np.asarray(match, dtype=bool)
-    tp = int((kept & match).sum())
-    fp = int((kept & ~match).sum())
-    fn = int((~kept & match).sum())
-    precision = tp / (tp + fp) if tp + fp else 1.0
-    recall = tp / (tp + fn) if tp + fn else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"threshold": round(float(threshold), 4), "precision": round(precision, 4), "recall": round(recall, 4),
-            "f1": round(f1, 4), "kept": int(kept.sum()), "tp": tp, "fp": fp, "fn": fn}
-
-
-def best_f1_threshold(scores: np.ndarray, match: np.ndarray, step: float = 0.005) -> dict:
-    """The threshold with the highest F1 on a ``step`` grid: the middle of the first run of grid points reaching it.
-
-    A small labelled set reaches its best F1 on a plateau of thresholds; its middle is the
-    choice least tied to the few pairs that bound it.
-    """
-    lo = math.floor(float(np.min(scores)) / step) * step
-    hi = math.ceil(float(np.max(scores)) / step) * step
-    grid = [round(float(t), 6) for t in np.arange(lo, hi + step / 2, step)]
-    f1 = [precision_recall(scores, match, t)["f1"] for t in grid]
-    best = max(f1)
-    first = f1.index(best)
-    last = first
-    while last + 1 < len(f1) and f1[last + 1] == best:
-        last += 1
-    mid = grid[(first + last) // 2] if (last - first) % 2 == 0 else round((grid[(first + last) // 2] + grid[(first + last) // 2 + 1]) / 2, 6)
-    out = precision_recall(scores, match, mid)
-    out["plateau"] = [round(grid[first], 4), round(grid[last], 4)]
-    return out
 
 
 # --------------------------------------------------------------------------- the embedding cache
@@ -178,13 +128,18 @@ def run(cfg: FilterConfig) -> dict:
     start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # -- inputs ------------------------------------------------------------------------------
     device = resolve_device(cfg.device)
     clip = load_clip(cfg.clip_model, cfg.clip_pretrained, device)  # fails at once if the weights cannot be had
+    warning = cfg.threshold_warning(clip.arch)
+    if warning:
+        log.warning("filter: %s", warning)
     records = read_manifest(cfg.manifest)
     labels = read_labels(cfg.labels) if cfg.labels else None
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    # -- embeddings, scores, selection ---------------------------------------------------------
     cache, emb_stats = image_embeddings(clip, records, cfg)
     unreadable = {r["id"]: r for r in cache.rejects()}
     usable = [r for r in records if r.image_id not in unreadable]
@@ -193,24 +148,70 @@ def run(cfg: FilterConfig) -> dict:
         for i, v in zip(ids, batch["image"][:, 0]):
             image_emb[i] = v
     cache.close()
-
     pairs = [(rec, j, cap) for rec in usable for j, cap in enumerate(rec.captions)]
-    texts = [cap for _, _, cap in pairs]
-    text_emb = np.zeros((0, 1), np.float32)
-    if pairs:
-        chunks = []
-        with progress_bar(total=len(texts), unit="caption", desc="clip captions") as bar:
-            for i in range(0, len(texts), 1024):
-                chunks.append(clip.encode_texts(texts[i:i + 1024]).numpy())
-                bar.update(len(texts[i:i + 1024]))
-        text_emb = np.concatenate(chunks)
-        img = np.stack([image_emb[rec.image_id] for rec, _, _ in pairs]).astype(np.float32)
-        scores = (img * text_emb).sum(1)
-    else:
-        scores = np.zeros(0, np.float32)
-    kept, threshold = select(scores, cfg.clip_threshold if cfg.keep_fraction is None else None, cfg.keep_fraction)
+    scores = pair_scores(clip, pairs, image_emb)
+    kept, threshold = select(scores, cfg.threshold, cfg.keep_fraction)
 
     # -- outputs -------------------------------------------------------------------------------
+    out_records, rejects = _kept_records(cfg, out_dir, records, unreadable, pairs, scores, kept)
+    write_manifest(out_dir / "manifest.jsonl", out_records)
+    _write_jsonl(out_dir / "scores.jsonl", (
+        {"image_id": rec.image_id, "caption_index": j, "caption": cap, "score": round(float(scores[k]), 6),
+         "kept": bool(kept[k]), "split": rec.split, "source": rec.source}
+        for k, (rec, j, cap) in enumerate(pairs)))
+    _write_jsonl(out_dir / "rejects.jsonl", rejects)
+
+    match = kinds = None
+    if labels is not None:
+        match, kinds = pair_labels(labels, pairs, cfg.labels)
+    summary = _retention(cfg, clip, records, pairs, scores, kept, threshold, out_records, unreadable, match, kinds,
+                         emb_stats)
+    (out_dir / "retention.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    curve = retention_curve(scores, np.array([rec.image_id for rec, _, _ in pairs]), match)
+    _write_tsv(out_dir / "retention_curve.tsv", curve)
+    score_histogram(out_dir / "histogram.png", scores, threshold, match, xlabel=f"image-caption cosine ({clip.arch})",
+                    title="CLIP scores of every (image, caption) pair")
+    threshold_curves(out_dir / "retention_curve.png", curve, threshold, CURVES, xlabel="threshold (cosine)")
+    log.info("filter: kept %d of %d pairs (%.1f %%), %d of %d images, threshold %.4f%s in %.1f s -> %s",
+             int(kept.sum()), len(pairs), 100 * summary["pairs"]["fraction"], len(out_records), len(records),
+             threshold, (f"; precision {summary['labels']['at_threshold']['precision']:.3f}, recall "
+                         f"{summary['labels']['at_threshold']['recall']:.3f}") if labels is not None else "",
+             time.perf_counter() - start, out_dir)
+    return summary
+
+
+CURVES = (("pairs_kept", "pairs kept"), ("images_kept", "images kept"), ("precision", "precision"),
+          ("recall", "recall"))  # the lines of retention_curve.png (those present in the rows)
+
+
+def pair_scores(clip: ClipModel, pairs: list[tuple[ManifestRecord, int, str]], image_emb: dict) -> np.ndarray:
+    """The image-caption cosine of every pair (float32): captions encoded here, images from ``image_emb``."""
+    if not pairs:
+        return np.zeros(0, np.float32)
+    texts = [cap for _, _, cap in pairs]
+    chunks = []
+    with progress_bar(total=len(texts), unit="caption", desc="clip captions") as bar:
+        for i in range(0, len(texts), 1024):
+            chunks.append(clip.encode_texts(texts[i:i + 1024]).numpy())
+            bar.update(len(texts[i:i + 1024]))
+    text_emb = np.concatenate(chunks)
+    img = np.stack([image_emb[rec.image_id] for rec, _, _ in pairs]).astype(np.float32)
+    return (img * text_emb).sum(1)
+
+
+def pair_labels(labels: dict, pairs: list[tuple[ManifestRecord, int, str]], where) -> tuple[np.ndarray, np.ndarray]:
+    """(match, kind) of every pair from the labels file ``where``; a pair without a label is an error."""
+    missing = [(rec.image_id, j) for rec, j, _ in pairs if (rec.image_id, j) not in labels]
+    if missing:
+        raise UserError(f"{where}: no label for {len(missing)} pair(s), e.g. {missing[0]}")
+    match = np.array([bool(labels[(rec.image_id, j)]["match"]) for rec, j, _ in pairs])
+    kinds = np.array([str(labels[(rec.image_id, j)].get("kind", "match" if m else "no match"))
+                      for (rec, j, _), m in zip(pairs, match)])
+    return match, kinds
+
+
+def _kept_records(cfg: FilterConfig, out_dir: Path, records, unreadable, pairs, scores, kept):
+    """The output manifest's records (kept captions only, paths relative to ``out_dir``) and the rejects."""
     kept_by_image: dict[str, list[int]] = defaultdict(list)
     for k, (rec, _, _) in enumerate(pairs):
         if kept[k]:
@@ -239,111 +240,33 @@ def run(cfg: FilterConfig) -> dict:
         if not kept[k]:
             rejects.append({"id": rec.image_id, "caption_index": j, "caption": cap, "score": round(float(scores[k]), 6),
                             "reason": REASON_BELOW})
-    write_manifest(out_dir / "manifest.jsonl", out_records)
-    _write_jsonl(out_dir / "scores.jsonl", (
-        {"image_id": rec.image_id, "caption_index": j, "caption": cap, "score": round(float(scores[k]), 6),
-         "kept": bool(kept[k]), "split": rec.split, "source": rec.source}
-        for k, (rec, j, cap) in enumerate(pairs)))
-    _write_jsonl(out_dir / "rejects.jsonl", rejects)
-
-    match = None
-    if labels is not None:
-        missing = [(rec.image_id, j) for rec, j, _ in pairs if (rec.image_id, j) not in labels]
-        if missing:
-            raise UserError(f"{cfg.labels}: no label for {len(missing)} pair(s), e.g. {missing[0]}")
-        match = np.array([bool(labels[(rec.image_id, j)]["match"]) for rec, j, _ in pairs])
-        kinds = np.array([str(labels[(rec.image_id, j)].get("kind", "match" if m else "no match"))
-                          for (rec, j, _), m in zip(pairs, match)])
-    summary = _retention(cfg, clip, records, usable, pairs, scores, kept, threshold, out_records, unreadable,
-                         match, kinds if labels is not None else None, emb_stats)
-    (out_dir / "retention.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    curve = _retention_curve(scores, pairs, match)
-    _write_tsv(out_dir / "retention_curve.tsv", curve)
-    _plot_histogram(out_dir / "histogram.png", scores, threshold, match, clip.arch)
-    _plot_curve(out_dir / "retention_curve.png", curve, threshold)
-    log.info("filter: kept %d of %d pairs (%.1f %%), %d of %d images, threshold %.4f%s in %.1f s -> %s",
-             int(kept.sum()), len(pairs), 100 * summary["pairs"]["fraction"], len(out_records), len(records),
-             threshold, (f"; precision {summary['labels']['at_threshold']['precision']:.3f}, recall "
-                         f"{summary['labels']['at_threshold']['recall']:.3f}") if labels is not None else "",
-             time.perf_counter() - start, out_dir)
-    return summary
+    return out_records, rejects
 
 
-def _frac(a: int, b: int) -> float:
-    return round(a / b, 4) if b else 0.0
-
-
-def _retention(cfg, clip, records, usable, pairs, scores, kept, threshold, out_records, unreadable, match, kinds,
+def _retention(cfg, clip, records, pairs, scores, kept, threshold, out_records, unreadable, match, kinds,
                emb_stats) -> dict:
+    """retention.json: the selection, what it kept (overall, per source and split), with labels how well."""
     n_pairs, n_kept = len(pairs), int(kept.sum())
     summary: dict = {
         "mode": "keep_fraction" if cfg.keep_fraction is not None else "threshold",
         "threshold": round(threshold, 6) if not math.isnan(threshold) else None,
         "keep_fraction": cfg.keep_fraction,
         "clip_model": clip.arch, "clip_pretrained": cfg.clip_pretrained, "model_key": clip.key,
-        "pairs": {"total": n_pairs, "kept": n_kept, "fraction": _frac(n_kept, n_pairs)},
-        "images": {"total": len(records), "kept": len(out_records), "fraction": _frac(len(out_records), len(records)),
+        "pairs": {"total": n_pairs, "kept": n_kept, "fraction": fraction(n_kept, n_pairs)},
+        "images": {"total": len(records), "kept": len(out_records), "fraction": fraction(len(out_records), len(records)),
                    "unreadable": len(unreadable)},
     }
     for field, key in (("by_source", lambda r: r.source), ("by_split", lambda r: r.split)):
-        groups: dict[str, dict] = {}
-        kept_images = Counter(key(r) for r in out_records)
-        totals = Counter(key(r) for r in records)
-        for k, (rec, _, _) in enumerate(pairs):
-            g = groups.setdefault(key(rec), {"pairs_total": 0, "pairs_kept": 0})
-            g["pairs_total"] += 1
-            g["pairs_kept"] += int(kept[k])
-        for name in totals:
-            g = groups.setdefault(name, {"pairs_total": 0, "pairs_kept": 0})
-            g["fraction"] = _frac(g["pairs_kept"], g["pairs_total"])
-            g["images_total"] = totals[name]
-            g["images_kept"] = kept_images[name]
-        summary[field] = dict(sorted(groups.items()))
+        summary[field] = retention_by([key(rec) for rec, _, _ in pairs], kept, [key(r) for r in records],
+                                      [key(r) for r in out_records])
     if n_pairs:
-        summary["scores"] = {"min": round(float(scores.min()), 4), "mean": round(float(scores.mean()), 4),
-                             "max": round(float(scores.max()), 4)}
+        summary["scores"] = score_stats(scores)
     if match is not None and n_pairs:
         splits = np.array([rec.split for rec, _, _ in pairs])
-        lab: dict = {"file": str(cfg.labels), "matching_pairs": int(match.sum()),
-                     "at_threshold": precision_recall(scores, match, threshold)}
-        lab["by_split"] = {s: precision_recall(scores[splits == s], match[splits == s], threshold)
-                           for s in sorted(set(splits))}
-        lab["kept_by_kind"] = {k: {"total": int((kinds == k).sum()), "kept": int(kept[kinds == k].sum()),
-                                   "fraction": _frac(int(kept[kinds == k].sum()), int((kinds == k).sum()))}
-                               for k in sorted(set(kinds))}
-        lab["table"] = [precision_recall(scores, match, t) for t in TABLE_THRESHOLDS]
-        if (splits == "val").any():
-            best = best_f1_threshold(scores[splits == "val"], match[splits == "val"])
-            lab["val_best_f1"] = best
-            lab["suggested_threshold"] = best["threshold"]
-        summary["labels"] = lab
+        summary["labels"] = {"file": str(cfg.labels), **label_report(scores, kept, threshold, match, kinds, splits)}
     summary["embeddings"] = emb_stats
     summary["config"] = config_to_dict(cfg)
     return summary
-
-
-def _retention_curve(scores: np.ndarray, pairs, match) -> list[dict]:
-    """Pairs and images kept (and precision/recall when labelled) per threshold, on a 0.01 grid over the scores."""
-    if scores.size == 0:
-        return []
-    lo = math.floor(float(scores.min()) * 100) / 100
-    hi = math.ceil(float(scores.max()) * 100) / 100
-    image_of = np.array([rec.image_id for rec, _, _ in pairs])
-    # An image survives a threshold when its best caption does.
-    best: dict[str, float] = {}
-    for i, s in zip(image_of, scores):
-        best[i] = max(best.get(i, -np.inf), float(s))
-    best_scores = np.array(list(best.values()))
-    rows = []
-    for t in np.arange(lo, hi + 0.005, 0.01):
-        t = round(float(t), 2)
-        row = {"threshold": t, "pairs_kept": round(float((scores >= t).mean()), 4),
-               "images_kept": round(float((best_scores >= t).mean()), 4)}
-        if match is not None:
-            pr = precision_recall(scores, match, t)
-            row["precision"], row["recall"] = pr["precision"], pr["recall"]
-        rows.append(row)
-    return rows
 
 
 def _write_jsonl(path: Path, rows) -> None:
@@ -358,53 +281,3 @@ def _write_tsv(path: Path, rows: list[dict]) -> None:
     cols = list(rows[0]) if rows else ["threshold", "pairs_kept", "images_kept"]
     lines = ["\t".join(cols)] + ["\t".join(str(r[c]) for c in cols) for r in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _plot_histogram(path: Path, scores: np.ndarray, threshold: float, match, arch: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    bins = np.linspace(float(scores.min()), float(scores.max()), 61) if scores.size else 10
-    if match is not None and scores.size:
-        ax.hist([scores[match], scores[~match]], bins=bins, stacked=True, label=["matching (label)", "not matching"],
-                color=["#2a9d8f", "#e76f51"])
-    else:
-        ax.hist(scores, bins=bins, color="#457b9d", label="pairs")
-    if not math.isnan(threshold):
-        kept = float((scores >= threshold).mean()) if scores.size else 0.0
-        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f} (keeps {100 * kept:.1f} %)")
-    ax.set_xlabel(f"image-caption cosine ({arch})")
-    ax.set_ylabel("pairs")
-    ax.set_title("CLIP scores of every (image, caption) pair")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_curve(path: Path, rows: list[dict], threshold: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if rows:
-        t = [r["threshold"] for r in rows]
-        for key, label in (("pairs_kept", "pairs kept"), ("images_kept", "images kept"), ("precision", "precision"),
-                           ("recall", "recall")):
-            if key in rows[0]:
-                ax.plot(t, [r[key] for r in rows], label=label)
-    if not math.isnan(threshold):
-        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
-    ax.set_xlabel("threshold (cosine)")
-    ax.set_ylabel("fraction")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Retention per threshold")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -1,8 +1,10 @@
-"""CLIP filtering: selection semantics, checkpoints, offline failure, the embedding cache, training, mixing."""
+"""CLIP filtering: selection maths, threshold config, checkpoints, offline failure, the embedding cache, output
+formats, training, mixing."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -10,7 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ClipTrainConfig, FilterConfig, MixConfig
+from pipeline.config import ClipTrainConfig, FilterConfig, MixConfig, load_config
+from pipeline.errors import ConfigError
+from pipeline.filtering import (
+    TABLE_THRESHOLDS,
+    best_f1_threshold,
+    fraction,
+    label_report,
+    precision_recall,
+    retention_by,
+    retention_curve,
+    select,
+)
 from pipeline.data.manifest import (
     ManifestRecord,
     read_manifest,
@@ -20,7 +33,6 @@ from pipeline.data.manifest import (
 from pipeline.models import clip as clip_lib
 from pipeline.models.clip import ClipWeightsError, load_clip
 from stages import filter as filter_stage
-from stages.filter import precision_recall, select
 
 ARCH = clip_lib.TINY_ARCH
 
@@ -45,13 +57,17 @@ def test_keep_fraction_keeps_the_top_fraction():
     assert kept.sum() == 1 and scores[kept][0] == 0.9
     kept, _ = select(scores, keep_fraction=0.25)  # ceil(2.5) = 3
     assert kept.sum() == 3
-    # Ties at the cut are all kept; keep_fraction overrides a threshold.
-    kept, t = select(np.array([0.2, 0.5, 0.5, 0.5, 0.1]), threshold=0.0, keep_fraction=0.4)
-    assert t == 0.5 and kept.sum() == 3
-    with pytest.raises(ValueError):
+    # Ties at the cut are all kept: ceil(0.4 * 5) = 2 pairs asked for, three tied at 0.5.
+    kept, t = select(np.array([0.2, 0.5, 0.5, 0.5, 0.1]), keep_fraction=0.4)
+    assert t == 0.5 and kept.tolist() == [False, True, True, True, False]
+    kept, t = select(np.array([]), keep_fraction=0.5)
+    assert kept.size == 0 and np.isnan(t)
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         select(scores, keep_fraction=0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a threshold or a keep_fraction"):
         select(scores)
+    with pytest.raises(ValueError, match="not both"):  # no silent winner
+        select(scores, threshold=0.0, keep_fraction=0.4)
 
 
 def test_precision_recall_on_known_scores():
@@ -60,7 +76,115 @@ def test_precision_recall_on_known_scores():
     pr = precision_recall(scores, match, 0.65)
     assert (pr["tp"], pr["fp"], pr["fn"]) == (2, 1, 2)
     assert pr["precision"] == pytest.approx(2 / 3, abs=1e-4) and pr["recall"] == 0.5
+    assert pr["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5), abs=1e-4) and pr["kept"] == 3
     assert precision_recall(scores, match, 0.95)["precision"] == 1.0  # nothing kept: vacuous precision
+    assert precision_recall(scores, np.zeros(6, bool), 0.65)["recall"] == 1.0  # nothing to find: vacuous recall
+
+
+def test_best_f1_threshold_is_the_middle_of_the_best_plateau():
+    # step 0.1: F1 0.8 at 0.1, 1.0 from 0.2 to 0.5 (both matches kept, the 0.1 pair not), 0.667 from 0.6.
+    best = best_f1_threshold(np.array([0.9, 0.5, 0.1]), np.array([True, True, False]), step=0.1)
+    assert best["plateau"] == [0.2, 0.5] and best["threshold"] == 0.35 and best["f1"] == 1.0
+    # A single best point: all matches and one fewer miss at 0.2 (P 0.8, R 1).
+    best = best_f1_threshold(np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1]),
+                             np.array([True, True, False, True, True, False]), step=0.1)
+    assert best["plateau"] == [0.2, 0.2] and best["threshold"] == 0.2
+    assert (best["precision"], best["recall"], best["f1"]) == (0.8, 1.0, 0.8889)
+
+
+def test_retention_by_group_counts_pairs_and_images():
+    got = retention_by(["a", "a", "b"], np.array([True, False, True]), ["a", "b", "c"], ["a", "b"])
+    assert got == {  # groups sorted; an image without a readable pair still counts as an image
+        "a": {"pairs_total": 2, "pairs_kept": 1, "fraction": 0.5, "images_total": 1, "images_kept": 1},
+        "b": {"pairs_total": 1, "pairs_kept": 1, "fraction": 1.0, "images_total": 1, "images_kept": 1},
+        "c": {"pairs_total": 0, "pairs_kept": 0, "fraction": 0.0, "images_total": 1, "images_kept": 0},
+    }
+    assert list(got["a"]) == ["pairs_total", "pairs_kept", "fraction", "images_total", "images_kept"]
+    assert fraction(1, 3) == 0.3333 and fraction(0, 0) == 0.0
+
+
+def test_label_report_on_a_small_labelled_set():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
+    match = np.array([True, True, False, True, True, False])
+    kinds = np.array(["matching", "hashtag", "mismatched", "matching", "hashtag", "unrelated"])
+    splits = np.array(["val", "train", "val", "train", "val", "train"])
+    kept, t = select(scores, threshold=0.65)
+    lab = label_report(scores, kept, t, match, kinds, splits)
+    assert list(lab) == ["matching_pairs", "at_threshold", "by_split", "kept_by_kind", "table", "val_best_f1",
+                         "suggested_threshold"]
+    assert lab["matching_pairs"] == 4 and lab["at_threshold"] == precision_recall(scores, match, 0.65)
+    # val: 0.9 (match), 0.7 (no), 0.2 (match) -> kept 0.9, 0.7: tp 1, fp 1, fn 1.
+    assert (lab["by_split"]["val"]["tp"], lab["by_split"]["val"]["fp"], lab["by_split"]["val"]["fn"]) == (1, 1, 1)
+    assert (lab["by_split"]["train"]["tp"], lab["by_split"]["train"]["fn"]) == (1, 1)  # 0.8 kept, 0.6 not
+    assert lab["kept_by_kind"] == {"hashtag": {"total": 2, "kept": 1, "fraction": 0.5},
+                                   "matching": {"total": 2, "kept": 1, "fraction": 0.5},
+                                   "mismatched": {"total": 1, "kept": 1, "fraction": 1.0},
+                                   "unrelated": {"total": 1, "kept": 0, "fraction": 0.0}}
+    assert [r["threshold"] for r in lab["table"]] == TABLE_THRESHOLDS and lab["table"][0]["kept"] == 6
+    # val alone (0.9 match, 0.7 miss, 0.2 match): at 0.2 all three are kept (P 2/3, R 1, F1 0.8), the best;
+    # above it the 0.2 match is lost (F1 0.5, then 0.667), and the grid starts at the lowest score.
+    assert lab["val_best_f1"]["plateau"] == [0.2, 0.2] and lab["suggested_threshold"] == 0.2
+    no_val = label_report(scores, kept, t, match, kinds, np.array(["train"] * 6))
+    assert "suggested_threshold" not in no_val and "val_best_f1" not in no_val
+
+
+def test_retention_curve_counts_images_by_their_best_caption():
+    rows = retention_curve(np.array([0.5, 0.25, 0.0]), np.array(["x", "x", "y"]), np.array([True, False, False]))
+    assert [r["threshold"] for r in rows] == [round(0.01 * i, 2) for i in range(51)]
+    by_t = {r["threshold"]: r for r in rows}
+    assert by_t[0.0] == {"threshold": 0.0, "pairs_kept": 1.0, "images_kept": 1.0, "precision": 0.3333, "recall": 1.0}
+    assert by_t[0.25] == {"threshold": 0.25, "pairs_kept": 0.6667, "images_kept": 0.5, "precision": 0.5, "recall": 1.0}
+    assert by_t[0.5] == {"threshold": 0.5, "pairs_kept": 0.3333, "images_kept": 0.5, "precision": 1.0, "recall": 1.0}
+    assert list(retention_curve(np.array([0.5]), ["x"])[0]) == ["threshold", "pairs_kept", "images_kept"]
+    assert retention_curve(np.array([]), []) == []
+
+
+# --------------------------------------------------------------------------- the threshold's config
+def _params(tmp_path: Path, filter_section: str) -> Path:
+    path = tmp_path / f"params-{len(list(tmp_path.glob('params-*.yaml')))}.yaml"
+    path.write_text("filter:\n" + "".join(f"  {line}\n" for line in filter_section.strip().splitlines()))
+    return path
+
+
+def test_threshold_and_keep_fraction_together_are_refused(tmp_path):
+    params = _params(tmp_path, "clip_threshold: 0.565\nkeep_fraction: 0.5")
+    with pytest.raises(ConfigError) as e:
+        load_config("filter", params)
+    msg = str(e.value)
+    assert "[filter]" in msg and "clip_threshold (0.565)" in msg and "keep_fraction (0.5)" in msg
+    with pytest.raises(ConfigError, match="command line: .*clip_threshold.*keep_fraction"):
+        load_config("filter", _params(tmp_path, "clip_model: x"), {"clip_threshold": 0.3, "keep_fraction": 0.2})
+    with pytest.raises(ValueError, match="clip_threshold .* keep_fraction"):
+        FilterConfig(clip_threshold=0.3, keep_fraction=0.2)
+
+
+def test_command_line_replaces_the_other_way_to_the_threshold(tmp_path):
+    tuned = _params(tmp_path, "clip_model: synthetic-clip-tiny\nclip_threshold: 0.565\n"
+                              "threshold_tuned_for: synthetic-clip-tiny")
+    cfg = load_config("filter", tuned, {"keep_fraction": 0.2})  # the params file's threshold is not used
+    assert (cfg.keep_fraction, cfg.clip_threshold, cfg.threshold, cfg.threshold_tuned_for) == (0.2, None, None, None)
+    cfg = load_config("filter", _params(tmp_path, "keep_fraction: 0.5"), {"clip_threshold": 0.3})
+    assert (cfg.keep_fraction, cfg.threshold) == (None, 0.3)
+    cfg = load_config("filter", tuned)
+    assert (cfg.threshold, cfg.threshold_model) == (0.565, "synthetic-clip-tiny") and cfg.threshold_warning() is None
+    # The README's OpenAI example: its own threshold, so nothing is said about the tiny CLIP's.
+    cfg = load_config("filter", tuned, {"clip_model": "ViT-B-32-quickgelu", "clip_threshold": 0.27})
+    assert (cfg.threshold, cfg.threshold_tuned_for) == (0.27, None) and cfg.threshold_warning() is None
+    assert FilterConfig().threshold == 0.27 and FilterConfig().threshold_warning() is None  # the default pair
+
+
+def test_a_threshold_tuned_for_another_model_is_warned_about(tmp_path):
+    tuned = _params(tmp_path, "clip_model: synthetic-clip-tiny\nclip_threshold: 0.565\n"
+                              "threshold_tuned_for: synthetic-clip-tiny")
+    msg = load_config("filter", tuned, {"clip_model": "ViT-B-32"}).threshold_warning()
+    assert msg and "0.565" in msg and "'synthetic-clip-tiny'" in msg and "'ViT-B-32'" in msg and "keep_fraction" in msg
+    # The default threshold is OpenAI's ViT-B/32's (quickgelu or not), not any model's.
+    msg = FilterConfig(clip_model="synthetic-clip-tiny").threshold_warning()
+    assert msg and "default threshold 0.27" in msg and "'ViT-B-32'" in msg
+    assert FilterConfig(clip_model="ViT-B-32-quickgelu").threshold_warning() is None
+    # A threshold of unknown provenance, or a keep_fraction, is not second-guessed.
+    assert FilterConfig(clip_model="RN50", clip_threshold=0.2).threshold_warning() is None
+    assert FilterConfig(clip_model="RN50", keep_fraction=0.2).threshold_warning() is None
 
 
 # --------------------------------------------------------------------------- weights and checkpoints
@@ -272,6 +396,82 @@ def test_embedding_cache_resumes_after_a_kill_and_grows(tmp_path, noisy_set, sav
     assert counter.images == len(records) - 16 and summary["embeddings"]["reused"] == 16
 
 
+def test_filter_output_formats(tmp_path, noisy_set, saved_tiny):
+    """The files' layout, key order and number formatting, as `mix`, DVC plots and readers rely on them."""
+    cfg = _filter_cfg(tmp_path, noisy_set, saved_tiny, clip_threshold=0.0, threshold_tuned_for=ARCH)
+    summary = filter_stage.run(cfg)
+    out = cfg.out_dir
+    text = (out / "retention.json").read_text(encoding="utf-8")
+    retention = json.loads(text)
+    assert retention == summary and text == json.dumps(summary, indent=2) + "\n"
+    assert list(retention) == ["mode", "threshold", "keep_fraction", "clip_model", "clip_pretrained", "model_key",
+                               "pairs", "images", "by_source", "by_split", "scores", "labels", "embeddings", "config"]
+    assert (retention["mode"], retention["threshold"], retention["keep_fraction"]) == ("threshold", 0.0, None)
+    assert list(retention["pairs"]) == ["total", "kept", "fraction"]
+    assert list(retention["images"]) == ["total", "kept", "fraction", "unreadable"]
+    assert list(retention["scores"]) == ["min", "mean", "max"]
+    lab = retention["labels"]
+    assert list(lab) == ["file", "matching_pairs", "at_threshold", "by_split", "kept_by_kind", "table", "val_best_f1",
+                         "suggested_threshold"]
+    assert list(lab["at_threshold"]) == ["threshold", "precision", "recall", "f1", "kept", "tp", "fp", "fn"]
+    assert list(lab["val_best_f1"]) == [*lab["at_threshold"], "plateau"]
+    assert lab["at_threshold"]["kept"] == retention["pairs"]["kept"]
+    assert retention["config"]["clip_threshold"] == 0.0 and retention["config"]["threshold_tuned_for"] == ARCH
+
+    lines = (out / "scores.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    for line in lines:
+        row = json.loads(line)
+        assert line == json.dumps(row, ensure_ascii=False) + "\n"
+        assert list(row) == ["image_id", "caption_index", "caption", "score", "kept", "split", "source"]
+        assert row["score"] == round(row["score"], 6) and row["kept"] == (row["score"] >= 0.0)
+    assert len(lines) == retention["pairs"]["total"]
+    for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        assert list(row) in (["id", "caption_index", "caption", "score", "reason"], ["id", "file", "reason"])
+    for rec in read_manifest(out / "manifest.jsonl"):
+        assert list(rec.extra["clip_filter"]) == ["caption_indices", "scores"]
+        assert len(rec.extra["clip_filter"]["scores"]) == len(rec.captions)
+
+    tsv = (out / "retention_curve.tsv").read_text(encoding="utf-8")
+    assert tsv.endswith("\n") and not tsv.endswith("\n\n")
+    rows = [line.split("\t") for line in tsv.splitlines()]
+    assert rows[0] == ["threshold", "pairs_kept", "images_kept", "precision", "recall"]
+    scores = np.array([json.loads(line)["score"] for line in lines])
+    lo, hi = np.floor(scores.min() * 100) / 100, np.ceil(scores.max() * 100) / 100
+    assert float(rows[1][0]) == pytest.approx(lo) and float(rows[-1][0]) == pytest.approx(hi, abs=0.011)
+    assert all(len(r) == 5 and str(round(float(r[0]), 2)) == r[0] for r in rows[1:])
+    from PIL import Image
+
+    for name in ("histogram.png", "retention_curve.png"):
+        with Image.open(out / name) as im:  # 7 x 4 inches at 110 dpi
+            assert (im.format, im.size) == ("PNG", (770, 440))
+
+
+def test_filter_warns_when_the_threshold_was_tuned_for_another_model(tmp_path, noisy_set, saved_tiny, caplog):
+    cfg = _filter_cfg(tmp_path, noisy_set, saved_tiny, clip_threshold=0.27, threshold_tuned_for="ViT-B-32")
+    with caplog.at_level(logging.WARNING, logger="stages.filter"):
+        filter_stage.run(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "stages.filter"]
+    assert len(warnings) == 1 and "tuned for CLIP model 'ViT-B-32', not 'synthetic-clip-tiny'" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stages.filter"):
+        filter_stage.run(cfg.model_copy(update={"threshold_tuned_for": ARCH}))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "stages.filter"]
+
+
+def test_filter_cli_refuses_threshold_and_keep_fraction_together(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    (tmp_path / "params.yaml").write_text("filter: {}\n")
+    res = CliRunner().invoke(app, ["filter", "--params", str(tmp_path / "params.yaml"), "--clip-threshold", "0.3",
+                                   "--keep-fraction", "0.5", "--out-dir", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "clip_threshold (0.3)" in res.output and "keep_fraction (0.5)" in res.output
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- training
 def test_trained_tiny_clip_separates_matching_from_other_captions(tmp_path):
     from pipeline.data.synthetic import generate_synthetic
@@ -351,36 +551,18 @@ def test_mix_ratio_splits_and_unique_ids(tmp_path):
 
 
 # --------------------------------------------------------------------------- slow: DVC and the quality bar
-def _copy_worktree(dest: Path) -> None:
-    """Tracked and untracked-but-not-ignored files, as a fresh clone of the working tree would have them."""
-    import shutil
-    import subprocess
-
-    from tests.conftest import REPO
-
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, check=True).stdout
-    for rel in listing.decode().split("\0"):
-        if rel and (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-qm", "copy"], cwd=dest, check=True)
-
-
 @pytest.mark.slow
 def test_dvc_clip_train_filter_mix_and_a_new_threshold_reuses_embeddings(tmp_path):
     import yaml
 
+    from tests.conftest import copy_repo
     from tests.test_dvc_pipeline import _dvc
 
-    _copy_worktree(tmp_path)
+    copy_repo(tmp_path)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["prepare"]["sources"] = [{"kind": "synthetic", "num_images": 120, "noisy_images": 30, "image_size": 64}]
     params["clip_train"].update(epochs=2, image_size=32, batch_size=32, val_max_images=8)
-    params["filter"].update(keep_fraction=0.5)
+    params["filter"].update(keep_fraction=0.5, clip_threshold=None)  # one way to the threshold, not both
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _dvc(tmp_path, "repro", "mix")
     for stage in ("prepare", "clip_train", "filter", "mix"):

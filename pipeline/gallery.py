@@ -9,12 +9,10 @@
 
 Every file the page shows is referenced by a relative path inside ``folder``.
 
-Heatmaps: a caption's attention is ``(T, N)`` (one row per generated word). Each token set of
-the bundle's features (``[name, tokens, channels]``, concatenated in that order) is reshaped to
-its ``sqrt(n) x sqrt(n)`` grid (a leading class token is dropped when ``n - 1`` is square),
-upsampled bilinearly to the backbone's input size and summed over the token sets; the maps of a
-caption share one colour scale (its largest value) and are overlaid on the image resized and
-centre-cropped as the backbone's preprocessing does. Rendering uses matplotlib's Agg backend (no display needed).
+Heatmaps: a caption's attention ``(T, N)`` (one row per generated word) becomes one map per word
+over the image as the backbone saw it, one colour scale per caption, drawn as one PNG sheet per
+caption: :mod:`pipeline.attention_maps` (shared with the caption server) does all of it; this
+module only sizes the panels (:data:`HEATMAP_PANEL`) and links the sheets.
 """
 
 from __future__ import annotations
@@ -29,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from pipeline.attention_maps import attention_maps, backbone_view, render_heatmap
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 
@@ -64,104 +62,6 @@ def safe_name(image_id: str) -> str:
     """A file name for ``image_id``: readable, filesystem-safe, unique (short hash of the id)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._")[:60] or "image"
     return f"{stem}-{hashlib.sha1(image_id.encode('utf-8')).hexdigest()[:8]}"
-
-
-# --------------------------------------------------------------------------- images
-def backbone_view(img, preprocessing: dict[str, Any]):
-    """The image as the backbone's eval transform frames it: resized (shorter side to
-    ``size / crop_pct``) and centre-cropped to ``input_size``; ``crop_mode: squash`` resizes to it."""
-    from PIL import Image
-
-    size = preprocessing.get("input_size") or [3, 224, 224]
-    h, w = int(size[-2]), int(size[-1])
-    if preprocessing.get("crop_mode") == "squash":
-        return img.resize((w, h), Image.BICUBIC)
-    pct = float(preprocessing.get("crop_pct") or 1.0)
-    scale = math.floor(min(h, w) / pct)
-    iw, ih = img.size
-    r = scale / min(iw, ih)
-    img = img.resize((max(w, round(iw * r)), max(h, round(ih * r))), Image.BICUBIC)
-    iw, ih = img.size
-    left, top = (iw - w) // 2, (ih - h) // 2
-    return img.crop((left, top, left + w, top + h))
-
-
-def attention_maps(attention: torch.Tensor, token_sets: Sequence[Any],
-                   size: tuple[int, int]) -> tuple[np.ndarray | None, str]:
-    """``(T, H, W)`` maps from ``(T, N)`` attention, all scaled by the caption's largest value (one colour
-    scale per caption, so a diffuse map looks diffuse), or ``(None, why)``."""
-    att = attention.float()
-    T, N = att.shape
-    expected = sum(t.tokens for t in token_sets)
-    if N != expected:
-        return None, f"attention over {N} tokens, the features have {expected}"
-    total = torch.zeros(T, 1, *size)
-    offset = 0
-    for t in token_sets:
-        name, n = t.name, t.tokens
-        part = att[:, offset : offset + n]
-        offset += n
-        side = math.isqrt(n)
-        if side * side != n:
-            side = math.isqrt(n - 1)
-            if n > 1 and side * side == n - 1:
-                part = part[:, 1:]  # a class token first (ViT-style)
-            else:
-                return None, f"token set {name!r} has {n} tokens: not a square grid"
-        grid = part.reshape(T, 1, side, side)
-        total += torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-    maps = total[:, 0].numpy()
-    peak = float(maps.max()) if maps.size else 0.0
-    return (maps / peak if peak > 0 else np.zeros_like(maps)), ""
-
-
-def render_heatmap(path: Path, image, maps: np.ndarray, words: Sequence[str], title: str) -> None:
-    """One PNG sheet (small multiples): the image, then a panel per word with its map overlaid.
-
-    The panels are composed into one array (the image blended half and half with the ``jet``
-    colour of the map, on one scale per caption) drawn by matplotlib's Agg backend with the words
-    as labels: one image draw per sheet keeps a gallery of a few dozen captions quick."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    panel = int(maps.shape[-1])
-    base = np.asarray(image.convert("RGB").resize((panel, int(maps.shape[-2])), Image.BICUBIC), dtype=np.float32) / 255
-    ph = base.shape[0]
-    colours = matplotlib.colormaps["jet"](np.clip(maps, 0, 1))[..., :3].astype(np.float32)
-    n = len(words) + 1
-    cols = min(6, n)
-    rows = math.ceil(n / cols)
-    pad, label, top = 8, 22, 26
-    width = pad + cols * (panel + pad)
-    height = top + rows * (label + ph + pad)
-    sheet = np.ones((height, width, 3), dtype=np.float32)
-    spots = []
-    for k in range(n):
-        r, c = divmod(k, cols)
-        x, y = pad + c * (panel + pad), top + r * (label + ph + pad) + label
-        sheet[y : y + ph, x : x + panel] = base if k == 0 else 0.5 * base + 0.5 * colours[k - 1]
-        spots.append((x + panel / 2, y - 4))
-    dpi = 100
-    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(sheet, interpolation="nearest", extent=(0, width, height, 0))
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
-    ax.set_axis_off()
-    for k, (x, y) in enumerate(spots):
-        text = "input" if k == 0 else (words[k - 1] or "␣")
-        ax.text(x, y, text.replace("$", r"\$"), ha="center", va="bottom", fontsize=11 if k else 9,
-                color="#555" if k == 0 else "black", clip_on=False)
-    ax.text(pad, 6, title.replace("$", r"\$"), ha="left", va="top", fontsize=9, color="#333")
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-    plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # 256 colours are plenty for a heatmap sheet and make the file several times smaller than RGBA
-    Image.fromarray(rgb).quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
 
 
 def _word(tokenizer: Any, token_id: int) -> str:

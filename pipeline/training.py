@@ -36,8 +36,6 @@ from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
-RECURRENT_FAMILIES = ("show_tell", "show_attend_tell")
-
 
 def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, label_smoothing: float = 0.0):
     """Cross-entropy of predicting token t+1 at position t, over real positions only (from ``lengths``)."""
@@ -130,8 +128,9 @@ class Trainer:
     ``validate(model) -> dict`` returns at least ``loss`` and the metric named by
     ``cfg.val_metric``; higher is better except for ``loss``. ``on_improvement(state,
     metrics)`` saves the best model; ``on_epoch_end(state, metrics)`` logs.
-    ``label_smoothing`` and ``scheduled_sampling`` (final probability, ramp epochs; recurrent
-    decoders only) shape the caption loss of the default :meth:`_forward`.
+    ``label_smoothing`` and ``scheduled_sampling`` (final probability, ramp epochs; only for decoders
+    whose class sets ``supports_scheduled_sampling``, the recurrent ones) shape the caption loss of
+    the default :meth:`_forward`.
     """
 
     def __init__(
@@ -155,9 +154,12 @@ class Trainer:
         self.checkpoint_module = checkpoint_module if checkpoint_module is not None else self.decoder
         self.label_smoothing = label_smoothing
         self.scheduled_sampling, self.scheduled_sampling_ramp_epochs = scheduled_sampling
-        if self.scheduled_sampling > 0 and self.decoder.family not in RECURRENT_FAMILIES:
+        if self.scheduled_sampling > 0 and not self.decoder.supports_scheduled_sampling:
+            from pipeline.models.decoders import families_with
+
+            supported = families_with("supports_scheduled_sampling")
             raise ConfigError(
-                f"scheduled_sampling is for the recurrent decoders {RECURRENT_FAMILIES}, not {self.decoder.family!r}"
+                f"scheduled_sampling is for the recurrent decoders {supported}, not {self.decoder.family!r}"
             )
         self.batches_per_epoch = math.ceil(len(epoch_order(len(dataset), cfg.seed, 0, ctx)) / cfg.batch_size)
         self.total_steps = self.batches_per_epoch * cfg.epochs

@@ -11,12 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pipeline.models.decoders as registry
 from pipeline.models.decoders import (
     DECODERS,
     CaptionDecoder,
+    DecoderConfig,
     DecoderConfigError,
     create_decoder,
     decoder_config_class,
+    families_with,
     list_decoders,
 )
 
@@ -24,7 +27,8 @@ B, N, C, T, V = 3, 5, 12, 7, 23
 PAD, BOS, EOS = 0, 1, 2
 LENGTHS = torch.tensor([7, 5, 3])
 
-# Tiny options per case; a case is (family, options).
+# Tiny options per case; a case is (family, options). Every registered family needs at least one
+# (test_every_family_has_a_case), so a new family gets every test of "every family" below.
 CASES = {
     "show_tell": ("show_tell", dict(embed_dim=16, hidden_dim=24, num_layers=2, dropout=0.0)),
     "show_attend_tell_lstm": ("show_attend_tell", dict(embed_dim=16, hidden_dim=24, attention_dim=12, visual_dim=20, dropout=0.1)),
@@ -82,22 +86,71 @@ def run_steps(decoder, state, tokens):
 
 
 # --------------------------------------------------------------------------- registry
-def test_list_decoders_lists_all_five():
-    names = [name for name, _ in list_decoders()]
-    assert names == ["show_tell", "show_attend_tell", "transformer", "gpt2", "perceiver_gpt2"]
-    assert all(description for _, description in list_decoders())
-    assert set(DECODERS) == set(names)
+def test_listing_follows_registration():
+    assert [name for name, _ in list_decoders()] == list(DECODERS)
+    for name, cls in DECODERS.items():
+        assert issubclass(cls, CaptionDecoder) and cls.family == name
+        assert cls.description and dict(list_decoders())[name] == cls.description
 
 
-def test_config_classes_have_defaults():
-    assert decoder_config_class("show_tell")().embed_dim == 256
-    assert decoder_config_class("show_tell")().hidden_dim == 512
-    assert decoder_config_class("show_attend_tell")().cell == "lstm"
-    assert decoder_config_class("transformer")().d_model == 256
-    assert decoder_config_class("perceiver_gpt2")().num_latents == 64
+def test_every_family_has_a_case():
+    assert {family for family, _ in CASES.values()} == set(DECODERS)
 
 
-@pytest.mark.parametrize("family", ["show_tell", "show_attend_tell", "transformer", "gpt2", "perceiver_gpt2"])
+def test_a_newly_registered_family_is_listed_last_with_its_capabilities(monkeypatch):
+    monkeypatch.setattr(registry, "DECODERS", dict(DECODERS))  # registered here only, for this test
+
+    class DummyConfig(DecoderConfig):
+        pass
+
+    @registry.register_decoder("dummy")
+    class Dummy(CaptionDecoder):
+        """A dummy family.
+
+        More text."""
+
+        config_class = DummyConfig
+        supports_scheduled_sampling = True
+
+    assert registry.list_decoders()[-1] == ("dummy", "A dummy family.")
+    assert Dummy.family == "dummy" and registry.decoder_config_class("dummy") is DummyConfig
+    assert registry.families_with("supports_scheduled_sampling")[-1] == "dummy"
+    assert "dummy" not in registry.families_with("has_attention")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_decoder("dummy")(type("Other", (CaptionDecoder,), {"config_class": DummyConfig}))
+    with pytest.raises(TypeError, match="config_class"):
+        registry.register_decoder("no_config")(type("NoConfig", (CaptionDecoder,), {}))
+
+
+def test_families_with_reads_the_class_attributes():
+    for capability in ("has_attention", "supports_scheduled_sampling"):
+        assert families_with(capability) == tuple(n for n, cls in DECODERS.items() if getattr(cls, capability))
+    with pytest.raises(AttributeError, match="not a decoder capability"):
+        families_with("supports_time_travel")
+
+
+@pytest.mark.parametrize("family", list(DECODERS))
+def test_every_option_has_a_documented_default(family):
+    config_class = decoder_config_class(family)
+    defaults = config_class()  # no option is required
+    for name, info in config_class.model_fields.items():
+        assert info.description, f"{family}: option {name!r} has no description"
+    assert config_class.model_validate(defaults.model_dump()) == defaults
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_options_left_out_take_the_config_defaults(case):
+    family, options = CASES[case]
+    config_class = decoder_config_class(family)
+    decoder, defaults = make(case), config_class()
+    assert isinstance(decoder.config, config_class)
+    for name in config_class.model_fields.keys() - options.keys():
+        assert getattr(decoder.config, name) == getattr(defaults, name), name
+    for name, value in options.items():
+        assert getattr(decoder.config, name) == value, name
+
+
+@pytest.mark.parametrize("family", list(DECODERS))
 def test_unknown_option_is_named(family):
     with pytest.raises(DecoderConfigError) as e:
         create_decoder(family, feature_dim=C, vocab_size=V, pad_id=PAD, bos_id=BOS, eos_id=EOS, hiden_dim=3)
@@ -125,6 +178,8 @@ def test_forward_shapes(case):
     if decoder.has_attention:
         assert out.attention.shape == (B, T, N)
         assert out.aux_loss.shape == ()
+    else:
+        assert out.attention is None
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -146,6 +201,7 @@ def test_step_reproduces_forward(case):
         out = decoder(features, tokens, LENGTHS)
         logits, attention, _ = run_steps(decoder, decoder.init_state(features), tokens)
     torch.testing.assert_close(logits[real], out.logits[real], atol=1e-4, rtol=1e-4)
+    assert all((a is not None) == decoder.has_attention for a in attention)
     if decoder.has_attention:
         torch.testing.assert_close(torch.stack(attention, 1)[real], out.attention[real], atol=1e-5, rtol=1e-5)
 
@@ -197,6 +253,29 @@ def test_memorises_a_tiny_batch(case):
         optimizer.step()
         cross_entropy.append((loss - out.aux_loss if out.aux_loss is not None else loss).item())
     assert cross_entropy[-1] < 0.5 * cross_entropy[0], cross_entropy
+
+
+@pytest.mark.parametrize("case", [c for c, (family, _) in CASES.items() if DECODERS[family].supports_scheduled_sampling])
+def test_scheduled_sampling_families_train_step_by_step(case):
+    """What ``supports_scheduled_sampling`` promises: the step loop of training reproduces teacher forcing
+    when it feeds the reference tokens, and trains (finite gradients) when it feeds the model's own."""
+    from pipeline.training import TrainingForward
+
+    decoder = make(case).eval()
+    features, tokens, real = batch()
+    model = TrainingForward(decoder)
+    with torch.no_grad():
+        reference = decoder(features, tokens, LENGTHS).logits[:, :-1]
+        stepped, _ = model._scheduled_sampling(features, tokens, LENGTHS, 0.0)
+    predicting = real[:, 1:]  # positions whose next token is real
+    torch.testing.assert_close(stepped[predicting], reference[predicting], atol=1e-4, rtol=1e-4)
+    decoder.train()
+    torch.manual_seed(3)
+    logits, aux = model(features, tokens, LENGTHS, sampling_probability=0.5)
+    assert logits.shape == (B, T - 1, V)
+    loss = F.cross_entropy(logits[predicting], tokens[:, 1:][predicting])
+    (loss + aux if aux is not None else loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in decoder.parameters() if p.grad is not None)
 
 
 # --------------------------------------------------------------------------- show_attend_tell

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import load_config, load_train_config
 from pipeline.errors import ConfigError
-from pipeline.models.decoders import create_decoder
+from pipeline.models.decoders import DECODERS, create_decoder, decoder_config_class
 from pipeline.recipes import (
     GPT2_SPECIAL_ID,
     GPT2_VOCAB_SIZE,
@@ -78,6 +78,17 @@ def test_features_reach_the_decoder(built):
     assert torch.isfinite(logits).all()
 
 
+def feature_dim(recipe) -> int:
+    """Channels of the recipe's backbone features (timm's, on meta tensors)."""
+    return build_recipe(recipe, device="meta")[0].num_features
+
+
+def test_recipes_name_registered_families_with_valid_options():
+    for recipe in RECIPES.values():
+        assert recipe.decoder in DECODERS, recipe.name
+        decoder_config_class(recipe.decoder).from_options(recipe.decoder, recipe.decoder_options)
+
+
 def test_resnet50_attention_gru_matches_published_sizes():
     recipe = get_recipe("resnet50_attention_gru")
     counts = count_parameters(recipe)
@@ -85,8 +96,11 @@ def test_resnet50_attention_gru_matches_published_sizes():
     assert counts["backbone"] == RESNET50_NO_FC
     assert counts["total"] == pytest.approx(37 * M, rel=0.05)
     assert counts["trainable_frozen_backbone"] == pytest.approx(12 * M, rel=0.10)
-    # The decoder by hand: D = A = 512, H = 1024, E = 300, C = 2048, V = 6,500.
-    C, D, A, H, E, V = 2048, 512, 512, 1024, 300, recipe.vocab_size
+    # The decoder by hand, from the recipe's options (GRU: no init_c, 3 gates).
+    o = recipe.decoder_options
+    assert o["cell"] == "gru"
+    D, A, H, E = o["visual_dim"], o["attention_dim"], o["hidden_dim"], o["embed_dim"]
+    C, V = feature_dim(recipe), recipe.vocab_size
     fixed = (
         C * D + D + 2 * D  # visual projection + LayerNorm
         + D * A + A + H * A + A + A + 1  # additive attention
@@ -102,11 +116,13 @@ def test_transformer_decoder_formula():
     recipe = get_recipe("effnetv2s_transformer")
     assert recipe.vocab_size == 9_721
     counts = count_parameters(recipe)
-    d, ff, L, V, C = 256, 1024, 6, 9_721, 1280
+    o = recipe.decoder_options
+    assert o["tie_embeddings"] and o["num_encoder_layers"] == 0 and o["positions"] == "learned"
+    d, ff, L, V, C = o["d_model"], o["ff_dim"], o["num_layers"], recipe.vocab_size, feature_dim(recipe)
     attention = 4 * d * d + 4 * d  # q, kv (2d), out, with biases
     block = 3 * 2 * d + 2 * attention + (d * ff + ff + ff * d + d)
-    visual = C * d + d + recipe.decoder_options["max_visual_tokens"] * d + 2 * d
-    text = V * d + recipe.decoder_options["max_length"] * d + 2 * d  # tied head adds nothing
+    visual = C * d + d + o["max_visual_tokens"] * d + 2 * d
+    text = V * d + o["max_length"] * d + 2 * d  # tied head adds nothing
     assert counts["decoder"] == visual + text + L * block == 9_191_424
     assert 9.0 * M < counts["decoder"] < 9.4 * M
     assert counts["total"] == pytest.approx(29.4 * M, rel=0.01)
@@ -114,7 +130,9 @@ def test_transformer_decoder_formula():
 
 def test_show_tell_decoder_formula():
     recipe = get_recipe("resnet50_lstm")
-    E, H, V, C = 256, 512, recipe.vocab_size, 2048
+    o = recipe.decoder_options
+    assert o["num_layers"] == 1
+    E, H, V, C = o["embed_dim"], o["hidden_dim"], recipe.vocab_size, feature_dim(recipe)
     lstm = 4 * H * (E + H) + 8 * H
     expected = C * E + E + 2 * E + V * E + lstm + H * V + V
     assert count_parameters(recipe)["decoder"] == expected == 9_792_016

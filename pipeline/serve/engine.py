@@ -9,7 +9,7 @@
   (the model: one thread at a time);
 * :meth:`~CaptionEngine.result` one image's captions -> the JSON-ready answer: ``caption``, ``score``,
   ``alternatives`` (the other distinct captions, best first, with scores) and, on request, per-word
-  attention heatmaps.
+  attention heatmaps (drawn by :mod:`pipeline.attention_maps`, as in the evaluation gallery).
 
 Caption modes are the named ones of :data:`pipeline.decoding.CAPTION_MODES`, with two serving
 adjustments: ``max_length`` is the bundle tokenizer's (the longest caption the model was trained on, as
@@ -84,7 +84,7 @@ class CaptionEngine:
         # only a seeded generator is shared mutable state: seeded runs take turns.
         self._seeded = threading.Lock()
         if captioner.config.get("backbone_weights") is not None:
-            _quietly_build_backbone(captioner)
+            _ = captioner.backbone  # built now (a skeleton filled with the bundle's weights), not at the first request
             if channels_last:
                 captioner.backbone.model.to(memory_format=torch.channels_last)
 
@@ -208,7 +208,7 @@ class CaptionEngine:
         """Per-word attention heatmaps of ``caption`` over ``image`` as JPEG data URLs, or None (no attention)."""
         from PIL import Image
 
-        from pipeline.gallery import attention_maps, backbone_view
+        from pipeline.attention_maps import attention_maps, backbone_view, overlay
 
         if caption.attention is None or not caption.tokens:
             return None
@@ -223,11 +223,11 @@ class CaptionEngine:
         if maps is None:
             log.debug("no heatmaps: %s", why)
             return None
-        base = np.asarray(view, dtype=np.float32)
+        base = np.asarray(view.convert("RGB"), dtype=np.float32) / 255.0
         words = []
         for token, m in zip(caption.tokens, maps):
-            overlay = 0.5 * base + 0.5 * 255.0 * _jet(m)
-            words.append({"word": self._word(token), "heatmap": _data_url(Image.fromarray(overlay.astype(np.uint8)))})
+            rgb = (255.0 * overlay(base, m)).round().clip(0, 255).astype(np.uint8)
+            words.append({"word": self._word(token), "heatmap": _data_url(Image.fromarray(rgb))})
         return {"image": _data_url(view), "width": w, "height": h, "words": words}
 
     def _word(self, token: int) -> str:
@@ -236,29 +236,6 @@ class CaptionEngine:
             return tok.decode([int(token)]).strip() or tok.id_to_token(int(token)).strip()
         except Exception:  # noqa: BLE001 - a label only
             return str(token)
-
-
-class _DropRandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "random weights" not in record.getMessage()
-
-
-def _quietly_build_backbone(captioner: Captioner) -> None:
-    """Build the bundle's backbone now, without the "random weights" warning of the skeleton that the
-    bundle's own weights then fill (the warning is for caches extracted from a random backbone)."""
-    logger = logging.getLogger("pipeline.models.backbones")
-    quiet = _DropRandomInitWarning()
-    logger.addFilter(quiet)
-    try:
-        _ = captioner.backbone  # built on first use
-    finally:
-        logger.removeFilter(quiet)
-
-
-def _jet(x: np.ndarray) -> np.ndarray:
-    """``(H, W)`` in [0, 1] -> ``(H, W, 3)`` RGB in [0, 1] (the classic jet colour map)."""
-    x = np.clip(x, 0.0, 1.0)[..., None]
-    return np.clip(1.5 - np.abs(4.0 * x - np.array([3.0, 2.0, 1.0], dtype=np.float32)), 0.0, 1.0)
 
 
 def _data_url(img, quality: int = 85) -> str:

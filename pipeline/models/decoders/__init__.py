@@ -7,8 +7,17 @@ rejected). Build one by name::
     decoder = create_decoder("show_attend_tell", feature_dim=2048, vocab_size=10_000,
                              pad_id=0, bos_id=1, eos_id=2, cell="gru", hidden_dim=1024)
 
-Families: ``show_tell``, ``show_attend_tell``, ``transformer``, ``gpt2``,
-``perceiver_gpt2`` (one module each; :func:`list_decoders` describes them).
+The registry :data:`DECODERS` is the one list of families: each family's module registers its
+class with :func:`register_decoder` when the import line at the bottom of this file imports it,
+and every listing (:func:`list_decoders`, ``pipeline decoders``) follows that registration
+order. What a family can do is a class attribute of its own (``has_attention``,
+``supports_scheduled_sampling``: see :class:`~pipeline.models.decoders.base.CaptionDecoder`);
+:func:`families_with` lists the families that have one.
+
+Adding a family: a module here with a ``@register_decoder`` class, its name on the import line
+below, then its ``train`` entry in ``dvc.yaml`` and its ``decoders`` section in ``params.yaml``
+(which tests/test_registry.py checks against this registry). Shared Transformer blocks are in
+:mod:`.layers`.
 """
 
 from __future__ import annotations
@@ -55,8 +64,7 @@ def _format_error(e: ValidationError, family: str, config_class: type[DecoderCon
 
 
 # --------------------------------------------------------------------------- registry
-DECODERS: dict[str, type[CaptionDecoder]] = {}
-_DESCRIPTIONS: dict[str, str] = {}
+DECODERS: dict[str, type[CaptionDecoder]] = {}  # family name -> class, in registration order
 
 D = TypeVar("D", bound=type[CaptionDecoder])
 
@@ -65,8 +73,8 @@ def register_decoder(name: str, description: str | None = None) -> Callable[[D],
     """Class decorator adding a family to :data:`DECODERS`.
 
     The class must set ``config_class`` (a :class:`DecoderConfig` subclass) and take
-    ``(config, *, feature_dim, vocab_size, pad_id, bos_id, eos_id)``. The description
-    defaults to the first line of the class docstring.
+    ``(config, *, feature_dim, vocab_size, pad_id, bos_id, eos_id)``. Sets the class's ``family``
+    and ``description`` (by default the first line of its docstring).
     """
 
     def decorator(cls: D) -> D:
@@ -75,8 +83,8 @@ def register_decoder(name: str, description: str | None = None) -> Callable[[D],
         if not (isinstance(getattr(cls, "config_class", None), type) and issubclass(cls.config_class, DecoderConfig)):
             raise TypeError(f"{cls.__qualname__} must set config_class to a DecoderConfig subclass")
         cls.family = name
+        cls.description = description or (cls.__doc__ or name).strip().splitlines()[0]
         DECODERS[name] = cls
-        _DESCRIPTIONS[name] = description or (cls.__doc__ or name).strip().splitlines()[0]
         return cls
 
     return decorator
@@ -106,17 +114,21 @@ def create_decoder(
 
 def list_decoders() -> list[tuple[str, str]]:
     """``(name, one-line description)`` of every registered family, in registration order."""
-    return [(name, _DESCRIPTIONS[name]) for name in DECODERS]
+    return [(name, cls.description) for name, cls in DECODERS.items()]
 
 
-# The families register themselves on import (they import the names above, so these come last).
+def families_with(capability: str) -> tuple[str, ...]:
+    """The registered families whose class has ``capability`` set (e.g. ``"supports_scheduled_sampling"``)."""
+    if not hasattr(CaptionDecoder, capability):
+        raise AttributeError(f"{capability!r} is not a decoder capability (a class attribute of CaptionDecoder)")
+    return tuple(name for name, cls in DECODERS.items() if getattr(cls, capability))
+
+
+# The families register themselves on import (they import the names above, so this comes last).
+# This line is where a family is added; its order, simplest to largest, is the listing order.
 # isort: off
 from . import show_tell, show_attend_tell, transformer, gpt2, perceiver_gpt2  # noqa: E402,F401
 # isort: on
-
-# Listed from the simplest to the largest, whatever the import order.
-_ORDER = ("show_tell", "show_attend_tell", "transformer", "gpt2", "perceiver_gpt2")
-DECODERS = dict(sorted(DECODERS.items(), key=lambda kv: _ORDER.index(kv[0]) if kv[0] in _ORDER else len(_ORDER)))
 
 __all__ = [
     "CaptionDecoder",
@@ -130,4 +142,5 @@ __all__ = [
     "create_decoder",
     "decoder_config_class",
     "list_decoders",
+    "families_with",
 ]

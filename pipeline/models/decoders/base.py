@@ -55,10 +55,23 @@ def reorder_tensors(state: Any, index: torch.Tensor) -> Any:
 
 
 class CaptionDecoder(nn.Module):
-    """Base class. Subclasses set ``family`` and implement the four methods below."""
+    """Base class. Subclasses implement the four methods below; :func:`~pipeline.models.decoders.register_decoder`
+    sets ``family`` and ``description``.
+
+    Capabilities are class attributes, read from the class (or an instance) instead of a list of family
+    names kept elsewhere; a family overrides the ones it has:
+
+    * ``has_attention``: :meth:`step` (and :meth:`forward`) return visual attention over the N tokens
+      (heatmaps in galleries and the server);
+    * ``supports_scheduled_sampling``: training may feed the model's own previous token back
+      step by step (:class:`pipeline.training.TrainingForward`); meant for recurrent decoders, whose
+      teacher forcing is a loop over :meth:`step` anyway.
+    """
 
     family: ClassVar[str] = ""
+    description: ClassVar[str] = ""
     has_attention: ClassVar[bool] = False
+    supports_scheduled_sampling: ClassVar[bool] = False
 
     def __init__(self, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ import torch
 
 from . import DecoderConfig, register_decoder
 from ._gpt2_common import GPT2CaptionDecoder, GPT2Options
-from .transformer import VisualEncoder
+from .layers import VisualEncoder
 
 
 class GPT2DecoderConfig(GPT2Options):

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import DecoderConfig, DecoderConfigError, register_decoder
 from ._gpt2_common import GPT2CaptionDecoder, GPT2Options
-from .transformer import MLP, Attention, VisualEncoder
+from .layers import MLP, Attention, VisualEncoder
 
 
 class PerceiverGPT2Config(GPT2Options):

@@ -75,6 +75,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
     config_class: ClassVar[type[DecoderConfig]] = ShowAttendTellConfig
     has_attention: ClassVar[bool] = True
+    supports_scheduled_sampling: ClassVar[bool] = True
 
     def __init__(
         self, config: ShowAttendTellConfig, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int

@@ -35,6 +35,7 @@ class ShowTellDecoder(CaptionDecoder):
     """Show and Tell: LSTM fed the mean-pooled image feature as its first input."""
 
     config_class: ClassVar[type[DecoderConfig]] = ShowTellConfig
+    supports_scheduled_sampling: ClassVar[bool] = True
 
     def __init__(
         self, config: ShowTellConfig, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int

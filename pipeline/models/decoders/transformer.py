@@ -1,11 +1,10 @@
 """A Transformer caption decoder (pre-norm), written out so its key/value cache is explicit.
 
-Visual side (:class:`VisualEncoder`, shared with the GPT-2 families)::
+Visual side (:class:`~.layers.VisualEncoder`, shared with the GPT-2 families)::
 
     features (B, N, C) -> Linear C->d + learned position per token index -> [encoder blocks] -> LayerNorm = memory
 
-The position embedding is indexed by token number only (it knows nothing of 2-D
-grids), so concatenated multi-scale token sets work as long as N <= max_visual_tokens.
+``N <= max_visual_tokens`` (the size of the visual position table); see :mod:`.layers`.
 
 Text side, ``num_layers`` decoder blocks over token + position embeddings::
 
@@ -27,14 +26,12 @@ import math
 from typing import ClassVar, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
 from . import DecoderConfig, register_decoder
 from .base import CaptionDecoder, DecoderOutput, StepOutput
-
-KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, heads, S, head_dim) each
+from .layers import KV, MLP, Attention, VisualEncoder
 
 
 class TransformerConfig(DecoderConfig):
@@ -57,58 +54,25 @@ class TransformerConfig(DecoderConfig):
 
 
 # --------------------------------------------------------------------------- building blocks
-class Attention(nn.Module):
-    """Multi-head attention; queries from ``x``, keys/values computed separately so callers can cache them."""
-
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Linear(d_model, d_model)
-        self.key_value = nn.Linear(d_model, 2 * d_model)
-        self.out = nn.Linear(d_model, d_model)
-        self.attn_dropout = dropout
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, S, d) -> (B, heads, S, head_dim)
-        B, S, d = x.shape
-        return x.view(B, S, self.num_heads, d // self.num_heads).transpose(1, 2)
-
-    def keys_values(self, source: torch.Tensor) -> KV:
-        k, v = self.key_value(source).chunk(2, dim=-1)
-        return self._split_heads(k), self._split_heads(v)
-
-    def forward(self, x: torch.Tensor, kv: KV, is_causal: bool = False) -> torch.Tensor:
-        B, T, d = x.shape
-        q = self._split_heads(self.query(x))
-        y = F.scaled_dot_product_attention(
-            q, kv[0], kv[1], is_causal=is_causal, dropout_p=self.attn_dropout if self.training else 0.0
-        )
-        return self.resid_dropout(self.out(y.transpose(1, 2).reshape(B, T, d)))
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos table of "Attention Is All You Need": (length, dim)."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
+    return table
 
 
-class MLP(nn.Module):
-    def __init__(self, d_model: int, ff_dim: int, dropout: float):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Linear(ff_dim, d_model), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class EncoderBlock(nn.Module):
-    """Pre-norm self-attention over the visual tokens (no mask) + MLP."""
-
-    def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, num_heads, dropout)
-        self.ln_2 = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, ff_dim, dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, self.attn.keys_values(h))
-        return x + self.mlp(self.ln_2(x))
+def init_weights(module: nn.Module) -> None:
+    """GPT-2 style: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class DecoderBlock(nn.Module):
@@ -136,52 +100,6 @@ class DecoderBlock(nn.Module):
         x = x + self.cross_attn(self.ln_2(x), memory_kv)
         x = x + self.mlp(self.ln_3(x))
         return x, (k, v)
-
-
-class VisualEncoder(nn.Module):
-    """(B, N, C) cached features -> (B, N, d) memory: projection, learned token positions, optional encoder."""
-
-    def __init__(self, feature_dim: int, d_model: int, *, num_layers: int = 0, num_heads: int = 8,
-                 ff_dim: Optional[int] = None, dropout: float = 0.1, max_tokens: int = 1024):
-        super().__init__()
-        self.proj = nn.Linear(feature_dim, d_model)
-        self.pos = nn.Parameter(torch.zeros(max_tokens, d_model))
-        nn.init.normal_(self.pos, std=0.02)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            EncoderBlock(d_model, num_heads, ff_dim or 4 * d_model, dropout) for _ in range(num_layers)
-        )
-        self.ln = nn.LayerNorm(d_model)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        N = features.shape[1]
-        if N > self.pos.shape[0]:
-            raise ValueError(f"{N} visual tokens but max_visual_tokens is {self.pos.shape[0]}; raise that option")
-        x = self.drop(self.proj(features.to(self.proj.weight.dtype)) + self.pos[:N])
-        for block in self.blocks:
-            x = block(x)
-        return self.ln(x)
-
-
-def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
-    """The fixed sin/cos table of "Attention Is All You Need": (length, dim)."""
-    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
-    table[:, 0::2] = torch.sin(position * freq)
-    table[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
-    return table
-
-
-def init_weights(module: nn.Module) -> None:
-    """GPT-2 style: N(0, 0.02) weights, zero biases, unit LayerNorms."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 # --------------------------------------------------------------------------- the decoder

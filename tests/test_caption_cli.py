@@ -1,8 +1,13 @@
-"""`pipeline caption`: files, folders and globs; modes and explicit options; --json; one bad image among good ones."""
+"""`pipeline caption`: files, folders and globs; modes and explicit options; --json; one bad image among good ones.
+
+Then the library the CLI calls, tested directly: :mod:`pipeline.captioning` (input expansion, batching,
+per-image errors, output), :mod:`pipeline.threads` and :mod:`pipeline.models.convert`.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +122,143 @@ def test_bf16_and_channels_last(folder, tiny_bundle):
     assert r.exit_code == 0, r.output
     row = json.loads(r.stdout)
     assert len(row["caption"].split()) == MAX_LENGTH and row["score"] is not None
+
+
+# --------------------------------------------------------------------------- the library, without the CLI
+from pipeline.captioning import (  # noqa: E402 - the library tests below
+    CaptionError,
+    CaptionResult,
+    caption_options,
+    caption_paths,
+    expand_inputs,
+)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    return CaptionEngine.load(tiny_bundle)
+
+
+def test_expand_inputs(folder, tmp_path):
+    imgs = folder / "imgs"
+    hidden = tmp_path / "h"
+    write_png(hidden / ".cache" / "x.png", seed=1)
+    write_png(hidden / "y.png", seed=2)
+    (tmp_path / "empty").mkdir()
+    got = expand_inputs([str(imgs), str(imgs / "notes.txt"), str(imgs / "[12].png"), str(hidden),
+                         str(tmp_path / "empty"), str(tmp_path / "nope.jpg"), str(tmp_path / "*.gif")])
+    assert got == [
+        *[(str(imgs / f), None) for f in ("0.png", "1.png", "2.png", "bad.png", "sub/deep.png")],  # sorted, recursive
+        (str(imgs / "notes.txt"), None),  # named explicitly: taken whatever its suffix
+        (str(imgs / "1.png"), None), (str(imgs / "2.png"), None),  # a glob
+        (str(hidden / "y.png"), None),  # nothing under a hidden folder
+        (str(tmp_path / "empty"), "no images in this folder"),
+        (str(tmp_path / "nope.jpg"), "missing image file"),
+        (str(tmp_path / "*.gif"), "no image file matches this pattern"),
+    ]
+
+
+def test_caption_options_label_and_overrides(engine):
+    options, label = caption_options(engine, "consistent")
+    assert label == "consistent" and options == engine.options("consistent")
+    options, label = caption_options(engine, "consistent", beam_size=2, top_k=None)  # None: not given
+    assert label == "custom" and options.beam_size == 2 and options.n_best == 2  # n_best follows a smaller beam
+    options, label = caption_options(engine, "safe_diverse", temperature=0.3)
+    assert label == "custom" and options.method == "sample" and options.temperature == 0.3
+    with pytest.raises(ValueError, match="unknown caption mode 'poetic'; valid modes: consistent"):
+        caption_options(engine, "poetic")
+    with pytest.raises(ValueError, match="invalid decoding options: top_p"):
+        caption_options(engine, "consistent", top_p=2.0)
+
+
+def test_caption_paths_order_batches_and_errors(folder, engine):
+    imgs = folder / "imgs"
+    options, label = caption_options(engine, "consistent")
+    items = list(caption_paths(engine, [str(imgs), "missing.png"], options, batch_size=3, mode=label))
+    # results once their batch ran (3 images, then the last one); an error as soon as its input fails, so
+    # missing.png's comes before the result of deep.png, still waiting for its batch then
+    assert [(type(i).__name__, Path(i.path).name) for i in items] == [
+        ("CaptionResult", "0.png"), ("CaptionResult", "1.png"), ("CaptionResult", "2.png"),
+        ("CaptionError", "bad.png"), ("CaptionError", "missing.png"), ("CaptionResult", "deep.png")]
+    bad, missing = [i for i in items if isinstance(i, CaptionError)]
+    assert (bad.code, bad.message) == ("not_an_image", "not an image (unrecognised image format)")
+    assert (missing.code, missing.message) == ("missing", "missing image file")
+    results = [i for i in items if isinstance(i, CaptionResult)]
+    assert [r.batch_size for r in results] == [3, 3, 3, 1]
+    assert all(r.result["mode"] == "consistent" and len(r.caption.split()) == MAX_LENGTH for r in results)
+    # the same captions as the engine gives for each image alone
+    from pipeline.data.images import load_rgb
+
+    want = engine.result(engine.run([engine.prepare(load_rgb(imgs / "0.png"))], options).captions[0], mode=label)
+    assert results[0].result == want
+
+
+def test_caption_paths_refuses_large_images_and_reports_model_failures(folder, engine, monkeypatch):
+    imgs = folder / "imgs"
+    options, _ = caption_options(engine, "consistent")
+    (err,) = caption_paths(engine, [str(imgs / "0.png")], options, max_pixels=100)
+    assert isinstance(err, CaptionError) and err.code == "image_too_large"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of cheese")
+
+    monkeypatch.setattr(engine, "run", broken)
+    items = list(caption_paths(engine, [str(imgs / "0.png"), str(imgs / "1.png")], options, batch_size=1))
+    assert [(i.code, i.message) for i in items] == [("model_error", "captioning failed: out of cheese")] * 2
+    with pytest.raises(ValueError, match="batch_size"):
+        list(caption_paths(engine, [], options, batch_size=0))
+
+
+def test_result_and_error_render_as_the_cli_prints_them():
+    r = CaptionResult("a.png", {"caption": "a cat", "score": -1.5, "mode": "consistent", "alternatives": [
+        {"caption": "a dog", "score": -2.25}, {"caption": "a café", "score": None}]}, 1.23456, 7.0, 2)
+    assert r.text_lines() == ["a.png: a cat", "    ~ a dog  (-2.250)", "    ~ a café"]
+    row = json.loads(r.json_line())
+    assert list(row) == ["path", "caption", "score", "mode", "alternatives", "timings"]
+    assert row["timings"] == {"decode_ms": 1.235, "model_ms": 7.0, "batch_size": 2}
+    assert "café" in r.json_line()  # not escaped
+    e = CaptionError("b.png", "unreadable", "permission denied")
+    assert e.line() == "error: b.png: permission denied"
+    assert json.loads(e.json_line()) == {"path": "b.png",
+                                         "error": {"code": "unreadable", "message": "permission denied"}}
+
+
+def test_threads_and_model_workers(monkeypatch):
+    from pipeline import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    assert threads.set_threads(0) == 4 and torch.get_num_threads() == 4
+    assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1
+    assert threads.model_workers(3, 4) == 3  # given
+    assert threads.model_workers(0, 4) == 2 and threads.model_workers(0, 16) == 1  # cores / threads, at least 1
+    assert threads.model_workers(0, 1, device="cuda") == 1
+
+
+def test_convert_weights_by_order_and_refusals(tmp_path):
+    import timm
+    from safetensors import safe_open
+
+    from pipeline.models.backbones import WeightsError
+    from pipeline.models.convert import convert_weights
+
+    model = timm.create_model("test_efficientnet")
+    renamed = {f"layer{i}": t.clone() for i, t in enumerate(model.state_dict().values())}  # same tensors, other names
+    src = tmp_path / "other-layout.pt"
+    torch.save(renamed, src)
+    with pytest.raises(WeightsError, match="does not fit"):  # by name: nothing fits
+        convert_weights(src, tmp_path / "no.safetensors", "test_efficientnet")
+    assert not (tmp_path / "no.safetensors").exists()
+    dest = tmp_path / "out" / "w.safetensors"
+    assert convert_weights(src, dest, "test_efficientnet", by_order=True) == len(renamed)
+    with safe_open(str(dest), "pt") as f:
+        assert f.metadata() == {"backbone": "test_efficientnet", "source": "other-layout.pt"}
+        assert list(f.keys()) == sorted(model.state_dict())
+    with pytest.raises(WeightsError, match="unknown packaged weights 'nope'; known: efficientnet_lite0"):
+        convert_weights("package:nope", dest, "test_efficientnet")
+    # the command: a few lines around the function, the same messages
+    r = runner.invoke(app, ["convert-weights", str(src), str(tmp_path / "cli.safetensors"), "--backbone",
+                            "test_efficientnet", "--by-order"])
+    want = f"wrote {tmp_path / 'cli.safetensors'} ({len(renamed)} tensors for test_efficientnet)"
+    assert r.exit_code == 0 and r.stdout.strip() == want
+    r = runner.invoke(app, ["convert-weights", "package:nope", str(dest), "--backbone", "test_efficientnet"])
+    assert r.exit_code == 2 and "error: unknown packaged weights 'nope'" in r.stderr

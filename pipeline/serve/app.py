@@ -54,14 +54,10 @@ from pipeline.data.images import ImageDecodeError
 from pipeline.decoding import CAPTION_MODES
 from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
 from pipeline.serve.engine import DEFAULT_MODE, SERVE_FORMATS, CaptionEngine, mode_list, unknown_mode_message
+from pipeline.serve.settings import SERVE_DEFAULTS, ServeSettings  # noqa: F401 - ServeSettings re-exported
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_MAX_WAIT_MS = 5.0
-DEFAULT_MAX_QUEUE = 256
 DRAIN_SECONDS = 2.0  # at most this long reading (and dropping) the rest of an oversized body, see _read_body
 JSON_FIELDS = ("image", "caption_mode", "attention")
 FILE_FIELDS = ("image", "file")
@@ -161,17 +157,21 @@ def create_app(
     model: Union[str, Path, Captioner, CaptionEngine],
     *,
     api_key: Optional[str] = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
-    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_request_bytes: int = SERVE_DEFAULTS.max_request_bytes,
+    max_pixels: int = SERVE_DEFAULTS.max_pixels,
+    max_batch_size: int = SERVE_DEFAULTS.max_batch_size,
+    max_wait_ms: float = SERVE_DEFAULTS.max_wait_ms,
+    max_queue: int = SERVE_DEFAULTS.max_queue,
     model_workers: int = 1,
     decode_threads: int = 4,
     device: str = "cpu",
     warm_up: bool = True,
 ) -> FastAPI:
-    """The captioning API for a bundle folder (or a loaded Captioner / CaptionEngine)."""
+    """The captioning API for a bundle folder (or a loaded Captioner / CaptionEngine).
+
+    The limits default to :data:`pipeline.serve.settings.SERVE_DEFAULTS` (``pipeline serve``'s defaults too);
+    ``create_app(engine, **ServeSettings(...).app_limits())`` applies a whole settings object.
+    """
     if isinstance(model, CaptionEngine):
         engine = model
     elif isinstance(model, Captioner):

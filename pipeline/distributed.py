@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -32,13 +34,27 @@ class DistContext:
             dist.barrier()
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local rank's GPU when CUDA is available, else CPU."""
-    if spec == "auto":
+def resolve_device(spec: str | torch.device, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the local rank's GPU when CUDA is available, else CPU; any other torch device string as is.
+
+    Raises :class:`ConfigError` for a string torch does not know and for a device this machine lacks."""
+    if isinstance(spec, torch.device):
+        device = spec
+    elif spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} requested but CUDA is not available on this machine")
+    else:
+        try:
+            device = torch.device(spec)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"--device {spec!r} is not a torch device: use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {spec!s} requested but CUDA is not available on this machine "
+                              "(use --device cpu, or auto to take a GPU when there is one)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {spec!s}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {spec!s} requested but MPS is not available on this machine (use --device cpu)")
     return device
 
 

@@ -39,7 +39,8 @@ from pipeline.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 from pipeline.models.backbones import Backbone
 from pipeline.text.tokenizers import CaptionTokenizer
-from pipeline.training import Trainer, caption_loss, epoch_order, is_no_decay, warmup_cosine
+from pipeline.optim import is_no_decay, warmup_cosine
+from pipeline.training import Trainer, caption_loss, epoch_order
 
 log = logging.getLogger(__name__)
 

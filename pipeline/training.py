@@ -32,6 +32,7 @@ from pipeline.checkpoint import checkpoint_exists, load_checkpoint, save_checkpo
 from pipeline.config import LoopConfig
 from pipeline.errors import ConfigError
 from pipeline.distributed import DistContext
+from pipeline.optim import decay_groups, warmup_cosine
 from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,6 @@ def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tens
     return F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=label_smoothing)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_ = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    return factor
-
-
 def epoch_order(num_samples: int, seed: int, epoch: int, ctx: DistContext) -> list[int]:
     """The sample order of one epoch for this rank: a seeded permutation, padded and strided like
     ``DistributedSampler`` so every rank gets the same number of batches."""
@@ -65,11 +56,6 @@ def epoch_order(num_samples: int, seed: int, epoch: int, ctx: DistContext) -> li
         total = math.ceil(num_samples / ctx.world_size) * ctx.world_size
         order = (order + order[: total - num_samples])[ctx.rank :: ctx.world_size]
     return order
-
-
-def is_no_decay(name: str, p: torch.Tensor) -> bool:
-    """Parameters trained without weight decay: biases, norm scales, embeddings, position tables."""
-    return p.ndim < 2 or "embed" in name.lower() or "wpe" in name
 
 
 class TrainingForward(nn.Module):
@@ -178,11 +164,7 @@ class Trainer:
     # -- hooks (overridden by fine-tuning and SCST) ------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW parameter groups: weight decay on matrices, none on biases, norms and embeddings."""
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if is_no_decay(name, p) else decay).append(p)
-        return [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return decay_groups(self.model, self.cfg.weight_decay)
 
     def lr_lambdas(self) -> Any:
         """The cosine schedule's factor of each group's learning rate (one callable, or one per group)."""

@@ -49,7 +49,7 @@ from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.models import clip as clip_lib
 from pipeline.progress import progress as progress_bar
-from pipeline.training import is_no_decay, warmup_cosine
+from pipeline.optim import decay_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +151,6 @@ def _shift(images: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.
     return torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(offsets.tolist())])
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    """AdamW groups: ``weight_decay`` on the matrices, none where :func:`pipeline.training.is_no_decay` says."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if is_no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 @torch.inference_mode()
 def retrieval_report(model, tokenizer, pixels: torch.Tensor, captions: Sequence[Sequence[str]],
                      device: torch.device, batch_size: int = 256) -> dict:
@@ -213,7 +204,7 @@ def run(cfg: ClipTrainConfig) -> dict:
     bs = min(cfg.batch_size, len(records))
     steps_per_epoch = len(records) // bs
     total_steps = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
     lr_factor = warmup_cosine(total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
 

@@ -96,8 +96,9 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
     if skipped:
         log.warning("%d image(s) skipped: extraction rejected them (see %s), e.g. %s", len(skipped),
                     cache.directory / "rejects.jsonl", skipped[:3])
-        train_records = [r for r in train_records if r.image_id not in set(skipped)]
-        val_records = [r for r in val_records if r.image_id not in set(skipped)]
+        skip = set(skipped)
+        train_records = [r for r in train_records if r.image_id not in skip]
+        val_records = [r for r in val_records if r.image_id not in skip]
     names = [t.name for t in spec.token_sets]
     dataset = CachedCaptionDataset(cache, caption_samples(train_records, tokenizer), pad_id=tokenizer.pad_id,
                                    token_sets=names, zero_features=cfg.blind)

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cache.format import file_sha256
 from pipeline.errors import UserError
 
 # Images above this many pixels are refused as possible decompression bombs (~ 16k x 16k / 2).
@@ -130,7 +131,7 @@ def check_image(path: str | Path, mode: str = "full", max_pixels: int = DEFAULT_
 def image_sha256(path: str | Path) -> str:
     """The digest that identifies an image file's content: sha256 of its bytes (manifests record it, the
     feature cache keys its records by it)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return file_sha256(Path(path))
 
 
 def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, Image.Image]:

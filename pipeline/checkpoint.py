@@ -14,13 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from pipeline.errors import UserError
 from pipeline.files import swap_folder
 
 MODEL = "model.safetensors"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be resumed from (truncated, garbage, or written for another model)."""
+
+    def __init__(self, directory: Path, problem: str) -> None:
+        super().__init__(f"{directory}: damaged checkpoint ({problem}); delete that folder to start the run "
+                         f"afresh (rm -r '{directory}')")
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -86,17 +96,24 @@ def load_checkpoint(
     directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     scaler: Any = None, device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns its ``state`` dict."""
+    """Restore what :func:`save_checkpoint` wrote; returns its ``state`` dict.
+
+    Raises :class:`CheckpointError` naming the folder when any part cannot be read or does not fit."""
     directory = Path(directory)
-    tensors = load_file(str(directory / TENSORS), device="cpu")
-    doc = json.loads((directory / STATE).read_text(encoding="utf-8"))
-    load_model(model, str(directory / MODEL), strict=True, device=str(device))
-    optimizer.load_state_dict(_join_optimizer(tensors, doc["optimizer"]))
-    if scheduler is not None and doc["scheduler"] is not None:
-        scheduler.load_state_dict(doc["scheduler"])
-    if scaler is not None and doc["scaler"] is not None:
-        scaler.load_state_dict(doc["scaler"])
-    set_rng_state(tensors)
+    try:
+        tensors = load_file(str(directory / TENSORS), device="cpu")
+        doc = json.loads((directory / STATE).read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
+            raise ValueError(f"{STATE} is not a checkpoint's state")
+        load_model(model, str(directory / MODEL), strict=True, device=str(device))
+        optimizer.load_state_dict(_join_optimizer(tensors, doc["optimizer"]))
+        if scheduler is not None and doc["scheduler"] is not None:
+            scheduler.load_state_dict(doc["scheduler"])
+        if scaler is not None and doc["scaler"] is not None:
+            scaler.load_state_dict(doc["scaler"])
+        set_rng_state(tensors)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(directory, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     return doc["state"]
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -42,7 +43,7 @@ from pipeline.config import (
     load_config,
     load_train_config,
 )
-from pipeline.errors import user_errors
+from pipeline.errors import BUG_REPORT, describe_failure, user_errors
 from pipeline.serve.settings import ServeSettings
 
 # Hub look-ups fail at once offline instead of retrying for ~45 s; online users may set it to 0.
@@ -107,8 +108,10 @@ def stage_command(name: str, section: str, target: str, help: str, loader=None) 
         run = getattr(importlib.import_module(module_name), func_name)
         try:
             run(cfg)
-        except user_errors() as e:
-            _fail(str(e))
+        except Exception as e:  # noqa: BLE001 - user-caused failures become one line; bugs propagate to main()
+            if (message := describe_failure(e)) is None:
+                raise
+            _fail(message)
 
     command.__name__ = name.replace("-", "_")
     app.command(name, help=help)(with_signature(command, params))
@@ -408,7 +411,21 @@ def show_params(section: Optional[str] = typer.Argument(None, help="One section;
 
 
 def main() -> None:
-    app(prog_name="pipeline")
+    """The CLI's one error boundary: a failure the user can act on is one ``error:`` line and exit 2;
+    anything else is a bug: its traceback, a line saying so, exit 1."""
+    try:
+        app(prog_name="pipeline")
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted (finished work is kept; rerun the command to resume)", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the boundary: classify, never swallow
+        message = describe_failure(e)
+        if message is None:
+            traceback.print_exc()
+            typer.echo(f"error: {BUG_REPORT}", err=True)
+            sys.exit(1)
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from PIL import Image
 
 from pipeline.errors import UserError
@@ -269,8 +270,11 @@ def load_clip(arch: str, pretrained: Optional[str | Path], device: str | torch.d
     kwargs: dict[str, Any] = {}
     if resolved.kind == "dir":
         name, weights_arg = f"local-dir:{Path(str(pretrained)).expanduser()}", None
-        saved = json.loads(resolved.config_path.read_text(encoding="utf-8"))
-        arch = saved.get("arch", arch)
+        try:
+            saved = json.loads(resolved.config_path.read_text(encoding="utf-8"))
+            arch = saved.get("arch", arch)
+        except (OSError, ValueError, AttributeError) as e:
+            raise ClipWeightsError(f"{resolved.config_path}: not a readable open_clip config ({e})") from None
     else:
         arch_config(arch)
         name, weights_arg = arch, str(resolved.path)
@@ -282,8 +286,10 @@ def load_clip(arch: str, pretrained: Optional[str | Path], device: str | torch.d
         )
     except ClipWeightsError:
         raise
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise ClipWeightsError(f"{resolved.path}: cannot load as {arch} weights: {e}") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClipWeightsError(f"{resolved.path}: cannot load as {arch} weights ({first}); pass a file or folder "
+                               "written by open_clip or `pipeline clip-train`") from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     pcfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})

@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 from pydantic import Field, model_validator
+from safetensors import SafetensorError
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -114,7 +115,10 @@ def build_gpt2(
     path = Path(options.pretrained_path)
     if not (path / "config.json").is_file():
         raise DecoderConfigError(f"decoder {family!r}: pretrained_path {str(path)!r} is not a directory with config.json")
-    pretrained = GPT2Config.from_pretrained(path, local_files_only=True)
+    try:
+        pretrained = GPT2Config.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:  # unreadable or malformed config.json
+        raise DecoderConfigError(_unloadable(family, path / "config.json", e)) from None
     if pretrained.vocab_size != vocab_size:
         raise DecoderConfigError(
             f"decoder {family!r}: the pretrained GPT-2 at {str(path)!r} has vocab_size {pretrained.vocab_size} "
@@ -139,11 +143,20 @@ def build_gpt2(
         )
     # Weights of the existing layers load; the new cross-attention layers are initialised fresh. float32 and
     # the caption ids, as from scratch, whatever the checkpoint was saved with.
-    model = GPT2LMHeadModel.from_pretrained(
-        path, add_cross_attention=True, local_files_only=True, dtype=torch.float32,
-        bos_token_id=bos_id, eos_token_id=eos_id, **_dropout(options),
-    )
+    try:
+        model = GPT2LMHeadModel.from_pretrained(
+            path, add_cross_attention=True, local_files_only=True, dtype=torch.float32,
+            bos_token_id=bos_id, eos_token_id=eos_id, **_dropout(options),
+        )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or mismatched weights
+        raise DecoderConfigError(_unloadable(family, path, e)) from None
     return model, recorded
+
+
+def _unloadable(family: str, path: Path, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return (f"decoder {family!r}: cannot load the pretrained GPT-2 at {str(path)!r} ({first}); pass a folder "
+            "written by transformers' save_pretrained (config.json and model.safetensors)")
 
 
 def _to_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:

@@ -213,7 +213,12 @@ def trainable_names(model: nn.Module) -> list[str]:
 # --------------------------------------------------------------------------- images and augmentation
 @dataclass(frozen=True)
 class Augmentation:
-    """Train-time augmentation; the identity when every knob is off (scale 1, no rotation, no jitter, no flip)."""
+    """Train-time augmentation; the identity when every knob is off (scale 1, no rotation, no jitter, no flip).
+
+    Applied with torchvision's functional ops, not timm's ``create_transform(is_training=True)``: timm's
+    transforms draw from the global ``random``/torch generators, so batches built in a thread pool could
+    not be recomputed from ``(seed, epoch, batch)`` on resume, and a caption-aware flip must know whether
+    the image was mirrored to swap left and right in its captions."""
 
     crop_scale: float = 0.85
     rotation: float = 8.0

@@ -34,31 +34,39 @@ CAPTIONS = [
 ]
 
 
-def build_tiny_bundle(directory: Path, family: str = "show_attend_tell", *, seed: int = 0) -> Path:
-    from pipeline.bundle import save_bundle
-    from pipeline.models.backbones import create_backbone
+def tiny_decoder(family: str, tokenizer, *, feature_dim: int, num_tokens: int, max_length: int = MAX_LENGTH,
+                 seed: int = 0) -> torch.nn.Module:
+    """A small randomly initialised decoder in eval mode: ``show_attend_tell`` (its output bias keeps it from
+    ending early, so every caption is ``max_length`` real words) or ``transformer`` (no attention maps)."""
     from pipeline.models.decoders import create_decoder
-    from pipeline.text.tokenizers import build_word_vocab
 
-    bb = create_backbone(BACKBONE, image_size=IMAGE_SIZE, crop_pct=1.0)
-    spec = bb.feature_spec(weights=bb.weights_info, dtype="float16")  # save_bundle adds the weights' sha256
-    num_tokens, channels = spec.num_tokens, spec.feature_dim
-    tok = build_word_vocab(CAPTIONS, min_freq=1, max_length=MAX_LENGTH)
+    tok = tokenizer
     torch.manual_seed(seed)
-    common = dict(feature_dim=channels, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+    common = dict(feature_dim=feature_dim, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
                   eos_id=tok.eos_id)
     if family == "show_attend_tell":
         decoder = create_decoder(family, **common, embed_dim=16, hidden_dim=16, attention_dim=8, visual_dim=8,
                                  dropout=0.0)
-        with torch.no_grad():  # never emit a special token: captions are MAX_LENGTH real words
+        with torch.no_grad():  # never emit a special token: captions are max_length real words
             for special in {tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id}:
                 decoder.out.bias[special] = -30.0
     elif family == "transformer":  # no attention maps; captions may end early (its head has no bias)
         decoder = create_decoder(family, **common, d_model=16, num_layers=1, num_heads=2, dropout=0.0,
-                                 max_length=MAX_LENGTH + 2, max_visual_tokens=num_tokens, tie_embeddings=False)
+                                 max_length=max_length + 2, max_visual_tokens=num_tokens, tie_embeddings=False)
     else:
         raise ValueError(f"no tiny recipe for decoder family {family!r}")
-    decoder.eval()
+    return decoder.eval()
+
+
+def build_tiny_bundle(directory: Path, family: str = "show_attend_tell", *, seed: int = 0) -> Path:
+    from pipeline.bundle import save_bundle
+    from pipeline.models.backbones import create_backbone
+    from pipeline.text.tokenizers import build_word_vocab
+
+    bb = create_backbone(BACKBONE, image_size=IMAGE_SIZE, crop_pct=1.0)
+    spec = bb.feature_spec(weights=bb.weights_info, dtype="float16")  # save_bundle adds the weights' sha256
+    tok = build_word_vocab(CAPTIONS, min_freq=1, max_length=MAX_LENGTH)
+    decoder = tiny_decoder(family, tok, feature_dim=spec.feature_dim, num_tokens=spec.num_tokens, seed=seed)
     save_bundle(Path(directory), decoder=decoder, tokenizer=tok, features=spec, backbone_state=bb.model.state_dict())
     return Path(directory)
 

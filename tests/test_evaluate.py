@@ -30,9 +30,9 @@ from pipeline.config import (
     load_config,
 )
 from pipeline.decoding import beam_search, greedy
-from pipeline.models.decoders import create_decoder
 from pipeline.text.tokenizers import build_tokenizer
 from tests.conftest import write_png
+from tests.helpers_bundle import tiny_decoder
 
 MAX_LEN = 8
 TOKENS, CHANNELS = 4, 8  # a 2x2 feature grid
@@ -70,14 +70,6 @@ def _spec() -> FeatureSpec:
                        token_sets=(TokenSet("last", TOKENS, CHANNELS),), dtype="float16")
 
 
-def _no_early_end(decoder: torch.nn.Module, layer: torch.nn.Linear, tok) -> None:
-    """Random decoders that never emit eos/pad/bos/unk: every caption is MAX_LEN real words."""
-    with torch.no_grad():
-        for special in {tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id}:
-            layer.bias[special] = -30.0
-    decoder.eval()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
@@ -93,15 +85,8 @@ def world(tmp_path_factory):
     cache = _write_cache(root / "features", all_ids)
     tok = build_tokenizer("word", [c for r in rows for c in r["captions"]], min_freq=1, max_length=MAX_LEN)
 
-    torch.manual_seed(0)
-    sat = create_decoder("show_attend_tell", feature_dim=CHANNELS, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
-                         bos_id=tok.bos_id, eos_id=tok.eos_id, embed_dim=16, hidden_dim=16, attention_dim=8,
-                         visual_dim=8, dropout=0.0)
-    _no_early_end(sat, sat.out, tok)
-    transformer = create_decoder("transformer", feature_dim=CHANNELS, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
-                                 bos_id=tok.bos_id, eos_id=tok.eos_id, d_model=16, num_layers=1, num_heads=2,
-                                 dropout=0.0, max_length=MAX_LEN + 2, max_visual_tokens=TOKENS, tie_embeddings=False)
-    transformer.eval()
+    sat = tiny_decoder("show_attend_tell", tok, feature_dim=CHANNELS, num_tokens=TOKENS, max_length=MAX_LEN)
+    transformer = tiny_decoder("transformer", tok, feature_dim=CHANNELS, num_tokens=TOKENS, max_length=MAX_LEN)
     models = root / "models"
     save_bundle(models / "sat" / "bundle", decoder=sat, tokenizer=tok, features=_spec())
     save_bundle(models / "sat_blind" / "bundle", decoder=sat, tokenizer=tok, features=_spec(), blind=True)
@@ -300,11 +285,8 @@ def test_images_through_the_bundles_backbone_give_the_cached_captions(world, tmp
                               image_size=64, num_shards=1, batch_size=16, workers=0, weights=None, device="cpu"))
     spec = FeatureCache(tmp_path / "feat").spec
     tok = world["tok"]
-    torch.manual_seed(1)
-    decoder = create_decoder("show_attend_tell", feature_dim=spec.feature_dim, vocab_size=tok.vocab_size,
-                             pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, embed_dim=16, hidden_dim=16,
-                             attention_dim=8, visual_dim=8, dropout=0.0)
-    _no_early_end(decoder, decoder.out, tok)
+    decoder = tiny_decoder("show_attend_tell", tok, feature_dim=spec.feature_dim, num_tokens=spec.num_tokens,
+                           max_length=MAX_LEN, seed=1)
     state = create_backbone("test_efficientnet", image_size=64, crop_pct=1.0).model.state_dict()
     save_bundle(tmp_path / "m" / "bundle", decoder=decoder, tokenizer=tok, features=spec,
                 backbone_file=FeatureCache(tmp_path / "feat").weights_file())

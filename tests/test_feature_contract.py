@@ -29,37 +29,21 @@ from cache.format import CacheFormatError, FeatureMismatchError, file_sha256
 from pipeline.bundle import Captioner
 from pipeline.config import EvaluateConfig, ExtractConfig, PrepareConfig, ScstConfig, SyntheticSource, TrainConfig, VocabConfig
 from stages import evaluate, extract, prepare, scst, train, vocab
+from tests.conftest import TINY_BACKBONE, TINY_TRANSFORMER, TinyPipeline
 
-BACKBONE = "test_efficientnet"
-DECODER = {"d_model": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64}
 SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
-class World:
-    root: Path
-    weights: Path  # the local weights file the cache was extracted with
-    base_sha: str  # sha256 the cache records for its backbone weights
+class World(TinyPipeline):
+    """The session's tiny pipeline's layout, extracted from a local weights file instead of random init."""
 
-    @property
-    def manifest(self) -> Path:
-        return self.root / "prepared" / "manifest.jsonl"
-
-    @property
-    def features(self) -> Path:
-        return self.root / "features"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizers" / "word"
-
-    @property
-    def bundle(self) -> Path:
-        return self.root / "base" / "bundle"
+    weights: Path = Path()  # the local weights file the cache was extracted with
+    base_sha: str = ""  # sha256 the cache records for its backbone weights
 
     def train_cfg(self, out: Path, **kw) -> TrainConfig:
-        base = dict(manifest=self.manifest, features=self.features, tokenizer=self.tokenizer, out_dir=out,
-                    decoder="transformer", decoder_options=DECODER, epochs=1, batch_size=32, lr=3e-3,
+        base = dict(manifest=self.manifest, features=self.features, tokenizer=self.tokenizer(), out_dir=out,
+                    decoder="transformer", decoder_options=TINY_TRANSFORMER, epochs=1, batch_size=32, lr=3e-3,
                     warmup_steps=0, val_max_images=2, max_caption_length=12, device="cpu", amp="none", patience=0)
         base.update(kw)
         return TrainConfig(**base)
@@ -78,15 +62,15 @@ def world(tmp_path_factory) -> World:
                               out_dir=root / "prepared", check_images="none"))
     weights = root / "weights" / "efficientnet-local.safetensors"
     weights.parent.mkdir()
-    bb = create_backbone(BACKBONE, init_seed=7)
+    bb = create_backbone(TINY_BACKBONE, init_seed=7)
     save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
-    w = World(root, weights, "")
-    meta = extract.run(ExtractConfig(manifest=w.manifest, out_dir=w.features, backbone=BACKBONE, weights=weights,
+    w = World(root, weights)
+    meta = extract.run(ExtractConfig(manifest=w.manifest, out_dir=w.features, backbone=TINY_BACKBONE, weights=weights,
                                      image_size=64, num_shards=1, batch_size=32, workers=0, device="cpu"))
     assert meta is not None and meta.spec.weights["source"] == "file"
     w.base_sha = meta.spec.weights["sha256"]
     vocab.run(VocabConfig(manifest=w.manifest, out_dir=root / "tokenizers", kinds=["word"]))
-    train.run(w.train_cfg(root / "base"))
+    train.run(w.train_cfg(root / "base"))  # where TinyPipeline.bundle finds it: the contract's own 1-epoch run
     assert (w.bundle / "config.json").is_file()
     yield w
     torch.set_num_threads(threads)

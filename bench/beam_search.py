@@ -17,7 +17,6 @@ import torch
 from bench.common import base_parser, loadavg, log, machine_info, markdown_table, write_results
 
 NAME = "beam_search"
-FAMILIES = ("show_tell", "show_attend_tell", "transformer", "gpt2", "perceiver_gpt2")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -97,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     before = loadavg()
-    rows = [_run_family(f, args) for f in FAMILIES]
+    from pipeline.models.decoders import DECODERS
+
+    rows = [_run_family(f, args) for f in DECODERS]
     result = {"name": NAME, "beam_size": args.beam_size, "max_length": args.max_length, "rows": rows,
               "loadavg_before": before, "loadavg_after": loadavg(), "machine": machine_info(), "quick": args.quick}
     write_results(args.results_dir, NAME, result)

@@ -11,7 +11,7 @@ Layout of a cache folder::
 
 A value is the 32-byte sha256 of the image file it was computed from, then the raw bytes
 of each token set, in ``meta.token_sets`` order, each a C-contiguous ``(tokens, channels)``
-array of ``meta.dtype``.
+array of ``meta.dtype`` (bfloat16 as its raw 16-bit words: numpy has no bfloat16).
 
 ``cache`` is storage only: it imports nothing from the library (``pipeline``) or the stages.
 """
@@ -20,6 +20,7 @@ from cache.format import (
     CacheError,
     CacheFormatError,
     CacheMeta,
+    EmptyCacheError,
     FeatureMismatchError,
     FeatureSpec,
     TokenSet,
@@ -33,6 +34,7 @@ from cache.writer import CacheWriter
 __all__ = [
     "CacheError",
     "CacheFormatError",
+    "EmptyCacheError",
     "FeatureMismatchError",
     "FeatureSpec",
     "check_spec",

@@ -28,7 +28,7 @@ import numpy as np
 
 FORMAT_NAME = "caption-feature-cache"
 FORMAT_VERSION = 2
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "float32", "bfloat16")
 META_FILE = "meta.json"
 WEIGHTS_FILE = "backbone.safetensors"  # the backbone weights the features were computed with (a copy)
 DIGEST_BYTES = 32  # sha256 of the image file, at the start of every record
@@ -40,6 +40,10 @@ class CacheError(Exception):
 
 class CacheFormatError(CacheError, ValueError):
     """A cache that is missing, incomplete, of another version, or not what the caller expects."""
+
+
+class EmptyCacheError(CacheFormatError):
+    """A finished extraction that holds no record: every image was rejected."""
 
 
 class FeatureMismatchError(CacheFormatError):
@@ -61,6 +65,25 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """How features of ``dtype`` are stored: numpy has no bfloat16, so bfloat16 features are kept as their raw
+    16-bit words (the upper half of the float32 bits), i.e. ``uint16``."""
+    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def to_bfloat16_words(values: np.ndarray) -> np.ndarray:
+    """float values -> bfloat16 words (``uint16``), rounded to nearest even like ``torch.Tensor.bfloat16()``."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    bits = values.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded.astype(np.uint16))
+
+
+def from_bfloat16_words(words: np.ndarray) -> np.ndarray:
+    """bfloat16 words (``uint16``) -> float32 (exact: every bfloat16 value is a float32)."""
+    return (words.astype(np.uint32) << 16).view(np.float32)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -258,7 +281,8 @@ class CacheMeta:
 
     @property
     def np_dtype(self) -> np.dtype:
-        return np.dtype(self.spec.dtype)
+        """The dtype of the stored bytes (:func:`storage_dtype`: bfloat16 as ``uint16`` words)."""
+        return storage_dtype(self.spec.dtype)
 
     @property
     def feature_nbytes(self) -> int:

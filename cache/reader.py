@@ -17,6 +17,7 @@ from cache.format import (
     FeatureSpec,
     check_spec,
     file_sha256,
+    from_bfloat16_words,
     shard_name,
     shard_of,
 )
@@ -202,9 +203,11 @@ class FeatureCache:
     def token_shapes(self) -> dict[str, tuple[int, int]]:
         return {t.name: t.shape for t in self.meta.token_sets}
 
-    def get_batch(self, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def get_batch(self, image_ids: Sequence[str], *, raw: bool = False) -> dict[str, np.ndarray]:
         """Features of ``image_ids`` as ``{token_set: (B, tokens, channels)}``, read one transaction per shard.
 
+        Arrays have the cache's dtype; bfloat16 features (numpy has none) come as float32, exactly, or with
+        ``raw`` as their stored ``uint16`` words (``torch.from_numpy(words).view(torch.bfloat16)``).
         (Each record's leading image digest is skipped; :meth:`digests` reads it.)
 
         A missing id raises ``KeyError`` naming the id and the cache: features are never invented.
@@ -214,7 +217,7 @@ class FeatureCache:
         expected = meta.record_nbytes
         feature_nbytes = meta.feature_nbytes
         # One copy per record into a (B, record bytes) buffer; token sets are views of it.
-        raw = np.empty((len(image_ids), feature_nbytes), dtype=np.uint8)
+        buffer = np.empty((len(image_ids), feature_nbytes), dtype=np.uint8)
         by_shard: dict[int, list[int]] = {}
         for row, image_id in enumerate(image_ids):
             by_shard.setdefault(shard_of(image_id, meta.num_shards), []).append(row)
@@ -229,8 +232,10 @@ class FeatureCache:
                         raise CacheFormatError(
                             f"{self.directory}: record {image_ids[row]!r} has {len(value)} bytes, expected {expected}"
                         )
-                    raw[row] = np.frombuffer(value, dtype=np.uint8, offset=DIGEST_BYTES)
-        values = raw.view(dtype)
+                    buffer[row] = np.frombuffer(value, dtype=np.uint8, offset=DIGEST_BYTES)
+        values = buffer.view(dtype)
+        if meta.dtype == "bfloat16" and not raw:
+            values = from_bfloat16_words(values)
         out, offset = {}, 0
         for t in meta.token_sets:
             n = t.tokens * t.channels

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -40,7 +41,9 @@ from cache.format import (
     META_FILE,
     CacheFormatError,
     CacheMeta,
+    EmptyCacheError,
     shard_name,
+    to_bfloat16_words,
     write_json_atomic,
 )
 
@@ -200,6 +203,8 @@ class ShardWriter:
         for arr, ts in zip(arrays, token_sets):
             if tuple(arr.shape) != ts.shape:
                 raise ValueError(f"token set {ts.name!r}: shape {tuple(arr.shape)}, expected {ts.shape}")
+            if self.meta.dtype == "bfloat16":
+                arr = to_bfloat16_words(arr)
             parts.append(np.ascontiguousarray(arr, dtype=self.meta.np_dtype).tobytes())
         return b"".join(parts)
 
@@ -322,8 +327,11 @@ class CacheWriter:
     def pending_shards(self) -> list[int]:
         return [i for i in range(self.meta.num_shards) if not self.shard(i).is_done()]
 
-    def finalize(self, update: Optional[dict[str, int]] = None) -> CacheMeta | None:
+    def finalize(self, update: Optional[dict[str, int]] = None, *, require_records: bool = False) -> CacheMeta | None:
         """Write ``meta.json`` and ``rejects.jsonl`` if every shard is done; return the meta, else None.
+
+        With ``require_records``, a cache of no record gets ``rejects.jsonl`` but no ``meta.json`` (it is not a
+        usable cache): :class:`~cache.format.EmptyCacheError` says why, from the rejects.
 
         ``update`` (counts of kept / changed / dropped / computed / rejected records) is recorded as the
         meta's ``last_update`` when this run changed records; otherwise the previous one is kept, so an
@@ -354,6 +362,11 @@ class CacheWriter:
         new_rejects = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejects)
         if not rejects_path.exists() or rejects_path.read_text(encoding="utf-8") != new_rejects:
             _write_jsonl(rejects_path, rejects)
+        if require_records and total == 0:
+            meta_path.unlink(missing_ok=True)
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(Counter(r.get("reason") for r in rejects).items()))
+            raise EmptyCacheError(f"{self.directory}: no features written: all {len(rejects)} image(s) were rejected "
+                                  f"({reasons}); see {rejects_path}")
         new_meta = json.dumps(self.meta.to_dict(), indent=2, sort_keys=True) + "\n"
         if not meta_path.exists() or meta_path.read_text(encoding="utf-8") != new_meta:
             self.meta.write(self.directory)

@@ -36,6 +36,12 @@ class StageConfig(BaseModel):
 
 
 # --------------------------------------------------------------------------- sources
+AllowOutsidePaths = Annotated[bool, Field(
+    description="Accept image paths in the annotations that lead out of the images folder (absolute, or with "
+                "`..`); default: such images are rejected."
+)]
+
+
 class SyntheticSource(StageConfig):
     kind: Literal["synthetic"] = "synthetic"
     name: str = "synthetic"
@@ -53,6 +59,7 @@ class CocoSource(StageConfig):
     split: Optional[Literal["train", "val", "test"]] = Field(
         None, description="Split for every image; default: from the file name (train/val), else seeded."
     )
+    allow_outside_paths: AllowOutsidePaths = False
 
 
 class KarpathySource(StageConfig):
@@ -60,6 +67,7 @@ class KarpathySource(StageConfig):
     name: str = "karpathy"
     annotations: Path = Field(description="dataset_{coco,flickr8k,flickr30k}.json")
     images: Path = Field(description="Root the entries' filepath/filename are relative to.")
+    allow_outside_paths: AllowOutsidePaths = False
 
 
 class Flickr8kSource(StageConfig):
@@ -70,6 +78,7 @@ class Flickr8kSource(StageConfig):
     split_lists: Optional[Path] = Field(
         None, description="Folder with Flickr_8k.{train,dev,test}Images.txt; default: seeded split."
     )
+    allow_outside_paths: AllowOutsidePaths = False
 
 
 class Flickr30kSource(StageConfig):
@@ -77,6 +86,7 @@ class Flickr30kSource(StageConfig):
     name: str = "flickr30k"
     captions: Path = Field(description="results.csv (image_name| comment_number| comment)")
     images: Path
+    allow_outside_paths: AllowOutsidePaths = False
 
 
 class TableSource(StageConfig):
@@ -89,6 +99,7 @@ class TableSource(StageConfig):
     image_column: str = "image"
     caption_column: str = "caption"
     split_column: Optional[str] = None
+    allow_outside_paths: AllowOutsidePaths = False
 
 
 Source = Annotated[
@@ -142,6 +153,13 @@ class ExtractConfig(StageConfig):
     amp: bool = Field(False, description="bf16 autocast for the forward pass (CUDA).")
     channels_last: bool = False
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
+
+    @model_validator(mode="after")
+    def _shard_index_below_num_shards(self) -> "ExtractConfig":
+        if self.shard_index is not None and self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index {self.shard_index} must be below num_shards {self.num_shards} "
+                             f"(shards are numbered 0..{self.num_shards - 1})")
+        return self
 
 
 class VocabConfig(StageConfig):

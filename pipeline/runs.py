@@ -221,9 +221,11 @@ class TrainingRun:
         return metrics
 
     def log_epoch(self, state: TrainState, metrics: dict) -> None:
-        """The Trainer's ``on_epoch_end``: one dvclive step and one log line per epoch."""
+        """The Trainer's ``on_epoch_end``: one dvclive step per epoch (step = epoch index, so a resumed run
+        continues the curves where they stopped) and one log line."""
         if self.live is None:
             return
+        self.live.step = state.epoch
         for k, v in metrics.items():
             if k != "epoch":
                 self.live.log_metric(k.replace("val_", "val/").replace("train_", "train/"), v)

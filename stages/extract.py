@@ -14,11 +14,14 @@ in the manifest are dropped; shards that already cover the manifest are not touc
 Work is split by shard: shard ``i`` is written by torchrun rank ``i % world_size``
 (or only ``--shard-index i`` on separate machines). Any process that sees every
 shard done writes ``meta.json``. Killed at any point, a rerun resumes each shard
-from its last committed batch.
+from its last committed batch. A second run on the same folder while one is writing it is
+refused (``.<folder>.lock`` beside it; ``--shard-index`` runs share it with each other).
+An extraction that encodes no image at all writes its rejects but no ``meta.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -29,11 +32,11 @@ import torch
 from cache.format import WEIGHTS_FILE, CacheMeta, file_sha256
 from cache.writer import CacheWriter
 from pipeline.config import ExtractConfig
-from pipeline.data.manifest import read_manifest
+from pipeline.data.manifest import ManifestRecord, read_manifest
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.encode import fill_cache
 from pipeline.errors import UserError
-from pipeline.files import write_bytes
+from pipeline.files import output_lock, write_bytes
 from pipeline.models.backbones import Backbone, create_backbone, weights_bytes
 
 log = logging.getLogger(__name__)
@@ -72,11 +75,17 @@ def run(cfg: ExtractConfig) -> CacheMeta | None:
 
 
 def _run(cfg: ExtractConfig, device: torch.device, ctx: DistContext) -> CacheMeta | None:
-    if cfg.shard_index is not None and cfg.shard_index >= cfg.num_shards:
-        raise ExtractError(f"--shard-index {cfg.shard_index} must be below --num-shards {cfg.num_shards}")
     records = read_manifest(cfg.manifest)
     if not records:
         raise ExtractError(f"{cfg.manifest}: the manifest holds no images; nothing to extract")
+    # The main process holds the lock for the run (taken before the other ranks pass the first barrier).
+    lock = output_lock(cfg.out_dir, shared=cfg.shard_index is not None) if ctx.is_main else contextlib.nullcontext()
+    with lock:
+        return _extract(cfg, records, device, ctx)
+
+
+def _extract(cfg: ExtractConfig, records: list[ManifestRecord], device: torch.device,
+             ctx: DistContext) -> CacheMeta | None:
     backbone = create_backbone(
         cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.image_size,
         crop_pct=cfg.crop_pct, out_indices=cfg.out_indices,
@@ -124,12 +133,10 @@ def _run(cfg: ExtractConfig, device: torch.device, ctx: DistContext) -> CacheMet
     if stats.shards_updated:
         update = {"kept": stats.kept, "changed": stats.changed, "dropped": stats.dropped, "computed": stats.computed,
                   "rejected": stats.rejected}
-    final = writer.finalize(update) if ctx.is_main or cfg.shard_index is not None else None
+    final = writer.finalize(update, require_records=True) if ctx.is_main or cfg.shard_index is not None else None
     if final is not None:
         log.info("cache complete: %d records, %d rejected, sha256 %s", final.records,
                  sum(1 for _ in (cfg.out_dir / "rejects.jsonl").open(encoding="utf-8")), final.content_sha256[:16])
-        if final.records == 0:
-            raise ExtractError(f"{cfg.manifest}: no image could be encoded (see {cfg.out_dir / 'rejects.jsonl'})")
     elif ctx.is_main:
         log.info("cache incomplete: shards %s still to be written", writer.pending_shards())
     return final

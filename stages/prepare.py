@@ -11,7 +11,8 @@ Outputs in ``cfg.out_dir``:
 * ``noisy/manifest.jsonl`` + ``noisy/labels.jsonl`` — the synthetic noisy social
   variant and its ground-truth match labels (kept out of the manifest).
 
-Sources with a split keep it; the others get a seeded image-level split.
+Sources with a split keep it; the others get a seeded image-level split. When every item is
+rejected, only ``rejects.jsonl`` is written and :class:`PrepareError` says so.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ from pipeline.data.manifest import (
     RejectsReport,
     write_manifest,
 )
+from pipeline.errors import UserError
 from pipeline.files import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
+
+
+class PrepareError(UserError, ValueError):
+    """Sources that give nothing to write (every item rejected)."""
 
 
 def assign_splits(records: list[ManifestRecord], *, seed: int, val_fraction: float, test_fraction: float) -> None:
@@ -103,6 +109,11 @@ def run(cfg: PrepareConfig) -> dict:
             continue
         unique[rec.image_id] = rec
     records = sorted(unique.values(), key=lambda r: r.image_id)
+    if not records:
+        rejects.write(out_dir / "rejects.jsonl")
+        reasons = ", ".join(f"{k}: {v}" for k, v in rejects.summary()["by_reason"].items())
+        why = f"all {len(rejects)} item(s) were rejected ({reasons})" if len(rejects) else "the sources hold no images"
+        raise PrepareError(f"no image imported: {why}; see {out_dir / 'rejects.jsonl'}")
 
     assign_splits(records, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     record_digests(records, out_dir / "manifest.jsonl", cfg.workers)

@@ -11,11 +11,13 @@ Outputs in ``cfg.out_dir``:
 * ``metrics.json`` — the summary ``dvc metrics`` reads;
 * ``live/`` — per-epoch metrics and curves (dvclive; ``dvc plots`` reads them).
 
-Data comes from the feature cache only, never from images.
+Data comes from the feature cache only, never from images. A second run on the same ``out_dir``
+while one is training there is refused (``.<out_dir name>.lock`` beside it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,17 @@ from pipeline.bundle import BundleError, read_bundle_config, save_bundle
 from pipeline.config import TrainConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord
 from pipeline.distributed import DistContext, run_distributed
+from pipeline.files import output_lock
 from pipeline.models.decoders import create_decoder
-from pipeline.runs import CaptionValidator, TrainingRun, digests_of, files_sha256, run_fingerprint, train_val_splits
+from pipeline.runs import (
+    CaptionValidator,
+    RunError,
+    TrainingRun,
+    digests_of,
+    files_sha256,
+    run_fingerprint,
+    train_val_splits,
+)
 from pipeline.text.tokenizers import CaptionTokenizer, load_tokenizer
 from pipeline.training import Trainer, TrainingForward, TrainState
 
@@ -85,6 +96,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
+    # The main process holds the lock for the run (taken before the other ranks pass the first barrier).
+    with output_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
+        return _train(cfg, device, ctx)
+
+
+def _train(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
     out = cfg.output_dir
     refuse_other_family(out, cfg.decoder)
     train_records, val_records = train_val_splits(cfg.manifest)
@@ -99,6 +116,10 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
         skip = set(skipped)
         train_records = [r for r in train_records if r.image_id not in skip]
         val_records = [r for r in val_records if r.image_id not in skip]
+        if not train_records or not val_records:
+            raise RunError(f"{cfg.manifest}: training needs train and val images with features; extraction "
+                           f"rejected {len(skipped)} image(s), leaving {len(train_records)} train, {len(val_records)} "
+                           f"val (see {cache.directory / 'rejects.jsonl'})")
     names = [t.name for t in spec.token_sets]
     dataset = CachedCaptionDataset(cache, caption_samples(train_records, tokenizer), pad_id=tokenizer.pad_id,
                                    token_sets=names, zero_features=cfg.blind)

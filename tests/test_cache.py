@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,8 @@ def _features(i: int):
     return [rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((16, 6)).astype(np.float32)]
 
 
-def write_cache(directory: Path, ids: list[str], num_shards: int = 3) -> CacheMeta:
-    writer = CacheWriter(directory, _meta(num_shards))
+def write_cache(directory: Path, ids: list[str], num_shards: int = 3, dtype: str = "float16") -> CacheMeta:
+    writer = CacheWriter(directory, CacheMeta(spec=replace(SPEC, dtype=dtype), num_shards=num_shards))
     for s in range(num_shards):
         sw = writer.shard(s)
         mine = sorted(i for i in ids if shard_of(i, num_shards) == s)
@@ -161,3 +162,22 @@ def test_reader_survives_fork_via_lazy_open(tmp_path):
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=caption_collate,
                         multiprocessing_context="fork")
     assert sum(len(b) for b in loader) == 8
+
+
+def test_bfloat16_features_are_stored_as_words_and_read_back_exactly(tmp_path):
+    """numpy has no bfloat16: the cache keeps torch's rounding of each value as its 16-bit word."""
+    ids = [f"x/{i}" for i in range(6)]
+    write_cache(tmp_path, ids, dtype="bfloat16")
+    cache = FeatureCache(tmp_path)
+    assert cache.meta.dtype == "bfloat16" and cache.meta.feature_nbytes == (4 + 16) * 6 * 2
+    expected = torch.from_numpy(_features(3)[0]).bfloat16()
+    widened = cache.get_batch(["x/3"])["last"][0]  # float32, exactly the bfloat16 values
+    assert widened.dtype == np.float32
+    np.testing.assert_array_equal(widened, expected.float().numpy())
+    words = cache.get_batch(["x/3"], raw=True)["last"][0]
+    assert words.dtype == np.uint16 and torch.equal(torch.from_numpy(words.copy()).view(torch.bfloat16), expected)
+    # The training dataset hands the decoder bfloat16 tensors: the cache's own dtype.
+    batch = CachedCaptionDataset(cache, [("x/3", [1, 2]), ("x/5", [1, 2])], pad_id=0,
+                                 token_sets=["stage2"]).__getitems__([0, 1])
+    assert batch.features.dtype == torch.bfloat16
+    assert torch.equal(batch.features[1], torch.from_numpy(_features(5)[1]).bfloat16())

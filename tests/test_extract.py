@@ -301,3 +301,57 @@ def test_a_manifest_older_than_its_images_is_refused(image_manifest, tmp_path):
     _rewrite_manifest(image_manifest, rows)
     with pytest.raises(StaleManifestError, match=r"1 image\(s\) differ from the sha256 the manifest records.*t/000"):
         extract.run(_cfg(image_manifest, tmp_path / "feat"))
+
+
+# --------------------------------------------------------------------------- hostile settings
+def test_bfloat16_features_are_the_float32_ones_rounded(tmp_path):
+    manifest = make_image_manifest(tmp_path / "data", 5)
+    extract.run(_cfg(manifest, tmp_path / "f32", dtype="float32"))
+    meta = extract.run(_cfg(manifest, tmp_path / "bf16", dtype="bfloat16"))
+    assert meta is not None and meta.dtype == "bfloat16" and meta.records == 5
+    assert not list((tmp_path / "bf16").glob("*.partial"))
+    ids = [f"t/{i:03d}" for i in range(5)]
+    f32 = FeatureCache(tmp_path / "f32").get_batch(ids)["last"]
+    bf16 = FeatureCache(tmp_path / "bf16").get_batch(ids)["last"]
+    np.testing.assert_array_equal(bf16, torch.from_numpy(f32).bfloat16().float().numpy())
+    assert json.loads((tmp_path / "bf16" / "meta.json").read_text())["spec"]["dtype"] == "bfloat16"
+
+
+def test_a_fixed_size_vit_is_built_at_the_image_size(tmp_path):
+    manifest = make_image_manifest(tmp_path / "data", 2)
+    meta = extract.run(_cfg(manifest, tmp_path / "feat", backbone="vit_tiny_patch16_224", image_size=32))
+    assert meta.preprocessing["input_size"] == [3, 32, 32]
+    (ts,) = meta.token_sets
+    assert (ts.tokens, ts.channels) == (2 * 2 + 1, 192)  # 32 px / patch 16, plus the class token
+    assert FeatureCache(tmp_path / "feat").get("t/001")["last"].shape == (5, 192)
+
+
+def test_an_input_size_the_backbone_cannot_take_is_refused_before_writing(tmp_path):
+    from pipeline.models.backbones import BackboneError
+
+    manifest = make_image_manifest(tmp_path / "data", 2)
+    with pytest.raises(BackboneError, match=r"test_coatnet cannot encode 40x40 images \(.*\); its own input size "
+                                            r"is 160 px: choose another --image-size"):
+        extract.run(_cfg(manifest, tmp_path / "feat", backbone="test_coatnet", image_size=40))
+    assert not (tmp_path / "feat").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no lock file left behind either
+
+
+def test_channels_last_feature_maps_become_one_token_per_position():
+    from pipeline.models.backbones import create_backbone
+
+    bb = create_backbone("test_mambaout", image_size=64)  # forward_features returns (B, H, W, C)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fmap = bb.model.forward_features(x)
+        (tokens,) = bb.tokens(x)
+    assert fmap.shape == (2, 2, 2, 64) and tokens.shape == (2, 4, 64)
+    assert torch.equal(tokens[:, 1], fmap[:, 0, 1]) and torch.equal(tokens[:, 2], fmap[:, 1, 0])
+
+
+def test_a_shard_index_outside_the_shards_is_a_config_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"shard_index 5 must be below num_shards 2 \(shards are numbered 0..1\)"):
+        ExtractConfig(shard_index=5, num_shards=2)
+    assert ExtractConfig(shard_index=1, num_shards=2).shard_index == 1

@@ -103,6 +103,13 @@ def history(out: Path) -> list[dict]:
     return json.loads((out / "checkpoints" / "last" / "state.json").read_text())["state"]["history"]
 
 
+def curve_steps(out: Path, metric: str = "train/loss") -> list[int]:
+    """The step column of a dvclive curve (``live/plots/metrics/<metric>.tsv``)."""
+    lines = (out / "live" / "plots" / "metrics" / f"{metric}.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[0] == "step"
+    return [int(line.split("\t")[0]) for line in lines[1:]]
+
+
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
@@ -219,6 +226,9 @@ def test_killed_and_resumed_training_ends_with_the_same_weights(pipe, tmp_path, 
     sa, sb = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
     assert {k: v for k, v in sa.items() if k != "train_samples_per_s"} == \
            {k: v for k, v in sb.items() if k != "train_samples_per_s"}
+    # The curves keep one step per epoch across the interruption (dvclive alone restarts at 0 in epoch 2).
+    for metric in ("train/loss", "val/cider"):
+        assert curve_steps(straight, metric) == curve_steps(resumed, metric) == [0, 1]
 
 
 def test_rerunning_a_finished_training_changes_nothing(trained, pipe):
@@ -497,6 +507,40 @@ def test_cli_applies_the_family_section_and_command_line_options(pipe, tmp_path)
     assert (options["embed_dim"], options["hidden_dim"], options["dropout"]) == (24, 40, 0.3)
     assert config["training"]["config"]["lr"] == 0.005 and config["training"]["config"]["epochs"] == 1
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 1
+
+
+def test_cli_a_manifest_without_val_split_is_one_error_line(pipe, tmp_path):
+    rows = [json.loads(line) for line in pipe.manifest.read_text().splitlines()]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({**r, "path": str(pipe.manifest.parent / r["path"]),
+                                            "split": "train" if r["split"] == "val" else r["split"]}) + "\n"
+                                for r in rows))
+    train_images = sum(r["split"] in ("train", "val") for r in rows)
+    params = pipe.params_file(tmp_path / "params.yaml", {"decoder": "show_tell", "manifest": str(manifest),
+                                                         "out_dir": str(tmp_path / "x")})
+    result = CliRunner().invoke(app, ["train", "--params", str(params)], catch_exceptions=False)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        f"error: {manifest}: training needs train and val splits (found {train_images} train, 0 val images); give "
+        "the sources a split or let `prepare` draw one (val_fraction)"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_manifest_images_missing_from_the_cache_is_one_error_line(pipe, tmp_path):
+    rows = [json.loads(line) for line in pipe.manifest.read_text().splitlines()]
+    rows = [{**r, "path": str(pipe.manifest.parent / r["path"])} for r in rows]
+    rows.append({**rows[0], "image_id": "elsewhere/1"})
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = pipe.params_file(tmp_path / "params.yaml", {"decoder": "show_tell", "manifest": str(manifest),
+                                                         "out_dir": str(tmp_path / "x")})
+    result = CliRunner().invoke(app, ["train", "--params", str(params)], catch_exceptions=False)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        f"error: the feature cache {pipe.features} does not cover the manifest {manifest}: 1 image(s) are not in it "
+        "(e.g. ['elsewhere/1']). Run `pipeline extract` on this manifest (it computes only the missing and changed "
+        "images)"]
+    assert not (tmp_path / "x" / "checkpoints").exists()
 
 
 def test_cli_refuses_an_unknown_family_in_the_decoders_section(pipe, tmp_path):

@@ -31,7 +31,7 @@ from cache.reader import FeatureCache
 @dataclass
 class CaptionBatch:
     image_ids: list[str]
-    features: torch.Tensor  # (B, N, C), the cache dtype
+    features: torch.Tensor  # (B, N, C), the cache dtype (bfloat16 included)
     tokens: torch.Tensor  # (B, T) int64: bos, caption, eos, then padding
     lengths: torch.Tensor  # (B,) int64: real tokens per row (padding is found from these only)
 
@@ -62,6 +62,13 @@ def select_features(arrays: dict[str, np.ndarray], token_sets: Sequence[str] | N
             "select one set, or extract sets with equal channels"
         )
     return np.concatenate([arrays[n] for n in names], axis=1)
+
+
+def features_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A tensor of the cache's ``dtype`` from an array :meth:`FeatureCache.get_batch` returned with ``raw=True``
+    (bfloat16 arrives as its 16-bit words; the tensor shares their memory)."""
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
 def pad_tokens(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +110,8 @@ class CachedCaptionDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> CaptionBatch:
         picked = [self.samples[i] for i in indices]
         image_ids = [image_id for image_id, _ in picked]
-        features = torch.from_numpy(select_features(self.cache.get_batch(image_ids), self.token_sets))
+        features = features_tensor(select_features(self.cache.get_batch(image_ids, raw=True), self.token_sets),
+                                   self.cache.meta.dtype)
         if self.zero_features:
             features = torch.zeros_like(features)
         tokens, lengths = pad_tokens([t for _, t in picked], self.pad_id)

@@ -13,9 +13,15 @@ Bad input is never dropped silently and never crashes the import:
   ``"phrase: detail"``; the phrase is one of :data:`REASONS` (image problems use
   :class:`~pipeline.data.images.ImageDecodeError`'s phrases).
 * An annotation file that cannot be used as a whole (missing, empty, invalid JSON,
-  missing top-level keys or header columns) raises :class:`AnnotationFileError`,
-  whose message starts ``file[:line[:col]]: problem``; the caller's report is then
-  left untouched.
+  missing top-level keys or header columns), or an images folder that does not exist,
+  raises :class:`AnnotationFileError`, whose message starts ``file[:line[:col]]: problem``;
+  the caller's report is then left untouched.
+
+Image paths in annotation files stay inside the source's images folder: a path that leads
+out of it (absolute, or ``../../etc/passwd``) is rejected (:data:`OUTSIDE_IMAGES`) before
+any file is opened, unless the source sets ``allow_outside_paths``. A caption
+repeated for one image is kept once (the repeats are rejected, :data:`DUPLICATE_CAPTION`);
+a caption holding a control character (NUL, ESC, ...) is rejected (:data:`CONTROL_CHARACTER`).
 
 Where rejects point: annotation problems name the annotation file with ``line``
 (line-based formats) and/or ``id`` (the would-be ``image_id``, or ``images[i]`` /
@@ -64,16 +70,19 @@ IMAGE_TOO_LARGE = "image too large"
 UNREADABLE_IMAGE = "unreadable image file"  # the OS refused to open it (permissions, I/O error)
 # Annotation problems.
 EMPTY_CAPTION = "empty caption"
+DUPLICATE_CAPTION = "duplicate caption"
+CONTROL_CHARACTER = "control character"
 DUPLICATE_ID = "duplicate id"
 MALFORMED_ROW = "malformed row"
 UNKNOWN_IMAGE_ID = "unknown image id"
 NOT_IN_SPLIT_LIST = "not in any split list"
 NO_VALID_CAPTIONS = "no valid captions"
+OUTSIDE_IMAGES = "path outside the images folder"
 
 REASONS = (
     MISSING_IMAGE, EMPTY_FILE, TRUNCATED_IMAGE, NOT_AN_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE,
-    UNREADABLE_IMAGE, EMPTY_CAPTION, DUPLICATE_ID, MALFORMED_ROW, UNKNOWN_IMAGE_ID,
-    NOT_IN_SPLIT_LIST, NO_VALID_CAPTIONS,
+    UNREADABLE_IMAGE, EMPTY_CAPTION, DUPLICATE_CAPTION, CONTROL_CHARACTER, DUPLICATE_ID, MALFORMED_ROW,
+    UNKNOWN_IMAGE_ID, NOT_IN_SPLIT_LIST, NO_VALID_CAPTIONS, OUTSIDE_IMAGES,
 )
 
 CHECK_MODES = ("full", "header", "none")
@@ -87,6 +96,7 @@ _SPLIT_ALIASES = {
 _KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or lone \u escapes
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0/C1 controls (tab and newlines are whitespace, collapsed first)
 
 
 class AnnotationFileError(UserError, ValueError):
@@ -120,7 +130,10 @@ def _read_text(path: Path, what: str = "annotation file") -> str:
 
 
 def _load_json(path: Path):
-    text = _read_text(path)
+    return _parse_json(_read_text(path), path)
+
+
+def _parse_json(text: str, path: Path):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -151,15 +164,29 @@ def _clean_caption(raw) -> tuple[Optional[str], Optional[str]]:
     caption = " ".join(raw.split())
     if not caption:
         return None, EMPTY_CAPTION
+    control = _CONTROL.search(caption)
+    if control:
+        return None, f"{CONTROL_CHARACTER}: caption contains U+{ord(control.group()):04X}"
     return caption, None
 
 
-def _root(p: Path) -> str:
-    return str(Path(p).expanduser().resolve())
+def _images_root(folder: Path) -> str:
+    """The images folder as an absolute path; an :class:`AnnotationFileError` when it is not a folder."""
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise AnnotationFileError(folder, "images folder not found" if not root.exists() else
+                                  "images folder is a file, not a folder")
+    return str(root)
 
 
 def _join(root: str, *parts: str) -> str:
     return os.path.normpath(os.path.join(root, *parts))
+
+
+def _outside(path: str, root: str) -> bool:
+    """``path`` (absolute, normalised) does not lie inside the folder ``root``."""
+    rel = os.path.relpath(path, root)
+    return rel == os.pardir or rel.startswith(os.pardir + os.sep)
 
 
 def _check_args(check_images: str, workers: int) -> None:
@@ -177,19 +204,21 @@ class _Item:
     path: str  # absolute
     split: Optional[str]  # one of SPLITS, or None: needs a seeded split
     line: Optional[int] = None  # first line mentioning it (line-based formats)
-    name: str = ""  # the image name as written (Flickr, tables): detects id collisions
+    name: str = ""  # the image path as written in the annotations (Flickr: detects id collisions)
     captions: list[str] = field(default_factory=list)
     rejected: int = 0  # captions rejected
     extra: dict = field(default_factory=dict)
 
 
 class _Job:
-    """State shared by one import: config, annotation file, a local rejects report."""
+    """State shared by one import: config, annotation file, images folder, a local rejects report."""
 
-    def __init__(self, cfg, file: Path) -> None:
+    def __init__(self, cfg, file: Path, images: Path) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.file = str(file)
+        self.root = _images_root(images)
+        self.allow_outside = bool(getattr(cfg, "allow_outside_paths", False))
         self.rejects = RejectsReport()  # merged into the caller's only if the import succeeds
 
     def image_id(self, native_id: str) -> str:
@@ -201,6 +230,8 @@ class _Job:
 
     def add_caption(self, item: _Item, raw, *, line: int | None = None, detail: str = "") -> None:
         caption, reason = _clean_caption(raw)
+        if caption is not None and caption in item.captions:
+            caption, reason = None, f"{DUPLICATE_CAPTION}: same text as caption {item.captions.index(caption) + 1}"
         if caption is None:
             item.rejected += 1
             if detail:
@@ -241,11 +272,18 @@ def _finish(job: _Job, items: Iterable[_Item], rejects: RejectsReport, check_ima
     """Reject images without captions or with bad files; build sorted records; merge rejects."""
     ready: list[_Item] = []
     for item in sorted(items, key=lambda it: job.image_id(it.native_id)):
-        if not item.captions:
+        if not job.allow_outside and _outside(item.path, job.root):
+            job.reject(f"{OUTSIDE_IMAGES}: {item.name or item.path} is not inside {job.root} (set "
+                       "allow_outside_paths: true on the source to accept it)", line=item.line,
+                       id=job.image_id(item.native_id))
+        elif not item.captions:
             detail = f"all {item.rejected} captions rejected" if item.rejected else "no captions"
             job.reject(f"{NO_VALID_CAPTIONS}: {detail}", line=item.line, id=job.image_id(item.native_id))
         elif _SURROGATE.search(item.path) or _SURROGATE.search(item.native_id):
             job.reject(f"{MALFORMED_ROW}: image name is not valid UTF-8", line=item.line, id=job.image_id(item.native_id))
+        elif _CONTROL.search(item.path):
+            job.reject(f"{MALFORMED_ROW}: image name contains a control character", line=item.line,
+                       id=job.image_id(item.native_id))
         else:
             ready.append(item)
     problems = _check_all([it.path for it in ready], check_images, workers)
@@ -306,8 +344,7 @@ def import_coco(cfg, rejects: RejectsReport, *, check_images: str = "full", work
         if not isinstance(data[key], list):
             raise AnnotationFileError(path, f"top-level {key!r} must be a list, got a {type(data[key]).__name__}")
 
-    job = _Job(cfg, path)
-    root = _root(cfg.images)
+    job = _Job(cfg, path, cfg.images)
     split = cfg.split or _split_from_name(path.name)
     items: dict[str, _Item] = {}
     for idx, entry in enumerate(data["images"]):
@@ -326,7 +363,8 @@ def import_coco(cfg, rejects: RejectsReport, *, check_images: str = "full", work
         if key in items:
             job.reject(f"{DUPLICATE_ID}: image {key} listed again in 'images' (images[{idx}])", id=job.image_id(key))
             continue
-        items[key] = _Item(native_id=key, path=_join(root, file_name.strip()), split=split)
+        items[key] = _Item(native_id=key, path=_join(job.root, file_name.strip()), split=split,
+                           name=file_name.strip())
 
     seen_annotations: set[str] = set()
     for idx, ann in enumerate(data["annotations"]):
@@ -374,8 +412,7 @@ def import_karpathy(cfg, rejects: RejectsReport, *, check_images: str = "full", 
     if "annotations" in data and data["images"] and isinstance(data["images"][0], dict) and "sentences" not in data["images"][0]:
         raise AnnotationFileError(path, "images have no 'sentences' (this looks like a COCO captions file: use kind 'coco')")
 
-    job = _Job(cfg, path)
-    root = _root(cfg.images)
+    job = _Job(cfg, path, cfg.images)
     items: dict[str, _Item] = {}
     for idx, entry in enumerate(data["images"]):
         if not isinstance(entry, dict):
@@ -403,7 +440,8 @@ def import_karpathy(cfg, rejects: RejectsReport, *, check_images: str = "full", 
             continue
         filepath = entry.get("filepath")
         parts = [filepath.strip()] if isinstance(filepath, str) and filepath.strip() else []
-        item = _Item(native_id=native, path=_join(root, *parts, filename), split=split)
+        item = _Item(native_id=native, path=_join(job.root, *parts, filename), split=split,
+                     name="/".join([*parts, filename]))
         if raw_split == "restval":
             item.extra["karpathy_split"] = "restval"
         for sidx, sent in enumerate(sentences):
@@ -421,9 +459,8 @@ def import_karpathy(cfg, rejects: RejectsReport, *, check_images: str = "full", 
 class _FlickrRows:
     """Collects (image name, comment number, caption) rows of the Flickr formats."""
 
-    def __init__(self, job: _Job, root: str) -> None:
+    def __init__(self, job: _Job) -> None:
         self.job = job
-        self.root = root
         self.items: dict[str, _Item] = {}  # by native id (file name stem)
         self.numbers: dict[tuple[str, int], int] = {}  # (name, comment number) -> line
 
@@ -444,7 +481,7 @@ class _FlickrRows:
                 return
             self.numbers[(name, number)] = lineno
         if item is None:
-            item = self.items[native] = _Item(native_id=native, path=_join(self.root, name), split=None,
+            item = self.items[native] = _Item(native_id=native, path=_join(job.root, name), split=None,
                                               line=lineno, name=name)
         job.add_caption(item, caption, line=lineno)
 
@@ -514,8 +551,8 @@ def import_flickr8k(cfg, rejects: RejectsReport, *, check_images: str = "full", 
     _check_args(check_images, workers)
     path = Path(cfg.captions)
     text = _read_text(path)
-    job = _Job(cfg, path)
-    rows = _FlickrRows(job, _root(cfg.images))
+    job = _Job(cfg, path, cfg.images)
+    rows = _FlickrRows(job)
     first_no, first = _first_line(text)
     if _header(first, ",") == ["image", "caption"]:
         for lineno, row in _csv_rows(text, path):
@@ -595,8 +632,8 @@ def import_flickr30k(cfg, rejects: RejectsReport, *, check_images: str = "full",
     _check_args(check_images, workers)
     path = Path(cfg.captions)
     text = _read_text(path)
-    job = _Job(cfg, path)
-    rows = _FlickrRows(job, _root(cfg.images))
+    job = _Job(cfg, path, cfg.images)
+    rows = _FlickrRows(job)
     first_no, first = _first_line(text)
     if _header(first, "|") == ["image_name", "comment_number", "comment"]:
         for lineno, line in _lines(text):
@@ -656,10 +693,7 @@ def _table_rows_csv(text: str, path: Path, cfg, delimiter: str) -> Iterator[_Tab
 def _table_rows_jsonl(text: str, path: Path) -> Iterator[_TableRow]:
     """(line, None, object or None, reject detail) per JSON line; a JSON array: (None, "[i]", ...)."""
     if text.lstrip().startswith("["):  # a .json file holding one array of objects: rows named "[i]"
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AnnotationFileError(path, f"invalid JSON: {e.msg}", line=e.lineno, col=e.colno) from None
+        data = _parse_json(text, path)
         for idx, obj in enumerate(data):
             if isinstance(obj, dict):
                 yield None, f"[{idx}]", obj, ""
@@ -677,6 +711,9 @@ def _table_rows_jsonl(text: str, path: Path) -> Iterator[_TableRow]:
             first_error = first_error or (lineno, e)
             yield lineno, None, None, f"invalid JSON: {e.msg} (column {e.colno})"
             continue
+        except RecursionError:  # e.g. '[' * 1200: a hostile line, not a crash
+            yield lineno, None, None, "invalid JSON: nested too deeply"
+            continue
         parsed += 1
         if not isinstance(obj, dict):
             yield lineno, None, None, f"not a JSON object ({type(obj).__name__})"
@@ -691,8 +728,9 @@ def import_table(cfg, rejects: RejectsReport, *, check_images: str = "full", wor
     """A CSV/TSV (header row) or JSON Lines table of image path + caption (+ optional split).
 
     Rows naming the same image file merge into one record, captions in row order.
-    Image paths are relative to ``cfg.images`` (default: the table's folder) unless absolute;
-    the native id is that path relative to the root (or the absolute path outside it).
+    Image paths are relative to ``cfg.images`` (default: the table's folder) unless absolute, and must
+    stay inside it unless ``cfg.allow_outside_paths``; the native id is that path relative to the root
+    (or the absolute path outside it).
     """
     _check_args(check_images, workers)
     path = Path(cfg.path)
@@ -700,8 +738,8 @@ def import_table(cfg, rejects: RejectsReport, *, check_images: str = "full", wor
     if ext not in (".csv", ".tsv", ".jsonl", ".ndjson", ".json"):
         raise AnnotationFileError(path, f"unsupported table format {ext or '(no extension)'!r}: use .csv, .tsv, .jsonl or .json")
     text = _read_text(path, "table")
-    job = _Job(cfg, path)
-    root = _root(cfg.images if cfg.images is not None else path.expanduser().resolve().parent)
+    job = _Job(cfg, path, cfg.images if cfg.images is not None else path.expanduser().resolve().parent)
+    root = job.root
     if ext in (".csv", ".tsv"):
         row_iter = _table_rows_csv(text, path, cfg, "\t" if ext == ".tsv" else ",")
     else:
@@ -727,8 +765,7 @@ def import_table(cfg, rejects: RejectsReport, *, check_images: str = "full", wor
             continue
         image = image.strip()
         abs_path = _join(root, image)
-        rel = os.path.relpath(abs_path, root)
-        native = abs_path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else Path(rel).as_posix()
+        native = abs_path if _outside(abs_path, root) else Path(os.path.relpath(abs_path, root)).as_posix()
         image_id = job.image_id(native)
 
         split = None

@@ -91,6 +91,9 @@ def iter_manifest(path: Path) -> Iterator[ManifestRecord]:
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: manifest not found (run `pipeline prepare` first?)")
+    if path.is_dir():
+        hint = f" (did you mean {path / 'manifest.jsonl'}?)" if (path / "manifest.jsonl").is_file() else ""
+        raise ManifestError(f"{path}: is a folder, not a manifest file{hint}")
     seen: set[str] = set()
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -100,6 +103,8 @@ def iter_manifest(path: Path) -> Iterator[ManifestRecord]:
                 rec = ManifestRecord.from_dict(json.loads(line))
             except (json.JSONDecodeError, ValueError, TypeError) as e:
                 raise ManifestError(f"{path}:{lineno}: malformed manifest row: {e}") from None
+            except RecursionError:
+                raise ManifestError(f"{path}:{lineno}: malformed manifest row: JSON nested too deeply") from None
             if rec.image_id in seen:
                 raise ManifestError(f"{path}:{lineno}: duplicate image_id {rec.image_id!r}")
             seen.add(rec.image_id)

@@ -7,6 +7,7 @@ read with ``weights_only=True``), or nothing (random init, recorded as such).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from cache.format import FeatureSpec, TokenSet, file_sha256
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,42 @@ class WeightsError(UserError, ValueError):
     """A weights file that cannot be used with a backbone; the message lists the offending keys."""
 
 
-__all__ = ["Backbone", "WeightsError", "convert_by_order", "create_backbone", "file_sha256", "load_weights",
-           "read_state_dict", "state_dict_bytes", "weights_bytes"]
+class BackboneError(ConfigError):
+    """A backbone name timm does not know, or an input size the backbone cannot take."""
+
+
+__all__ = ["Backbone", "BackboneError", "WeightsError", "convert_by_order", "create_backbone", "file_sha256",
+           "load_weights", "read_state_dict", "similar_models", "state_dict_bytes", "weights_bytes"]
+
+
+def similar_models(name: str, n: int = 5) -> list[str]:
+    """timm model names close to ``name``, compared ignoring case, ``_`` and ``-`` (``resnet_18`` -> ``resnet18``)."""
+    def norm(s: str) -> str:
+        return s.lower().replace("_", "").replace("-", "")
+
+    by_norm: dict[str, list[str]] = {}
+    for model in timm.list_models():
+        by_norm.setdefault(norm(model), []).append(model)
+    close = difflib.get_close_matches(norm(name), list(by_norm), n=n, cutoff=0.6)
+    return [m for key in close for m in by_norm[key]][:n]
+
+
+def _size_kwargs(name: str, size: Optional[int]) -> dict[str, Any]:
+    """``{"img_size": size}`` for a model built for one input size (ViTs: position embeddings), else ``{}``:
+    other models take any size as they are."""
+    cfg = timm.get_pretrained_cfg(name) if size is not None else None
+    return {"img_size": size} if cfg is not None and cfg.fixed_input_size else {}
+
+
+def _create_model(name: str, size_kwargs: dict[str, Any], **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(name, **kwargs, **size_kwargs)
+    except (TypeError, AssertionError) as e:  # no img_size argument, or a size its layers refuse
+        if not size_kwargs:
+            raise
+        native = timm.get_pretrained_cfg(name).input_size[-1]
+        raise BackboneError(f"{name} cannot be built for {size_kwargs['img_size']} px input ({e}); it takes "
+                            f"{native} px (--image-size {native})") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -111,6 +146,8 @@ class Backbone:
         """``images (B, 3, H, W)`` normalised -> list of ``(B, h*w, C)`` token sets."""
         if self.out_indices is None:
             maps = [self.model.forward_features(images)]
+            if getattr(self.model, "output_fmt", "NCHW") == "NHWC":  # Swin, MambaOut: (B, H, W, C)
+                maps = [m.flatten(1, 2) for m in maps]
         else:
             maps = self.model.forward_intermediates(images, indices=self.out_indices, intermediates_only=True)
         return [flatten_map(m) for m in maps]
@@ -119,8 +156,15 @@ class Backbone:
         """The spec of the features this backbone computes (token-set shapes from one probe forward pass)."""
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        size = self.data_config["input_size"]
         with torch.inference_mode():
-            probe = self.tokens(torch.zeros(1, *self.data_config["input_size"], device=device))
+            try:
+                probe = self.tokens(torch.zeros(1, *size, device=device))
+            except (AssertionError, RuntimeError) as e:  # e.g. a window size that does not divide the input
+                native = (getattr(self.model, "pretrained_cfg", None) or {}).get("input_size", [None])[-1]
+                raise BackboneError(f"{self.name} cannot encode {size[-2]}x{size[-1]} images "
+                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); its own input size "
+                                    f"is {native} px: choose another --image-size") from None
         indices = self.out_indices or [None] * len(probe)
         token_sets = [TokenSet(n, int(t.shape[1]), int(t.shape[2]), i)
                       for n, t, i in zip(self.token_set_names, probe, indices)]
@@ -137,7 +181,8 @@ class Backbone:
 
 
 def flatten_map(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C); token maps already (B, N, C) pass through; NHWC maps are detected by the caller."""
+    """(B, C, H, W) -> (B, H*W, C); token maps already (B, N, C) pass through (NHWC maps are flattened by
+    :meth:`Backbone.tokens`)."""
     if x.ndim == 4:
         return x.flatten(2).transpose(1, 2)
     if x.ndim == 3:
@@ -176,28 +221,35 @@ def create_backbone(
     hand, e.g. a bundle's: the model is built as a bare skeleton, without reseeding torch's RNG or a
     random-weights warning), or none of them (seeded random init, recorded as such).
     Preprocessing: timm's data config for the model, with ``image_size`` / ``crop_pct`` overrides; or
-    ``preprocessing``, a recorded data config used as it is."""
+    ``preprocessing``, a recorded data config used as it is. A model built for one input size (a ViT) is
+    built for that size (timm's ``img_size``).
+    An unknown name is a :class:`BackboneError` that suggests close names."""
     if sum([bool(pretrained), weights is not None, state_dict is not None]) > 1:
         raise WeightsError("give one source of backbone weights: pretrained=True (download), a local weights file, "
                            "or a state dict; not several")
     if not timm.is_model(name.split(".")[0]):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+        close = similar_models(name.split(".")[0])
+        raise BackboneError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                               " (timm.list_models() lists them)"))
+    size = int(preprocessing["input_size"][-1]) if preprocessing is not None else image_size
+    size_kwargs = _size_kwargs(name, size)
     if not pretrained and weights is None and state_dict is None:
         torch.manual_seed(init_seed)  # random init is reproducible, so reruns write identical caches
     if state_dict is not None:
         with torch.random.fork_rng(devices=[]):  # a skeleton's throwaway init draws nothing from the caller's stream
-            model = timm.create_model(name)
+            model = _create_model(name, size_kwargs)
     elif pretrained:
         try:
-            model = timm.create_model(name, pretrained=True)
+            model = _create_model(name, size_kwargs, pretrained=True)
+        except BackboneError:
+            raise
         except Exception as e:  # noqa: BLE001 - hub and network failures come in many classes
             offline = " (HF_HUB_OFFLINE=1: downloads are off)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
             raise WeightsError(f"{name}: timm's pretrained weights could not be loaded{offline}: "
                                f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
                                "pass a local weights file with --weights FILE") from None
     else:
-        model = timm.create_model(name)
+        model = _create_model(name, size_kwargs)
     if weights is not None:
         load_weights(model, read_state_dict(weights), source=str(weights))
         weights_info: dict[str, Any] = {"source": "file"}

@@ -6,13 +6,16 @@ WORLD_SIZE, LOCAL_RANK; each stage splits its work by rank.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from pipeline.errors import ConfigError
+from pipeline.files import output_lock
 
 
 @dataclass(frozen=True)
@@ -77,15 +80,18 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def run_distributed(body, cfg, device_spec: str, threads: int | None = None):
+def run_distributed(body, cfg, device_spec: str, threads: int | None = None, *, lock: Path | None = None):
     """Run a stage's ``body(cfg, device, ctx)`` on this process's device inside the torchrun process group
     (a plain single process without torchrun), leaving the group afterwards; ``threads`` sets torch's CPU
-    threads first (None: torch's choice)."""
+    threads first (None: torch's choice). ``lock``: the output folder the main process holds
+    :func:`pipeline.files.output_lock` on for the whole run (a second run on it is refused)."""
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device_spec, int(os.environ.get("LOCAL_RANK", "0")))
     ctx = init_distributed(device)
     try:
-        return body(cfg, device, ctx)
+        # taken before the body's first barrier, so the other ranks wait for a run that is allowed to go on
+        with output_lock(lock) if lock is not None and ctx.is_main else contextlib.nullcontext():
+            return body(cfg, device, ctx)
     finally:
         cleanup_distributed()

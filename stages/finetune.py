@@ -56,7 +56,7 @@ CODE = ("stages/finetune.py", "pipeline/finetune.py", "pipeline/models/backbones
 
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
-    return run_distributed(_run, cfg, cfg.device, threads=cfg.threads)
+    return run_distributed(_run, cfg, cfg.device, threads=cfg.threads, lock=Path(cfg.out_dir))
 
 
 def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:

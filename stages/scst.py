@@ -43,7 +43,7 @@ CODE = ("stages/scst.py", "pipeline/scst.py", "pipeline/finetune.py", "pipeline/
 
 
 def run(cfg: ScstConfig) -> dict[str, Any]:
-    return run_distributed(_run, cfg, cfg.device, threads=cfg.threads)
+    return run_distributed(_run, cfg, cfg.device, threads=cfg.threads, lock=Path(cfg.out_dir))
 
 
 def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:

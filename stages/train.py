@@ -17,7 +17,6 @@ while one is training there is refused (``.<out_dir name>.lock`` beside it).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from pipeline.bundle import BundleError, read_bundle_config, save_bundle
 from pipeline.config import TrainConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord
 from pipeline.distributed import DistContext, run_distributed
-from pipeline.files import output_lock
 from pipeline.models.decoders import create_decoder
 from pipeline.runs import (
     CaptionValidator,
@@ -92,16 +90,10 @@ def refuse_other_family(out: Path, family: str) -> None:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    return run_distributed(_run, cfg, cfg.device)
+    return run_distributed(_run, cfg, cfg.device, lock=cfg.output_dir)
 
 
 def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
-    # The main process holds the lock for the run (taken before the other ranks pass the first barrier).
-    with output_lock(cfg.output_dir) if ctx.is_main else contextlib.nullcontext():
-        return _train(cfg, device, ctx)
-
-
-def _train(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
     out = cfg.output_dir
     refuse_other_family(out, cfg.decoder)
     train_records, val_records = train_val_splits(cfg.manifest)

@@ -271,10 +271,11 @@ def test_shard_runs_share_the_lock_and_a_full_run_waits_for_them(tmp_path):
         assert path.read_text() == f"{os.getpid()}\n"
 
 
-def test_a_second_train_on_one_out_dir_is_refused(tmp_path, cli):
+@pytest.mark.parametrize("stage, option", [("train", "--out-dir"), ("scst", "--out-dir"), ("finetune", "--out-dir")])
+def test_a_second_training_run_on_one_out_dir_is_refused(tmp_path, cli, stage, option):
     out = tmp_path / "models" / "transformer"
     with output_lock(out):
-        result = cli("train", "--manifest", tmp_path / "missing.jsonl", "--out-dir", out)
+        result = cli(stage, "--manifest", tmp_path / "missing.jsonl", option, out, "--device", "cpu")
     assert result.exit_code == 2
     (line,) = error_lines(result)
     assert line.startswith(f"error: {out}: another run (pid ") and "is writing it" in line

@@ -217,7 +217,9 @@ class LoopConfig(StageConfig):
     checkpoint_every: CheckpointEvery = 200
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast: bf16 (CPU or CUDA), fp16 (CUDA).")
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto", description="Autocast: bf16 (CPU or CUDA), fp16 (CUDA), none; auto: bf16 on a GPU or a CPU with "
+        "bf16 units (AVX512-BF16, AMX), fp16 on a GPU without bf16, none otherwise.")
 
 
 class TrainConfig(LoopConfig):

@@ -47,6 +47,25 @@ def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tens
     return F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=label_smoothing)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): bf16 autocast pays there."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of the ``amp`` option on ``device`` (None: full precision); ``auto`` picks bf16 on
+    a GPU or a CPU with bf16 units, fp16 on a GPU without bf16, none otherwise."""
+    cuda = device.type == "cuda"
+    if amp == "auto":
+        if cuda:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+    if amp == "fp16" and not cuda:
+        raise ConfigError(f"--amp fp16 needs a CUDA device (this run is on {device}); use --amp bf16 or auto")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
 def epoch_order(num_samples: int, seed: int, epoch: int, ctx: DistContext) -> list[int]:
     """The sample order of one epoch for this rank: a seeded permutation, padded and strided like
     ``DistributedSampler`` so every rank gets the same number of batches."""
@@ -155,9 +174,7 @@ class Trainer:
         else:
             mode = "min" if cfg.val_metric == "loss" else "max"
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode=mode, factor=0.5, patience=1)
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-        if self.amp_dtype is torch.float16 and device.type != "cuda":
-            raise ValueError("amp=fp16 needs CUDA; use amp=bf16 on CPU")
+        self.amp_dtype = autocast_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.state = TrainState()
 

@@ -48,7 +48,7 @@ from pipeline.runs import (
     train_val_splits,
     tree_sha256,
 )
-from pipeline.training import TrainState
+from pipeline.training import TrainState, autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
         core.backbone.to(memory_format=torch.channels_last)
     n_backbone = sum(p.numel() for n, p in core.backbone.named_parameters() if n in core.trainable)
     n_decoder = sum(p.numel() for p in decoder.parameters())
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    amp_dtype = autocast_dtype(cfg.amp, device)
     dataset = ImageCaptionDataset(
         image_items(train_records, cfg.manifest, tokenizer), pad_id=tokenizer.pad_id, data_config=backbone.data_config,
         eval_transform=backbone.eval_transform(), augmentation=Augmentation.from_config(cfg),

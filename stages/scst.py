@@ -35,7 +35,7 @@ from pipeline.runs import (
     tree_sha256,
 )
 from pipeline.scst import CachedImageDataset, ScstPolicy, ScstTrainer, reward_corpus
-from pipeline.training import TrainState
+from pipeline.training import TrainState, autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, A
         val_records = val_records[: cfg.val_max_images]
     reward = reward_corpus(train_all)  # document frequencies from every training reference, computed once
     max_length = cfg.max_length or tokenizer.max_length
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    amp_dtype = autocast_dtype(cfg.amp, device)
 
     inputs = {"bundle_sha256": tree_sha256(cfg.bundle), "manifest_sha256": files_sha256([Path(cfg.manifest)])}
     if spec.source == "cache":

@@ -1,5 +1,6 @@
-"""Untrusted input through the CLI: every user mistake is one `error:` line (exit 2) or a reject with its reason,
-the good rows are still processed, and nothing is left half-written."""
+"""Untrusted data through the CLI, each case a `pipeline` subprocess: every user mistake is one `error:` line
+(exit 2, no traceback) or a reject with its reason, the good rows are still processed, and nothing is left
+half-written. (tests/test_hostile_inputs.py holds the corpus of options, models and damaged artifacts.)"""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.data.manifest import RejectsReport, read_manifest
 from pipeline.files import lock_path, output_lock
 from tests.conftest import REPO, make_image_manifest, write_png
@@ -21,12 +21,24 @@ EXTRACT = ["--backbone", "test_efficientnet", "--image-size", "64", "--num-shard
            "--device", "cpu"]
 
 
+@dataclass
+class Result:
+    exit_code: int
+    output: str  # stdout and stderr
+
+
 @pytest.fixture
-def cli(tmp_path, monkeypatch):
-    """``cli(*args)``: the result of ``pipeline ARGS`` run in an empty folder (no params.yaml: options only)."""
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+def cli(tmp_path):
+    """``cli(*args)``: ``pipeline ARGS`` as a user runs it (a subprocess, through the CLI's error boundary) in an
+    empty folder (no params.yaml: options only)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def run(*args) -> Result:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        return Result(proc.returncode, proc.stdout + proc.stderr)
+
+    return run
 
 
 def error_lines(result) -> list[str]:

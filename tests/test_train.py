@@ -582,3 +582,18 @@ def test_default_out_dir_follows_the_family_and_another_familys_bundle_is_kept(p
     assert result.exit_code == 2
     assert "holds a trained 'transformer' model" in result.output and "--out-dir models/show_tell" in result.output
     assert transformer.read_bytes() == before
+
+
+def test_amp_auto_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
+    from pipeline import training
+    from pipeline.errors import ConfigError
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert training.autocast_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)
+    assert training.autocast_dtype("auto", cpu) is None
+    assert training.autocast_dtype("bf16", cpu) is torch.bfloat16 and training.autocast_dtype("none", cpu) is None
+    with pytest.raises(ConfigError, match="--amp fp16 needs a CUDA device"):
+        training.autocast_dtype("fp16", cpu)
+    assert TrainConfig().amp == "auto"

@@ -17,6 +17,13 @@ request count and time.
   wrong content type; the rest valid in all three request shapes and all caption modes. Every answer
   must be the expected status (200/400/422/413/422/415): zero 5xx, zero unexpected; the server must
   still answer ``/health`` and caption afterwards.
+* **Hostile**: ``--hostile-requests`` (400) from 8 clients, in equal parts: wide and tall strips
+  (16000x1, 1x16000 PNGs of ~130 bytes, accepted: the server runs with ``--max-aspect-ratio 100000`` so
+  that they take the trimmed preprocessing path rather than the header check), decompression bombs (a
+  header declaring 3.6 G pixels; a 44 KB zlib bomb of 45 M pixels, over the server's pixel limit) and
+  malformed bodies (deeply nested JSON, garbage multipart, a truncated PNG), while a prober asks for
+  ``/health`` every 20 ms. Reported: the server's peak RSS (sampled every 10 ms) and its growth over the
+  run (target < 100 MB), ``/health`` p50/p99/max (target p99 < 100 ms), zero 5xx.
 
 The model is ``--model``, else the first trained bundle under ``models/*/bundle``, else a random-weight
 stand-in shaped like the bundles ``dvc repro`` trains (params.yaml: EfficientNet-Lite0 with the packaged
@@ -39,11 +46,13 @@ import base64
 import io
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -57,6 +66,13 @@ MALFORMED_KINDS = ("bad_base64", "not_an_image", "oversized", "truncated_jpeg", 
 EXPECTED = {"valid": 200, "bad_base64": 400, "not_an_image": 422, "oversized": 413, "truncated_jpeg": 422,
             "wrong_content_type": 415}
 SERVER_LIMIT = 1024 * 1024  # the server's --max-request-bytes here; oversized bodies are 1.25x this
+SERVER_MAX_ASPECT_RATIO = 100_000  # high enough that the hostile strips are accepted (and trimmed)
+HOSTILE_KINDS = ("wide_strip", "tall_strip", "bomb_header", "zlib_bomb", "nested_json", "garbage_multipart",
+                 "truncated_png")
+HOSTILE_EXPECTED = {"wide_strip": 200, "tall_strip": 200, "bomb_header": 422, "zlib_bomb": 422, "nested_json": 400,
+                    "garbage_multipart": 400, "truncated_png": 422}
+TARGET_HOSTILE_GROWTH_MB = 100.0
+TARGET_HEALTH_P99_MS = 100.0
 CAPTION_WORDS = 16  # captions of the random stand-in model (synthetic captions run 5 to 15 words)
 
 
@@ -71,6 +87,8 @@ def _parser():
     p.add_argument("--mixed-requests", type=int, default=5000)
     p.add_argument("--malformed", type=float, default=0.3, help="share of malformed requests in the mixed run")
     p.add_argument("--mixed-seconds", type=float, default=900.0, help="time limit of the mixed run")
+    p.add_argument("--hostile-requests", type=int, default=400)
+    p.add_argument("--hostile-seconds", type=float, default=600.0, help="time limit of the hostile run")
     p.add_argument("--threads", type=int, default=0, help="torch threads, server and in-process (0: half the cores)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -166,6 +184,35 @@ def request_for(kind: str, images: list[bytes], i: int, modes: list[str]) -> dic
     raise ValueError(kind)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png(width: int, height: int, color_type: int = 2, idat: Optional[bytes] = None) -> bytes:
+    """A PNG of ``width`` x ``height`` (8-bit; colour type 2 RGB, 0 grey) whose IDAT is ``idat`` (default:
+    the zlib stream of an all-zero image; ``b""``: none at all, a header that only declares its size)."""
+    if idat is None:
+        row = b"\x00" * (1 + width * (3 if color_type == 2 else 1))  # filter byte 0, then the pixels
+        idat = zlib.compress(row * height, 9)
+    head = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + head + (_png_chunk(b"IDAT", idat) if idat else b"") + _png_chunk(b"IEND", b"")
+
+
+def hostile_bodies() -> dict[str, dict[str, Any]]:
+    """httpx keyword arguments of each hostile kind (built once: the zlib bomb takes a moment)."""
+    valid = _png(64, 48)
+    return {
+        "wide_strip": {"content": _png(16_000, 1), "headers": {"content-type": "image/png"}},
+        "tall_strip": {"files": {"image": ("tall.png", _png(1, 16_000), "image/png")}},
+        "bomb_header": {"content": _png(60_000, 60_000, idat=b""), "headers": {"content-type": "image/png"}},
+        "zlib_bomb": {"content": _png(6_700, 6_700, color_type=0), "headers": {"content-type": "image/png"}},
+        "nested_json": {"content": b"[" * 200_000, "headers": {"content-type": "application/json"}},
+        "garbage_multipart": {"content": os.urandom(300_000),
+                              "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+        "truncated_png": {"content": valid[: len(valid) // 2], "headers": {"content-type": "image/png"}},
+    }
+
+
 # --------------------------------------------------------------------------- the server
 def free_port() -> int:
     import socket
@@ -182,8 +229,9 @@ def start_server(bundle: Path, log_path: Path, args, timeout: float = 180.0) -> 
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(bundle), "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(args.threads), "--max-request-bytes", str(SERVER_LIMIT),
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-           "--model-workers", str(args.model_workers)] + ([] if args.fp32 else ["--amp", "--channels-last"])
-    env = {**os.environ, "PIPELINE_API_KEY": ""}
+           "--model-workers", str(args.model_workers), "--max-aspect-ratio", str(SERVER_MAX_ASPECT_RATIO)
+           ] + ([] if args.fp32 else ["--amp", "--channels-last"])
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_API_KEY"}  # no key (an empty one is refused)
     logf = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -319,6 +367,72 @@ def closed_loop(base: str, clients: int, seconds: float, max_requests: int,
     }
 
 
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (``VmRSS``) or its peak so far (``VmHWM``), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def hostile_run(base: str, pid: int, clients: int, n: int, seconds: float) -> dict[str, Any]:
+    """``n`` hostile requests from ``clients`` clients while a prober asks for /health every 20 ms and the
+    server's RSS is sampled every 10 ms."""
+    import httpx
+
+    bodies = hostile_bodies()
+    done = threading.Event()
+    health_ms: list[float] = []
+    health_bad: list[str] = []
+    baseline = rss_mb(pid)
+    peak = {"mb": baseline}
+
+    def sample() -> None:
+        while not done.is_set():
+            peak["mb"] = max(peak["mb"], rss_mb(pid))
+            time.sleep(0.01)
+
+    def probe() -> None:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            while not done.is_set():
+                t = time.perf_counter()
+                try:
+                    status = c.get("/health").status_code
+                except httpx.HTTPError as e:
+                    status = -1
+                    health_bad.append(f"{type(e).__name__}: {e}")
+                health_ms.append((time.perf_counter() - t) * 1000.0)
+                if status != 200:
+                    health_bad.append(str(status))
+                time.sleep(0.02)
+
+    def request(i: int) -> tuple[str, dict[str, Any]]:
+        kind = HOSTILE_KINDS[i % len(HOSTILE_KINDS)]
+        return kind, bodies[kind]
+
+    watchers = [threading.Thread(target=sample, daemon=True), threading.Thread(target=probe, daemon=True)]
+    for w in watchers:
+        w.start()
+    try:
+        run = closed_loop(base, clients, seconds, n, request)
+    finally:
+        done.set()
+        for w in watchers:
+            w.join(10)
+    run.update({
+        "rss_before_mb": round(baseline, 1), "rss_peak_mb": round(peak["mb"], 1),
+        "rss_growth_mb": round(peak["mb"] - baseline, 1), "rss_high_water_mb": round(rss_mb(pid, "VmHWM"), 1),
+        "health_probes": len(health_ms), "health_failures": health_bad[:20],
+        "health_p50_ms": round(percentile(health_ms, 0.5), 3), "health_p99_ms": round(percentile(health_ms, 0.99), 3),
+        "health_max_ms": round(max(health_ms), 3) if health_ms else None,
+    })
+    run["five_xx"] = _five_xx(run)
+    run["unexpected"] = _errors(run, HOSTILE_EXPECTED)
+    run["complete"] = run["requests"] == n
+    return run
+
+
 def _errors(run: dict[str, Any], expected: dict[str, int]) -> int:
     """Answers that are not the expected status (transport failures included)."""
     bad = run["transport_failure_count"]
@@ -337,6 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.latency_requests, args.seconds, args.rounds = 6, 1.5, 1
         args.mixed_requests, args.mixed_seconds = 60, 60.0
+        args.hostile_requests, args.hostile_seconds = 42, 60.0
     import httpx
 
     from pipeline.decoding import CAPTION_MODES
@@ -382,6 +497,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratio = statistics.median(m["requests_per_s"] / o["requests_per_s"] for o, m in zip(one, many))
         load_errors = sum(_errors(x, EXPECTED) for x in one + many)
 
+        log(f"[serve] hostile: {args.hostile_requests} requests (strips, bombs, malformed), {args.clients} clients, "
+            "with /health probes")
+        hostile = hostile_run(base, proc.pid, args.clients, args.hostile_requests, args.hostile_seconds)
+
         log(f"[serve] mixed: {args.mixed_requests} requests, {args.malformed:.0%} malformed, {args.clients} clients")
         kinds = _mixed_kinds(args.mixed_requests, args.malformed, args.seed)
         modes = list(CAPTION_MODES)
@@ -421,6 +540,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["mixed run: 5xx answers", mixed["five_xx"], "0"],
         ["mixed run: other unexpected answers", mixed["unexpected"], "0"],
         ["mixed run: healthy and captioning after", "yes" if mixed["healthy_after"] else "NO", "yes"],
+        [f"hostile run: requests ({', '.join(HOSTILE_KINDS)})", f"{hostile['requests']:,}",
+         f"{args.hostile_requests:,}"],
+        ["hostile run: server RSS before / peak (MB)", f"{hostile['rss_before_mb']:,} / {hostile['rss_peak_mb']:,}",
+         ""],
+        ["hostile run: server RSS growth (MB)", hostile["rss_growth_mb"], f"< {TARGET_HOSTILE_GROWTH_MB:g}"],
+        ["hostile run: /health p50 / p99 / max (ms)",
+         f"{hostile['health_p50_ms']} / {hostile['health_p99_ms']} / {hostile['health_max_ms']}",
+         f"p99 < {TARGET_HEALTH_P99_MS:g}"],
+        ["hostile run: 5xx / other unexpected answers", f"{hostile['five_xx']} / {hostile['unexpected']}", "0 / 0"],
     ]
     table = markdown_table(["measurement", "value", "target"], rows)
     caption = (
@@ -429,7 +557,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{model.get('model_workers')} model worker(s); {info.get('torch_threads')} torch thread(s) per model call "
         f"in the server and in-process) in a subprocess on 127.0.0.1, "
         f"httpx clients in this process; 224 px JPEG uploads, mode consistent (the mixed run: all modes and "
-        f"request shapes). Throughput: medians of {args.rounds} round(s) of {args.seconds:g} s per client count"
+        f"request shapes; the hostile run: strips, bombs and malformed bodies, the server's --max-aspect-ratio "
+        f"raised to {SERVER_MAX_ASPECT_RATIO:,} so that the strips are accepted and trimmed, RSS sampled every "
+        f"10 ms). Throughput: medians of {args.rounds} round(s) of {args.seconds:g} s per client count"
         f"{' (QUICK smoke run: not a measurement)' if args.quick else ''}. {info.get('processor')}, "
         f"{info.get('cpus_usable')} cores. {load_note(before, after, info.get('cpus_usable'))}"
     )
@@ -446,11 +576,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "latency": latency,
         "throughput": {"one_client": one, "many_clients": many},
         "mixed": mixed,
+        "hostile": hostile,
         "server_batching": batching,
         "ratios": {"latency_p50_http_vs_in_process": latency["ratio_p50"],
                    "latency_p95_http_vs_in_process": latency["ratio_p95"],
                    f"throughput_{args.clients}_vs_1_clients": round(ratio, 3)},
-        "targets": {"latency_p50_ratio_max": TARGET_LATENCY_RATIO, "throughput_ratio_min": TARGET_THROUGHPUT_RATIO},
+        "targets": {"latency_p50_ratio_max": TARGET_LATENCY_RATIO, "throughput_ratio_min": TARGET_THROUGHPUT_RATIO,
+                    "hostile_rss_growth_mb_max": TARGET_HOSTILE_GROWTH_MB, "health_p99_ms_max": TARGET_HEALTH_P99_MS},
         "markdown": markdown,
     }
     path = write_results(args.results_dir, NAME, data)

@@ -10,10 +10,13 @@ Layout::
                            sha256 is the one the feature spec records
     tokenizer/             the saved tokenizer (see pipeline.text.tokenizers)
 
-No pickle anywhere, and nothing outside the folder is needed to load it. ``Captioner.load(folder)``
+No pickle anywhere, and nothing outside the folder is needed to load it (or read: a path the config names
+must stay inside the folder). ``Captioner.load(folder)``
 hands back everything needed to caption an image file or a tensor of cached features; features that
 do not fit (another backbone, preprocessing, weights or token sets) are refused with every
-difference named (:func:`cache.format.check_spec`), not with a shape error.
+difference named (:func:`cache.format.check_spec`), not with a shape error. A bundle that cannot be loaded
+(a file missing, truncated or not what it should be, a config without a required part) is a
+:class:`BundleError` naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from cache.format import CacheError, FeatureSpec, check_spec, file_sha256
+from pipeline.data.features import concat_token_maps, feature_width, token_layout
 from pipeline.decoding import DecodingOptions, Hypothesis, generate, options_for_mode
 from pipeline.errors import UserError
 from pipeline.models.decoders import create_decoder
@@ -118,7 +122,41 @@ def read_bundle_config(directory: Path) -> dict[str, Any]:
     if config.get("version") != BUNDLE_VERSION:
         raise BundleError(f"{path}: bundle version {config.get('version')!r}; this code reads version {BUNDLE_VERSION} "
                           "(retrain with `pipeline train`)")
+    for key, kind in (("decoder", dict), ("tokenizer", dict), ("features", dict)):
+        if not isinstance(config.get(key), kind):
+            raise BundleError(f"{path}: no {key!r} section (got {type(config.get(key)).__name__}); the bundle is "
+                              "damaged: train or copy it again")
+    decoder, tokenizer = config["decoder"], config["tokenizer"]
+    if not isinstance(decoder.get("family"), str) or not isinstance(decoder.get("options"), dict):
+        raise BundleError(f"{path}: decoder: expected a family name and an options object")
+    if not isinstance(tokenizer.get("fingerprint"), str):
+        raise BundleError(f"{path}: tokenizer: no fingerprint")
     return config
+
+
+def bundle_file(directory: Path, name: Any, what: str) -> Path:
+    """The file (or folder) ``name`` that a bundle's config names as its ``what``, refused unless it is a
+    relative path inside the bundle folder: a bundle reads nothing but its own files."""
+    config = Path(directory) / CONFIG
+    if not isinstance(name, str) or not name.strip():
+        raise BundleError(f"{config}: {what}: expected a path inside the bundle folder, got {name!r}")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or ":" in pure.parts[0]:
+        raise BundleError(f"{config}: {what} {name!r} points outside the bundle folder {directory}; "
+                          "a bundle may name only files inside it")
+    return Path(directory) / pure
+
+
+def _weights_error(path: Path, what: str, problem: Any) -> BundleError:
+    return BundleError(f"{path}: cannot read the {what} weights ({problem}); the bundle is damaged: train or "
+                       "copy it again")
+
+
+def _check_weights_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise BundleError(f"{path}: missing — the bundle has no {what} weights file; train or copy it again")
+    if not path.is_file():
+        raise _weights_error(path, what, "not a file")
 
 
 @dataclass
@@ -144,24 +182,37 @@ class Captioner:
 
     @classmethod
     def load(cls, directory: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Captioner":
+        """Load a bundle folder onto ``device`` (a torch device string, or ``auto``); every way a bundle can
+        be damaged is a :class:`BundleError` naming the file (a bad device: a ``ConfigError``)."""
+        from pipeline.distributed import resolve_device
+
+        device = resolve_device(device)
         directory = Path(directory)
         config = read_bundle_config(directory)
-        tokenizer = load_tokenizer(directory / config["tokenizer"]["path"])
+        tokenizer = load_tokenizer(bundle_file(directory, config["tokenizer"].get("path"), "tokenizer"))
         if tokenizer.fingerprint() != config["tokenizer"]["fingerprint"]:
             raise BundleError(f"{directory}: tokenizer files do not match the ones the model was trained with")
         try:
             spec = FeatureSpec.from_dict(config.get("features"), where=f"{directory / CONFIG}: features")
         except CacheError as e:
             raise BundleError(str(e)) from None
-        decoder = create_decoder(
-            config["decoder"]["family"], feature_dim=spec.feature_dim, vocab_size=tokenizer.vocab_size,
-            pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, **config["decoder"]["options"],
-        )
-        missing, unexpected = load_model(decoder, str(directory / MODEL), strict=False)
+        try:
+            decoder = create_decoder(  # the token sets it was trained on (their layout) come from the spec
+                config["decoder"]["family"], token_sets=token_layout(spec.token_sets),
+                vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+                eos_id=tokenizer.eos_id, **config["decoder"]["options"],
+            )
+        except (ValueError, TypeError, KeyError) as e:  # an unknown family, options its config refuses
+            raise BundleError(f"{directory / CONFIG}: decoder: {str(e).strip()}") from None
+        path = directory / MODEL
+        _check_weights_file(path, "decoder")
+        try:
+            missing, unexpected = load_model(decoder, str(path), strict=False)
+        except Exception as e:  # noqa: BLE001 - truncated or garbage safetensors, tensors of the wrong shape
+            raise _weights_error(path, "decoder", str(e).strip().splitlines()[0]) from None
         if missing or unexpected:
-            raise BundleError(f"{directory / MODEL}: weights do not fit the decoder: missing {sorted(missing)[:5]}, "
+            raise BundleError(f"{path}: weights do not fit the decoder: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
-        device = torch.device(device)
         decoder.to(device).eval()
         return cls(directory, config, decoder, tokenizer, spec, device)
 
@@ -175,12 +226,14 @@ class Captioner:
         check_spec(have, self.features, have_label=label, want_label=f"the model {self.directory}", remedy=remedy)
 
     def check_features(self, features: torch.Tensor) -> None:
-        """Refuse a feature tensor whose shape is not what the decoder reads."""
+        """Refuse a feature tensor whose shape is not what the decoder reads (several token sets: concatenated
+        along the tokens, each zero-padded to the widest, as :func:`pipeline.data.features.select_features` does)."""
         spec = self.features
-        if features.ndim != 3 or features.shape[1] != spec.num_tokens or features.shape[2] != spec.feature_dim:
+        width = feature_width(spec.token_sets)
+        if features.ndim != 3 or features.shape[1] != spec.num_tokens or features.shape[2] != width:
             raise BundleError(
                 f"features of shape {tuple(features.shape)} do not fit this model: it expects (batch, "
-                f"{spec.num_tokens}, {spec.feature_dim}) from {spec.backbone} at input size "
+                f"{spec.num_tokens}, {width}) from {spec.backbone} at input size "
                 f"{spec.preprocessing.get('input_size')} — they look like another backbone's or resolution's"
             )
 
@@ -220,15 +273,16 @@ class Captioner:
             spec = self.features
             if self.config.get("backbone_weights") is None:
                 raise BundleError(f"{self.directory}: this bundle holds no backbone weights; caption cached features")
-            path = self.directory / BACKBONE
+            path = bundle_file(self.directory, self.config["backbone_weights"], "backbone_weights")
+            _check_weights_file(path, "backbone")
             recorded = spec.weights.get("sha256")
-            if recorded is not None and path.is_file() and file_sha256(path) != recorded:
+            if recorded is not None and file_sha256(path) != recorded:
                 raise BundleError(f"{path}: backbone weights changed (sha256 {file_sha256(path)} now, {recorded} "
                                   "recorded); the bundle is damaged: train or copy it again")
             try:
                 state = load_file(str(path))
             except Exception as e:  # noqa: BLE001 - a damaged file, named
-                raise BundleError(f"{path}: cannot read the backbone weights ({e}); the bundle is damaged") from None
+                raise _weights_error(path, "backbone", str(e).strip().splitlines()[0]) from None
             bb = create_backbone(spec.backbone, state_dict=state, preprocessing=spec.preprocessing,
                                  out_indices=spec.out_indices)
             bb.model.to(self.device).eval()
@@ -238,10 +292,14 @@ class Captioner:
         return self._backbone
 
     def preprocess(self, image: Any) -> torch.Tensor:
-        """One PIL image (RGB) -> the backbone's normalised input ``(3, H, W)`` (CPU; thread-safe)."""
+        """One PIL image (RGB) -> the backbone's normalised input ``(3, H, W)`` (CPU; thread-safe). An image
+        of extreme aspect ratio is trimmed first (:func:`pipeline.data.images.trim_for_eval`), so the work
+        is bounded for any image; others get exactly the backbone's eval transform."""
+        from pipeline.data.images import trim_for_eval
+
         if self._transform is None:
             self._transform = self.backbone.eval_transform()
-        return self._transform(image)
+        return self._transform(trim_for_eval(image, self.features.preprocessing))
 
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images (RGB) -> features ``(B, N, C)`` as the bundle's backbone computes them."""
@@ -253,7 +311,7 @@ class Captioner:
         x = x.to(self.device)
         with torch.inference_mode():
             maps = bb.tokens(x)
-        feats = torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]
+        feats = concat_token_maps(maps)
         # Same rounding as the cache the decoder was trained on.
         return feats.to(getattr(torch, self.features.dtype)).float() if self.features.source == "cache" else feats
 

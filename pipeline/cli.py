@@ -259,6 +259,43 @@ def convert_weights_command(
     typer.echo(f"wrote {dest} ({count} tensors for {backbone})")
 
 
+@app.command("download")
+def download_command(
+    name: Optional[str] = typer.Argument(None, help="Dataset to fetch (`--list` shows them)."),
+    to: Optional[Path] = typer.Option(None, "--to", metavar="<dir>",
+                                      help="Folder to unpack it into (created; transfers, markers and kept "
+                                           "archives go to DIR/archives)."),
+    list_datasets: bool = typer.Option(False, "--list", help="Show the datasets, their files and sizes."),
+    only: Optional[list[str]] = typer.Option(None, "--only", metavar="<file>",
+                                             help="Fetch just this file of the dataset (e.g. val2017.zip); "
+                                                  "repeatable."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", metavar="<url>",
+                                         help="Base URL serving the same file names (a local mirror); sizes and "
+                                              "checksums still apply."),
+    keep_archives: bool = typer.Option(False, "--keep-archives", help="Keep each archive after unpacking it."),
+    retries: int = typer.Option(3, "--retries", min=0, help="Resume a dropped transfer this many times."),
+) -> None:
+    """Fetch a public dataset (COCO 2014/2017, Karpathy's splits, Flickr8k): resumable, verified, unpacked into
+    the layout `prepare` reads; prints the `prepare` sources to paste. Online users only."""
+    from pipeline.download import download, format_catalogue, format_sources
+
+    if list_datasets or name is None:
+        typer.echo(format_catalogue())
+        return
+    if to is None:
+        _fail("--to DIR is required: the folder to unpack the dataset into")
+    try:
+        result = download(name, to, only=only, mirror=mirror, keep_archives=keep_archives, retries=retries)
+    except user_errors() as e:
+        _fail(str(e))
+    typer.echo(f"{result.dataset.name} in {to}: {len(result.fetched)} file(s) fetched and unpacked, "
+               f"{len(result.skipped)} already there", err=True)
+    if result.sources:
+        typer.echo(format_sources(result.sources))
+    else:
+        typer.echo(f"no `prepare` source yet: {result.dataset.hint or 'the folder lacks the files its sources read'}")
+
+
 def _param(name: str, annotation, default) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -356,6 +393,10 @@ def _serve_params() -> tuple[list[inspect.Parameter], dict[str, str]]:
         _model_option(), by_name.pop("host"), by_name.pop("port"),
         _param("api_key", Optional[str], typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
                help="Require this key (X-API-Key or Authorization: Bearer) on /caption; an empty one is an error.")),
+        _param("cors_origin", list[str], typer.Option([], "--cors-origin", metavar="<origin>",
+               help="Also take requests from pages of this web origin (scheme://host[:port]; '*': any), with "
+                    "CORS headers; requests sent by pages of other sites are refused (403). Repeat the option "
+                    "for several.")),
         *by_name.values(),
         _param("model_workers", int, typer.Option(0, min=0, help="Model calls that may run at once, each in its own "
                "thread; beyond the first, only for full batches (0: the usable cores / --threads, at least 1).")),
@@ -369,13 +410,14 @@ def _serve_params() -> tuple[list[inspect.Parameter], dict[str, str]]:
 _SERVE_PARAMS, _SERVE_KINDS = _serve_params()
 
 
-def serve_command(ctx, model, api_key, model_workers, device, threads, amp, channels_last, **settings_values) -> None:
+def serve_command(ctx, model, api_key, cors_origin, model_workers, device, threads, amp, channels_last,
+                  **settings_values) -> None:
     """Serve the captioning HTTP API (POST /caption, GET /health, /docs) and its web page at /."""
     import uvicorn
 
     from pipeline.serve.app import create_app
     from pipeline.serve.engine import CaptionEngine
-    from pipeline.serve.settings import API_KEY_ENV, check_api_key, open_access_warning
+    from pipeline.serve.settings import API_KEY_ENV, check_api_key, check_origins, open_access_warning
     from pipeline.threads import model_workers as size_model_workers, set_threads
 
     try:
@@ -386,6 +428,7 @@ def serve_command(ctx, model, api_key, model_workers, device, threads, amp, chan
         api_key = os.environ.get(API_KEY_ENV)
     try:
         api_key = check_api_key(api_key)
+        cors_origin = check_origins(cors_origin)
         sock = settings.listen_socket()  # before loading the model: a port in use fails at once
     except user_errors() as e:
         _fail(str(e))
@@ -395,7 +438,8 @@ def serve_command(ctx, model, api_key, model_workers, device, threads, amp, chan
         log.warning("%s", warning)
     try:
         engine = CaptionEngine.load(model, device=device, amp=amp, channels_last=channels_last)
-        application = create_app(engine, api_key=api_key, model_workers=model_workers, **settings.app_limits())
+        application = create_app(engine, api_key=api_key, cors_origin=cors_origin, model_workers=model_workers,
+                                 **settings.app_limits())
     except user_errors() as e:
         sock.close()
         _fail(str(e))

@@ -116,7 +116,9 @@ def config_options(
         if default_text is not None:
             default, show_default = None, default_text
         elif has_default:
-            default, show_default = _cli_default(field.get_default(call_default_factory=True), cli_type, is_json), True
+            value = field.get_default(call_default_factory=True)
+            # typer shows nothing for an empty list: say so
+            default, show_default = _cli_default(value, cli_type, is_json), "none" if value == [] else True
         else:
             default, show_default = None, False
         if cli_type is bool:

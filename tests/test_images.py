@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import io
+import struct
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.images import ImageDecodeError, check_image, decode_bytes, load_rgb
+from pipeline.data import images
+from pipeline.data.images import TRIM_ASPECT_RATIO, ImageDecodeError, check_image, decode_bytes, load_rgb, trim_for_eval
 
 
 # --------------------------------------------------------------------------- helpers
@@ -29,6 +33,15 @@ def _noisy_jpeg_bytes(size=(64, 64)) -> bytes:
     """Noise defeats compression, so cutting the file in half lands inside the scan data."""
     arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     return _bytes(Image.fromarray(arr), "JPEG", quality=95)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` and holds no pixels: its header alone is a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def _reason(excinfo) -> str:
@@ -265,3 +278,106 @@ def test_good_image_passes_all_modes(tmp_path):
     img = load_rgb(path)
     _assert_rgb(img)
     assert img.size == (9, 7)
+
+
+def test_max_pixels_above_pils_own_limit_is_the_limit_that_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header(10_000, 9_500))  # 95 M pixels: over PIL's default ~89.5 M
+    check_image(path, mode="header", max_pixels=100_000_000)  # the option's value wins, not PIL's
+    assert Image.MAX_IMAGE_PIXELS >= 100_000_000
+    with pytest.raises(ImageDecodeError) as e:
+        check_image(path, mode="header", max_pixels=90_000_000)
+    assert _reason(e) == "image too large" and "10000x9500" in e.value.detail
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError) as e:
+        decode_bytes(_png_header(60_000, 60_000), max_pixels=40_000_000)
+    assert _reason(e) == "image too large" and time.perf_counter() - started < 1.0
+
+
+def test_max_aspect_ratio_refuses_strips_from_the_header():
+    for size in ((16_000, 1), (1, 16_000), (501, 5)):
+        with pytest.raises(ImageDecodeError) as e:
+            decode_bytes(_bytes(Image.new("RGB", size), "PNG"), max_aspect_ratio=100)
+        assert _reason(e) == "extreme aspect ratio" and "100:1" in e.value.detail
+    assert decode_bytes(_bytes(Image.new("RGB", (500, 5)), "PNG"), max_aspect_ratio=100).size == (500, 5)
+    assert decode_bytes(_bytes(Image.new("RGB", (16_000, 1)), "PNG")).size == (16_000, 1)  # no limit by default
+
+
+def test_16bit_rescaling_in_chunks_is_the_whole_image_formula(monkeypatch):
+    arr = np.random.default_rng(0).integers(100, 60_000, (37, 23)).astype(np.uint16)
+    monkeypatch.setattr(images, "CONVERT_CHUNK_PIXELS", 50)  # 2 rows at a time
+    out = np.asarray(decode_bytes(_bytes(Image.fromarray(arr), "PNG")))[..., 0]
+    whole = arr.astype(np.float64)
+    want = ((whole - whole.min()) * (255.0 / (whole.max() - whole.min()))).round().astype(np.uint8)
+    assert np.array_equal(out, want)
+
+
+# --------------------------------------------------------------------------- trimming for the eval transform
+PREPROCESSING = {"input_size": [3, 64, 64], "crop_pct": 0.875, "crop_mode": "center", "interpolation": "bicubic",
+                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def _eval_transform(pre=PREPROCESSING):
+    import timm.data
+
+    return timm.data.create_transform(input_size=pre["input_size"], interpolation=pre["interpolation"],
+                                      mean=pre["mean"], std=pre["std"], crop_pct=pre["crop_pct"],
+                                      crop_mode=pre["crop_mode"], is_training=False)
+
+
+def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _smooth(w: int, h: int) -> Image.Image:
+    x, y = np.linspace(0, 8, w)[None, :, None], np.linspace(0, 8, h)[:, None, None]
+    return Image.fromarray(((np.sin(x + y + np.arange(3)) + 1) * 127.5).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 100), (100, 300), (1000, 100), (64, 64), (7, 5),
+                                  (4000, 3000)])
+def test_ordinary_images_give_exactly_the_transforms_tensors(size):
+    img = _noise(*size)
+    assert trim_for_eval(img, PREPROCESSING) is img  # up to 10:1 nothing is touched
+    import torch
+
+    tf = _eval_transform()
+    assert torch.equal(tf(trim_for_eval(img, PREPROCESSING)), tf(img))
+
+
+@pytest.mark.parametrize("size", [(2000, 30), (30, 2000), (1201, 11)])
+def test_an_extreme_strip_is_trimmed_to_what_the_crop_keeps(size):
+    img = _smooth(*size)
+    trimmed = trim_for_eval(img, PREPROCESSING)
+    short, long = min(size), max(size)
+    assert max(trimmed.size) <= TRIM_ASPECT_RATIO * short + 1 and min(trimmed.size) == short
+    assert (trimmed.size[0] > trimmed.size[1]) == (size[0] > size[1])
+    assert trim_for_eval(trimmed, PREPROCESSING) is trimmed  # trimming twice is trimming once
+    tf = _eval_transform()
+    a, b = tf(img), tf(trimmed)
+    assert a.shape == b.shape == (3, 64, 64)
+    assert float((a - b).abs().max()) < 0.05  # sub-pixel resampling only (a few grey levels)
+    x0 = (long - max(trimmed.size)) // 2  # the central part, to the pixel
+    box = (x0, 0, x0 + trimmed.size[0], short) if size[0] > size[1] else (0, x0, short, x0 + trimmed.size[1])
+    assert np.array_equal(np.asarray(trimmed), np.asarray(img.crop(box)))
+
+
+def test_a_16000_pixel_strip_costs_nothing_once_trimmed():
+    tf = _eval_transform({**PREPROCESSING, "input_size": [3, 224, 224]})
+    for size in ((16_000, 1), (1, 16_000)):
+        img = _noise(*size)
+        started = time.perf_counter()
+        trimmed = trim_for_eval(img, PREPROCESSING)
+        x = tf(trimmed)
+        assert max(trimmed.size) <= 11 and x.shape == (3, 224, 224)
+        assert time.perf_counter() - started < 1.0  # untrimmed: ~12 s and ~4 GB at 224 px
+
+
+@pytest.mark.parametrize("mode", ["squash", "border"])
+def test_modes_that_resize_the_longer_side_are_left_alone(mode):
+    img = _noise(2000, 10)
+    assert trim_for_eval(img, {**PREPROCESSING, "crop_mode": mode}) is img

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import socket
 import time
 
@@ -19,11 +20,16 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from pipeline.bundle import BundleError
 from pipeline.decoding import CAPTION_MODES
+from pipeline.errors import ConfigError
 from pipeline.serve.app import create_app, decode_base64
 from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
 from pipeline.serve.engine import CaptionEngine
-from tests.helpers_bundle import MAX_LENGTH, image_bytes, serve_in_thread, tiny_bundle, tiny_transformer_bundle  # noqa: F401
+from pipeline.serve.settings import SERVE_DEFAULTS, ServeSettings, check_api_key, is_loopback, open_access_warning
+from tests.helpers_bundle import (  # noqa: F401 - fixtures
+    MAX_LENGTH, free_port, image_bytes, serve_in_thread, tiny_bundle, tiny_transformer_bundle,
+)
 
 LIMIT = 300_000
 MAX_PIXELS = 1_000_000
@@ -87,6 +93,7 @@ def test_health_lists_modes_and_model(client):
     assert [m["name"] for m in h["modes"]] == list(CAPTION_MODES) and all(m["description"] for m in h["modes"])
     assert h["model"]["decoder"] == "show_attend_tell" and h["model"]["attention"] is True
     assert h["limits"]["max_request_bytes"] == LIMIT and h["limits"]["max_pixels"] == MAX_PIXELS
+    assert h["limits"]["max_aspect_ratio"] == SERVE_DEFAULTS.max_aspect_ratio
     assert h["batching"]["max_batch_size"] == 8
 
 
@@ -178,6 +185,12 @@ def _big_png() -> bytes:  # over MAX_PIXELS but a small file
     return buf.getvalue()
 
 
+def _strip_png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _ico() -> bytes:  # a real image in a format the server does not try
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 0, 0)).save(buf, format="ICO")
@@ -233,6 +246,9 @@ BAD_REQUESTS = {
     "truncated jpeg": (dict(files={"image": ("a.jpg", _truncated_jpeg(), "image/jpeg")}), 422, "truncated_image"),
     "truncated png": (dict(json={"image": base64.b64encode(PNG[:-40]).decode()}), 422, "truncated_image"),
     "too many pixels": (dict(content=_big_png(), headers={"content-type": "image/png"}), 422, "too_many_pixels"),
+    "wide strip": (dict(content=_strip_png(16000, 1), headers={"content-type": "image/png"}), 422,
+                   "extreme_aspect_ratio"),
+    "tall strip": (dict(files={"image": ("a.png", _strip_png(3, 400), "image/png")}), 422, "extreme_aspect_ratio"),
 }
 
 
@@ -243,6 +259,8 @@ def test_every_error_class_is_a_json_4xx(client, name):
     if code == "unknown_mode":
         assert err["valid"] == list(CAPTION_MODES)
         assert all(m in err["message"] for m in CAPTION_MODES)
+    if code == "extreme_aspect_ratio":
+        assert "100:1" in err["message"]
 
 
 def test_not_found_and_wrong_method_are_json(client):
@@ -475,12 +493,170 @@ def test_decode_base64_variants():
     assert decode_base64(base64.urlsafe_b64encode(JPEG).decode().rstrip("=")) == JPEG
 
 
-def test_serve_binds_loopback_by_default():
-    import inspect
+@pytest.mark.parametrize("host,loopback", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("LocalHost", True), ("0.0.0.0", False), ("::", False), ("192.168.1.20", False), ("example.org", False),
+])
+def test_the_loopback_decision(host, loopback):
+    assert is_loopback(host) is loopback
+    assert ServeSettings(host=host).loopback is loopback
+    warning = open_access_warning(host, None)
+    assert (warning is None) is loopback  # only an address other machines reach warns, and names it
+    assert warning is None or (host in warning and "API key" in warning)
+    assert open_access_warning(host, "k3y") is None  # a key: no warning anywhere
 
-    from pipeline.cli import serve_command
 
-    assert inspect.signature(serve_command).parameters["host"].default.default == "127.0.0.1"
+def test_the_default_host_answers_this_machine_only():
+    assert SERVE_DEFAULTS.host == "127.0.0.1" and SERVE_DEFAULTS.loopback
+    assert open_access_warning(SERVE_DEFAULTS.host, None) is None
+
+
+@pytest.mark.parametrize("key", ["", "   ", "\t\n"])
+def test_an_empty_api_key_is_refused_not_read_as_no_key(engine, key):
+    with pytest.raises(ConfigError, match="empty"):
+        check_api_key(key)
+    with pytest.raises(ConfigError, match="empty"):
+        create_app(engine, api_key=key, warm_up=False)
+    with pytest.raises(ConfigError, match="whitespace"):
+        check_api_key(" k3y")
+    assert check_api_key(None) is None and check_api_key("k3y") == "k3y"
+
+
+def _serve_cli(args: list[str], env: dict[str, str] | None = None):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, ["serve", *args], env=env)
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("env,args,says", [
+    ({"PIPELINE_API_KEY": ""}, [], "API key"),
+    ({"PIPELINE_API_KEY": "  "}, [], "API key"),
+    ({}, ["--api-key", ""], "API key"),
+    ({}, ["--port", "99999"], "--port"),
+    ({}, ["--port", "0"], "--port"),
+    ({}, ["--cors-origin", "http://example.org/page"], "--cors-origin"),
+    ({}, ["--max-aspect-ratio", "0.5"], "--max-aspect-ratio"),
+])
+def test_serve_refuses_bad_settings_in_one_line(tiny_bundle, env, args, says):
+    line = _one_error_line(_serve_cli(["--model", str(tiny_bundle), "--port", str(free_port()), *args], env))
+    assert says in line
+
+
+def test_serve_on_a_port_in_use_is_one_line(tiny_bundle):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        line = _one_error_line(_serve_cli(["--model", str(tiny_bundle), "--port", str(port)]))
+    assert f"127.0.0.1:{port}" in line and "in use" in line
+
+
+def _damage(bundle, tmp_path, how: str):
+    import shutil
+
+    root = tmp_path / how
+    shutil.copytree(bundle, root)
+    config = json.loads((root / "config.json").read_text())
+    if how == "truncated model":
+        (root / "model.safetensors").write_bytes((root / "model.safetensors").read_bytes()[:200])
+        return root, "model.safetensors", "cannot read the decoder weights"
+    if how == "garbage model":
+        (root / "model.safetensors").write_bytes(b"garbage" * 100)
+        return root, "model.safetensors", "cannot read the decoder weights"
+    if how == "missing model":
+        (root / "model.safetensors").unlink()
+        return root, "model.safetensors", "missing"
+    if how == "missing backbone":
+        (root / "backbone.safetensors").unlink()
+        return root, "backbone.safetensors", "missing"
+    if how == "config is a list":
+        (root / "config.json").write_text("[]")
+        return root, "config.json", "format 'list'"
+    if how == "config lacks features":
+        del config["features"]
+        (root / "config.json").write_text(json.dumps(config))
+        return root, "config.json", "'features'"
+    if how == "config not json":
+        (root / "config.json").write_text("{features: nope")
+        return root, "config.json", "not valid JSON"
+    if how in ("tokenizer outside", "tokenizer absolute", "backbone outside"):
+        elsewhere = tmp_path / "elsewhere"
+        shutil.copytree(root / "tokenizer", elsewhere, dirs_exist_ok=True)
+        if how == "backbone outside":
+            config["backbone_weights"] = "../elsewhere/backbone.safetensors"
+        else:
+            config["tokenizer"]["path"] = "../elsewhere" if how == "tokenizer outside" else str(elsewhere)
+        (root / "config.json").write_text(json.dumps(config))
+        return root, "config.json", "outside the bundle folder"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated model", "garbage model", "missing model", "missing backbone",
+                                 "config is a list", "config lacks features", "config not json",
+                                 "tokenizer outside", "tokenizer absolute", "backbone outside"])
+def test_a_damaged_bundle_is_one_error_line_naming_the_file(tiny_bundle, tmp_path, how):
+    root, name, says = _damage(tiny_bundle, tmp_path, how)
+    line = _one_error_line(_serve_cli(["--model", str(root), "--port", str(free_port())]))
+    assert str(root / name) in line and says in line, line
+    with pytest.raises(BundleError, match=re.escape(name)):  # the library says the same (caption, evaluate...)
+        CaptionEngine.load(root).warm_up()
+
+
+# --------------------------------------------------------------------------- security headers, origins
+@pytest.mark.parametrize("path", ["/", "/static/index.html", "/docs"])
+def test_every_html_response_has_the_security_headers(client, path):
+    r = client.get(path)
+    if r.status_code == 404 and path == "/docs":
+        pytest.skip("swagger-ui-py not installed")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+    assert "unsafe-eval" not in csp and "'unsafe-inline'" not in csp.split("script-src", 1)[1].split(";")[0]
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
+
+
+def test_every_response_is_nosniff(client):
+    for r in (client.get("/health"), client.get("/static/app.js"), client.post("/caption", json={})):
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("origin,status", [
+    (None, 200), ("http://testserver", 200), ("https://evil.example", 403), ("http://testserver.evil.example", 403),
+    ("null", 403), ("http://localhost:1234", 403),
+])
+def test_requests_from_pages_of_other_sites_are_refused(client, origin, status):
+    headers = {"origin": origin} if origin else {}
+    r = client.post("/caption", files={"image": ("a.png", PNG, "image/png")}, headers=headers)
+    if status == 403:
+        err = assert_error(r, 403, "forbidden_origin")
+        assert origin in err["message"] and "--cors-origin" in err["message"]
+        assert "access-control-allow-origin" not in r.headers
+    else:
+        assert r.status_code == 200, r.text
+    assert client.get("/health", headers=headers).status_code == 200  # reading is harmless: no CORS header
+
+
+def test_cors_origin_allows_one_site(engine):
+    app = create_app(engine, cors_origin=["https://app.example"], warm_up=False)
+    with TestClient(app) as c:
+        pre = c.options("/caption", headers={"origin": "https://app.example", "access-control-request-method": "POST",
+                                             "access-control-request-headers": "x-api-key, content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
+        assert "x-api-key" in pre.headers["access-control-allow-headers"].lower()
+        r = c.post("/caption", json={"image": B64}, headers={"origin": "https://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        assert_error(c.post("/caption", json={"image": B64}, headers={"origin": "https://other.example"}),
+                     403, "forbidden_origin")
+    with TestClient(create_app(engine, cors_origin=["*"], warm_up=False)) as c:
+        assert c.post("/caption", json={"image": B64}, headers={"origin": "https://any.example"}).status_code == 200
 
 
 def test_several_model_workers_run_batches_at_once():

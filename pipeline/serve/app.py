@@ -12,18 +12,27 @@ Endpoints:
 ``GET /health``
     Liveness plus what the page needs: the model, the modes, whether a key is required, limits, batching.
 ``GET /``
-    The web page (``static/``: no remote asset, strict Content-Security-Policy).
+    The web page (``static/``: no remote asset). Every HTML response carries a strict
+    Content-Security-Policy, ``nosniff`` and ``no-referrer``; every response ``nosniff``.
 ``GET /docs``, ``GET /openapi.json``
     OpenAPI docs; Swagger UI is served from the locally installed ``swagger-ui-py`` package (no CDN);
     without it ``/docs`` is off and ``/openapi.json`` still describes the API.
 
 Every error is JSON ``{"error": {"code": "...", "message": "..."}}``: 400 malformed request (bad JSON or
 base64, missing or unknown field, unknown caption mode — the valid ones are listed), 401 missing or wrong
-API key, 404/405, 413 body over ``max_request_bytes`` (refused from ``Content-Length`` before reading, or
-once the streamed body passes the limit), 415 unsupported ``Content-Type``, 422 an upload that is not a
-usable image (not an image, truncated, corrupt, empty, more than ``max_pixels`` pixels), 503 the model
-queue is full. A catch-all handler turns any other failure into a 500 JSON error (logged with its
-traceback), never a bare trace. The server loads nothing but the bundle's safetensors and JSON files.
+API key, 403 a request sent by a page of another site (its ``Origin`` is neither this server nor one of
+``cors_origin``: a page elsewhere cannot drive this server through a visitor's browser), 404/405, 413 body
+over ``max_request_bytes`` (refused from ``Content-Length`` before reading, or once the streamed body
+passes the limit), 415 unsupported ``Content-Type``, 422 an upload that is not a usable image (not an
+image, truncated, corrupt, empty, more than ``max_pixels`` pixels or ``max_aspect_ratio``:1, judged from
+the header), 503 the model queue is full. A catch-all handler turns any other failure into a 500 JSON
+error (logged with its traceback), never a bare trace. The server loads nothing but the bundle's
+safetensors and JSON files.
+
+The work per request is bounded: parsing, decoding and preprocessing run in a bounded thread pool
+(``decode_threads``), never on the event loop, so a slow image never stalls another request or
+``/health``; an image of extreme aspect ratio is trimmed before it is resized
+(:func:`pipeline.data.images.trim_for_eval`), so accepted images cost their decoded size and little more.
 """
 
 from __future__ import annotations
@@ -31,44 +40,56 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import hmac
-import io
 import json
 import logging
+import re
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import anyio
+import anyio.lowlevel
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.bundle import Captioner
 from pipeline.data.images import ImageDecodeError
 from pipeline.decoding import CAPTION_MODES
 from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
 from pipeline.serve.engine import DEFAULT_MODE, SERVE_FORMATS, CaptionEngine, mode_list, unknown_mode_message
-from pipeline.serve.settings import SERVE_DEFAULTS, ServeSettings  # noqa: F401 - ServeSettings re-exported
+from pipeline.serve.settings import (  # noqa: F401 - ServeSettings re-exported
+    SERVE_DEFAULTS, ServeSettings, check_api_key, check_origins,
+)
 
 log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 2.0  # at most this long reading (and dropping) the rest of an oversized body, see _read_body
+FORM_CHUNK_BYTES = 256 * 1024  # the multipart parser's share of the event loop: ~1 ms of parsing at a time
 JSON_FIELDS = ("image", "caption_mode", "attention")
 FILE_FIELDS = ("image", "file")
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+HTML_HEADERS = {"content-security-policy": PAGE_CSP, "x-content-type-options": "nosniff",
+                "referrer-policy": "no-referrer"}
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DECODE_REASON_CODES = {
     "empty file": "empty_image",
     "not an image": "not_an_image",
     "truncated image": "truncated_image",
     "corrupt image": "corrupt_image",
     "image too large": "too_many_pixels",
+    "extreme aspect ratio": "extreme_aspect_ratio",
 }
 ModeName = Literal[tuple(CAPTION_MODES)]  # type: ignore[valid-type]
 
@@ -133,9 +154,10 @@ class CaptionResponse(BaseModel):
 ERROR_DOCS = {
     400: "Malformed request: bad JSON or base64, missing or unknown field, unknown caption mode.",
     401: "Missing or wrong API key (`X-API-Key: KEY` or `Authorization: Bearer KEY`).",
+    403: "Sent by a page of another site (its Origin is not this server's nor an allowed one).",
     413: "Request body larger than the server's limit.",
     415: "Content-Type is not multipart/form-data, application/json or image/*.",
-    422: "Not a usable image: not an image, truncated, corrupt, empty or too many pixels.",
+    422: "Not a usable image: not an image, truncated, corrupt, empty, too many pixels or too extreme an aspect ratio.",
     503: "Too many requests waiting for the model; retry shortly.",
 }
 
@@ -152,6 +174,47 @@ def error_response(status: int, code: str, message: str, headers: Optional[dict[
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
 
 
+class OriginGuard:
+    """ASGI middleware: refuses (403) a request that acts (not GET, HEAD or OPTIONS) sent by a page of another
+    site — browsers say whose page sent a request in ``Origin`` — unless that origin is allowed; requests
+    without an ``Origin`` (curl, scripts) and from this server's own page pass. It also gives every
+    response ``nosniff`` and every HTML response :data:`HTML_HEADERS` (a response's own values win)."""
+
+    def __init__(self, app: ASGIApp, allowed_origins: Sequence[str] = ()) -> None:
+        self.app = app
+        self.any_origin = "*" in allowed_origins
+        self.allowed = frozenset(allowed_origins)
+
+    def allows(self, origin: str, host: Optional[str]) -> bool:
+        """Whether a page of ``origin`` may call a server reached as ``host`` (the Host header)."""
+        if self.any_origin or origin.lower().rstrip("/") in self.allowed:
+            return True
+        _, sep, netloc = origin.partition("://")
+        return bool(sep) and host is not None and netloc.lower() == host.lower()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if scope["method"] not in SAFE_METHODS and origin is not None and not self.allows(origin, headers.get("host")):
+            response = error_response(403, "forbidden_origin", f"this server does not take requests from pages of "
+                                      f"{origin}; its operator can allow them with --cors-origin {origin}")
+            await response(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                out = MutableHeaders(scope=message)
+                extra = HTML_HEADERS if out.get("content-type", "").startswith("text/html") else {}
+                for name, value in {"x-content-type-options": "nosniff", **extra}.items():
+                    out.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 # --------------------------------------------------------------------------- the app
 def create_app(
     model: Union[str, Path, Captioner, CaptionEngine],
@@ -159,9 +222,11 @@ def create_app(
     api_key: Optional[str] = None,
     max_request_bytes: int = SERVE_DEFAULTS.max_request_bytes,
     max_pixels: int = SERVE_DEFAULTS.max_pixels,
+    max_aspect_ratio: float = SERVE_DEFAULTS.max_aspect_ratio,
     max_batch_size: int = SERVE_DEFAULTS.max_batch_size,
     max_wait_ms: float = SERVE_DEFAULTS.max_wait_ms,
     max_queue: int = SERVE_DEFAULTS.max_queue,
+    cors_origin: Sequence[str] = (),
     model_workers: int = 1,
     decode_threads: int = 4,
     device: str = "cpu",
@@ -170,19 +235,23 @@ def create_app(
     """The captioning API for a bundle folder (or a loaded Captioner / CaptionEngine).
 
     The limits default to :data:`pipeline.serve.settings.SERVE_DEFAULTS` (``pipeline serve``'s defaults too);
-    ``create_app(engine, **ServeSettings(...).app_limits())`` applies a whole settings object.
+    ``create_app(engine, **ServeSettings(...).app_limits())`` applies a whole settings object. ``api_key``:
+    None serves without one; an empty or blank key is a ``ConfigError``. ``cors_origin``: web origins
+    (``scheme://host[:port]``, or ``*``) whose pages may call the API besides this server's own.
     """
+    api_key = check_api_key(api_key)
+    origins = check_origins(cors_origin)
+    if max_request_bytes < 1 or max_pixels < 1 or max_aspect_ratio < 1:
+        raise ValueError("max_request_bytes, max_pixels and max_aspect_ratio must be positive (the ratio >= 1)")
     if isinstance(model, CaptionEngine):
         engine = model
     elif isinstance(model, Captioner):
         engine = CaptionEngine(model)
     else:
         engine = CaptionEngine.load(model, device=device)
-    if max_request_bytes < 1 or max_pixels < 1:
-        raise ValueError("max_request_bytes and max_pixels must be positive")
     if warm_up:
         engine.warm_up()
-    state = _State(engine, api_key or None, max_request_bytes, max_pixels, decode_threads)
+    state = _State(engine, api_key, max_request_bytes, max_pixels, max_aspect_ratio, decode_threads)
     state.batcher = DynamicBatcher(state.run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                                    max_queue=max_queue, pending=lambda: state.pending, workers=model_workers)
 
@@ -203,13 +272,15 @@ def create_app(
     )
     app.state.captioning = state
     _install_error_handlers(app)
+    if origins:  # preflights and Access-Control-* headers for the allowed origins (the guard refuses others)
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["content-type", "x-api-key", "authorization"], max_age=600)
+    app.add_middleware(OriginGuard, allowed_origins=origins)
     static = resources.files("pipeline.serve") / "static"
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"),
-                            headers={"Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
-                                     "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+        return HTMLResponse((static / "index.html").read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
@@ -227,7 +298,7 @@ def create_app(
             "default_mode": DEFAULT_MODE,
             "auth_required": state.api_key is not None,
             "limits": {"max_request_bytes": state.max_request_bytes, "max_pixels": state.max_pixels,
-                       "image_formats": list(SERVE_FORMATS)},
+                       "max_aspect_ratio": state.max_aspect_ratio, "image_formats": list(SERVE_FORMATS)},
             "batching": {"max_batch_size": state.batcher.max_batch_size, "model_workers": state.batcher.workers,
                          "max_wait_ms": state.batcher.max_wait * 1000.0, "queued": state.batcher.queued,
                          **state.batcher.stats.as_dict()},
@@ -277,11 +348,13 @@ class _State:
     """Everything a request needs: the engine, the batcher, the limits and the in-flight count."""
 
     def __init__(self, engine: CaptionEngine, api_key: Optional[str], max_request_bytes: int, max_pixels: int,
-                 decode_threads: int) -> None:
+                 max_aspect_ratio: float, decode_threads: int) -> None:
         self.engine = engine
         self.api_key = api_key
         self.max_request_bytes = max_request_bytes
         self.max_pixels = max_pixels
+        self.max_aspect_ratio = max_aspect_ratio
+        # Parsing, decoding and preprocessing: CPU work that must never run on the event loop.
         self.decode_limiter = anyio.CapacityLimiter(max(1, decode_threads))
         self.pending = 0  # requests received but not yet handed to the batcher (the batcher waits only for these)
         self.batcher: DynamicBatcher  # set by create_app
@@ -308,10 +381,7 @@ class _State:
             if mode not in CAPTION_MODES:
                 raise ApiError(400, "unknown_mode", unknown_mode_message(mode), valid=list(CAPTION_MODES))
             t = time.perf_counter()
-            if _small_image(data):  # a few ms of work: cheaper here than a hop to a thread and back
-                image, pixels = self._decode(data)
-            else:
-                image, pixels = await anyio.to_thread.run_sync(self._decode, data, limiter=self.decode_limiter)
+            image, pixels = await anyio.to_thread.run_sync(self._decode, data, limiter=self.decode_limiter)
             decode_ms = (time.perf_counter() - t) * 1000.0
             wants_maps = bool(attention) and self.engine.has_attention
             self.pending -= 1
@@ -356,12 +426,14 @@ class _State:
 
     def _decode(self, data: bytes):
         try:
-            image = self.engine.decode(data, "upload", self.max_pixels)
+            image = self.engine.decode(data, "upload", self.max_pixels, self.max_aspect_ratio)
         except ImageDecodeError as e:
             code = DECODE_REASON_CODES.get(e.reason, "not_an_image")
             message = e.reason + (f": {e.detail}" if e.detail else "")
             if code == "too_many_pixels":
                 message += f" (this server accepts at most {self.max_pixels:,} pixels)"
+            elif code == "extreme_aspect_ratio":
+                message += f" (this server accepts sides of at most {self.max_aspect_ratio:g}:1)"
             raise ApiError(422, code, message) from None
         try:
             return image, self.engine.prepare(image)
@@ -386,8 +458,9 @@ class _State:
         body = await self._read_body(request)
         if kind == "raw":
             return body, query_mode, query_attention
-        if kind == "json":
-            return self._parse_json(body, query_mode, query_attention)
+        if kind == "json":  # json.loads and base64 of a body up to the limit: milliseconds, off the loop
+            return await anyio.to_thread.run_sync(self._parse_json, body, query_mode, query_attention,
+                                                  limiter=self.decode_limiter)
         return await self._parse_multipart(request, body, query_mode, query_attention)
 
     async def _read_body(self, request: Request) -> bytes:
@@ -466,8 +539,15 @@ class _State:
                                query_attention) -> tuple[bytes, Optional[str], Optional[bool]]:
         from starlette.datastructures import UploadFile
 
+        offset = 0
+
         async def replay() -> dict[str, Any]:  # the size-checked body, for a parser that reads a stream
-            return {"type": "http.request", "body": body, "more_body": False}
+            # The parser runs on the event loop: a chunk at a time, letting other requests in between.
+            nonlocal offset
+            await anyio.lowlevel.checkpoint()
+            chunk = body[offset:offset + FORM_CHUNK_BYTES]
+            offset += FORM_CHUNK_BYTES
+            return {"type": "http.request", "body": chunk, "more_body": offset < len(body)}
 
         try:
             form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
@@ -494,24 +574,6 @@ class _State:
             return data, (mode or None), attention
         finally:
             await form.close()
-
-
-INLINE_MAX_BYTES = 512 * 1024
-INLINE_MAX_PIXELS = 640 * 640
-
-
-def _small_image(data: bytes) -> bool:
-    """Whether ``data`` is small enough to decode on the event loop (its header says so; anything odd: no)."""
-    if len(data) > INLINE_MAX_BYTES:
-        return False
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data), formats=SERVE_FORMATS) as img:
-            w, h = img.size
-            return w * h <= INLINE_MAX_PIXELS and getattr(img, "n_frames", 1) == 1
-    except Exception:  # noqa: BLE001 - the decoder thread will say what is wrong
-        return False
 
 
 def _form_bool(value: Any) -> bool:
@@ -584,11 +646,16 @@ def _add_docs(app: FastAPI) -> None:
     from fastapi.openapi.docs import get_swagger_ui_html
 
     app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
+    html = get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} — docs",
+                               swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                               swagger_css_url="/docs-assets/swagger-ui.css",
+                               swagger_favicon_url="/docs-assets/favicon-32x32.png").body
+    # The page's CSP, plus Swagger UI's one inline script (its start-up call), allowed by its hash.
+    scripts = re.findall(rb"<script>(.*?)</script>", html, flags=re.DOTALL)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(js).digest()).decode()}'" for js in scripts)
+    csp = PAGE_CSP.replace("script-src 'self'", f"script-src 'self' {hashes}")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} — docs",
-                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+        return HTMLResponse(html, headers={"content-security-policy": csp})
 

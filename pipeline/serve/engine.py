@@ -4,7 +4,9 @@
 
 * :meth:`~CaptionEngine.decode` untrusted bytes -> RGB image (:class:`ImageDecodeError` with a stable
   ``reason`` otherwise; only common raster formats are tried);
-* :meth:`~CaptionEngine.prepare` image -> the backbone's normalised input (cheap; any thread);
+* :meth:`~CaptionEngine.prepare` image -> the backbone's normalised input (bounded work for any image that
+  decodes: one of extreme aspect ratio is trimmed first, see :func:`pipeline.data.images.trim_for_eval`;
+  any thread);
 * :meth:`~CaptionEngine.run` a batch of prepared images with one :class:`DecodingOptions` -> captions
   (the model: one thread at a time);
 * :meth:`~CaptionEngine.result` one image's captions -> the JSON-ready answer: ``caption``, ``score``,
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.bundle import Caption, Captioner
-from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_bytes
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_bytes, trim_for_eval
 from pipeline.decoding import CAPTION_MODES, DecodingOptions, options_for_mode
 
 log = logging.getLogger(__name__)
@@ -143,10 +145,12 @@ class CaptionEngine:
 
     # -- images ---------------------------------------------------------------------------------
     @staticmethod
-    def decode(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS):
-        """Untrusted bytes -> upright RGB ``PIL.Image``; any failure is an :class:`ImageDecodeError`."""
+    def decode(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_aspect_ratio: Optional[float] = None):
+        """Untrusted bytes -> upright RGB ``PIL.Image``; any failure is an :class:`ImageDecodeError` (over
+        ``max_pixels`` or ``max_aspect_ratio`` too, judged from the header before decoding)."""
         try:
-            return decode_bytes(data, source, max_pixels, formats=SERVE_FORMATS)
+            return decode_bytes(data, source, max_pixels, formats=SERVE_FORMATS, max_aspect_ratio=max_aspect_ratio)
         except ImageDecodeError:
             raise
         except MemoryError:
@@ -155,7 +159,7 @@ class CaptionEngine:
             raise ImageDecodeError(source, "corrupt image", f"{type(e).__name__}: {e}") from None
 
     def prepare(self, image) -> torch.Tensor:
-        """RGB image -> the backbone's normalised input ``(3, H, W)``."""
+        """RGB image -> the backbone's normalised input ``(3, H, W)`` (see :meth:`Captioner.preprocess`)."""
         return self.captioner.preprocess(image)
 
     # -- the model ------------------------------------------------------------------------------
@@ -213,7 +217,7 @@ class CaptionEngine:
         if caption.attention is None or not caption.tokens:
             return None
         spec = self.captioner.features
-        view = backbone_view(image, spec.preprocessing)
+        view = backbone_view(trim_for_eval(image, spec.preprocessing), spec.preprocessing)
         w, h = view.size
         scale = max(1.0, HEATMAP_MIN_SIDE / min(w, h))
         if scale > 1:

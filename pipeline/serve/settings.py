@@ -1,17 +1,80 @@
 """The server's settings, each default stated once: ``pipeline serve`` generates its options from these
 fields (names, help, defaults) and :func:`pipeline.serve.app.create_app` takes its defaults from
-:data:`SERVE_DEFAULTS`.
+:data:`SERVE_DEFAULTS`. Also here, the start-up decisions ``pipeline serve`` makes from them: whether the
+address answers this machine only (:func:`is_loopback`, :func:`open_access_warning`), which API key to
+require (:func:`check_api_key`), which other sites' pages may call the API (:func:`check_origins`) and
+the listening socket (:meth:`ServeSettings.listen_socket`).
 
-No heavy imports here (pydantic only), so the CLI can build ``serve``'s options without loading the app.
+No heavy imports here (pydantic and the standard library only), so the CLI can build ``serve``'s options
+without loading the app.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import re
+import socket
+from typing import Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["SERVE_DEFAULTS", "ServeSettings"]
+from pipeline.errors import ConfigError
+
+__all__ = ["API_KEY_ENV", "SERVE_DEFAULTS", "ServeSettings", "check_api_key", "check_origins", "is_loopback",
+           "open_access_warning"]
+
+API_KEY_ENV = "PIPELINE_API_KEY"
+_ORIGIN = re.compile(r"^https?://[^/?#\s]+$")
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process listens there: stop it or choose another --port",
+    errno.EADDRNOTAVAIL: "this machine has no such address: check --host",
+    errno.EACCES: "ports below 1024 need privileges: choose another --port",
+}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` answers this machine only: a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def open_access_warning(host: str, api_key: Optional[str]) -> Optional[str]:
+    """What ``pipeline serve`` warns about when it would answer other machines without an API key; None
+    when it would not (a loopback address, or a key)."""
+    if api_key is not None or is_loopback(host):
+        return None
+    return (f"serving on {host} without an API key: anyone who can reach this address can use the model "
+            f"(set --api-key or {API_KEY_ENV})")
+
+
+def check_origins(origins: Sequence[str]) -> list[str]:
+    """Web origins whose pages may call the API (``--cors-origin``), normalised (lower case, no trailing
+    slash); a :class:`ConfigError` for one that is not ``scheme://host[:port]`` or ``*``."""
+    out = []
+    for given in origins:
+        origin = given.strip().rstrip("/").lower()
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ConfigError(f"--cors-origin {given!r} is not a web origin: write scheme://host[:port] "
+                              "(no path), or '*' for any")
+        out.append(origin)
+    return out
+
+
+def check_api_key(key: Optional[str]) -> Optional[str]:
+    """The API key to require (None: none). An empty or blank key is refused rather than read as "no key",
+    and so is one with spaces around it (no HTTP header can carry them, so no request would match)."""
+    if key is None:
+        return None
+    if not key.strip():
+        raise ConfigError(f"the API key (--api-key or {API_KEY_ENV}) is empty: give a key, or unset "
+                          f"{API_KEY_ENV} and leave out --api-key to serve without one")
+    if key != key.strip():
+        raise ConfigError(f"the API key (--api-key or {API_KEY_ENV}) starts or ends with whitespace, which no "
+                          "request header can carry: remove it")
+    return key
 
 
 class ServeSettings(BaseModel):
@@ -21,9 +84,11 @@ class ServeSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address to bind; the default answers this machine only. "
                                                "Use 0.0.0.0 to be reachable from elsewhere (set an API key).")
-    port: int = Field(8000, description="TCP port.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port (1-65535).")
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body (413 beyond).")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image in pixels (422 beyond).")
+    max_aspect_ratio: float = Field(100.0, ge=1, description="Largest ratio of an image's longer side to its "
+                                                             "shorter one (422 beyond).")
     max_batch_size: int = Field(8, ge=1, description="Most images per model call (dynamic batching).")
     max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more requests (only while "
                                                       "others are arriving).")
@@ -31,11 +96,8 @@ class ServeSettings(BaseModel):
 
     @property
     def loopback(self) -> bool:
-        """Whether ``host`` answers this machine only (a loopback address or ``localhost``)."""
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return self.host == "localhost"
+        """Whether ``host`` answers this machine only (see :func:`is_loopback`)."""
+        return is_loopback(self.host)
 
     @property
     def url(self) -> str:
@@ -45,6 +107,24 @@ class ServeSettings(BaseModel):
     def app_limits(self) -> dict[str, object]:
         """The keyword arguments of ``create_app`` these settings give (all but host and port)."""
         return self.model_dump(exclude={"host", "port"})
+
+    def listen_socket(self) -> socket.socket:
+        """A TCP socket bound to ``host:port`` and listening; a :class:`ConfigError` naming the address
+        when that fails (the port in use, no such address here, a privileged port)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        # IPPROTO_TCP by name: asyncio turns Nagle off (TCP_NODELAY) only on connections of such a socket;
+        # with Nagle on, each answer waits ~40 ms for a delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(2048)
+            return sock
+        except OSError as e:
+            sock.close()
+            what = e.strerror or str(e)
+            hint = _LISTEN_HINTS.get(e.errno, "check --host and --port")
+            raise ConfigError(f"cannot listen on {self.url}: {what}; {hint}") from None
 
 
 SERVE_DEFAULTS = ServeSettings()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,14 +35,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import (
-    base_parser,
-    load_note,
-    loadavg,
-    log,
-    machine_info,
-    markdown_table,
-    median,
-    write_results,
+    base_parser, load_note, loadavg, log, machine_info, markdown_table, median, publish, work_folder,
 )
 
 NAME = "cache_read"
@@ -184,13 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shape = (args.tokens, args.channels)
     info = machine_info()
     before = loadavg()
-    tmp = None
-    if args.work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-cache-")
-        work = Path(tmp.name)
-    else:
-        work = Path(args.work_dir)
-        shutil.rmtree(work / "layouts", ignore_errors=True)
+    work, tmp = work_folder(args.work_dir, "bench-cache-")
+    shutil.rmtree(work / "layouts", ignore_errors=True)  # a kept work folder starts clean
     try:
         root = work / "layouts"
         rec_kb = np.prod(shape) * 2 / 1024
@@ -306,10 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": TARGETS,
         "markdown": markdown,
     }
-    path = write_results(args.results_dir, NAME, data)
-    print(markdown)
-    log(f"[cache_read] results written to {path}")
-    return data
+    return publish(args.results_dir, NAME, data, markdown)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -101,6 +102,26 @@ def load_note(before: list[float], after: list[float], cpus: int | None) -> str:
         return ""
     return (f"Load average (1 min) {before[0]:.2f} before, {after[0]:.2f} after, on {cpus} CPU(s); "
             "other processes on the machine add noise to every number.")
+
+
+def work_folder(work_dir: Path | None, prefix: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """The scratch folder of a run: ``work_dir`` (created), or a temporary one; the second item is the
+    temporary directory to ``cleanup()`` when done (None for ``work_dir``)."""
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        return Path(tmp.name), tmp
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    return Path(work_dir), None
+
+
+def publish(results_dir: Path, name: str, data: dict[str, Any], markdown: str | None = None) -> dict[str, Any]:
+    """Write ``data`` to ``<results_dir>/<name>.json``, print ``markdown`` (the README table) to stdout, and
+    return ``data``."""
+    path = write_results(results_dir, name, data)
+    if markdown is not None:
+        print(markdown)
+    log(f"[{name}] results written to {path}")
+    return data
 
 
 def write_results(results_dir: Path, name: str, data: dict[str, Any]) -> Path:

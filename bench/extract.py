@@ -30,22 +30,13 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    base_parser,
-    load_note,
-    loadavg,
-    log,
-    machine_info,
-    markdown_table,
-    median,
-    timed,
-    write_results,
+    base_parser, load_note, loadavg, log, machine_info, markdown_table, median, publish, timed, work_folder,
 )
 
 NAME = "extract"
@@ -250,13 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         info["torch_threads"] = args.threads
     before = loadavg()
-    tmp = None
-    if args.work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-extract-")
-        work = Path(tmp.name)
-    else:
-        work = Path(args.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_folder(args.work_dir, "bench-extract-")
     try:
         log(f"[extract] generating {args.images} {args.source_px}px {args.format.upper()} images in {work}")
         manifest = make_images(work / "data", args.images, args.source_px, args.format, args.seed)
@@ -314,10 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": {"extract_vs_forward": TARGET_RATIO},
         "markdown": markdown,
     }
-    path = write_results(args.results_dir, NAME, data)
-    print(markdown)
-    log(f"[extract] results written to {path}")
-    return data
+    return publish(args.results_dir, NAME, data, markdown)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import base_parser, loadavg, log, machine_info, markdown_table, write_results
+from bench.common import base_parser, loadavg, log, machine_info, markdown_table, publish, work_folder
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -175,9 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.dataset is None and not args.quick:
         raise SystemExit("bench.quality: give a Flickr8k-layout DATASET_DIR (or --quick for a smoke run)")
     recipe = yaml.safe_load(params.read_text(encoding="utf-8"))
-    tmp = tempfile.TemporaryDirectory(prefix="bench-quality-") if args.work_dir is None else None
-    work = Path(tmp.name) if tmp else args.work_dir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_folder(args.work_dir, "bench-quality-")
+    work = work.resolve()
     before = loadavg()
     try:
         dataset = make_quick_dataset(work / "dataset") if args.quick else args.dataset
@@ -198,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(markdown_table(["stage", "seconds"], [[k, v] for k, v in run.seconds.items()]))
     print(f"\ntraining (train + scst + finetune): {training / 60:.1f} min")
-    path = write_results(args.results_dir, f"quality-{args.recipe}", result)
-    log(f"[quality] wrote {path}")
-    return result
+    return publish(args.results_dir, f"quality-{args.recipe}", result)
 
 
 if __name__ == "__main__":

@@ -49,14 +49,13 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from bench.common import base_parser, load_note, loadavg, log, machine_info, markdown_table, write_results
+from bench.common import base_parser, load_note, loadavg, log, machine_info, markdown_table, publish, work_folder
 
 NAME = "serve"
 TARGET_LATENCY_RATIO = 1.2
@@ -461,13 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_threads(args.threads)
     info = machine_info()
     before = loadavg()
-    tmp = None
-    if args.work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
-        work = Path(tmp.name)
-    else:
-        work = Path(args.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_folder(args.work_dir, "bench-serve-")
     proc = None
     try:
         bundle = args.model or (None if args.quick else find_trained_bundle())
@@ -585,9 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "hostile_rss_growth_mb_max": TARGET_HOSTILE_GROWTH_MB, "health_p99_ms_max": TARGET_HEALTH_P99_MS},
         "markdown": markdown,
     }
-    path = write_results(args.results_dir, NAME, data)
-    log(f"[serve] wrote {path}")
-    return data
+    return publish(args.results_dir, NAME, data)
 
 
 def _mixed_kinds(n: int, malformed: float, seed: int) -> list[str]:

@@ -40,7 +40,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,15 +47,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from bench.common import (
-    base_parser,
-    load_note,
-    loadavg,
-    log,
-    machine_info,
-    markdown_table,
-    median,
-    timed,
-    write_results,
+    base_parser, load_note, loadavg, log, machine_info, markdown_table, median, publish, timed, work_folder,
 )
 
 NAME = "train_throughput"
@@ -880,15 +871,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     info = machine_info()
     before = loadavg()
-    tmp = None
-    if args.work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-train-")
-        work = Path(tmp.name)
-    else:
-        work = Path(args.work_dir)
-        for sub in ("data", "features"):
-            shutil.rmtree(work / sub, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_folder(args.work_dir, "bench-train-")
+    for sub in ("data", "features"):  # a kept work folder starts clean
+        shutil.rmtree(work / sub, ignore_errors=True)
     try:
         setup = build_setup(args, work)
         tp = bench_throughput(args, setup)
@@ -917,10 +902,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": {"cache_vs_e2e_frozen": TARGET_RATIO},
         "markdown": markdown,
     }
-    path = write_results(args.results_dir, NAME, data)
-    print(markdown)
-    log(f"[{NAME}] results written to {path}")
-    return data
+    return publish(args.results_dir, NAME, data, markdown)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ read with ``weights_only=True``), or nothing (random init, recorded as such).
 
 from __future__ import annotations
 
+import functools
 import difflib
 import logging
 import os
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from cache.format import FeatureSpec, TokenSet, file_sha256
+from pipeline.data.images import trim_for_eval
 from pipeline.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -172,12 +174,17 @@ class Backbone:
                            token_sets=tuple(token_sets), dtype=dtype, source=source)
 
     def eval_transform(self):
-        """Resize the shorter side, centre-crop, normalise — as the data config says."""
+        """Resize the shorter side, centre-crop, normalise — as the data config says (timm's eval transform);
+        an image of extreme aspect ratio is trimmed first, so no image costs unbounded work
+        (:func:`pipeline.data.images.trim_for_eval`; others get exactly timm's tensors)."""
+        from torchvision import transforms
+
         cfg = self.data_config
-        return timm.data.create_transform(
+        timm_transform = timm.data.create_transform(
             input_size=cfg["input_size"], interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
             crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode", "center"), is_training=False,
         )
+        return transforms.Compose([functools.partial(trim_for_eval, preprocessing=dict(cfg)), timm_transform])
 
 
 def flatten_map(x: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,19 @@ AllowOutsidePaths = Annotated[bool, Field(
     description="Accept image paths in the annotations that lead out of the images folder (absolute, or with "
                 "`..`); default: such images are rejected."
 )]
+# Where a source's images go: auto, seeded, or one of pipeline.data.manifest.SPLITS for all of them.
+SourceSplit = Annotated[Literal["auto", "train", "val", "test", "seeded"], Field(
+    description="Split of the source's images: auto (the source's own split where it has one, else seeded), "
+                "train / val / test (every image), seeded (prepare's seeded image-level split by val_fraction / "
+                "test_fraction). Identical photos are then kept in one split (see prepare's `duplicates`)."
+)]
+
+
+def _one_split_rule(cfg: StageConfig, option: str) -> None:
+    """Refuse a source that names both a split option of its own (``option``) and a ``split`` other than auto."""
+    if getattr(cfg, option) is not None and cfg.split != "auto":
+        raise ValueError(f"{option} and split {cfg.split!r} both say where the images go: set one of them "
+                         f"(split: auto uses {option})")
 
 
 class SyntheticSource(StageConfig):
@@ -49,6 +62,7 @@ class SyntheticSource(StageConfig):
     noisy_images: int = Field(1000, ge=0, description="Images of the noisy social variant (0: none).")
     image_size: int = Field(128, ge=32, description="Side of the rendered square images, pixels.")
     seed: int = 0
+    split: SourceSplit = "auto"
 
 
 class CocoSource(StageConfig):
@@ -56,9 +70,9 @@ class CocoSource(StageConfig):
     name: str = "coco"
     annotations: Path = Field(description="captions_{train,val}{2014,2017}.json")
     images: Path = Field(description="Folder holding the images named in the annotations.")
-    split: Optional[Literal["train", "val", "test"]] = Field(
-        None, description="Split for every image; default: from the file name (train/val), else seeded."
-    )
+    split: SourceSplit = Field("auto", description="auto: from the file name (captions_train2017.json: train, "
+                               "captions_val2017.json: val), else seeded; train / val / test: every image; seeded: "
+                               "prepare's seeded split (e.g. a val file split three ways).")
     allow_outside_paths: AllowOutsidePaths = False
 
 
@@ -67,6 +81,8 @@ class KarpathySource(StageConfig):
     name: str = "karpathy"
     annotations: Path = Field(description="dataset_{coco,flickr8k,flickr30k}.json")
     images: Path = Field(description="Root the entries' filepath/filename are relative to.")
+    split: SourceSplit = Field("auto", description="auto: each entry's own split (restval: train); train / val / "
+                               "test: every image; seeded: prepare's seeded split instead of the file's.")
     allow_outside_paths: AllowOutsidePaths = False
 
 
@@ -78,7 +94,14 @@ class Flickr8kSource(StageConfig):
     split_lists: Optional[Path] = Field(
         None, description="Folder with Flickr_8k.{train,dev,test}Images.txt; default: seeded split."
     )
+    split: SourceSplit = Field("auto", description="auto: from split_lists when given, else seeded; train / val / "
+                               "test: every image; seeded: prepare's seeded split (not with split_lists).")
     allow_outside_paths: AllowOutsidePaths = False
+
+    @model_validator(mode="after")
+    def _split_said_once(self) -> "Flickr8kSource":
+        _one_split_rule(self, "split_lists")
+        return self
 
 
 class Flickr30kSource(StageConfig):
@@ -86,6 +109,8 @@ class Flickr30kSource(StageConfig):
     name: str = "flickr30k"
     captions: Path = Field(description="results.csv (image_name| comment_number| comment)")
     images: Path
+    split: SourceSplit = Field("auto", description="auto and seeded: prepare's seeded split (results.csv has no "
+                               "split; use a Karpathy file for the standard one); train / val / test: every image.")
     allow_outside_paths: AllowOutsidePaths = False
 
 
@@ -98,8 +123,16 @@ class TableSource(StageConfig):
     images: Optional[Path] = Field(None, description="Root for relative image paths; default: the table's folder.")
     image_column: str = "image"
     caption_column: str = "caption"
-    split_column: Optional[str] = None
+    split_column: Optional[str] = Field(None, description="Column naming each row's split (train/val/test and "
+                                        "aliases; blank: seeded).")
+    split: SourceSplit = Field("auto", description="auto: from split_column when given, else seeded; train / val / "
+                               "test: every image; seeded: prepare's seeded split (not with split_column).")
     allow_outside_paths: AllowOutsidePaths = False
+
+    @model_validator(mode="after")
+    def _split_said_once(self) -> "TableSource":
+        _one_split_rule(self, "split_column")
+        return self
 
 
 Source = Annotated[
@@ -116,7 +149,12 @@ class PrepareConfig(StageConfig):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)
     check_images: Literal["full", "header", "none"] = Field("full", description="How hard to check each image.")
-    workers: int = Field(2, ge=1, description="Threads decoding images for the check.")
+    duplicates: Literal["pixels", "bytes"] = Field(
+        "pixels", description="How identical images under different ids are found (each group is kept in one "
+        "split, the most held-out of its members': test > val > train; listed in duplicates.json): pixels: same "
+        "decoded RGB pixels (the check_images full decode is reused; header/none decode once more); bytes: "
+        "identical files only (no decoding).")
+    workers: int = Field(2, ge=1, description="Threads decoding and hashing images.")
 
     @model_validator(mode="after")
     def _fractions_leave_a_train_split(self) -> "PrepareConfig":
@@ -130,6 +168,9 @@ class ExtractConfig(StageConfig):
     paired: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": ("weights",)}
 
     manifest: Path = Field(MANIFEST, description="Manifest of the images to encode.")
+    extra_manifests: list[Path] = Field(
+        [], description="More manifests whose images go into the same cache (e.g. the noisy variant, which "
+                        "training on a mix of clean and filtered captions reads); ids must be unique across them.")
     out_dir: Path = Field(Path("data/features"), description="Cache folder: shard-*.lmdb + meta.json.")
     backbone: str = Field("tf_efficientnet_lite0", description="Any timm model name.")
     pretrained: bool = Field(False, description="Download timm's pretrained weights (online users).")
@@ -240,8 +281,27 @@ class TrainConfig(LoopConfig):
     )
     scheduled_sampling_ramp_epochs: int = Field(5, ge=1)
     compile: Compile = False
-    glove: Optional[Path] = Field(None, description="GloVe text file to initialise word embeddings (word tokenizer).")
-    freeze_embeddings: bool = False
+    glove: Optional[Path] = Field(
+        None, description="GloVe text file (.txt or .gz) to initialise the word embeddings with (word tokenizer; "
+        "show_tell, show_attend_tell, transformer); mapped to the embedding width when it differs.")
+    freeze_embeddings: bool = Field(False, description="Keep the GloVe-initialised word embeddings fixed (needs "
+                                    "glove).")
+
+    @model_validator(mode="after")
+    def _word_vectors_fit_the_family(self) -> "TrainConfig":
+        if self.freeze_embeddings and self.glove is None:
+            raise ValueError("freeze_embeddings keeps GloVe-initialised embeddings fixed: it needs glove (a GloVe "
+                             "file)")
+        if self.glove is not None:
+            from pipeline.models.decoders import DECODERS, families_with
+
+            family = DECODERS.get(self.decoder)
+            if family is not None and family.word_embeddings is None:
+                raise ValueError(f"decoder {self.decoder!r} cannot use glove: its token embedding is GPT-2's own "
+                                 f"(wte, tied to the output layer, made for BPE tokens and pretrained GPT-2 "
+                                 f"weights), not a word-embedding table; GloVe initialises the word-tokenizer "
+                                 f"families {', '.join(families_with('word_embeddings'))}")
+        return self
 
     @property
     def output_dir(self) -> Path:
@@ -306,6 +366,9 @@ class ReportConfig(StageConfig):
     )
     live: list[str] = Field(["models/*/live"], description="dvclive folders (glob patterns) to plot training curves from.")
     out: Path = Field(Path("reports/summary.md"), description="Markdown summary; curves go to <its folder>/curves/.")
+    comparisons: dict[str, dict[str, str]] = Field(
+        {}, description="Extra tables of chosen models side by side: title -> {row label: model name} (e.g. the "
+                        "noisy-caption recovery experiment's cells); each model must be among the reports.")
 
 
 class ClipTrainConfig(StageConfig):
@@ -426,6 +489,9 @@ class FilterConfig(StageConfig):
 class MixConfig(StageConfig):
     """Combine the filtered noisy set with a clean set at a chosen ratio into one training manifest."""
 
+    # `--no-clean-train` on the command line: the params file's ratio (filtered:clean) has nothing to apply to.
+    paired: ClassVar[dict[str, tuple[str, ...]]] = {"clean_train": ("ratio",)}
+
     clean: Path = Field(MANIFEST, description="Clean manifest; its val/test pass unchanged.")
     filtered: Path = Field(Path("data/filtered/manifest.jsonl"), description="Filtered manifest; only its train split is mixed in.")
     out_dir: Path = Field(Path("data/mixed"), description="Writes manifest.jsonl and stats.json.")
@@ -434,7 +500,16 @@ class MixConfig(StageConfig):
                                 "(seeded) to meet it. None: everything from both."
     )
     unit: Literal["images", "captions"] = Field("captions", description="What the ratio counts.")
+    clean_train: bool = Field(True, description="Include the clean training images; false: the training split "
+                              "is the filtered side alone (a noisy-only cell of the recovery experiment; `ratio` "
+                              "must then be unset).")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _ratio_needs_clean_train(self) -> "MixConfig":
+        if not self.clean_train and self.ratio is not None:
+            raise ValueError("ratio is filtered:clean, and clean_train is false: leave ratio unset")
+        return self
 
 
 class FinetuneConfig(LoopConfig):
@@ -632,7 +707,8 @@ def load_config(section: str, params: Path | None = DEFAULT_PARAMS, overrides: d
             for dep in dependents:
                 if dep not in overrides and values.get(dep) is not None:
                     log.info("%s %r given on the command line: %s's %s (%s, set for %s %r) not used", key,
-                             overrides[key], where, dep, values[dep], key, values.get(key))
+                             overrides[key], where, dep, values[dep], key,
+                             values.get(key, model.model_fields[key].default))
                     values.pop(dep)
     try:
         cfg = model.model_validate(values)

@@ -6,19 +6,25 @@ Outputs in ``cfg.out_dir``:
 
 * ``manifest.jsonl`` — one row per image (see :mod:`pipeline.data.manifest`);
 * ``rejects.jsonl`` — every refused item with file, line or id, and reason;
-* ``stats.json`` — counts per split and source, rejects by reason, the config;
+* ``stats.json`` — counts per split and source, rejects by reason, duplicates, the config;
+* ``duplicates.json`` — the groups of one image found under several ids, and the split each group went to;
 * ``images/`` — rendered images, for the synthetic source;
 * ``noisy/manifest.jsonl`` + ``noisy/labels.jsonl`` — the synthetic noisy social
   variant and its ground-truth match labels (kept out of the manifest).
 
-Sources with a split keep it; the others get a seeded image-level split. When every item is
-rejected, only ``rejects.jsonl`` is written and :class:`PrepareError` says so.
+Each source's ``split`` option says where its images go (auto: the source's own split where it has
+one); the images left without one get a seeded image-level split. Then one image found under several
+ids (COCO 2014 and 2017, a dataset photo re-posted in a social table; compared by decoded pixels, or by
+file bytes with ``duplicates: bytes``) is kept in one split: every member of a group takes the most
+held-out split among the members' (test > val > train), so no evaluation image is trained on.
+When every item is rejected, only ``rejects.jsonl`` is written and :class:`PrepareError` says so.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +32,10 @@ import numpy as np
 from pipeline.config import PrepareConfig, SyntheticSource, config_to_dict
 from pipeline.data.manifest import (
     MANIFEST_VERSION,
+    SPLITS,
     ManifestRecord,
     RejectsReport,
+    resolve_image_path,
     write_manifest,
 )
 from pipeline.errors import UserError
@@ -59,27 +67,101 @@ def assign_splits(records: list[ManifestRecord], *, seed: int, val_fraction: flo
 
 
 def _import_synthetic(src: SyntheticSource, out_dir: Path) -> tuple[list[ManifestRecord], list[ManifestRecord], list[dict]]:
+    from pipeline.data.importers import resolve_split
     from pipeline.data.synthetic import generate_synthetic
 
     result = generate_synthetic(
         out_dir, num_images=src.num_images, noisy_images=src.noisy_images, image_size=src.image_size,
         seed=src.seed, name=src.name,
     )
+    split = resolve_split(src.split, None)  # the synthetic source has no split of its own
     for rec in result.records + result.noisy_records:
-        rec.extra["needs_split"] = True
+        if split is None:
+            rec.extra["needs_split"] = True
+        else:
+            rec.split = split
     return result.records, result.noisy_records, result.noisy_labels
 
 
-def record_digests(records: list[ManifestRecord], manifest: Path, workers: int) -> None:
-    """Set each record's ``sha256`` (of its image file): later stages check cached features against it."""
-    from concurrent.futures import ThreadPoolExecutor
+def record_digests(records: list[ManifestRecord], manifest: Path, workers: int, *, pixels: bool = False) -> int:
+    """Set each record's ``sha256`` (of its image file: later stages check cached features against it) and,
+    with ``pixels``, its ``pixels_sha256``, reading and decoding each file once, in ``workers`` threads.
 
-    from pipeline.data.images import image_sha256
-    from pipeline.data.manifest import resolve_image_path
+    Records an import already hashed (``check_images: full``) are not read again. Returns how many images
+    could not be decoded (possible with ``check_images`` header or none); their ``pixels_sha256`` stays None.
+    """
+    from pipeline.data.images import ImageDecodeError, image_sha256, read_image_file
+    from pipeline.data.importers import pixels_sha256
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for rec, digest in zip(records, pool.map(lambda r: image_sha256(resolve_image_path(r, manifest)), records)):
+    def digests(rec: ManifestRecord) -> tuple[str, str | None]:
+        path = resolve_image_path(rec, manifest)
+        if not pixels:
+            return image_sha256(path), None
+        try:
+            digest, img = read_image_file(path)
+        except ImageDecodeError as e:
+            return e.digest or image_sha256(path), None
+        return digest, pixels_sha256(img)
+
+    todo = [r for r in records if r.sha256 is None or (pixels and r.pixels_sha256 is None)]
+    undecoded = 0
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="hash-image") as pool:
+        for rec, (digest, pixel_digest) in zip(todo, pool.map(digests, todo)):
             rec.sha256 = digest
+            rec.pixels_sha256 = pixel_digest
+            if pixels and pixel_digest is None:
+                undecoded += 1
+    return undecoded
+
+
+# A group of one image under several ids goes to the most held-out split of its members.
+HELD_OUT_RANK = {"train": 0, "val": 1, "test": 2}
+assert set(HELD_OUT_RANK) == set(SPLITS)
+
+
+def keep_duplicates_together(records: list[ManifestRecord], key: str = "pixels") -> list[dict]:
+    """Find the images shown under several ids and put each group in one split; returns the groups.
+
+    ``key``: ``pixels`` compares ``pixels_sha256`` (records without one, undecodable, fall back to their
+    file's ``sha256``), ``bytes`` compares ``sha256`` only. Every member of a group takes the most held-out
+    split among its members' (test > val > train). A group is ``{"key", "split", "images": [{"image_id",
+    "source", "path", "split_before"}]}``; groups are ordered by their first image id.
+    """
+    by_key: dict[str, list[ManifestRecord]] = {}
+    for rec in records:
+        if key == "pixels" and rec.pixels_sha256 is not None:
+            k = f"pixels:{rec.pixels_sha256}"
+        elif rec.sha256 is not None:
+            k = f"bytes:{rec.sha256}"
+        else:
+            raise ValueError(f"{rec.image_id}: no digest to compare (record_digests first)")
+        by_key.setdefault(k, []).append(rec)
+    groups = []
+    for k, members in by_key.items():
+        if len(members) < 2:
+            continue
+        members = sorted(members, key=lambda r: r.image_id)
+        split = max((r.split for r in members), key=HELD_OUT_RANK.__getitem__)
+        groups.append({
+            "key": k,
+            "split": split,
+            "images": [{"image_id": r.image_id, "source": r.source, "path": r.path, "split_before": r.split}
+                       for r in members],
+        })
+        for r in members:
+            r.split = split
+    return sorted(groups, key=lambda g: g["images"][0]["image_id"])
+
+
+def _duplicates_summary(groups: list[dict], key: str, undecoded: int) -> dict:
+    return {
+        "key": key,
+        "groups": len(groups),
+        "images": sum(len(g["images"]) for g in groups),
+        "moved": sum(m["split_before"] != g["split"] for g in groups for m in g["images"]),
+        "across_sources": sum(len({m["source"] for m in g["images"]}) > 1 for g in groups),
+        "undecoded": undecoded,
+    }
 
 
 def run(cfg: PrepareConfig) -> dict:
@@ -116,10 +198,17 @@ def run(cfg: PrepareConfig) -> dict:
         raise PrepareError(f"no image imported: {why}; see {out_dir / 'rejects.jsonl'}")
 
     assign_splits(records, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
-    record_digests(records, out_dir / "manifest.jsonl", cfg.workers)
+    undecoded = record_digests(records, out_dir / "manifest.jsonl", cfg.workers, pixels=cfg.duplicates == "pixels")
     record_digests(noisy, out_dir / "manifest.jsonl", cfg.workers)
+    groups = keep_duplicates_together(records, cfg.duplicates)
+    duplicates = _duplicates_summary(groups, cfg.duplicates, undecoded)
     n = write_manifest(out_dir / "manifest.jsonl", records)
     rejects.write(out_dir / "rejects.jsonl")
+    write_json(out_dir / "duplicates.json", {
+        "rule": "every image of a group takes the most held-out split among its members' (test > val > train)",
+        "summary": duplicates,
+        "groups": groups,
+    })
 
     if noisy:
         assign_splits(noisy, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
@@ -137,6 +226,7 @@ def run(cfg: PrepareConfig) -> dict:
         "by_source": dict(sorted(Counter(r.source for r in records).items())),
         "noisy_images": len(noisy),
         "rejects": rejects.summary(),
+        "duplicates": duplicates,
         "config": config_to_dict(cfg),
     }
     write_json(out_dir / "stats.json", stats)
@@ -146,4 +236,17 @@ def run(cfg: PrepareConfig) -> dict:
         f" ({', '.join(f'{k}: {v}' for k, v in stats['rejects']['by_reason'].items())})" if len(rejects) else "",
         out_dir / "manifest.jsonl",
     )
+    log.info(
+        "prepare: %d group(s) of one image under several ids (%d images, %d groups across sources, compared by "
+        "%s%s); %d image(s) moved to keep each group in one split -> %s",
+        duplicates["groups"], duplicates["images"], duplicates["across_sources"], cfg.duplicates,
+        f"; {undecoded} undecodable, compared by bytes" if undecoded else "", duplicates["moved"],
+        out_dir / "duplicates.json",
+    )
+    if "train" not in stats["by_split"]:
+        log.warning(
+            "prepare: no image is in the train split, so training on %s will fail; set `split: seeded` on a "
+            "source whose own split is val or test (a COCO captions_val*.json) for a seeded train/val/test split",
+            out_dir / "manifest.jsonl",
+        )
     return stats

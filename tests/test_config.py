@@ -107,7 +107,7 @@ def test_nested_sources_from_file(tmp_path):
                                    "    - kind: synthetic\n      num_images: 5\n")
     cfg = load_config("prepare", p)
     assert isinstance(cfg.sources[0], CocoSource) and cfg.sources[0].annotations == Path("a.json")
-    assert cfg.sources[0].split is None
+    assert cfg.sources[0].split == "auto"
     assert isinstance(cfg.sources[1], SyntheticSource) and cfg.sources[1].num_images == 5
 
 

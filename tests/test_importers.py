@@ -127,11 +127,14 @@ def test_coco_good(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "name, split, expected, needs_split",
     [
-        ("captions_train2017.json", None, "train", False),
-        ("captions_train2014.json", None, "train", False),
-        ("captions_val2014.json", None, "val", False),
-        ("my_captions.json", None, "train", True),
+        ("captions_train2017.json", "auto", "train", False),
+        ("captions_train2014.json", "auto", "train", False),
+        ("captions_val2014.json", "auto", "val", False),
+        ("my_captions.json", "auto", "train", True),
         ("captions_val2017.json", "test", "test", False),  # cfg.split wins over the file name
+        ("captions_val2017.json", "train", "train", False),
+        ("captions_val2017.json", "seeded", "train", True),  # placeholder; prepare assigns the seeded split
+        ("my_captions.json", "val", "val", False),
     ],
 )
 def test_coco_split(tmp_path, name, split, expected, needs_split):
@@ -802,3 +805,79 @@ def test_undecodable_bytes_are_rejected_and_the_report_stays_writable(tmp_path):
     ]
     rejects.write(tmp_path / "rejects.jsonl")  # no UnicodeEncodeError
     assert RejectsReport.read(tmp_path / "rejects.jsonl")[0]["id"] == "flickr8k/caf\\udce9"
+
+
+# --------------------------------------------------------------------------- the `split` option of every source
+def karpathy_fixture(root: Path) -> Path:
+    """Four images, one per Karpathy split (restval included)."""
+    entries = []
+    for i, split in enumerate(("train", "restval", "val", "test")):
+        jpeg(root / "imgs" / f"k{i}.jpg", color=(10 * i, 20, 30))
+        entries.append({"filename": f"k{i}.jpg", "filepath": "imgs", "split": split,
+                        "sentences": [{"raw": f"karpathy image {i}", "sentid": i}]})
+    return write_json(root / "dataset_coco.json", {"dataset": "coco", "images": entries})
+
+
+@pytest.mark.parametrize("split, expected, needs_split", [
+    ("auto", {"karpathy/k0": "train", "karpathy/k1": "train", "karpathy/k2": "val", "karpathy/k3": "test"}, False),
+    ("test", dict.fromkeys(["karpathy/k0", "karpathy/k1", "karpathy/k2", "karpathy/k3"], "test"), False),
+    ("seeded", dict.fromkeys(["karpathy/k0", "karpathy/k1", "karpathy/k2", "karpathy/k3"], "train"), True),
+])
+def test_karpathy_split_option(tmp_path, split, expected, needs_split):
+    ann = karpathy_fixture(tmp_path)
+    records = import_karpathy(KarpathySource(annotations=ann, images=tmp_path, split=split), RejectsReport())
+    assert {r.image_id: r.split for r in records} == expected
+    assert [r.extra.get("needs_split", False) for r in records] == [needs_split] * 4
+    assert records[1].extra["karpathy_split"] == "restval"  # the file's own split stays on record
+
+
+def test_flickr_and_table_split_option(tmp_path):
+    jpeg(tmp_path / "a.jpg")
+    jpeg(tmp_path / "b.jpg", color=(1, 2, 3))
+    results = tmp_path / "results.csv"
+    results.write_text("image_name| comment_number| comment\na.jpg| 0| one\nb.jpg| 0| two\n")
+    val = import_flickr30k(Flickr30kSource(captions=results, images=tmp_path, split="val"), RejectsReport())
+    assert [(r.split, r.extra) for r in val] == [("val", {"native_id": "a"}), ("val", {"native_id": "b"})]
+    caps = tmp_path / "captions.txt"
+    caps.write_text("image,caption\na.jpg,one\nb.jpg,two\n")
+    train = import_flickr8k(Flickr8kSource(captions=caps, images=tmp_path, split="train"), RejectsReport())
+    assert [r.split for r in train] == ["train", "train"] and not any("needs_split" in r.extra for r in train)
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\na.jpg,one\nb.jpg,two\n")
+    test = import_table(TableSource(path=table, split="test"), RejectsReport())
+    assert [r.split for r in test] == ["test", "test"]
+    seeded = import_table(TableSource(path=table, split="seeded"), RejectsReport())
+    assert [r.extra.get("needs_split") for r in seeded] == [True, True]
+
+
+def test_split_option_values_are_checked():
+    from pydantic import ValidationError
+
+    for kind in (SyntheticSource, CocoSource, KarpathySource, Flickr8kSource, Flickr30kSource, TableSource):
+        assert kind.model_fields["split"].default == "auto", kind.__name__
+    with pytest.raises(ValidationError, match=r"split\n.*'auto', 'train', 'val', 'test' or 'seeded'"):
+        CocoSource(annotations="a.json", images="imgs", split="holdout")
+    with pytest.raises(ValidationError, match="split_lists and split 'seeded' both say where the images go"):
+        Flickr8kSource(captions="c.txt", images="imgs", split_lists="lists", split="seeded")
+    with pytest.raises(ValidationError, match="split_column and split 'train' both say where the images go"):
+        TableSource(path="t.csv", split_column="part", split="train")
+    TableSource(path="t.csv", split_column="part", split="auto")  # auto uses the column
+
+
+def test_full_check_records_file_and_pixel_digests(tmp_path):
+    import hashlib
+
+    from pipeline.data.importers import pixels_sha256
+
+    jpeg(tmp_path / "a.jpg", color=(5, 6, 7), size=(9, 4))
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\na.jpg,one\n")
+    (full,) = import_table(TableSource(path=table), RejectsReport(), check_images="full")
+    assert full.sha256 == hashlib.sha256((tmp_path / "a.jpg").read_bytes()).hexdigest()
+    with Image.open(tmp_path / "a.jpg") as img:
+        pixels = np.asarray(img.convert("RGB"))
+    assert full.pixels_sha256 == hashlib.sha256(b"9x4x3:" + pixels.tobytes()).hexdigest()
+    assert full.pixels_sha256 == pixels_sha256(Image.fromarray(pixels))
+    assert "pixels_sha256" not in full.to_json() and full.sha256 in full.to_json()
+    (header,) = import_table(TableSource(path=table), RejectsReport(), check_images="header")
+    assert header.sha256 is None and header.pixels_sha256 is None  # prepare hashes these itself

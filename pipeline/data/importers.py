@@ -28,13 +28,22 @@ Where rejects point: annotation problems name the annotation file with ``line``
 ``annotations[i]`` for a JSON entry without a usable id); image problems name the
 image file itself with the record's ``id``.
 
-Sources without a split of their own get the placeholder ``split="train"`` and
+Splits follow the source's ``split`` option: ``auto`` keeps the source's own split
+(COCO: from the file name; Karpathy: each entry's; Flickr8k: the split lists; tables:
+the split column) where it has one; ``train``, ``val`` or ``test`` puts every image
+there; ``seeded`` ignores the source's own split. Images left without a split (``seeded``,
+or ``auto`` on a source without one) get the placeholder ``split="train"`` and
 ``extra["needs_split"] = True``; the prepare stage assigns them a seeded split.
+
+With ``check_images="full"`` each image is read and decoded once, and its record carries
+``sha256`` (of the file's bytes) and ``pixels_sha256`` (of the decoded pixels, see
+:func:`pixels_sha256`), so that `prepare` need not read it again.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -42,9 +51,11 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
-from pipeline.data.images import ImageDecodeError, check_image
+from PIL import Image
+
+from pipeline.data.images import ImageDecodeError, check_image, read_image_file
 from pipeline.data.manifest import SPLITS, ManifestRecord, RejectsReport
 from pipeline.errors import UserError
 
@@ -57,6 +68,8 @@ __all__ = [
     "import_flickr8k",
     "import_flickr30k",
     "import_table",
+    "pixels_sha256",
+    "resolve_split",
 ]
 
 # --------------------------------------------------------------------------- reasons
@@ -241,20 +254,38 @@ class _Job:
             item.captions.append(caption)
 
 
-def _check_one(path: str, mode: str) -> Optional[str]:
+def pixels_sha256(img: Image.Image) -> str:
+    """sha256 of a decoded image's size and 8-bit RGB pixels: one photo saved as two files (PNG and BMP,
+    another PNG compression level) has one digest."""
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    h = hashlib.sha256(b"%dx%dx3:" % rgb.size)
+    h.update(rgb.tobytes())
+    return h.hexdigest()
+
+
+class _Checked(NamedTuple):
+    problem: Optional[str]  # reject reason, or None: the image is usable
+    sha256: Optional[str] = None  # of the file's bytes (full check only)
+    pixels: Optional[str] = None  # pixels_sha256 of the decoded image (full check only)
+
+
+def _check_one(path: str, mode: str) -> _Checked:
     try:
+        if mode == "full":  # the one read and decode also gives both digests
+            digest, img = read_image_file(path)
+            return _Checked(None, digest, pixels_sha256(img))
         check_image(path, mode=mode)
     except ImageDecodeError as e:
-        return e.reason + (f": {e.detail}" if e.detail else "")
+        return _Checked(e.reason + (f": {e.detail}" if e.detail else ""))
     except OSError as e:  # open() refused: permissions, I/O error
-        return f"{UNREADABLE_IMAGE}: {e.strerror or e}"
+        return _Checked(f"{UNREADABLE_IMAGE}: {e.strerror or e}")
     except Exception as e:  # a decoder bug on a hostile file must not stop the import
-        return f"{CORRUPT_IMAGE}: {type(e).__name__}: {e}"
-    return None
+        return _Checked(f"{CORRUPT_IMAGE}: {type(e).__name__}: {e}")
+    return _Checked(None)
 
 
-def _check_all(paths: list[str], mode: str, workers: int) -> list[Optional[str]]:
-    """Reject reason (or None) for each path, in order; each unique path is checked once."""
+def _check_all(paths: list[str], mode: str, workers: int) -> list[_Checked]:
+    """The check of each path, in order; each unique path is checked once."""
     unique = list(dict.fromkeys(paths))
     if workers <= 1 or len(unique) <= 1:
         results = [_check_one(p, mode) for p in unique]
@@ -268,8 +299,22 @@ def _check_all(paths: list[str], mode: str, workers: int) -> list[Optional[str]]
     return [by_path[p] for p in paths]
 
 
+def resolve_split(choice: str, own: Optional[str]) -> Optional[str]:
+    """The split a source's ``split`` option (``choice``: auto, seeded, train, val, test) gives an image
+    whose split in the source is ``own``; None: the image takes prepare's seeded split."""
+    if choice == "auto":
+        return own
+    if choice == "seeded":
+        return None
+    if choice not in SPLITS:
+        raise ValueError(f"split must be auto, seeded or one of {SPLITS}, not {choice!r}")
+    return choice
+
+
 def _finish(job: _Job, items: Iterable[_Item], rejects: RejectsReport, check_images: str, workers: int) -> list[ManifestRecord]:
-    """Reject images without captions or with bad files; build sorted records; merge rejects."""
+    """Reject images without captions or with bad files; build sorted records (splits per the source's
+    ``split`` option); merge rejects."""
+    choice = getattr(job.cfg, "split", "auto")
     ready: list[_Item] = []
     for item in sorted(items, key=lambda it: job.image_id(it.native_id)):
         if not job.allow_outside and _outside(item.path, job.root):
@@ -286,21 +331,22 @@ def _finish(job: _Job, items: Iterable[_Item], rejects: RejectsReport, check_ima
                        id=job.image_id(item.native_id))
         else:
             ready.append(item)
-    problems = _check_all([it.path for it in ready], check_images, workers)
+    checks = _check_all([it.path for it in ready], check_images, workers)
     records = []
-    for item, problem in zip(ready, problems):
+    for item, checked in zip(ready, checks):
         image_id = job.image_id(item.native_id)
-        if problem is not None:
-            job.reject(problem, id=image_id, file=item.path)
+        if checked.problem is not None:
+            job.reject(checked.problem, id=image_id, file=item.path)
             continue
         extra = {"native_id": item.native_id, **item.extra}
-        split = item.split
+        split = resolve_split(choice, item.split)
         if split is None:
             split = "train"
             extra["needs_split"] = True
         assert split in SPLITS
         records.append(ManifestRecord(image_id=image_id, path=item.path, captions=item.captions,
-                                      split=split, source=job.name, extra=extra))
+                                      split=split, source=job.name, extra=extra, sha256=checked.sha256,
+                                      pixels_sha256=checked.pixels))
     rejects.extend(job.rejects)
     return records
 
@@ -317,7 +363,9 @@ def _valid_id(value) -> bool:
 
 # --------------------------------------------------------------------------- COCO
 def _split_from_name(filename: str) -> Optional[str]:
-    """``captions_train2017.json`` -> train, ``captions_val2014.json`` -> val; else None (ambiguous too)."""
+    """``captions_train2017.json`` -> train, ``captions_val2014.json`` -> val; else None (ambiguous too).
+
+    The split of ``split: auto``: a val file puts every image in val (``split: seeded`` splits it)."""
     name = filename.lower()
     has_train, has_val, has_test = "train" in name, "val" in name, "test" in name
     if has_train and not has_val and not has_test:
@@ -345,7 +393,7 @@ def import_coco(cfg, rejects: RejectsReport, *, check_images: str = "full", work
             raise AnnotationFileError(path, f"top-level {key!r} must be a list, got a {type(data[key]).__name__}")
 
     job = _Job(cfg, path, cfg.images)
-    split = cfg.split or _split_from_name(path.name)
+    split = _split_from_name(path.name)  # the file's own; the source's `split` option applies in _finish
     items: dict[str, _Item] = {}
     for idx, entry in enumerate(data["images"]):
         if not isinstance(entry, dict):

@@ -15,7 +15,9 @@ Rejected input is recorded, never dropped silently: see :class:`RejectsReport`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +43,13 @@ class ManifestRecord:
     source: str
     extra: dict = field(default_factory=dict)
     sha256: str | None = None  # of the image file, as `prepare` read it (what cached features are keyed by)
+    # Of the decoded RGB pixels (see pipeline.data.importers.pixels_sha256), when an import decoded them: how
+    # `prepare` finds one photo under two ids. Never written to a manifest.
+    pixels_sha256: str | None = field(default=None, repr=False)
 
     def to_json(self) -> str:
         row = asdict(self)
+        del row["pixels_sha256"]
         if not row["extra"]:
             del row["extra"]
         if row["sha256"] is None:
@@ -161,3 +167,33 @@ class RejectsReport:
     def read(path: Path) -> list[dict]:
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
+
+
+def rebased(record: ManifestRecord, manifest_path: Path, new_folder: Path) -> ManifestRecord:
+    """``record`` with its image path relative to ``new_folder`` (absolute paths kept), for a record read from
+    ``manifest_path`` that moves into a manifest in (or used from) ``new_folder``."""
+    if Path(record.path).is_absolute():
+        return record
+    path = os.path.relpath(resolve_image_path(record, manifest_path).resolve(), Path(new_folder).resolve())
+    return dataclasses.replace(record, path=path)
+
+
+def read_manifests(primary: Path, others: Iterable[Path] = ()) -> list[ManifestRecord]:
+    """The records of ``primary`` followed by those of ``others``, every path relative to ``primary``'s folder.
+
+    An id in two manifests must name the same image file (it is then listed once); an id naming two
+    different files is a :class:`ManifestError` naming both manifests."""
+    records = read_manifest(primary)
+    seen = {r.image_id: (primary, resolve_image_path(r, primary).resolve()) for r in records}
+    for other in others:
+        for rec in read_manifest(other):
+            path = resolve_image_path(rec, other).resolve()
+            if rec.image_id in seen:
+                first, first_path = seen[rec.image_id]
+                if first_path != path:
+                    raise ManifestError(f"{other}: image id {rec.image_id!r} is also in {first} for another file "
+                                        f"({path} vs {first_path}); ids must be unique across the manifests")
+                continue
+            seen[rec.image_id] = (other, path)
+            records.append(rebased(rec, other, Path(primary).parent))
+    return records

@@ -147,7 +147,9 @@ class FeatureSpec:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.token_sets[0].channels)
+        """The channels of the features tensor a decoder reads: the widest token set's (the others are
+        zero-padded to it; see ``pipeline.data.features.select_features``)."""
+        return max(int(t.channels) for t in self.token_sets)
 
     @property
     def num_tokens(self) -> int:

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from cache.format import CacheError, FeatureSpec, check_spec, file_sha256
-from pipeline.data.features import concat_token_maps, feature_width, token_layout
+from pipeline.data.features import concat_token_maps, token_layout
 from pipeline.decoding import DecodingOptions, Hypothesis, generate, options_for_mode
 from pipeline.errors import UserError
 from pipeline.models.decoders import create_decoder
@@ -229,7 +229,7 @@ class Captioner:
         """Refuse a feature tensor whose shape is not what the decoder reads (several token sets: concatenated
         along the tokens, each zero-padded to the widest, as :func:`pipeline.data.features.select_features` does)."""
         spec = self.features
-        width = feature_width(spec.token_sets)
+        width = spec.feature_dim
         if features.ndim != 3 or features.shape[1] != spec.num_tokens or features.shape[2] != width:
             raise BundleError(
                 f"features of shape {tuple(features.shape)} do not fit this model: it expects (batch, "
@@ -292,14 +292,11 @@ class Captioner:
         return self._backbone
 
     def preprocess(self, image: Any) -> torch.Tensor:
-        """One PIL image (RGB) -> the backbone's normalised input ``(3, H, W)`` (CPU; thread-safe). An image
-        of extreme aspect ratio is trimmed first (:func:`pipeline.data.images.trim_for_eval`), so the work
-        is bounded for any image; others get exactly the backbone's eval transform."""
-        from pipeline.data.images import trim_for_eval
-
+        """One PIL image (RGB) -> the backbone's normalised input ``(3, H, W)`` (CPU; thread-safe), through the
+        backbone's eval transform (bounded work for any image: see :meth:`Backbone.eval_transform`)."""
         if self._transform is None:
             self._transform = self.backbone.eval_transform()
-        return self._transform(trim_for_eval(image, self.features.preprocessing))
+        return self._transform(image)
 
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images (RGB) -> features ``(B, N, C)`` as the bundle's backbone computes them."""

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.features import pad_tokens
+from pipeline.data.features import concat_token_maps, pad_tokens
 from pipeline.errors import ConfigError
 from pipeline.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
@@ -196,7 +196,7 @@ class FinetuneForward(nn.Module):
         else:
             with torch.no_grad():
                 maps = self._tokens(pixels)
-        return torch.cat(maps, dim=1) if len(maps) > 1 else maps[0]
+        return concat_token_maps(maps)
 
     def forward(self, pixels, tokens, lengths, image_index=None):
         feats = self.encode(pixels)

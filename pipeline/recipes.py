@@ -244,11 +244,10 @@ def count_parameters(recipe: str | Recipe, *, device: str = "meta", models=None)
     """
     recipe = get_recipe(recipe)
     backbone, decoder = models if models is not None else build_recipe(recipe, device=device)
-    frozen = 0
-    if recipe.train.get("freeze_embeddings") and hasattr(decoder, "embed"):
-        frozen = decoder.embed.weight.numel()
+    # What `train --freeze-embeddings` freezes: the (GloVe-initialised) word-embedding table.
+    frozen = decoder.word_embedding_table().weight if recipe.train.get("freeze_embeddings") else None
     n_backbone, n_decoder = _count(backbone), _count(decoder)
-    trainable = sum(p.numel() for p in decoder.parameters() if p.requires_grad) - frozen
+    trainable = sum(p.numel() for p in decoder.parameters() if p.requires_grad and p is not frozen)
     return {
         "backbone": n_backbone,
         "decoder": n_decoder,

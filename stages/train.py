@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from cache import FeatureCache, FeatureSpec
 from pipeline.data.features import CachedCaptionDataset
-from pipeline.data.features import select_features
+from pipeline.data.features import select_features, token_layout
 from pipeline.bundle import BundleError, read_bundle_config, save_bundle
 from pipeline.config import TrainConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord
 from pipeline.distributed import DistContext, run_distributed
+from pipeline.errors import ConfigError
 from pipeline.models.decoders import create_decoder
 from pipeline.runs import (
     CaptionValidator,
@@ -40,6 +41,7 @@ from pipeline.runs import (
     run_fingerprint,
     train_val_splits,
 )
+from pipeline.text.glove import glove_word_embeddings
 from pipeline.text.tokenizers import CaptionTokenizer, load_tokenizer
 from pipeline.training import Trainer, TrainingForward, TrainState
 
@@ -58,22 +60,36 @@ def caption_samples(records: list[ManifestRecord], tokenizer: CaptionTokenizer) 
 
 
 def build_decoder(cfg: TrainConfig, spec: FeatureSpec, tokenizer: CaptionTokenizer) -> torch.nn.Module:
+    """The decoder for the token sets of ``spec`` (a projection of its own per set; see ``token_layout``)."""
     torch.manual_seed(cfg.seed)
-    decoder = create_decoder(
-        cfg.decoder, feature_dim=spec.feature_dim, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, **cfg.decoder_options,
+    return create_decoder(
+        cfg.decoder, token_sets=token_layout(spec.token_sets), vocab_size=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, **cfg.decoder_options,
     )
-    if cfg.glove is not None:
-        if tokenizer.kind != "word" or not hasattr(decoder, "load_word_embeddings"):
-            raise ValueError("glove initialisation needs the word tokenizer and a decoder with word embeddings "
-                             "(show_attend_tell)")
-        from pipeline.text.glove import load_glove_embeddings
 
-        matrix, report = load_glove_embeddings(cfg.glove, tokenizer.tokens(), seed=cfg.seed)
-        decoder.load_word_embeddings(matrix, freeze=cfg.freeze_embeddings)
-        log.info("GloVe %s: %d of %d words found (%.1f%%)", cfg.glove, report["found"], report["total"],
-                 100 * report["coverage"])
-    return decoder
+
+def check_word_vectors(cfg: TrainConfig, tokenizer: CaptionTokenizer) -> None:
+    """``glove`` needs the word tokenizer (TrainConfig itself checks that the family has a word-embedding table)."""
+    if cfg.glove is not None and tokenizer.kind != "word":
+        raise ConfigError(f"--glove needs the word tokenizer: {cfg.tokenizer} is the {tokenizer.kind!r} tokenizer, "
+                          f"whose tokens are not GloVe's words (use --tokenizer models/tokenizers/word)")
+
+
+def init_word_vectors(cfg: TrainConfig, decoder: torch.nn.Module, tokenizer: CaptionTokenizer) -> Optional[dict]:
+    """Initialise the decoder's word embeddings from ``cfg.glove`` (None: keep the random init); the record
+    goes into the bundle's training summary."""
+    if cfg.glove is None:
+        return None
+    record = glove_word_embeddings(decoder, cfg.glove, tokenizer.tokens(), freeze=cfg.freeze_embeddings,
+                                   seed=cfg.seed)
+    fitted = {"none": "", "pca": " (PCA)", "orthogonal": " (random orthogonal map)"}[record["projection"]]
+    log.info("word embeddings from GloVe %s (sha256 %s…): %d of %d words found (%.1f%%), %dd -> %d wide%s, %s",
+             record["file"], record["sha256"][:12], record["found"], record["total"], 100 * record["coverage"],
+             record["dim"], record["width"], fitted, "frozen" if record["frozen"] else "trained")
+    if record["coverage"] < 0.5:
+        log.warning("GloVe %s has only %.1f%% of the vocabulary's words (missing e.g. %s): the other rows keep "
+                    "their random init", cfg.glove, 100 * record["coverage"], record["missing_examples"][:8])
+    return record
 
 
 def refuse_other_family(out: Path, family: str) -> None:
@@ -98,6 +114,7 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
     refuse_other_family(out, cfg.decoder)
     train_records, val_records = train_val_splits(cfg.manifest)
     tokenizer = load_tokenizer(cfg.tokenizer)
+    check_word_vectors(cfg, tokenizer)
     cache = FeatureCache(cfg.features)
     spec = cache.spec.select(cfg.token_sets)
     backbone_file = cache.weights_file()  # verified against the sha256 the features were computed with
@@ -115,7 +132,9 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
     names = [t.name for t in spec.token_sets]
     dataset = CachedCaptionDataset(cache, caption_samples(train_records, tokenizer), pad_id=tokenizer.pad_id,
                                    token_sets=names, zero_features=cfg.blind)
-    decoder = build_decoder(cfg, spec, tokenizer).to(device)
+    decoder = build_decoder(cfg, spec, tokenizer)
+    word_vectors = init_word_vectors(cfg, decoder, tokenizer)
+    decoder = decoder.to(device)
     n_params = sum(p.numel() for p in decoder.parameters())
     log.info("train %s (%.2fM parameters) on %d captions of %d images, %s features %s%s, device %s, %d process(es)",
              cfg.decoder, n_params / 1e6, len(dataset), len(train_records), spec.backbone,
@@ -130,6 +149,8 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
 
     inputs = {"features_sha256": cache.meta.content_sha256, "tokenizer": tokenizer.fingerprint(),
               "manifest_sha256": files_sha256([Path(cfg.manifest)])}
+    if word_vectors is not None:
+        inputs["glove_sha256"] = word_vectors["sha256"]
     training_run = TrainingRun(out, ctx, run_fingerprint(cfg, inputs, CODE))
     validator = None
     if ctx.is_main:
@@ -141,7 +162,8 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
         validator = CaptionValidator(records, tokenizer, encode, batch_size=cfg.batch_size,
                                      max_caption_length=cfg.max_caption_length, device=device)
 
-    summary_base = {"decoder": cfg.decoder, "parameters": n_params, "config": config_to_dict(cfg)}
+    summary_base = {"decoder": cfg.decoder, "parameters": n_params, "config": config_to_dict(cfg),
+                    "embeddings": word_vectors}
 
     def on_improvement(state: TrainState, metrics: dict) -> None:
         # The best model lives beside the resumable checkpoint (both persist across interruptions);
@@ -156,5 +178,6 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
     if trainer.try_resume() and trainer.state.finished:
         log.info("training already finished (%d epochs); nothing to do", trainer.state.epoch)
     state = trainer.fit()
-    return training_run.finish(state, {"decoder": cfg.decoder, "blind": cfg.blind, "parameters": n_params})
+    return training_run.finish(state, {"decoder": cfg.decoder, "blind": cfg.blind, "parameters": n_params,
+                                       "train_images": len(train_records), "train_captions": len(dataset)})
 

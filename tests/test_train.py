@@ -140,6 +140,7 @@ def test_each_family_trains_and_writes_its_outputs(trained, family):
     assert config["decoder"]["family"] == family
     assert {k: config["decoder"]["options"][k] for k in OPTIONS[family]} == OPTIONS[family]
     assert config["tokenizer"]["kind"] == TOKENIZER[family]
+    assert config["training"]["embeddings"] is None  # random init (GloVe runs: tests/test_glove.py)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["decoder"] == family and metrics["epochs_run"] == 3 and metrics["steps"] == 60
     assert metrics["blind"] is False

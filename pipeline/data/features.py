@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cache.format import TokenSet
 from cache.reader import FeatureCache
 
 
 @dataclass
 class CaptionBatch:
     image_ids: list[str]
-    features: torch.Tensor  # (B, N, C), the cache dtype (bfloat16 included)
+    features: torch.Tensor  # (B, N, C), the cache dtype (bfloat16 included); several token sets: see select_features
     tokens: torch.Tensor  # (B, T) int64: bos, caption, eos, then padding
     lengths: torch.Tensor  # (B,) int64: real tokens per row (padding is found from these only)
 
@@ -48,20 +49,42 @@ class CaptionBatch:
 
 
 def select_features(arrays: dict[str, np.ndarray], token_sets: Sequence[str] | None) -> np.ndarray:
-    """One ``(B, N, C)`` array from the cached token sets: one set, or several concatenated along N."""
+    """One ``(B, N, C)`` array from the cached token sets: one set as it is, or several concatenated along N,
+    each zero-padded to the widest set's channels (sets of equal width: plain concatenation).
+
+    A decoder told the layout (:func:`token_layout`) projects each set's slice with a Linear of its own
+    (:class:`pipeline.models.decoders.layers.VisualProjection`), so the padding is never read."""
     names = list(token_sets) if token_sets else list(arrays)
     missing = [n for n in names if n not in arrays]
     if missing:
         raise KeyError(f"token set(s) {missing} not in the cache (it has {list(arrays)})")
     if len(names) == 1:
         return arrays[names[0]]
-    channels = {arrays[n].shape[-1] for n in names}
-    if len(channels) != 1:
-        raise ValueError(
-            f"token sets {names} have different channel counts {sorted(channels)}; "
-            "select one set, or extract sets with equal channels"
-        )
-    return np.concatenate([arrays[n] for n in names], axis=1)
+    parts = [arrays[n] for n in names]
+    width = max(a.shape[-1] for a in parts)
+    if all(a.shape[-1] == width for a in parts):
+        return np.concatenate(parts, axis=1)
+    out = np.zeros((parts[0].shape[0], sum(a.shape[1] for a in parts), width), dtype=parts[0].dtype)
+    start = 0
+    for a in parts:  # zero bytes are 0.0 in every cache dtype, bfloat16 words included
+        out[:, start:start + a.shape[1], : a.shape[-1]] = a
+        start += a.shape[1]
+    return out
+
+
+def concat_token_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The token sets a backbone computes (``(B, n_i, c_i)`` each) as the one ``(B, N, C)`` tensor
+    :func:`select_features` makes of the cached ones: concatenated along N, zero-padded to the widest."""
+    if len(maps) == 1:
+        return maps[0]
+    width = max(m.shape[-1] for m in maps)
+    return torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[-1])) for m in maps], dim=1)
+
+
+def token_layout(token_sets: Sequence[TokenSet]) -> tuple[tuple[int, int], ...]:
+    """``(tokens, channels)`` of each token set: the layout a decoder reading these features is built for
+    (``create_decoder(..., token_sets=token_layout(spec.token_sets))``)."""
+    return tuple((int(t.tokens), int(t.channels)) for t in token_sets)
 
 
 def features_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:

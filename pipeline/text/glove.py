@@ -13,17 +13,22 @@ lower-cased form (GloVe 6B is lower-case). Special tokens (``<pad>``, ``<bos>``,
 counted in the coverage; ``<pad>``'s row is zeros. Every other row not found
 keeps a seeded ``N(0, init_std^2)`` initialisation (the whole matrix is drawn from
 the seed first, so a row's init does not depend on which other words were found).
+
+:func:`glove_word_embeddings` initialises a decoder's word-embedding table (``train --glove``):
+only the rows of words GloVe has are written (the others keep the decoder's own random init),
+and vectors of another width than the table's are mapped to it by :func:`fit_width`.
 """
 
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Any, Iterable
 
 import numpy as np
 import torch
 
+from cache.format import file_sha256
 from pipeline.errors import UserError
 
 DEFAULT_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<|endoftext|>")
@@ -60,7 +65,8 @@ def load_glove_embeddings(
     and counts them in the report (GloVe 840B has a few words containing spaces).
 
     Report: ``{"found", "total", "coverage", "missing_examples", "dim", "specials",
-    "skipped_lines", "file"}``; ``total`` excludes special tokens.
+    "skipped_lines", "file", "found_ids"}``; ``total`` excludes special tokens; ``found_ids``: the
+    sorted ids of the rows filled from the file.
     """
     path = Path(path)
     if on_bad_line not in ("error", "skip"):
@@ -152,8 +158,76 @@ def load_glove_embeddings(
         "missing_examples": missing[:max_missing_examples],
         "specials": len(tokens) - total,
         "skipped_lines": skipped,
+        "found_ids": sorted(found_rows),
     }
     return matrix, report
 
 
-__all__ = ["DEFAULT_SPECIALS", "GloveError", "load_glove_embeddings"]
+def fit_width(vectors: torch.Tensor, width: int, *, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """Map ``(R, D)`` word vectors to ``(R, width)`` by one fixed linear map that keeps their geometry.
+
+    Returns the mapped vectors and the method:
+
+    * ``"none"``: ``width == D``, the vectors as they are;
+    * ``"orthogonal"``: ``width > D``, times a seeded random ``(D, width)`` matrix with orthonormal rows
+      (QR of a Gaussian): an isometry, so every dot product, norm and distance is exactly GloVe's;
+    * ``"pca"``: ``width < D``, onto the ``width`` principal directions of these vectors (uncentred PCA,
+      i.e. truncated SVD; signs fixed so the largest component of each direction is positive): of all
+      rank-``width`` linear maps it keeps their dot products closest to GloVe's (Eckart-Young), where a
+      random projection would lose a random ``1 - width/D`` share of each vector.
+
+    No rescaling: the mapped rows keep GloVe's scale.
+    """
+    dim = vectors.shape[1]
+    x = vectors.to(torch.float64)
+    if width == dim:
+        return vectors.to(torch.float32).clone(), "none"
+    if width > dim:
+        gen = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(width, dim, generator=gen, dtype=torch.float64))  # (width, D), Q^T Q = I
+        return (x @ q.T).to(torch.float32), "orthogonal"
+    _, eigvecs = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues; (D, D) however many rows
+    basis = eigvecs[:, -width:].flip(1)  # (D, width), most energy first
+    peak = basis.abs().argmax(dim=0)
+    basis = basis * torch.sign(basis[peak, torch.arange(width)]).unsqueeze(0)
+    return (x @ basis).to(torch.float32), "pca"
+
+
+def glove_word_embeddings(decoder: Any, path: Path, tokens: list[str], *, freeze: bool = False,
+                          seed: int = 0) -> dict[str, Any]:
+    """Initialise ``decoder``'s word-embedding table from a GloVe file; returns what was done.
+
+    ``decoder``: a :class:`~pipeline.models.decoders.CaptionDecoder` whose family has ``word_embeddings``;
+    ``tokens``: its vocabulary in id order (the word tokenizer's). Rows of words the file has get their
+    vector (through :func:`fit_width` when its size differs from the table's width, fitted on those rows);
+    every other row (specials, missing words) keeps the decoder's initialisation. ``freeze``: the table is
+    not trained. A file that has none of the words is a :class:`GloveError`.
+
+    The record (for the bundle and the log): ``{"source": "glove", "file", "sha256", "dim", "width",
+    "projection", "found", "total", "coverage", "frozen", "missing_examples"}``.
+    """
+    path = Path(path)
+    table = decoder.word_embedding_table()
+    matrix, report = load_glove_embeddings(path, tokens, seed=seed)
+    if not report["found"]:
+        raise GloveError(f"{path}: none of the vocabulary's {report['total']} words is in this GloVe file "
+                         f"(e.g. {report['missing_examples'][:5]}); is it the right file?")
+    ids = torch.tensor(report["found_ids"], dtype=torch.long)
+    vectors, projection = fit_width(matrix[ids], table.embedding_dim, seed=seed)
+    decoder.load_word_embeddings(vectors, ids, freeze=freeze)
+    return {
+        "source": "glove",
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "dim": report["dim"],
+        "width": table.embedding_dim,
+        "projection": projection,
+        "found": report["found"],
+        "total": report["total"],
+        "coverage": report["coverage"],
+        "frozen": freeze,
+        "missing_examples": report["missing_examples"],
+    }
+
+
+__all__ = ["DEFAULT_SPECIALS", "GloveError", "fit_width", "glove_word_embeddings", "load_glove_embeddings"]

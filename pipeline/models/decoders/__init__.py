@@ -7,6 +7,12 @@ rejected). Build one by name::
     decoder = create_decoder("show_attend_tell", feature_dim=2048, vocab_size=10_000,
                              pad_id=0, bos_id=1, eos_id=2, cell="gru", hidden_dim=1024)
 
+Visual input is described by ``feature_dim`` (one token set of that many channels) or by
+``token_sets``, the ``(tokens, channels)`` of each token set the features concatenate (multi-scale
+features: each set gets a projection of its own, see :class:`.layers.VisualProjection`)::
+
+    decoder = create_decoder("transformer", token_sets=[(64, 128), (16, 256)], vocab_size=..., ...)
+
 The registry :data:`DECODERS` is the one list of families: each family's module registers its
 class with :func:`register_decoder` when the import line at the bottom of this file imports it,
 and every listing (:func:`list_decoders`, ``pipeline decoders``) follows that registration
@@ -23,7 +29,7 @@ below, then its ``train`` entry in ``dvc.yaml`` and its ``decoders`` section in 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -73,7 +79,7 @@ def register_decoder(name: str, description: str | None = None) -> Callable[[D],
     """Class decorator adding a family to :data:`DECODERS`.
 
     The class must set ``config_class`` (a :class:`DecoderConfig` subclass) and take
-    ``(config, *, feature_dim, vocab_size, pad_id, bos_id, eos_id)``. Sets the class's ``family``
+    ``(config, *, feature_dim, vocab_size, pad_id, bos_id, eos_id, token_sets=None)``. Sets the class's ``family``
     and ``description`` (by default the first line of its docstring).
     """
 
@@ -104,12 +110,17 @@ def decoder_config_class(name: str) -> type[DecoderConfig]:
 
 
 def create_decoder(
-    name: str, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, **options: Any
+    name: str, *, feature_dim: Optional[int] = None, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
+    token_sets: Optional[Sequence[tuple[Optional[int], int]]] = None, **options: Any
 ) -> CaptionDecoder:
-    """Build a family's decoder; ``options`` are validated by its config model (unknown ones are an error)."""
+    """Build a family's decoder; ``options`` are validated by its config model (unknown ones are an error).
+
+    The visual input: ``token_sets``, the ``(tokens, channels)`` of each token set, or ``feature_dim`` alone
+    (one set of that many channels; given with ``token_sets`` it must be their widest)."""
     cls = _lookup(name)
     config = cls.config_class.from_options(name, options)
-    return cls(config, feature_dim=feature_dim, vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+    return cls(config, feature_dim=feature_dim, vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id,
+               token_sets=token_sets)
 
 
 def list_decoders() -> list[tuple[str, str]]:

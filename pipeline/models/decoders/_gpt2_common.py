@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from . import DecoderConfig, DecoderConfigError
 from .base import CaptionDecoder, DecoderOutput, StepOutput
+from .layers import TokenLayout
 
 SIZE_OPTIONS = ("n_layer", "n_head", "n_embd", "n_positions")
 """The options a pretrained checkpoint determines (its values are recorded; a disagreeing explicit one is refused)."""
@@ -175,8 +176,9 @@ class GPT2CaptionDecoder(CaptionDecoder):
     :func:`build_gpt2`). Subclasses build their own modules from ``self.config``.
     """
 
-    def __init__(self, config: GPT2Options, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
-        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id)
+    def __init__(self, config: GPT2Options, *, feature_dim: Optional[int] = None, vocab_size: int, pad_id: int,
+                 bos_id: int, eos_id: int, token_sets: Optional[TokenLayout] = None):
+        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id, token_sets)
         self.gpt2, self.config = build_gpt2(config, self.family, vocab_size, bos_id, eos_id)
         self.n_embd = self.gpt2.config.n_embd
         self.n_positions = self.gpt2.config.n_positions

@@ -4,7 +4,11 @@ Shapes: ``B`` batch, ``N`` visual tokens, ``C`` feature channels, ``T`` caption
 positions, ``V`` vocabulary size.
 
 * Visual input is the cached spatial features ``(B, N, C)`` (any float dtype);
-  each decoder projects them with a learned layer of its own.
+  each decoder projects them with a learned layer of its own. Several token sets
+  (feature maps of several backbone stages) arrive concatenated along ``N``, each
+  zero-padded to the widest set's ``C``; ``token_sets`` (a :data:`~.layers.TokenLayout`
+  of ``(tokens, channels)`` per set) tells the decoder the layout, and
+  :class:`~.layers.VisualProjection` gives each set a projection of its own.
 * Caption input is ``tokens (B, T)`` int64 starting with ``bos_id``, plus
   ``lengths (B,)``: the number of real tokens of each row. Padding is found from
   ``lengths`` only, never by comparing with a pad id (GPT-2's id 0 is "!").
@@ -21,10 +25,14 @@ positions, ``V`` vocabulary size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
+
+from pipeline.errors import ConfigError
+
+from .layers import TokenLayout, visual_layout
 
 State = Any  # each family's own: a dict of tensors, a transformers Cache, ...
 
@@ -41,6 +49,13 @@ class StepOutput:
     logits: torch.Tensor  # (B, V) for the next token
     state: State
     attention: Optional[torch.Tensor] = None  # (B, N)
+
+
+class WordEmbeddings(NamedTuple):
+    """Where a family keeps the token-embedding table that pretrained word vectors (GloVe) initialise."""
+
+    table: str  # attribute holding the nn.Embedding (vocab_size, width)
+    width_option: str  # the family's option that sets its width
 
 
 def reorder_tensors(state: Any, index: torch.Tensor) -> Any:
@@ -65,17 +80,23 @@ class CaptionDecoder(nn.Module):
       (heatmaps in galleries and the server);
     * ``supports_scheduled_sampling``: training may feed the model's own previous token back
       step by step (:class:`pipeline.training.TrainingForward`); meant for recurrent decoders, whose
-      teacher forcing is a loop over :meth:`step` anyway.
+      teacher forcing is a loop over :meth:`step` anyway;
+    * ``word_embeddings``: a :class:`WordEmbeddings` for families that read the word tokenizer's ids
+      through an embedding table of their own, which :meth:`load_word_embeddings` can initialise from
+      word vectors (GloVe); ``None`` for the GPT-2 families (GPT-2's BPE and its own table).
     """
 
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     has_attention: ClassVar[bool] = False
     supports_scheduled_sampling: ClassVar[bool] = False
+    word_embeddings: ClassVar[Optional[WordEmbeddings]] = None
 
-    def __init__(self, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> None:
+    def __init__(self, feature_dim: Optional[int], vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
+                 token_sets: Optional[Sequence[tuple[Optional[int], int]]] = None) -> None:
         super().__init__()
-        self.feature_dim = feature_dim
+        self.token_sets: TokenLayout = visual_layout(feature_dim, token_sets)
+        self.feature_dim = max(c for _, c in self.token_sets)  # the width C of the features tensor
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.bos_id = bos_id
@@ -93,3 +114,46 @@ class CaptionDecoder(nn.Module):
 
     def reorder_state(self, state: State, index: torch.Tensor) -> State:
         return reorder_tensors(state, index)
+
+    # ----------------------------------------------------------------- pretrained word vectors
+    def word_embedding_table(self) -> nn.Embedding:
+        """The token-embedding table that ``word_embeddings`` names."""
+        if self.word_embeddings is None:
+            raise ConfigError(f"decoder {self.family!r} has no word-embedding table to initialise from word vectors")
+        return getattr(self, self.word_embeddings.table)
+
+    def load_word_embeddings(
+        self, vectors: torch.Tensor, rows: Optional[torch.Tensor] = None, *, freeze: bool = False
+    ) -> None:
+        """Copy word vectors into the word-embedding table, optionally freezing it.
+
+        ``vectors (R, width)`` are the rows of token ids ``rows (R,)``; every other row keeps its
+        initialisation. ``rows`` None: ``vectors`` is the whole ``(vocab_size, width)`` table. ``freeze``: the
+        table is not trained (``requires_grad`` off), so it stays equal to this initialisation; refused when
+        another layer shares its weights (tied output layer), which would be frozen with it.
+        """
+        table = self.word_embedding_table()
+        width = table.embedding_dim
+        if rows is None:
+            rows = torch.arange(self.vocab_size)
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if vectors.ndim != 2 or vectors.shape[1] != width or vectors.shape[0] != rows.numel():
+            raise ValueError(
+                f"{self.family}: word vectors of shape {tuple(vectors.shape)} for {rows.numel()} rows, expected "
+                f"({rows.numel()}, {width}): the table is {width} wide ({self.word_embeddings.width_option}); "
+                f"project the vectors or set {self.word_embeddings.width_option} to their size"
+            )
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.vocab_size):
+            raise ValueError(f"{self.family}: word-vector rows outside the vocabulary (0..{self.vocab_size - 1})")
+        if freeze:
+            shared = [name for name, p in self.named_parameters(remove_duplicate=False)
+                      if p is table.weight and not name.startswith(self.word_embeddings.table + ".")]
+            if shared:
+                raise ConfigError(
+                    f"decoder {self.family!r}: freezing the word embeddings would freeze {', '.join(shared)} too "
+                    f"(the output layer is tied to them); untie them (decoder option tie_embeddings: false) or "
+                    f"leave freeze_embeddings off"
+                )
+        with torch.no_grad():
+            table.weight[rows.to(table.weight.device)] = vectors.to(table.weight.device, table.weight.dtype)
+        table.weight.requires_grad_(not freeze)

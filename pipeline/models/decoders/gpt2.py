@@ -2,7 +2,8 @@
 
 ::
 
-    features (B, N, C) -> VisualEncoder: Linear C->n_embd + learned token positions
+    features (B, N, C) -> VisualEncoder: Linear C->n_embd (one per token set, + a token-set
+                          embedding when there are several) + learned token positions
                           [+ num_encoder_layers Transformer encoder blocks] + LayerNorm
                        -> encoder_hidden_states of GPT2LMHeadModel(add_cross_attention=True)
 
@@ -43,7 +44,7 @@ class GPT2Decoder(GPT2CaptionDecoder):
         super().__init__(config, **ids_and_sizes)
         config = self.config  # the options of the model built (a pretrained checkpoint's sizes)
         self.visual = VisualEncoder(
-            self.feature_dim, config.n_embd, num_layers=config.num_encoder_layers, num_heads=config.n_head,
+            self.token_sets, config.n_embd, num_layers=config.num_encoder_layers, num_heads=config.n_head,
             dropout=config.dropout, max_tokens=config.max_visual_tokens,
         )
 

@@ -5,25 +5,59 @@
   incremental decoding) or attend to a concatenation (the Perceiver resampler);
 * :class:`MLP`: Linear -> GELU -> Linear -> Dropout;
 * :class:`EncoderBlock`: self-attention over the visual tokens (no mask) + MLP;
+* :class:`VisualProjection`: cached features ``(B, N, C)`` -> ``(B, N, d)``, a Linear of its own for
+  each token set (feature map of one backbone stage) plus, with several sets, a learned embedding of
+  the set each token comes from;
 * :class:`VisualEncoder`: cached features ``(B, N, C)`` -> visual memory ``(B, N, d)``::
 
-      Linear C->d + learned position per token index -> [EncoderBlock x num_layers] -> LayerNorm
+      VisualProjection C->d + learned position per token index -> [EncoderBlock x num_layers] -> LayerNorm
 
   The position table is indexed by token number only (it knows nothing of 2-D grids), so
   concatenated multi-scale token sets work as long as ``N <= max_tokens``.
 
-Used by ``transformer``, ``gpt2`` and ``perceiver_gpt2``; nothing here is registered as a family.
+Token-set layout. Features of several token sets (``extract --out-indices 2 --out-indices 3``) reach a
+decoder as ONE tensor, so that batching, beam search and the server handle them like any other: the
+sets concatenated along the token axis in the cache's order, each zero-padded to the widest set's
+channels (:func:`pipeline.data.features.select_features`). A decoder is told the layout, a
+:data:`TokenLayout` of ``(tokens, channels)`` per set, so it knows which slice is which set.
+
+Used by every family (``show_tell`` pools each set after its projection, the others read the tokens);
+nothing here is registered as a family.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, heads, S, head_dim) each
+
+TokenLayout = tuple[tuple[Optional[int], int], ...]
+"""``(tokens, channels)`` of each token set, in the order they are concatenated along the token axis.
+A single set's token count may be ``None`` (any N): a decoder built from ``feature_dim`` alone."""
+
+
+def visual_layout(feature_dim: Optional[int] = None,
+                  token_sets: Optional[Sequence[tuple[Optional[int], int]]] = None) -> TokenLayout:
+    """The layout a decoder is built for: ``token_sets`` when given (``feature_dim``, if also given, must be
+    their widest channel count), else one set of ``feature_dim`` channels."""
+    if token_sets is None:
+        if feature_dim is None:
+            raise ValueError("a decoder needs feature_dim or token_sets (the (tokens, channels) of each token set)")
+        return ((None, int(feature_dim)),)
+    layout = tuple((None if n is None else int(n), int(c)) for n, c in token_sets)
+    if not layout or any(c < 1 for _, c in layout) or any(n is not None and n < 1 for n, _ in layout):
+        raise ValueError(f"token_sets {list(token_sets)}: expected one or more (tokens >= 1, channels >= 1) pairs")
+    if len(layout) > 1 and any(n is None for n, _ in layout):
+        raise ValueError(f"token_sets {list(token_sets)}: with several token sets each needs its token count")
+    width = max(c for _, c in layout)
+    if feature_dim is not None and int(feature_dim) != width:
+        raise ValueError(f"feature_dim {feature_dim} disagrees with token_sets {list(layout)} (widest: {width} "
+                         "channels; narrower sets are zero-padded to it)")
+    return layout
 
 
 class Attention(nn.Module):
@@ -80,13 +114,73 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class VisualEncoder(nn.Module):
-    """(B, N, C) cached features -> (B, N, d) memory: projection, learned token positions, optional encoder."""
+class VisualProjection(nn.Linear):
+    """(B, N, C) cached features -> (B, N, width): each token set through a Linear of its own.
 
-    def __init__(self, feature_dim: int, d_model: int, *, num_layers: int = 0, num_heads: int = 8,
+    With one token set this IS ``nn.Linear(C, width)``: same parameters (``weight``, ``bias``), names,
+    shapes and initialisation as before multi-scale features existed, so older bundles load and
+    single-set runs are unchanged to the bit. With several sets (``token_sets``, see :data:`TokenLayout`)
+    this Linear's own ``weight``/``bias`` project the first set, ``extra[i]`` set ``i + 1``; each reads
+    only its set's real channels (the zero padding is never seen), and ``set_embedding[i]`` (learned,
+    absent with one set) is added to every token of set ``i``, so later layers know its scale.
+    """
+
+    def __init__(self, token_sets: TokenLayout, width: int, *, set_embedding: bool = True):
+        layout = visual_layout(token_sets=token_sets)
+        super().__init__(layout[0][1], width)
+        self.token_sets = layout
+        self.extra: Optional[nn.ModuleList] = None
+        self.set_embedding: Optional[nn.Parameter] = None
+        if len(layout) > 1:
+            self.extra = nn.ModuleList(nn.Linear(c, width) for _, c in layout[1:])
+            if set_embedding:
+                self.set_embedding = nn.Parameter(torch.randn(len(layout), width) * 0.02)
+
+    def extra_repr(self) -> str:
+        return f"token_sets={list(self.token_sets)}, out_features={self.out_features}"
+
+    def _sets(self, features: torch.Tensor):
+        """(slice of set i's tokens (B, n_i, c_i), its Linear's weight, bias) per set; checks the shape."""
+        tokens, width = sum(n for n, _ in self.token_sets), max(c for _, c in self.token_sets)
+        if features.ndim != 3 or features.shape[1] != tokens or features.shape[2] != width:
+            raise ValueError(f"features of shape {tuple(features.shape)} do not fit the token sets "
+                             f"{list(self.token_sets)} (tokens, channels): expected (batch, {tokens}, {width})")
+        start = 0
+        for (n, c), linear in zip(self.token_sets, [self, *self.extra]):
+            yield features[:, start:start + n, :c], linear.weight, linear.bias
+            start += n
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.extra is None:
+            return super().forward(features)
+        parts = [F.linear(x, w, b) for x, w, b in self._sets(features)]
+        if self.set_embedding is not None:
+            parts = [p + e for p, e in zip(parts, self.set_embedding)]
+        return torch.cat(parts, dim=1)
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, width): one set: ``Linear(mean over tokens)``, as ``show_tell`` always did; several:
+        each set pooled after its own projection (its mean token, projected: the same, a Linear being affine),
+        then the sets averaged, each scale counting equally whatever its number of tokens."""
+        if self.extra is None:
+            return super().forward(features.mean(dim=1))
+        pooled = torch.stack([F.linear(x.mean(dim=1), w, b) for x, w, b in self._sets(features)], dim=1)
+        if self.set_embedding is not None:
+            pooled = pooled + self.set_embedding
+        return pooled.mean(dim=1)
+
+
+class VisualEncoder(nn.Module):
+    """(B, N, C) cached features -> (B, N, d) memory: projection per token set, learned token positions,
+    optional encoder."""
+
+    def __init__(self, token_sets: TokenLayout, d_model: int, *, num_layers: int = 0, num_heads: int = 8,
                  ff_dim: Optional[int] = None, dropout: float = 0.1, max_tokens: int = 1024):
         super().__init__()
-        self.proj = nn.Linear(feature_dim, d_model)
+        self.proj = VisualProjection(token_sets, d_model)
+        tokens = [n for n, _ in self.proj.token_sets]
+        if None not in tokens and sum(tokens) > max_tokens:
+            raise ValueError(f"{sum(tokens)} visual tokens but max_visual_tokens is {max_tokens}; raise that option")
         self.pos = nn.Parameter(torch.zeros(max_tokens, d_model))
         nn.init.normal_(self.pos, std=0.02)
         self.drop = nn.Dropout(dropout)

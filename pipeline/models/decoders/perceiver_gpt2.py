@@ -2,7 +2,8 @@
 
 ::
 
-    features (B, N, C) -> VisualEncoder (Linear C->n_embd + token positions [+ encoder]) = x   (B, N, d)
+    features (B, N, C) -> VisualEncoder (Linear C->n_embd per token set [+ token-set embedding]
+                          + token positions [+ encoder]) = x   (B, N, d)
     latents (num_latents, d), learned, repeated over the batch
     resampler_depth times:
         latents = latents + Attention(q = LN(latents), kv = [LN(x) ; LN(latents)])
@@ -86,7 +87,7 @@ class PerceiverGPT2Decoder(GPT2CaptionDecoder):
                 f"decoder 'perceiver_gpt2': n_embd ({d}) must be a multiple of resampler_heads ({heads})"
             )
         self.visual = VisualEncoder(
-            self.feature_dim, d, num_layers=config.num_encoder_layers, num_heads=config.n_head,
+            self.token_sets, d, num_layers=config.num_encoder_layers, num_heads=config.n_head,
             dropout=config.dropout, max_tokens=config.max_visual_tokens,
         )
         self.resampler = PerceiverResampler(

@@ -10,7 +10,9 @@ At step ``t``, with previous hidden state ``h`` and previous word ``y``:
 3. the cell (LSTM or GRU) reads ``[E y ; z]`` and updates ``h``;
 4. the "deep output" layer of the paper gives the logits: ``L_o(E y + L_h h + L_z z)``.
 
-``h`` (and the LSTM's ``c``) start from the mean visual token. Training adds the
+``h`` (and the LSTM's ``c``) start from the mean visual token. With several token sets
+(multi-scale features) ``v_n`` comes from its set's own projection plus a learned embedding
+of the set (:class:`.layers.VisualProjection`), and attention spans every set's tokens. Training adds the
 doubly stochastic attention regulariser (each image region should receive about
 one unit of attention over the caption)::
 
@@ -19,37 +21,43 @@ one unit of attention over the caption)::
 summing over the steps that predict a real token: ``t < lengths - 1`` (the step
 fed the final token, usually ``eos``, predicts nothing and is left out, as is padding).
 
-Word embeddings can be initialised from pretrained vectors (GloVe) with
-:meth:`ShowAttendTellDecoder.load_word_embeddings`.
+The word embeddings (``embed``, ``embed_dim`` wide) can start from GloVe: ``train --glove``
+(:meth:`~.base.CaptionDecoder.load_word_embeddings`).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from . import DecoderConfig, register_decoder
-from .base import CaptionDecoder, DecoderOutput, StepOutput
+from .base import CaptionDecoder, DecoderOutput, StepOutput, WordEmbeddings
+from .layers import TokenLayout, VisualProjection
 
 
 class ShowAttendTellConfig(DecoderConfig):
-    embed_dim: int = Field(512, ge=1, description="Word-embedding size (300 for GloVe 300d).")
+    embed_dim: int = Field(512, ge=1, description="Word-embedding size (GloVe 300d: 300 copies the vectors as they are).")
     hidden_dim: int = Field(512, ge=1, description="Hidden size of the LSTM/GRU cell.")
     attention_dim: int = Field(512, ge=1, description="Width of the additive attention's hidden layer.")
     visual_dim: int = Field(512, ge=1, description="Width of the projected visual tokens (the attention context).")
     dropout: float = Field(0.5, ge=0, lt=1, description="Dropout on the word embeddings and before the output layer.")
     cell: Literal["lstm", "gru"] = Field("lstm", description="Recurrent cell.")
     alpha_c: float = Field(1.0, ge=0, description="Weight of the doubly stochastic attention regulariser (0: off).")
-    pretrained_embeddings: Optional[str] = Field(
-        None,
-        description="Word vectors to initialise the embeddings with (e.g. a GloVe file); recorded here, "
-        "loaded by the trainer through load_word_embeddings() once it has aligned them to the vocabulary.",
-    )
-    freeze_embeddings: bool = Field(False, description="Keep pretrained word embeddings fixed during training.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_removed_options(cls, options: Any) -> Any:
+        # Bundles written before `pretrained_embeddings` and `freeze_embeddings` were removed (they never did
+        # anything: GloVe is the `train` options `glove` / `freeze_embeddings`) record them with these values;
+        # they still load. Any other value is refused as an unknown option.
+        if isinstance(options, dict):
+            removed = {"pretrained_embeddings": None, "freeze_embeddings": False}
+            options = {k: v for k, v in options.items() if not (k in removed and v is removed[k])}
+        return options
 
 
 class AdditiveAttention(nn.Module):
@@ -76,14 +84,16 @@ class ShowAttendTellDecoder(CaptionDecoder):
     config_class: ClassVar[type[DecoderConfig]] = ShowAttendTellConfig
     has_attention: ClassVar[bool] = True
     supports_scheduled_sampling: ClassVar[bool] = True
+    word_embeddings: ClassVar[WordEmbeddings] = WordEmbeddings("embed", "embed_dim")
 
     def __init__(
-        self, config: ShowAttendTellConfig, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int
+        self, config: ShowAttendTellConfig, *, feature_dim: Optional[int] = None, vocab_size: int, pad_id: int,
+        bos_id: int, eos_id: int, token_sets: Optional[TokenLayout] = None,
     ):
-        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id)
+        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id, token_sets)
         self.config = config
         E, H, D = config.embed_dim, config.hidden_dim, config.visual_dim
-        self.visual_proj = nn.Sequential(nn.Linear(feature_dim, D), nn.LayerNorm(D))
+        self.visual_proj = nn.Sequential(VisualProjection(self.token_sets, D), nn.LayerNorm(D))
         self.embed = nn.Embedding(vocab_size, E)
         self.attention = AdditiveAttention(D, H, config.attention_dim)
         self.init_h = nn.Linear(D, H)
@@ -95,18 +105,6 @@ class ShowAttendTellDecoder(CaptionDecoder):
         self.out_hidden = nn.Linear(H, E)
         self.out_context = nn.Linear(D, E)
         self.out = nn.Linear(E, vocab_size)
-
-    def load_word_embeddings(self, matrix: torch.Tensor, freeze: bool = False) -> None:
-        """Copy a (vocab_size, embed_dim) matrix (e.g. GloVe rows aligned to the vocabulary) into the embeddings."""
-        expected = (self.vocab_size, self.config.embed_dim)
-        if tuple(matrix.shape) != expected:
-            raise ValueError(
-                f"show_attend_tell: word-embedding matrix has shape {tuple(matrix.shape)}, expected {expected} "
-                f"(vocab_size, embed_dim); set embed_dim to the vectors' size"
-            )
-        with torch.no_grad():
-            self.embed.weight.copy_(matrix.to(self.embed.weight.dtype))
-        self.embed.weight.requires_grad_(not freeze)
 
     # ----------------------------------------------------------------- incremental decoding
     # State (all batch first): {"visual": (B, N, D), "keys": (B, N, A), "h": (B, H)} plus "c" (B, H) for the LSTM.

@@ -1,26 +1,31 @@
 """Show and Tell (Vinyals et al., 2015): an LSTM language model primed with the image.
 
 The visual tokens are mean-pooled and projected to the word-embedding size; that
-vector is the LSTM's FIRST input, before ``bos``. Then the caption's word
+vector is the LSTM's FIRST input, before ``bos``. With several token sets (multi-scale
+features) each set is pooled after a projection of its own and the sets are averaged
+(:meth:`.layers.VisualProjection.pool`); no token-set embedding is needed, as nothing after
+the pooling sees individual tokens. Then the caption's word
 embeddings follow, and each output is mapped to vocabulary logits::
 
     inputs:   [image]  bos   w1   w2  ...
     outputs:   (drop)  ->w1  ->w2 ->w3 ...
 
 The image is seen only once, so there is no attention. Incremental decoding
-keeps the LSTM's ``(h, c)``; :meth:`init_state` runs the image step.
+keeps the LSTM's ``(h, c)``; :meth:`init_state` runs the image step. The word embeddings
+(``embed``) can start from GloVe (``train --glove``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from . import DecoderConfig, register_decoder
-from .base import CaptionDecoder, DecoderOutput, StepOutput
+from .base import CaptionDecoder, DecoderOutput, StepOutput, WordEmbeddings
+from .layers import TokenLayout, VisualProjection
 
 
 class ShowTellConfig(DecoderConfig):
@@ -36,13 +41,16 @@ class ShowTellDecoder(CaptionDecoder):
 
     config_class: ClassVar[type[DecoderConfig]] = ShowTellConfig
     supports_scheduled_sampling: ClassVar[bool] = True
+    word_embeddings: ClassVar[WordEmbeddings] = WordEmbeddings("embed", "embed_dim")
 
     def __init__(
-        self, config: ShowTellConfig, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int
+        self, config: ShowTellConfig, *, feature_dim: Optional[int] = None, vocab_size: int, pad_id: int, bos_id: int,
+        eos_id: int, token_sets: Optional[TokenLayout] = None,
     ):
-        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id)
+        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id, token_sets)
         self.config = config
-        self.image_proj = nn.Sequential(nn.Linear(feature_dim, config.embed_dim), nn.LayerNorm(config.embed_dim))
+        self.image_proj = nn.Sequential(VisualProjection(self.token_sets, config.embed_dim, set_embedding=False),
+                                        nn.LayerNorm(config.embed_dim))
         self.embed = nn.Embedding(vocab_size, config.embed_dim)
         self.dropout = nn.Dropout(config.dropout)
         self.lstm = nn.LSTM(
@@ -56,8 +64,8 @@ class ShowTellDecoder(CaptionDecoder):
 
     def image_input(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, C) cached features -> (B, 1, embed_dim), the LSTM's first input."""
-        pooled = features.to(self.image_proj[0].weight.dtype).mean(dim=1)
-        return self.dropout(self.image_proj(pooled)).unsqueeze(1)
+        proj, norm = self.image_proj
+        return self.dropout(norm(proj.pool(features.to(proj.weight.dtype)))).unsqueeze(1)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
         # The LSTM is causal, so padding after a row's `lengths` never reaches its real positions.

@@ -2,7 +2,8 @@
 
 Visual side (:class:`~.layers.VisualEncoder`, shared with the GPT-2 families)::
 
-    features (B, N, C) -> Linear C->d + learned position per token index -> [encoder blocks] -> LayerNorm = memory
+    features (B, N, C) -> Linear C->d (one per token set, + a token-set embedding when there are several)
+                       + learned position per token index -> [encoder blocks] -> LayerNorm = memory
 
 ``N <= max_visual_tokens`` (the size of the visual position table); see :mod:`.layers`.
 
@@ -12,7 +13,8 @@ Text side, ``num_layers`` decoder blocks over token + position embeddings::
     x = x + CrossAttention(LN(x), memory)
     x = x + MLP(LN(x))
 
-then LayerNorm and a linear head (optionally tied to the token embedding).
+then LayerNorm and a linear head (optionally tied to the token embedding). The token
+embedding (``tok_emb``, ``d_model`` wide) can start from GloVe (``train --glove``).
 
 Incremental decoding: :meth:`TransformerDecoder.init_state` computes the memory
 and every layer's cross-attention keys/values once; each :meth:`step` appends the
@@ -30,8 +32,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from . import DecoderConfig, register_decoder
-from .base import CaptionDecoder, DecoderOutput, StepOutput
-from .layers import KV, MLP, Attention, VisualEncoder
+from .base import CaptionDecoder, DecoderOutput, StepOutput, WordEmbeddings
+from .layers import KV, MLP, Attention, TokenLayout, VisualEncoder
 
 
 class TransformerConfig(DecoderConfig):
@@ -108,15 +110,18 @@ class TransformerDecoder(CaptionDecoder):
     """Transformer decoder (pre-norm, causal self-attention + cross-attention to visual tokens)."""
 
     config_class: ClassVar[type[DecoderConfig]] = TransformerConfig
+    word_embeddings: ClassVar[WordEmbeddings] = WordEmbeddings("tok_emb", "d_model")
 
     def __init__(
-        self, config: TransformerConfig, *, feature_dim: int, vocab_size: int, pad_id: int, bos_id: int, eos_id: int
+        self, config: TransformerConfig, *, feature_dim: Optional[int] = None, vocab_size: int, pad_id: int,
+        bos_id: int, eos_id: int, token_sets: Optional[TokenLayout] = None,
     ):
-        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id)
+        super().__init__(feature_dim, vocab_size, pad_id, bos_id, eos_id, token_sets)
         self.config = config
         d, ff = config.d_model, config.ff_dim or 4 * config.d_model
-        self.visual = VisualEncoder(feature_dim, d, num_layers=config.num_encoder_layers, num_heads=config.num_heads,
-                                    ff_dim=ff, dropout=config.dropout, max_tokens=config.max_visual_tokens)
+        self.visual = VisualEncoder(self.token_sets, d, num_layers=config.num_encoder_layers,
+                                    num_heads=config.num_heads, ff_dim=ff, dropout=config.dropout,
+                                    max_tokens=config.max_visual_tokens)
         self.tok_emb = nn.Embedding(vocab_size, d)
         if config.positions == "learned":
             self.pos_emb = nn.Parameter(torch.zeros(config.max_length, d))

@@ -1,6 +1,6 @@
 """`extract`: encode every manifest image once with a timm backbone into the sharded LMDB cache.
 
-Inputs: ``cfg.manifest`` (and the images it names), the backbone weights.
+Inputs: ``cfg.manifest`` and ``cfg.extra_manifests`` (and the images they name), the backbone weights.
 Outputs: ``cfg.out_dir`` — shards, per-shard done markers, ``backbone.safetensors`` (the
 weights the features were computed with), ``meta.json``, ``rejects.jsonl``.
 
@@ -32,7 +32,7 @@ import torch
 from cache.format import WEIGHTS_FILE, CacheMeta, file_sha256
 from cache.writer import CacheWriter
 from pipeline.config import ExtractConfig
-from pipeline.data.manifest import ManifestRecord, read_manifest
+from pipeline.data.manifest import ManifestRecord, read_manifests
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.encode import fill_cache
 from pipeline.errors import UserError
@@ -75,7 +75,7 @@ def run(cfg: ExtractConfig) -> CacheMeta | None:
 
 
 def _run(cfg: ExtractConfig, device: torch.device, ctx: DistContext) -> CacheMeta | None:
-    records = read_manifest(cfg.manifest)
+    records = read_manifests(cfg.manifest, cfg.extra_manifests)
     if not records:
         raise ExtractError(f"{cfg.manifest}: the manifest holds no images; nothing to extract")
     # The main process holds the lock for the run (taken before the other ranks pass the first barrier).

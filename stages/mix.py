@@ -20,20 +20,15 @@ The reference "filtered + clean" recovery experiment is then a DVC experiment, e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import MixConfig, config_to_dict
-from pipeline.data.manifest import (
-    ManifestRecord,
-    read_manifest,
-    resolve_image_path,
-    write_manifest,
-)
+from pipeline.data.manifest import ManifestRecord, read_manifest, rebased, write_manifest
 from pipeline.errors import UserError
 from pipeline.files import write_json
 
@@ -62,19 +57,15 @@ def _subsample(records: list[ManifestRecord], target: float, unit: str, rng: np.
 
 
 def _rebase(rec: ManifestRecord, manifest: Path, out_dir: Path, origin: str, image_id: str) -> ManifestRecord:
-    path = resolve_image_path(rec, manifest)
-    rel = path if path.is_absolute() else Path(os.path.relpath(path.resolve(), out_dir.resolve()))
-    extra = dict(rec.extra)
-    extra["mix"] = origin
-    return ManifestRecord(image_id=image_id, path=str(rel), captions=list(rec.captions), split=rec.split,
-                          source=rec.source, extra=extra)
+    moved = rebased(rec, manifest, out_dir)
+    return dataclasses.replace(moved, image_id=image_id, extra={**rec.extra, "mix": origin})
 
 
 def run(cfg: MixConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     clean = read_manifest(cfg.clean)
     filtered_all = read_manifest(cfg.filtered)
-    clean_train = [r for r in clean if r.split == "train"]
+    clean_train = [r for r in clean if r.split == "train"] if cfg.clean_train else []
     filtered = [r for r in filtered_all if r.split == "train"]
     if not clean_train and not filtered:
         raise UserError(f"{cfg.clean} and {cfg.filtered}: no training images to mix")

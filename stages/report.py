@@ -335,6 +335,28 @@ def summary_markdown(rows: list[Row], out: Path, curve_files: dict[str, Path], c
     return "\n".join(text).rstrip() + "\n"
 
 
+COMPARISON_METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def comparison_markdown(title: str, cells: dict[str, str], rows: list[Row]) -> str:
+    """One table of ``cells`` (row label -> model name) side by side: what each trained on and its scores."""
+    by_name = {r.name: r for r in rows}
+    missing = [name for name in cells.values() if name not in by_name]
+    if missing:
+        raise ReportError(f"report comparison {title!r}: no evaluation report for model(s) {missing} "
+                          f"(known: {', '.join(sorted(by_name))})")
+    header = ["Cell", "Model", "train images", "train captions", *[dict(COLUMNS)[k] for k in COMPARISON_METRICS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for label, name in cells.items():
+        r = by_name[name]
+        counts = [str(r.train.get(k, "n/a")) for k in ("train_images", "train_captions")]
+        lines.append("| " + " | ".join([label, name, *counts, *(_num(r.metrics.get(k)) for k in COMPARISON_METRICS)])
+                     + " |")
+    splits = sorted({str(by_name[n].metrics.get("split")) for n in cells.values()})
+    return "\n".join([f"## {title}", "", *lines, "",
+                      f"Every cell evaluated on the same {', '.join(splits)} split."]) + "\n"
+
+
 # --------------------------------------------------------------------------- the stage
 def run(cfg: ReportConfig) -> dict[str, Any]:
     paths = find_reports(cfg.reports)
@@ -367,6 +389,11 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
         curve_files[name] = png
     compare = plot_comparison(curves_dir / "compare.png", curves, blind) if len(curves) > 1 else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(summary_markdown(rows, out, curve_files, compare), encoding="utf-8")
+    text = summary_markdown(rows, out, curve_files, compare)
+    tables = [comparison_markdown(title, cells, rows) for title, cells in cfg.comparisons.items()]
+    if tables:  # after the main table, before the curves
+        main, curves_part = text.split("\n## Training curves\n", 1)
+        text = main + "\n" + "\n".join(tables) + "\n## Training curves\n" + curves_part
+    out.write_text(text, encoding="utf-8")
     log.info("report: %d models, %d curve plots -> %s", len(rows), len(curve_files), out)
     return {"summary": str(out), "models": [r.name for r in rows], "curves": {k: str(v) for k, v in curve_files.items()}}

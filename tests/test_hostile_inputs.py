@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -85,6 +86,35 @@ def _bad_yaml(w: TinyPipeline, tmp: Path) -> list[str]:
     return ["vocab", "--params", str(tmp / "bad.yaml"), "--manifest", str(w.manifest)]
 
 
+def _damaged_bundle(w: TinyPipeline, tmp: Path) -> Path:
+    """A copy of the session's trained bundle with its decoder weights cut to 100 bytes."""
+    bundle = tmp / "bundle"
+    shutil.copytree(w.bundle, bundle)
+    weights = bundle / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return bundle
+
+
+def _caption_damaged(w: TinyPipeline, tmp: Path) -> list[str]:
+    image = next((w.manifest.parent / "images").glob("*.png"))
+    return ["caption", str(image), "--model", str(_damaged_bundle(w, tmp))]
+
+
+def _evaluate_damaged(w: TinyPipeline, tmp: Path) -> list[str]:
+    return ["evaluate", "--model", str(_damaged_bundle(w, tmp)), "--manifest", str(w.manifest), "--features",
+            str(w.features), "--out-dir", str(tmp / "report"), "--device", "cpu"]
+
+
+def _finetune_damaged(w: TinyPipeline, tmp: Path) -> list[str]:
+    return ["finetune", "--bundle", str(_damaged_bundle(w, tmp)), "--manifest", str(w.manifest), "--out-dir",
+            str(tmp / "ft"), "--device", "cpu"]
+
+
+def _scst_damaged(w: TinyPipeline, tmp: Path) -> list[str]:
+    return ["scst", "--bundle", str(_damaged_bundle(w, tmp)), "--manifest", str(w.manifest), "--features",
+            str(w.features), "--out-dir", str(tmp / "scst"), "--device", "cpu"]
+
+
 CASES = [
     Case("device-bogus", lambda w, t: _train_args(w, t / "run", "--device", "bogus"),
          ("--device 'bogus' is not a torch device", "cpu, cuda")),
@@ -97,6 +127,10 @@ CASES = [
     Case("clip-pretrained-garbage", _garbage_clip, ("clip.safetensors: cannot load as synthetic-clip-tiny weights",)),
     Case("params-not-yaml", _bad_yaml, ("bad.yaml:", "not valid YAML")),
     Case("params-missing", lambda w, t: ["vocab", "--params", str(t / "nope.yaml")], ("nope.yaml: params file not found",)),
+    *(Case(f"{command}-damaged-bundle", build, ("bundle/model.safetensors: cannot read the decoder weights",
+                                                   "the bundle is damaged"))
+      for command, build in (("caption", _caption_damaged), ("evaluate", _evaluate_damaged),
+                             ("finetune", _finetune_damaged), ("scst", _scst_damaged))),
     Case("manifest-missing", lambda w, t: ["vocab", "--manifest", str(t / "nope.jsonl")],
          ("nope.jsonl: manifest not found", "pipeline prepare")),
     Case("manifest-is-a-folder", lambda w, t: ["vocab", "--manifest", str(t)], ("Is a directory", "not a folder")),

@@ -7,7 +7,11 @@ caption server (:mod:`pipeline.serve.engine`).
   maps in ``[0, 1]``. Each token set of the features (objects with ``.name`` and ``.tokens``,
   concatenated in that order) is reshaped to its ``sqrt(n) x sqrt(n)`` grid (a leading class token
   is dropped when ``n - 1`` is square), upsampled bilinearly to ``size`` and summed over the token
-  sets; the maps of a caption share one scale (its largest value), so a diffuse map looks diffuse;
+  sets (so with several sets — multi-scale features — a map is the attention each image region gets
+  from all scales together; :func:`describe_grids` says so in words); the maps of a caption share one
+  scale (its largest value), so a diffuse map looks diffuse;
+* :func:`token_set_grid` / :func:`attention_weights_json`: the grid of each token set, and a caption's
+  raw weights per word as JSON (what ``pipeline caption --json --attention`` prints);
 * :func:`colorize` / :func:`overlay`: maps -> RGB with matplotlib's :data:`COLORMAP`, blended half
   and half with the image (the one colouring both the gallery and the server use);
 * :func:`render_heatmap`: one PNG sheet, the image then a panel per word (matplotlib's Agg backend,
@@ -46,6 +50,47 @@ def backbone_view(img, preprocessing: dict[str, Any]):
     return img.crop((left, top, left + w, top + h))
 
 
+def token_set_grid(tokens: int) -> tuple[int, int] | None:
+    """``(class_tokens, side)`` of a token set of ``tokens`` tokens: a ``side x side`` grid, after one leading
+    class token when ``tokens - 1`` is square (ViT-style); None when it is no square grid."""
+    side = math.isqrt(tokens)
+    if side * side == tokens:
+        return 0, side
+    side = math.isqrt(tokens - 1)
+    if tokens > 1 and side * side == tokens - 1:
+        return 1, side
+    return None
+
+
+def describe_grids(token_sets: Sequence[Any]) -> str:
+    """What a map shows, in words: ``a 7x7 grid`` or ``2 token sets (stage3 14x14, last 7x7), each upsampled
+    to the image and summed``. ``token_sets``: objects with ``.name`` and ``.tokens``."""
+    def grid(t: Any) -> str:
+        g = token_set_grid(t.tokens)
+        if g is None:
+            return f"{t.tokens} tokens (no square grid)"
+        return f"{g[1]}x{g[1]}" + (" after a class token" if g[0] else "")
+
+    if len(token_sets) == 1:
+        return f"a {grid(token_sets[0])} grid of visual tokens"
+    sets = ", ".join(f"{t.name} {grid(t)}" for t in token_sets)
+    return f"{len(token_sets)} token sets ({sets}), each upsampled to the image and summed"
+
+
+def attention_weights_json(attention: torch.Tensor, words: Sequence[str], token_sets: Sequence[Any],
+                           digits: int = 4) -> dict[str, Any]:
+    """A caption's attention ``(T, N)`` as JSON: the token sets (name, tokens, class tokens, grid side, in the
+    order of the N weights) and per word its N weights (rounded to ``digits``), a set's grid row-major."""
+    att = attention.float().cpu()
+    sets = []
+    for t in token_sets:
+        g = token_set_grid(t.tokens)
+        sets.append({"name": t.name, "tokens": int(t.tokens), "class_tokens": g[0] if g else None,
+                     "grid": [g[1], g[1]] if g else None})
+    return {"token_sets": sets, "words": [{"word": w, "weights": [round(float(x), digits) for x in row]}
+                                          for w, row in zip(words, att.tolist())]}
+
+
 def attention_maps(attention: torch.Tensor, token_sets: Sequence[Any],
                    size: tuple[int, int]) -> tuple[np.ndarray | None, str]:
     """``(T, H, W)`` maps from ``(T, N)`` attention, all scaled by the caption's largest value (one colour
@@ -61,15 +106,13 @@ def attention_maps(attention: torch.Tensor, token_sets: Sequence[Any],
         name, n = t.name, t.tokens
         part = att[:, offset : offset + n]
         offset += n
-        side = math.isqrt(n)
-        if side * side != n:
-            side = math.isqrt(n - 1)
-            if n > 1 and side * side == n - 1:
-                part = part[:, 1:]  # a class token first (ViT-style)
-            else:
-                return None, f"token set {name!r} has {n} tokens: not a square grid"
-        grid = part.reshape(T, 1, side, side)
-        total += torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+        grid = token_set_grid(n)
+        if grid is None:
+            return None, f"token set {name!r} has {n} tokens: not a square grid"
+        skip, side = grid
+        part = part[:, skip:]  # a class token first (ViT-style)
+        cells = part.reshape(T, 1, side, side)
+        total += torch.nn.functional.interpolate(cells, size=size, mode="bilinear", align_corners=False)
     maps = total[:, 0].numpy()
     peak = float(maps.max()) if maps.size else 0.0
     return (maps / peak if peak > 0 else np.zeros_like(maps)), ""

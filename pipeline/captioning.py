@@ -7,6 +7,10 @@
   call), so one bad image never stops the others.
 
 Each item renders itself as the CLI prints it: ``text_lines()`` / ``line()`` and ``json_line()``.
+With ``attention=True`` (``pipeline caption --json --attention``) each result also carries ``attention``: the
+best caption's per-word attention weights over the visual tokens, with the token sets' grids and what the
+weights are (:meth:`CaptionEngine.attention_weights`), or null and ``attention_unavailable`` saying why (a
+decoder without visual attention, e.g. ``perceiver_gpt2``: the Perceiver attends to latents, not to the image).
 
     engine = CaptionEngine.load("models/transformer/bundle")
     options, label = caption_options(engine, "consistent")
@@ -126,6 +130,7 @@ def caption_paths(
     *,
     mode: str = DEFAULT_MODE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    attention: bool = False,
 ) -> Iterator[Union[CaptionResult, CaptionError]]:
     """Caption ``inputs`` (see :func:`expand_inputs`) ``batch_size`` images per model call with ``options``.
 
@@ -133,7 +138,8 @@ def caption_paths(
     earlier images still waiting for their batch), the results of a batch once its model call is done.
     ``mode`` is the label each result carries (see :func:`caption_options`). Images over ``max_pixels``
     pixels are refused (decompression bombs). A failed model call is a ``model_error`` for each image of
-    its batch; the other batches go on.
+    its batch; the other batches go on. ``attention``: each result carries the attention of its caption
+    (see the module's docstring); the captions are the same either way.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -146,13 +152,14 @@ def caption_paths(
             return
         try:
             pixels = [engine.prepare(im) for _, im, _ in batch]
-            run = engine.run(pixels, options)
+            run = engine.run(pixels, options, attention=attention)
         except Exception as e:  # noqa: BLE001 - reported per image; the other batches go on
             for path, _, _ in batch:
                 yield CaptionError(path, "model_error", f"captioning failed: {e}")
             return
         for (path, _, decode_ms), caps in zip(batch, run.captions):
-            yield CaptionResult(path, engine.result(caps, mode=mode), decode_ms, run.model_ms, run.batch_size)
+            result = engine.result(caps, mode=mode, attention_weights=attention)
+            yield CaptionResult(path, result, decode_ms, run.model_ms, run.batch_size)
 
     for path, problem in expand_inputs(inputs):
         if problem:

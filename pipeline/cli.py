@@ -344,6 +344,10 @@ def _caption_command() -> TyperCommand:
         *decoding,
         _param("json_output", bool, typer.Option(False, "--json", help="JSON Lines on stdout, one object per image: "
                                                  "caption, score, alternatives with scores, mode, timings, or error.")),
+        _param("attention", bool, typer.Option(False, "--attention", help="With --json: each object also has "
+                                               "`attention`, the caption's per-word attention weights over the "
+                                               "visual tokens (attention decoders), or null and "
+                                               "`attention_unavailable` saying why.")),
         _param("batch_size", int, typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1,
                                                help="Images per model call.")),
         _param("max_pixels", int, typer.Option(DEFAULT_MAX_PIXELS, help="Refuse images with more pixels "
@@ -356,8 +360,10 @@ def _caption_command() -> TyperCommand:
         context_parameter(),
     ]
 
-    def caption(ctx, images, model, mode, json_output, batch_size, max_pixels, seed, device, threads, amp,
+    def caption(ctx, images, model, mode, json_output, attention, batch_size, max_pixels, seed, device, threads, amp,
                 channels_last, **decoding_values) -> None:
+        if attention and not json_output:
+            _fail("--attention needs --json (the weights are printed as JSON)")
         set_threads(threads)
         try:
             engine = CaptionEngine.load(model, device=device, seed=seed, amp=amp, channels_last=channels_last)
@@ -367,7 +373,8 @@ def _caption_command() -> TyperCommand:
         except ValueError as e:  # unknown mode, invalid option values
             _fail(str(e).replace("\n", "; "))
         failures = 0
-        for item in caption_paths(engine, images, options, batch_size, mode=label, max_pixels=max_pixels):
+        for item in caption_paths(engine, images, options, batch_size, mode=label, max_pixels=max_pixels,
+                                  attention=attention):
             if isinstance(item, CaptionError):
                 failures += 1
                 typer.echo(item.line(), err=True)

@@ -25,7 +25,10 @@ Conventions (the same for every method):
   ``length_penalty=0`` ranks by the raw log-prob sum; larger values favour longer captions.
 * ``Hypothesis.attention`` (when requested and the decoder returns attention) is ``(T, N)``
   with ``T = len(tokens)``: row ``i`` is the visual attention of the step that emitted
-  ``tokens[i]`` (the eos step's attention is not kept).
+  ``tokens[i]`` (the eos step's attention is not kept); beam search carries each beam's rows
+  along when it reorders the beams, so a hypothesis holds the attention of its own steps.
+  ``return_attention`` asks a decoder with ``has_attention`` for it (``step(...,
+  return_attention=True)``); it never changes the tokens or the scores.
 * Nothing is masked except the above: bos/pad may be generated if the model wants to
   (GPT-2 style vocabularies use the same id for bos and eos, and pad can be a real token).
 
@@ -272,6 +275,14 @@ def _bos(decoder: Any, rows: int, device: torch.device) -> torch.Tensor:
     return torch.full((rows,), int(decoder.bos_id), dtype=torch.long, device=device)
 
 
+def _stepper(decoder: Any, return_attention: bool) -> Any:
+    """``decoder.step``, asking for attention when it is wanted and the decoder has it (``has_attention``).
+    Other decoders are called as they are (whatever attention they return is still kept)."""
+    if return_attention and getattr(decoder, "has_attention", False):
+        return lambda tokens, state: decoder.step(tokens, state, return_attention=True)
+    return decoder.step
+
+
 # --------------------------------------------------------------------------- greedy / sampling
 def _decode_rows(
     decoder: Any,
@@ -294,6 +305,7 @@ def _decode_rows(
         return []
     device = _device(decoder, features)
     eos = int(decoder.eos_id)
+    step = _stepper(decoder, return_attention)
     state = decoder.init_state(features)
     if copies > 1:
         state = decoder.reorder_state(state, torch.arange(B, device=device).repeat_interleave(copies))
@@ -306,7 +318,7 @@ def _decode_rows(
     results: list[Optional[Hypothesis]] = [None] * R
 
     for t in range(max_length + 1):
-        out = decoder.step(prev, state)
+        out = step(prev, state)
         state = out.state
         lp = _log_probs(
             out.logits,
@@ -521,6 +533,7 @@ def beam_search(
     eos = int(decoder.eos_id)
     alpha = float(length_penalty)
 
+    step = _stepper(decoder, return_attention)
     with torch.inference_mode():
         state = decoder.init_state(features)
         state = decoder.reorder_state(state, torch.arange(B, device=device, dtype=torch.long).repeat_interleave(K))
@@ -540,7 +553,7 @@ def beam_search(
             return max(_normalised(s, length + 1, alpha), _normalised(s, max_length + 1, alpha))
 
         for t in range(max_length + 1):
-            out = decoder.step(prev, state)
+            out = step(prev, state)
             state = out.state
             lp = _log_probs(
                 out.logits,

@@ -9,7 +9,9 @@
 
 Every file the page shows is referenced by a relative path inside ``folder``.
 
-Heatmaps: a caption's attention ``(T, N)`` (one row per generated word) becomes one map per word
+Heatmaps (every decoder family with ``has_attention``: ``show_attend_tell``'s additive attention, the
+last block's cross-attention of ``transformer`` and ``gpt2``; the page names which, and says why when a
+family has none): a caption's attention ``(T, N)`` (one row per generated word) becomes one map per word
 over the image as the backbone saw it, one colour scale per caption, drawn as one PNG sheet per
 caption: :mod:`pipeline.attention_maps` (shared with the caption server) does all of it; this
 module only sizes the panels (:data:`HEATMAP_PANEL`) and links the sheets.
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pipeline.attention_maps import attention_maps, backbone_view, render_heatmap
+from pipeline.attention_maps import attention_maps, backbone_view, describe_grids, render_heatmap
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 
@@ -224,8 +226,10 @@ def write_gallery(
     if heatmap_note:
         notes.append(e(heatmap_note[:1].upper() + heatmap_note[1:]) + ".")
     elif heatmaps_written:
+        source = getattr(captioner.decoder, "attention_source", "") or "the decoder's visual attention"
         notes.append("Attention heatmaps: one panel per generated word of the headline caption, over the image as the "
-                     "backbone saw it (resized, centre-cropped); one colour scale per caption (red: its most attended region).")
+                     "backbone saw it (resized, centre-cropped); one colour scale per caption (red: its most attended "
+                     f"region). Maps: {e(source)}, over {e(describe_grids(spec.token_sets))}.")
     if heatmap_problems:
         notes.append("Heatmaps skipped: " + e("; ".join(sorted(heatmap_problems))) + ".")
     nav = " ".join(f'<a href="#{s}">{SECTIONS[s][0]} ({len(cards.get(s, []))})</a>' for s in SECTIONS if cards.get(s))

@@ -340,8 +340,9 @@ def _build_gallery(
         heatmap_note = "attention heatmaps were not requested (heatmaps: false)"
     elif blind:
         heatmap_note = "no attention heatmaps: image-blind control (its features are zeros)"
-    elif not getattr(captioner.decoder, "has_attention", False):
-        heatmap_note = f"no attention heatmaps: the {metrics['decoder']} decoder has no per-word visual attention"
+    elif not getattr(captioner.decoder, "has_attention", False):  # the family says why (e.g. it attends to latents)
+        reason = getattr(captioner.decoder, "no_attention_reason", "") or "it has no per-word visual attention"
+        heatmap_note = f"no attention heatmaps for the {metrics['decoder']} decoder: {reason}"
     gallery.write_gallery(
         gallery_dir, cases, title=name, metrics=metrics, captioner=captioner,
         headline_label=head_label, thumbnail_size=cfg.thumbnail_size, heatmap_note=heatmap_note,

@@ -3,8 +3,9 @@
 ``build_tiny_bundle(folder)`` writes a bundle that captions image files end to end: timm's tiny
 ``test_efficientnet`` backbone at 64 px (random init, its state dict stored as the bundle's backbone,
 a 2x2 grid of visual tokens), a word tokenizer built from a few captions, and a small randomly
-initialised decoder (``show_attend_tell`` by default, so attention heatmaps exist; its output bias keeps
-it from ending early, so every caption is ``MAX_LENGTH`` real words; or ``transformer``, no attention).
+initialised decoder (``show_attend_tell`` by default; its output bias keeps it from ending early, so every
+caption is ``MAX_LENGTH`` real words; or ``transformer`` / ``gpt2``, whose cross-attention gives heatmaps too,
+or ``perceiver_gpt2``, which has none: it attends to latents).
 
 Use the session fixture :func:`tiny_bundle` (``from tests.helpers_bundle import tiny_bundle``) to build it once.
 Also here: :func:`image_bytes` (a small encoded image) and :func:`serve_in_thread` (uvicorn on a free
@@ -37,7 +38,8 @@ CAPTIONS = [
 def tiny_decoder(family: str, tokenizer, *, feature_dim: int, num_tokens: int, max_length: int = MAX_LENGTH,
                  seed: int = 0) -> torch.nn.Module:
     """A small randomly initialised decoder in eval mode: ``show_attend_tell`` (its output bias keeps it from
-    ending early, so every caption is ``max_length`` real words) or ``transformer`` (no attention maps)."""
+    ending early, so every caption is ``max_length`` real words), ``transformer``, ``gpt2`` or ``perceiver_gpt2``
+    (their output layer has no bias: captions may end early)."""
     from pipeline.models.decoders import create_decoder
 
     tok = tokenizer
@@ -50,9 +52,13 @@ def tiny_decoder(family: str, tokenizer, *, feature_dim: int, num_tokens: int, m
         with torch.no_grad():  # never emit a special token: captions are max_length real words
             for special in {tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id}:
                 decoder.out.bias[special] = -30.0
-    elif family == "transformer":  # no attention maps; captions may end early (its head has no bias)
+    elif family == "transformer":  # captions may end early (its head has no bias)
         decoder = create_decoder(family, **common, d_model=16, num_layers=1, num_heads=2, dropout=0.0,
                                  max_length=max_length + 2, max_visual_tokens=num_tokens, tie_embeddings=False)
+    elif family in ("gpt2", "perceiver_gpt2"):
+        extra = {"num_latents": 4} if family == "perceiver_gpt2" else {}
+        decoder = create_decoder(family, **common, n_layer=1, n_head=2, n_embd=16, n_positions=max_length + 2,
+                                 dropout=0.0, max_visual_tokens=num_tokens, **extra)
     else:
         raise ValueError(f"no tiny recipe for decoder family {family!r}")
     return decoder.eval()
@@ -79,6 +85,11 @@ def tiny_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_transformer_bundle(tmp_path_factory) -> Path:
     return build_tiny_bundle(tmp_path_factory.mktemp("tiny-transformer") / "bundle", family="transformer")
+
+
+@pytest.fixture(scope="session")
+def tiny_perceiver_bundle(tmp_path_factory) -> Path:
+    return build_tiny_bundle(tmp_path_factory.mktemp("tiny-perceiver") / "bundle", family="perceiver_gpt2")
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (48, 40), seed: int = 0) -> bytes:

@@ -17,7 +17,7 @@ from pipeline.cli import app
 from pipeline.decoding import CAPTION_MODES
 from pipeline.serve.engine import CaptionEngine
 from tests.conftest import write_png
-from tests.helpers_bundle import MAX_LENGTH, tiny_bundle  # noqa: F401
+from tests.helpers_bundle import MAX_LENGTH, tiny_bundle, tiny_perceiver_bundle, tiny_transformer_bundle  # noqa: F401
 
 runner = CliRunner()
 
@@ -72,6 +72,42 @@ def test_json_output_matches_the_engine(folder, tiny_bundle):
     caps = eng.run([eng.prepare(load_rgb(folder / "imgs" / "0.png"))], eng.options("consistent")).captions[0]
     want = eng.result(caps, mode="consistent")
     assert row["caption"] == want["caption"] and row["alternatives"] == want["alternatives"]
+
+
+def test_json_attention_of_a_transformer(folder, tiny_transformer_bundle):
+    """--attention: the caption's per-word cross-attention weights (rows sum to 1 over the 2x2 grid), the same
+    caption and alternatives as without it, and what the weights are."""
+    args = [str(folder / "imgs" / "0.png"), str(folder / "imgs" / "1.png"), "--model", str(tiny_transformer_bundle),
+            "--json"]
+    plain = [json.loads(ln) for ln in caption(*args).stdout.splitlines()]
+    r = caption(*args, "--attention")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(ln) for ln in r.stdout.splitlines()]
+    for row, before in zip(rows, plain):
+        assert (row["caption"], row["alternatives"]) == (before["caption"], before["alternatives"])
+        att = row["attention"]
+        if not row["caption"]:
+            assert att is None and row["attention_unavailable"] == "the caption is empty"
+            continue
+        assert att["source"] == "cross-attention of the last decoder block, mean over its heads"
+        assert att["token_sets"] == [{"name": "last", "tokens": 4, "class_tokens": 0, "grid": [2, 2]}]
+        assert " ".join(w["word"] for w in att["words"]) == row["caption"]
+        for w in att["words"]:
+            assert len(w["weights"]) == 4 and sum(w["weights"]) == pytest.approx(1.0, abs=1e-3)
+    assert any(row["attention"] for row in rows)
+
+
+def test_json_attention_of_the_perceiver_says_why_there_is_none(folder, tiny_perceiver_bundle):
+    r = caption(str(folder / "imgs" / "0.png"), "--model", str(tiny_perceiver_bundle), "--json", "--attention")
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)
+    assert row["attention"] is None
+    assert row["attention_unavailable"].startswith("the Perceiver attends to latents, not to the image")
+
+
+def test_attention_needs_json(folder, tiny_transformer_bundle):
+    r = caption(str(folder / "imgs" / "0.png"), "--model", str(tiny_transformer_bundle), "--attention")
+    assert r.exit_code == 2 and "--attention needs --json" in r.stderr
 
 
 @pytest.mark.parametrize("mode", list(CAPTION_MODES))

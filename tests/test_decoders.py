@@ -75,10 +75,10 @@ def caption_loss(out, tokens, lengths) -> torch.Tensor:
     return loss + out.aux_loss if out.aux_loss is not None else loss
 
 
-def run_steps(decoder, state, tokens):
+def run_steps(decoder, state, tokens, *, return_attention=False):
     logits, attention = [], []
     for t in range(tokens.shape[1]):
-        out = decoder.step(tokens[:, t], state)
+        out = decoder.step(tokens[:, t], state, return_attention=return_attention)
         state = out.state
         logits.append(out.logits)
         attention.append(out.attention)
@@ -173,13 +173,17 @@ def test_bad_value_and_unknown_family_errors():
 def test_forward_shapes(case):
     decoder = make(case)
     features, tokens, _ = batch(dtype=torch.float16)  # cached features may be half precision
-    out = decoder(features, tokens, LENGTHS)
+    out = decoder(features, tokens, LENGTHS, return_attention=True)
     assert out.logits.shape == (B, T, V) and out.logits.dtype == torch.float32
     if decoder.has_attention:
         assert out.attention.shape == (B, T, N)
-        assert out.aux_loss.shape == ()
+        torch.testing.assert_close(out.attention.sum(-1), torch.ones(B, T))
+        assert (out.aux_loss is not None) == (decoder.family == "show_attend_tell")  # the regulariser
+        assert decoder.attention_source
     else:
         assert out.attention is None
+    if decoder.family != "show_attend_tell":  # training never asks: no weights computed or kept
+        assert decoder(features, tokens, LENGTHS).attention is None
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -198,11 +202,15 @@ def test_step_reproduces_forward(case):
     decoder = make(case).eval()
     features, tokens, real = batch(dtype=torch.float16)
     with torch.no_grad():
-        out = decoder(features, tokens, LENGTHS)
-        logits, attention, _ = run_steps(decoder, decoder.init_state(features), tokens)
+        out = decoder(features, tokens, LENGTHS, return_attention=True)
+        logits, attention, _ = run_steps(decoder, decoder.init_state(features), tokens, return_attention=True)
+        plain, _, _ = run_steps(decoder, decoder.init_state(features), tokens)
     torch.testing.assert_close(logits[real], out.logits[real], atol=1e-4, rtol=1e-4)
+    assert torch.equal(plain, logits)  # asking for attention changes no logit bit
     assert all((a is not None) == decoder.has_attention for a in attention)
     if decoder.has_attention:
+        assert attention[0].shape == (B, N)
+        torch.testing.assert_close(torch.stack(attention, 1).sum(-1), torch.ones(B, T))
         torch.testing.assert_close(torch.stack(attention, 1)[real], out.attention[real], atol=1e-5, rtol=1e-5)
 
 

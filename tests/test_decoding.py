@@ -74,10 +74,10 @@ class HashDecoder(CaptionDecoder):
     def init_state(self, features):
         return {"h": (features[:, 0, 0].long() * 7919 + 17) % self.buckets}
 
-    def step(self, tokens, state):
+    def step(self, tokens, state, *, return_attention=False):
         self.calls.append(tokens.shape[0])
         h = (state["h"] * 31 + tokens + 1) % self.buckets
-        return StepOutput(logits=self.table[h], state={"h": h}, attention=self.att[h])
+        return StepOutput(logits=self.table[h], state={"h": h}, attention=self.att[h] if return_attention else None)
 
     def reorder_state(self, state, index):
         self.index_dtypes.append(index.dtype)
@@ -269,6 +269,29 @@ def test_beam_of_one_equals_greedy():
     b = beam_search(dec, feats, beam_size=1, max_length=8)
     assert [h.tokens for h in g] == [hs[0].tokens for hs in b]
     assert [h.logprob for h in g] == pytest.approx([hs[0].logprob for hs in b], abs=1e-6)
+    # with attention: the same captions, and the beam's attention is greedy's, row for row
+    ga = greedy(dec, feats, max_length=8, return_attention=True)
+    ba = beam_search(dec, feats, beam_size=1, max_length=8, return_attention=True)
+    assert [h.tokens for h in ga] == [h.tokens for h in g] == [hs[0].tokens for hs in ba]
+    for hg, hb in zip(ga, ba):
+        assert hg.attention.shape == (len(hg.tokens), 3) and torch.equal(hg.attention, hb[0].attention)
+    assert all(h.attention is None for h in g)  # not asked: not kept
+
+
+def test_beam_attention_follows_the_chosen_beam():
+    """Each returned hypothesis holds the attention of the steps of its own prefix (beams reorder): row i is
+    what the decoder returns when fed the hypothesis's tokens up to i, replayed on its own."""
+    dec = HashDecoder(vocab=9, eos_id=2, bos_id=0, seed=11, scale=1.2)
+    for hyps, img in zip(beam_search(dec, image_features([0, 1, 2]), beam_size=4, max_length=7, n_best=4,
+                                     return_attention=True), [0, 1, 2]):
+        assert len({tuple(h.tokens) for h in hyps}) > 1  # several distinct beams came back
+        for h in hyps:
+            state, prev, rows = dec.init_state(image_features([img])), torch.tensor([dec.bos_id]), []
+            for tok in h.tokens:
+                out = dec.step(prev, state, return_attention=True)
+                rows.append(out.attention[0])
+                state, prev = out.state, torch.tensor([tok])
+            assert torch.equal(h.attention, torch.stack(rows) if rows else torch.zeros(0, 3))
 
 
 def test_greedy_attention_and_batching():

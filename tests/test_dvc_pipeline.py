@@ -53,7 +53,8 @@ def test_repro_builds_then_noop_then_reruns_only_what_changed(repo_copy):
     manifest = (repo_copy / "data/prepared/manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 40
     meta = json.loads((repo_copy / "data/features/meta.json").read_text())
-    assert meta["records"] == 40 and meta["spec"]["backbone"] == "test_efficientnet"
+    # the 40 images and the noisy variant's 8 (extracted too: the recovery experiment trains on them)
+    assert meta["records"] == 48 and meta["spec"]["backbone"] == "test_efficientnet"
     assert (repo_copy / "models/transformer/bundle/config.json").exists()
     assert json.loads((repo_copy / "models/transformer/metrics.json").read_text())["epochs_run"] == 1
 
@@ -100,21 +101,24 @@ def test_changed_images_under_old_ids_are_re_extracted(repo_copy):
 
     from cache import FeatureCache
 
+    def digests() -> dict[str, str]:  # both manifests extract reads: the clean one and the noisy variant's
+        return {r["image_id"]: r["sha256"] for name in ("manifest.jsonl", "noisy/manifest.jsonl")
+                for r in map(json.loads, (repo_copy / "data/prepared" / name).read_text().splitlines())}
+
     _dvc(repo_copy, "repro", "extract")
-    old = {r["image_id"]: r["sha256"] for r in map(json.loads, (repo_copy / "data/prepared/manifest.jsonl")
-                                                  .read_text().splitlines())}
+    old = digests()
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["prepare"]["sources"][0].update(seed=1, num_images=46)
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _dvc(repo_copy, "repro", "extract")
     assert "Running stage 'prepare'" in out and "Running stage 'extract'" in out
-    rows = [json.loads(line) for line in (repo_copy / "data/prepared/manifest.jsonl").read_text().splitlines()]
-    assert len(rows) == 46
-    changed = sum(1 for r in rows if r["image_id"] in old and old[r["image_id"]] != r["sha256"])
-    new = sum(1 for r in rows if r["image_id"] not in old)
+    now = digests()
+    assert len(now) == 46 + 8  # and the noisy variant's 8
+    changed = sum(1 for k, v in now.items() if k in old and old[k] != v)
+    new = sum(1 for k in now if k not in old)
     assert changed > 0 and new == 6
     meta = json.loads((repo_copy / "data/features/meta.json").read_text())
-    assert meta["records"] == 46
+    assert meta["records"] == 46 + 8
     assert meta["last_update"]["changed"] == changed and meta["last_update"]["computed"] == changed + new
     assert f"{changed} re-extracted (image changed)" in out and f"{changed + new} computed" in out
     # every cached record equals a fresh extraction of the current image
@@ -122,7 +126,8 @@ def test_changed_images_under_old_ids_are_re_extracted(repo_copy):
     subprocess.run([sys.executable, "-m", "pipeline.cli", "extract", "--out-dir", str(repo_copy / "fresh")],
                    cwd=repo_copy, env=env, check=True, capture_output=True)
     cache, fresh = FeatureCache(repo_copy / "data/features"), FeatureCache(repo_copy / "fresh")
-    ids = [r["image_id"] for r in rows]
-    assert cache.digests(ids) == {r["image_id"]: r["sha256"] for r in rows}
+    assert cache.digests(list(now)) == now
+    rows = [json.loads(line) for line in (repo_copy / "data/prepared/manifest.jsonl").read_text().splitlines()]
+    ids = [r["image_id"] for r in rows]  # the fresh extraction reads the clean manifest only
     np.testing.assert_allclose(cache.get_batch(ids)["last"].astype(np.float32),
                                fresh.get_batch(ids)["last"].astype(np.float32), rtol=2e-3, atol=1e-5)

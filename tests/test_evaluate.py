@@ -91,6 +91,8 @@ def world(tmp_path_factory):
     save_bundle(models / "sat" / "bundle", decoder=sat, tokenizer=tok, features=_spec())
     save_bundle(models / "sat_blind" / "bundle", decoder=sat, tokenizer=tok, features=_spec(), blind=True)
     save_bundle(models / "tf" / "bundle", decoder=transformer, tokenizer=tok, features=_spec())
+    perceiver = tiny_decoder("perceiver_gpt2", tok, feature_dim=CHANNELS, num_tokens=TOKENS, max_length=MAX_LEN)
+    save_bundle(models / "perceiver" / "bundle", decoder=perceiver, tokenizer=tok, features=_spec())
     return {"root": root, "manifest": manifest, "cache": cache, "tok": tok, "sat": sat, "transformer": transformer,
             "models": models}
 
@@ -112,6 +114,8 @@ def runs(world):
                                      gallery_size=3, decoding="beam", beam_size=3)),
             "blind": run(EvaluateConfig(**common, model=world["models"] / "sat_blind" / "bundle",
                                         out_dir=root / "reports" / "sat_blind", gallery_size=3)),
+            "perceiver": run(EvaluateConfig(**common, model=world["models"] / "perceiver" / "bundle",
+                                            out_dir=root / "no_heatmaps" / "perceiver", gallery_size=2)),  # not a report's row
         }
     return out
 
@@ -196,12 +200,28 @@ def test_gallery_is_self_contained_with_heatmaps(world, runs):
     assert page.index(worst) > page.index("Worst cases")
 
 
-def test_no_heatmaps_for_a_transformer(world, runs):
+def test_heatmaps_for_a_transformer(world, runs):
+    """The transformer's cross-attention gives heatmaps (one sheet per non-empty headline caption), named on the
+    page; the headline captions are the beam search's without attention (test_headline_beam_search_...)."""
     gallery = world["root"] / "reports" / "tf" / "gallery"
     page = (gallery / "index.html").read_text(encoding="utf-8")
     assert page.count('<article class="card"') == 3
-    assert not list(gallery.glob("heatmaps/*.png"))
-    assert "heatmaps/" not in page and "no per-word visual attention" in page
+    results = {r["image_id"]: r["caption"] for r in _read(gallery.parent / "results.json")}
+    shown = re.findall(r'<div class="id">([^<]+)</div>', page)
+    with_words = [i for i in shown if results[i]]
+    assert with_words  # the tiny random transformer says something for some of them
+    heatmaps = sorted(gallery.glob("heatmaps/*.png"))
+    assert len(heatmaps) == len(with_words) == page.count('class="heat"')
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in heatmaps)
+    assert "cross-attention of the last decoder block, mean over its heads" in page and "2x2 grid" in page
+
+
+def test_no_heatmaps_for_the_perceiver_and_the_page_says_why(world, runs):
+    gallery = world["root"] / "no_heatmaps" / "perceiver" / "gallery"
+    page = (gallery / "index.html").read_text(encoding="utf-8")
+    assert page.count('<article class="card"') == 2
+    assert not list(gallery.glob("heatmaps/*.png")) and "heatmaps/" not in page
+    assert "No attention heatmaps for the perceiver_gpt2 decoder: the Perceiver attends to latents" in page
 
 
 def test_blind_bundle_is_evaluated_on_zeroed_features(world, runs):

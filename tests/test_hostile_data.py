@@ -41,6 +41,18 @@ def cli(tmp_path):
     return run
 
 
+@pytest.fixture
+def cli_in_process(tmp_path, monkeypatch):
+    """``cli`` in this process (CliRunner), for a test that watches which files the command opens."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
 def error_lines(result) -> list[str]:
     assert "Traceback" not in result.output, result.output
     return [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -104,7 +116,8 @@ def test_a_manifest_path_that_is_a_folder_is_one_error_line(tmp_path, cli, comma
                                    f"(did you mean {folder / 'manifest.jsonl'}?)"]
 
 
-def test_paths_outside_the_images_folder_are_rejected_unless_allowed(tmp_path, cli, monkeypatch):
+def test_paths_outside_the_images_folder_are_rejected_unless_allowed(tmp_path, cli_in_process, monkeypatch):
+    cli = cli_in_process
     import pipeline.data.importers as importers
 
     base = tmp_path.resolve()
@@ -118,9 +131,11 @@ def test_paths_outside_the_images_folder_are_rejected_unless_allowed(tmp_path, c
         "images": [{"id": 1, "file_name": "inside.png"}, {"id": 2, "file_name": "../outside.png"},
                    {"id": 3, "file_name": "/etc/passwd"}],
         "annotations": [{"id": i, "image_id": i, "caption": f"caption {i}"} for i in (1, 2, 3)]}))
-    opened = []
-    real_check = importers.check_image
+    opened = []  # every image file the import reads (a full check decodes through read_image_file)
+    real_check, real_read = importers.check_image, importers.read_image_file
     monkeypatch.setattr(importers, "check_image", lambda path, mode: (opened.append(path), real_check(path, mode)))
+    monkeypatch.setattr(importers, "read_image_file", lambda path, *a, **k: (opened.append(str(path)),
+                                                                             real_read(path, *a, **k))[1])
     table = {"kind": "table", "path": root / "posts.csv"}
     coco_source = {"kind": "coco", "annotations": coco, "images": root}
     result = prepare(cli, tmp_path / "out", table, coco_source)

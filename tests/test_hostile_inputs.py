@@ -133,7 +133,10 @@ CASES = [
                              ("finetune", _finetune_damaged), ("scst", _scst_damaged))),
     Case("manifest-missing", lambda w, t: ["vocab", "--manifest", str(t / "nope.jsonl")],
          ("nope.jsonl: manifest not found", "pipeline prepare")),
-    Case("manifest-is-a-folder", lambda w, t: ["vocab", "--manifest", str(t)], ("Is a directory", "not a folder")),
+    Case("manifest-is-a-folder", lambda w, t: ["vocab", "--manifest", str(t)],
+         ("is a folder, not a manifest file",)),
+    Case("params-is-a-folder", lambda w, t: ["vocab", "--params", str(t), "--manifest", str(w.manifest)],
+         ("Is a directory", "a file was expected here, not a folder")),
 ]
 
 

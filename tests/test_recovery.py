@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, MixConfig, ReportConfig, load_config
 from pipeline.data.manifest import ManifestError, ManifestRecord, read_manifest, read_manifests, write_manifest
 from tests.conftest import REPO
 
-CELLS = ("recovery_noisy", "recovery_filtered", "recovery_mixed")
+CELLS = ("transformer_noisy", "transformer_filtered", "transformer_mixed")
 
 
 def _rows(prefix: str, n: int, splits: list[str], captions: int) -> list[ManifestRecord]:
@@ -80,7 +80,7 @@ def test_report_puts_the_cells_side_by_side(tmp_path, monkeypatch):
         model.mkdir(parents=True)
         (model / "metrics.json").write_text(json.dumps({"parameters": 10, "train_images": 100 + k,
                                                         "train_captions": 500 + k}))
-    cells = {"noisy, unfiltered": "recovery_noisy", "filtered": "recovery_filtered", "mixed": "recovery_mixed",
+    cells = {"noisy, unfiltered": "transformer_noisy", "filtered": "transformer_filtered", "mixed": "transformer_mixed",
              "clean": "transformer"}
     run(ReportConfig(comparisons={"Noisy-caption recovery": cells}, live=[]))
     text = (tmp_path / "reports/summary.md").read_text()
@@ -88,7 +88,7 @@ def test_report_puts_the_cells_side_by_side(tmp_path, monkeypatch):
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| Cell | Model | train images | train captions | BLEU-1 | BLEU-4 |")
     assert [line.split(" | ")[0] for line in lines[1:]] == ["| noisy, unfiltered", "| filtered", "| mixed", "| clean"]
-    assert lines[1].split(" | ")[1:4] == ["recovery_noisy", "101", "501"] and "0.3000" in lines[1]
+    assert lines[1].split(" | ")[1:4] == ["transformer_noisy", "101", "501"] and "0.3000" in lines[1]
     assert "Every cell evaluated on the same test split." in table
 
     with pytest.raises(Exception, match=r"no evaluation report for model\(s\) \['nope'\]"):
@@ -114,10 +114,10 @@ def test_the_dag_carries_the_experiment_and_a_new_ratio_or_threshold_reruns_only
         extract_deps = {d.def_path for d in by_name["extract"].deps}
         assert "data/prepared/noisy/manifest.jsonl" in extract_deps
         assert "--extra-manifests data/prepared/noisy/manifest.jsonl" in by_name["extract"].cmd
-        assert downstream("mix") == {"mix", "train@recovery_mixed", "evaluate@recovery_mixed", "report"}
-        assert downstream("filter") == {"filter", "mix", "recovery_data@filtered", "train@recovery_filtered",
-                                        "train@recovery_mixed", "evaluate@recovery_filtered",
-                                        "evaluate@recovery_mixed", "report"}
+        assert downstream("mix") == {"mix", "train@transformer_mixed", "evaluate@transformer_mixed", "report"}
+        assert downstream("filter") == {"filter", "mix", "recovery_data@filtered", "train@transformer_filtered",
+                                        "train@transformer_mixed", "evaluate@transformer_filtered",
+                                        "evaluate@transformer_mixed", "report"}
         # every cell is scored on the clean test split
         for cell in CELLS:
             assert "--manifest data/prepared/manifest.jsonl" in by_name[f"evaluate@{cell}"].cmd

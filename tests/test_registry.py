@@ -33,12 +33,15 @@ def test_dvc_trains_every_registered_family_under_its_own_name(train_runs):
 
 
 def test_other_dvc_train_runs_are_variants_of_a_family(train_runs):
-    """Runs beyond one per family (the image-blind control) re-train an existing family with extra flags."""
+    """Runs beyond one per family (the image-blind control, the recovery experiment's cells) re-train an
+    existing family with extra flags or on other training data."""
     for key, item in train_runs.items():
         if key in DECODERS:
             continue
         assert key.startswith(f"{item['decoder']}_"), f"{key}: a variant is named <family>_<what>"
-        assert str(item.get("flags") or "").strip(), f"{key}: a variant differs from {item['decoder']} by its flags"
+        family_run = train_runs[item["decoder"]]
+        differs = str(item.get("flags") or "").strip() or item.get("data") != family_run.get("data")
+        assert differs, f"{key}: a variant differs from {item['decoder']} by its flags or its training data"
 
 
 def test_dvc_evaluates_every_trained_run(train_runs):

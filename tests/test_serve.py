@@ -28,7 +28,7 @@ from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
 from pipeline.serve.engine import CaptionEngine
 from pipeline.serve.settings import SERVE_DEFAULTS, ServeSettings, check_api_key, is_loopback, open_access_warning
 from tests.helpers_bundle import (  # noqa: F401 - fixtures
-    MAX_LENGTH, free_port, image_bytes, serve_in_thread, tiny_bundle, tiny_transformer_bundle,
+    MAX_LENGTH, free_port, image_bytes, serve_in_thread, tiny_bundle, tiny_perceiver_bundle, tiny_transformer_bundle,
 )
 
 LIMIT = 300_000
@@ -165,12 +165,41 @@ def test_attention_heatmaps_one_per_word(client, where):
         assert img.size == (att["width"], att["height"]) and min(img.size) >= 64
 
 
-def test_no_heatmaps_for_a_decoder_without_attention(tiny_transformer_bundle):
-    app = create_app(tiny_transformer_bundle)
+def test_transformer_heatmaps_one_per_word(tiny_transformer_bundle):
+    """The transformer's cross-attention: a heatmap per word, what the maps are, the caption unchanged."""
+    app = create_app(tiny_transformer_bundle, max_wait_ms=2.0)
     with TestClient(app) as c:
-        assert c.get("/health").json()["model"]["attention"] is False
+        model = c.get("/health").json()["model"]
+        assert model["attention"] is True and model["decoder"] == "transformer"
+        assert model["attention_note"] == ("cross-attention of the last decoder block, mean over its heads, drawn "
+                                           "over a 2x2 grid of visual tokens")
+        plain = c.post("/caption", json={"image": B64}).json()
+        body = c.post("/caption", json={"image": B64, "attention": True}).json()
+    assert (body["caption"], body["score"], body["alternatives"]) == (plain["caption"], plain["score"],
+                                                                       plain["alternatives"])
+    assert body["caption"], "the tiny transformer should say something for this image"
+    att = body["attention"]
+    assert [w["word"] for w in att["words"]] == body["caption"].split()
+    assert att["source"] == "cross-attention of the last decoder block, mean over its heads"
+    assert att["shown"] == "a 2x2 grid of visual tokens" and "attention_unavailable" not in body
+    for url in [att["image"]] + [w["heatmap"] for w in att["words"]]:
+        img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert img.size == (att["width"], att["height"])
+
+
+def test_the_perceiver_says_why_it_has_no_heatmaps(tiny_perceiver_bundle):
+    app = create_app(tiny_perceiver_bundle, max_wait_ms=2.0)
+    with TestClient(app) as c:
+        model = c.get("/health").json()["model"]
+        assert model["attention"] is False
+        assert model["attention_note"].startswith("no attention maps: the Perceiver attends to latents, not to the image")
         r = c.post("/caption", json={"image": B64, "attention": True})
-        assert r.status_code == 200 and r.json()["attention"] is None
+        js = c.get("/static/app.js").text
+    body = r.json()
+    assert r.status_code == 200 and body["attention"] is None
+    assert body["attention_unavailable"].startswith("the Perceiver attends to latents, not to the image")
+    # the page shows the server's reason where the maps would be
+    assert "res.attention_unavailable" in js and "health.model.attention_note" in js
 
 
 # --------------------------------------------------------------------------- errors

@@ -130,6 +130,9 @@ class AttentionMaps(BaseModel):
     image: str = Field(description="JPEG data URL of the image as the backbone saw it (resized, centre-cropped).")
     width: int
     height: int
+    source: str = Field(description="What the weights are, e.g. the cross-attention of the last decoder block, "
+                                    "mean over its heads.")
+    shown: str = Field(description="What a map covers: the grid of visual tokens, or several token sets summed.")
     words: list[AttentionWord]
 
 
@@ -149,6 +152,9 @@ class CaptionResponse(BaseModel):
     mode: str
     timings: Timings
     attention: Optional[AttentionMaps] = Field(None, description="Present when asked for; null without attention.")
+    attention_unavailable: Optional[str] = Field(
+        None, description="When attention was asked for but is null: why (the decoder has no visual attention, "
+                          "e.g. the Perceiver attends to latents, not to the image; or the maps could not be drawn).")
 
 
 ERROR_DOCS = {

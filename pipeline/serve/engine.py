@@ -11,7 +11,10 @@
   (the model: one thread at a time);
 * :meth:`~CaptionEngine.result` one image's captions -> the JSON-ready answer: ``caption``, ``score``,
   ``alternatives`` (the other distinct captions, best first, with scores) and, on request, per-word
-  attention heatmaps (drawn by :mod:`pipeline.attention_maps`, as in the evaluation gallery).
+  attention: heatmaps (drawn by :mod:`pipeline.attention_maps`, as in the evaluation gallery; the server)
+  or the raw weights (``pipeline caption --attention``). Every family with ``has_attention`` has them
+  (``show_attend_tell``, ``transformer``, ``gpt2``); for the others the answer says why there are none
+  (``attention_unavailable``: the decoder's ``no_attention_reason``, e.g. the Perceiver attends to latents).
 
 Caption modes are the named ones of :data:`pipeline.decoding.CAPTION_MODES`, with two serving
 adjustments: ``max_length`` is the bundle tokenizer's (the longest caption the model was trained on, as
@@ -36,6 +39,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from pipeline.attention_maps import describe_grids
 from pipeline.bundle import Caption, Captioner
 from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_bytes, trim_for_eval
 from pipeline.decoding import CAPTION_MODES, DecodingOptions, options_for_mode
@@ -79,6 +83,10 @@ class CaptionEngine:
         self.amp = amp  # bf16 autocast around the model call: faster on CPUs with bf16 units; captions may differ
         self.channels_last = channels_last  # the backbone's convolutions in NHWC (oneDNN's preferred layout)
         self.has_attention = bool(getattr(captioner.decoder, "has_attention", False))
+        decoder = type(captioner.decoder)
+        self.attention_source = str(getattr(decoder, "attention_source", "") or "")  # what the maps are
+        self.no_attention_reason = (None if self.has_attention else
+                                    str(getattr(decoder, "no_attention_reason", "") or "no visual attention"))
         self.blind = bool(captioner.config.get("blind", False))
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self._mode_options = {name: self._serving_options(name) for name in CAPTION_MODES}
@@ -136,6 +144,8 @@ class CaptionEngine:
             "input_size": c.features.preprocessing.get("input_size"),
             "tokenizer": c.config["tokenizer"]["kind"],
             "attention": self.has_attention,
+            "attention_note": (f"{self.attention_source}, drawn over {describe_grids(c.features.token_sets)}"
+                               if self.has_attention else f"no attention maps: {self.no_attention_reason}"),
             "blind": self.blind,
             "max_length": self.max_length,
             "amp": "bf16" if self.amp else None,
@@ -188,8 +198,14 @@ class CaptionEngine:
         self.run([x], self.options(DEFAULT_MODE), attention=self.has_attention)
 
     # -- results --------------------------------------------------------------------------------
-    def result(self, captions: Sequence[Caption], *, mode: str, image=None, attention: bool = False) -> dict[str, Any]:
-        """One image's answer. ``captions`` best first (beam) or in sampling order (ranked here)."""
+    def result(self, captions: Sequence[Caption], *, mode: str, image=None, attention: bool = False,
+               attention_weights: bool = False) -> dict[str, Any]:
+        """One image's answer. ``captions`` best first (beam) or in sampling order (ranked here).
+
+        ``attention``: add ``attention``, the best caption's heatmaps over ``image`` (:meth:`heatmaps`);
+        ``attention_weights``: add ``attention``, its raw weights per word (:meth:`attention_weights`). Either
+        way, when there are none ``attention`` is null and ``attention_unavailable`` says why (the decoder
+        has no visual attention, e.g. the Perceiver attends to latents; or the maps could not be drawn)."""
         ranked = sorted(captions, key=lambda c: -c.score if math.isfinite(c.score) else math.inf)
         seen: set[str] = set()
         distinct: list[Caption] = []
@@ -204,18 +220,45 @@ class CaptionEngine:
             "alternatives": [{"caption": c.text, "score": _finite(c.score)} for c in distinct[1:]],
             "mode": mode,
         }
-        if attention:
-            out["attention"] = self.heatmaps(image, best) if image is not None else None
+        if attention or attention_weights:
+            maps, why = None, self.no_attention_reason
+            if why is None:
+                if attention_weights:
+                    maps, why = self.attention_weights(best), None
+                elif image is not None:
+                    maps, why = self._heatmaps(image, best)
+                else:
+                    why = "no image to draw the maps over"
+                if maps is None and why is None:
+                    why = "the caption is empty" if not best.tokens else "the decoder returned no attention"
+            out["attention"] = maps
+            if maps is None:
+                out["attention_unavailable"] = why
         return out
+
+    def attention_weights(self, caption: Caption) -> Optional[dict[str, Any]]:
+        """The raw per-word attention of ``caption`` (see :func:`pipeline.attention_maps.attention_weights_json`)
+        with what the weights are (``source``), or None (no attention, empty caption)."""
+        from pipeline.attention_maps import attention_weights_json
+
+        if caption.attention is None or not caption.tokens:
+            return None
+        spec = self.captioner.features
+        words = [self._word(t) for t in caption.tokens]
+        return {"source": self.attention_source, **attention_weights_json(caption.attention, words, spec.token_sets)}
 
     def heatmaps(self, image, caption: Caption) -> Optional[dict[str, Any]]:
         """Per-word attention heatmaps of ``caption`` over ``image`` as JPEG data URLs, or None (no attention)."""
+        return self._heatmaps(image, caption)[0]
+
+    def _heatmaps(self, image, caption: Caption) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """:meth:`heatmaps`, and why there are none (None when there are, or when nothing was returned)."""
         from PIL import Image
 
         from pipeline.attention_maps import attention_maps, backbone_view, overlay
 
         if caption.attention is None or not caption.tokens:
-            return None
+            return None, None
         spec = self.captioner.features
         view = backbone_view(trim_for_eval(image, spec.preprocessing), spec.preprocessing)
         w, h = view.size
@@ -226,13 +269,14 @@ class CaptionEngine:
         maps, why = attention_maps(caption.attention, spec.token_sets, (h, w))
         if maps is None:
             log.debug("no heatmaps: %s", why)
-            return None
+            return None, why
         base = np.asarray(view.convert("RGB"), dtype=np.float32) / 255.0
         words = []
         for token, m in zip(caption.tokens, maps):
             rgb = (255.0 * overlay(base, m)).round().clip(0, 255).astype(np.uint8)
             words.append({"word": self._word(token), "heatmap": _data_url(Image.fromarray(rgb))})
-        return {"image": _data_url(view), "width": w, "height": h, "words": words}
+        return {"image": _data_url(view), "width": w, "height": h, "source": self.attention_source,
+                "shown": describe_grids(spec.token_sets), "words": words}, None
 
     def _word(self, token: int) -> str:
         tok = self.captioner.tokenizer

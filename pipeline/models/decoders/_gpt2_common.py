@@ -25,22 +25,36 @@ and each step wraps them in a fresh cache for GPT-2, then unwraps the cache it r
 GPT-2 fills the cross-attention keys/values itself at the first step and reuses them
 after. All tensors are batch first: the default ``reorder_state`` (index_select on dim 0)
 reorders the caches and the encoder states together.
+
+Attention maps (families with ``has_attention``: ``gpt2``, not ``perceiver_gpt2``, whose
+cross-attention reads latents): with ``return_attention=True`` the weights of the LAST block's
+cross-attention averaged over its heads, ``(B, N)`` per step / ``(B, T, N)`` teacher-forced.
+They are computed here, beside GPT-2's fused (SDPA) attention, not by switching the model to
+``output_attentions`` (eager attention, other arithmetic): a forward pre-hook on that
+cross-attention module catches its input (the queries' hidden states) during the call, and
+the weights are ``softmax(q k^T * scaling)`` with the module's own ``q_attn``, ``scaling`` and
+keys (the step's cache, or ``c_attn`` of the encoder states). The logits are untouched. The
+hook records only calls made by the thread that installed it, so concurrent model calls (the
+server's several model threads) do not see each other's hidden states.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from pydantic import Field, model_validator
 from safetensors import SafetensorError
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from . import DecoderConfig, DecoderConfigError
 from .base import CaptionDecoder, DecoderOutput, StepOutput
-from .layers import TokenLayout
+from .layers import TokenLayout, attention_weights
 
 SIZE_OPTIONS = ("n_layer", "n_head", "n_embd", "n_positions")
 """The options a pretrained checkpoint determines (its values are recorded; a disagreeing explicit one is refused)."""
@@ -187,31 +201,73 @@ class GPT2CaptionDecoder(CaptionDecoder):
         """(B, N, C) cached features -> (B, M, n_embd) states for GPT-2's cross-attention."""
         raise NotImplementedError
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *,
+                return_attention: bool = False) -> DecoderOutput:
         T = tokens.shape[1]
         if T > self.n_positions:
             raise ValueError(f"{self.family}: captions of {T} tokens exceed n_positions={self.n_positions}")
         real = torch.arange(T, device=tokens.device).unsqueeze(0) < lengths.to(tokens.device).unsqueeze(1)
-        out = self.gpt2(
-            input_ids=tokens, attention_mask=real.long(), encoder_hidden_states=self.encode(features), use_cache=False
-        )
-        return DecoderOutput(logits=out.logits)
+        encoder = self.encode(features)
+        with self._last_cross_attention_input(return_attention and self.has_attention) as queries:
+            out = self.gpt2(input_ids=tokens, attention_mask=real.long(), encoder_hidden_states=encoder, use_cache=False)
+        attention = None
+        if queries:
+            attn = self._last_cross_attention()
+            keys = attn.c_attn(encoder).split(attn.split_size, dim=2)[0]
+            attention = self._cross_attention_weights(queries[0], self._heads(keys, attn.head_dim))
+        return DecoderOutput(logits=out.logits, attention=attention)
 
     def init_state(self, features: torch.Tensor) -> dict:
         return {"encoder": self.encode(features), "self_kv": [], "cross_kv": []}
 
-    def step(self, tokens: torch.Tensor, state: dict) -> StepOutput:
+    def step(self, tokens: torch.Tensor, state: dict, *, return_attention: bool = False) -> StepOutput:
         position = state["self_kv"][0][0].shape[2] if state["self_kv"] else 0
         if position >= self.n_positions:
             raise ValueError(f"{self.family}: step at position {position} is beyond n_positions={self.n_positions}")
         cache = EncoderDecoderCache(_to_cache(state["self_kv"]), _to_cache(state["cross_kv"]))
-        out = self.gpt2(
-            input_ids=tokens.unsqueeze(1), encoder_hidden_states=state["encoder"], past_key_values=cache, use_cache=True
-        )
+        with self._last_cross_attention_input(return_attention and self.has_attention) as queries:
+            out = self.gpt2(input_ids=tokens.unsqueeze(1), encoder_hidden_states=state["encoder"],
+                            past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         new_state = {
             "encoder": state["encoder"],
             "self_kv": _from_cache(cache.self_attention_cache),
             "cross_kv": _from_cache(cache.cross_attention_cache),
         }
-        return StepOutput(logits=out.logits[:, -1], state=new_state)
+        attention = None
+        if queries:  # the last block's cross-attention keys are in the cache GPT-2 returned
+            attention = self._cross_attention_weights(queries[0], new_state["cross_kv"][-1][0])[:, 0]
+        return StepOutput(logits=out.logits[:, -1], state=new_state, attention=attention)
+
+    # ----------------------------------------------------------------- attention maps
+    def _last_cross_attention(self) -> nn.Module:
+        return self.gpt2.transformer.h[-1].crossattention
+
+    @contextlib.contextmanager
+    def _last_cross_attention_input(self, enabled: bool) -> Iterator[list[torch.Tensor]]:
+        """While open, the hidden states entering the last block's cross-attention in this thread's calls
+        (``(B, T, n_embd)``, after its LayerNorm) are appended to the list yielded; nothing when not ``enabled``."""
+        seen: list[torch.Tensor] = []
+        if not enabled:
+            yield seen
+            return
+        thread = threading.get_ident()
+
+        def hook(module, args, kwargs):
+            if threading.get_ident() == thread:
+                seen.append(args[0] if args else kwargs["hidden_states"])
+
+        handle = self._last_cross_attention().register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+    @staticmethod
+    def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:  # (B, S, d) -> (B, heads, S, head_dim)
+        return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
+
+    def _cross_attention_weights(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(B, T, N) weights of the last cross-attention, mean over heads, from its input ``hidden`` and ``keys``."""
+        attn = self._last_cross_attention()
+        return attention_weights(self._heads(attn.q_attn(hidden), attn.head_dim), keys, scale=attn.scaling)

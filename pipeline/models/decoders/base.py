@@ -20,6 +20,12 @@ positions, ``V`` vocabulary size.
   recomputed. ``reorder_state(state, index)`` selects/duplicates batch rows
   (beam search expands B -> B*K and reorders beams with it). Running ``step``
   over a caption's tokens reproduces ``forward``'s logits.
+* Visual attention (families with ``has_attention``): ``step(..., return_attention=True)`` returns the
+  attention ``(B, N)`` of that step over the N visual tokens (each row sums to 1) and
+  ``forward(..., return_attention=True)`` the ``(B, T, N)`` of every position, the same numbers. It is
+  opt-in so that training (which never asks) does not compute or keep the weights; asking never
+  changes the logits. What the weights are is the family's ``attention_source``; a family without
+  them says why in ``no_attention_reason`` (shown where the heatmaps would be).
 """
 
 from __future__ import annotations
@@ -76,8 +82,10 @@ class CaptionDecoder(nn.Module):
     Capabilities are class attributes, read from the class (or an instance) instead of a list of family
     names kept elsewhere; a family overrides the ones it has:
 
-    * ``has_attention``: :meth:`step` (and :meth:`forward`) return visual attention over the N tokens
-      (heatmaps in galleries and the server);
+    * ``has_attention``: :meth:`step` (and :meth:`forward`) return visual attention over the N tokens when
+      asked (``return_attention=True``): heatmaps in galleries, ``pipeline caption --attention`` and the server;
+      ``attention_source`` says what those weights are, ``no_attention_reason`` (families without) why there
+      are none;
     * ``supports_scheduled_sampling``: training may feed the model's own previous token back
       step by step (:class:`pipeline.training.TrainingForward`); meant for recurrent decoders, whose
       teacher forcing is a loop over :meth:`step` anyway;
@@ -89,6 +97,8 @@ class CaptionDecoder(nn.Module):
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     has_attention: ClassVar[bool] = False
+    attention_source: ClassVar[str] = ""
+    no_attention_reason: ClassVar[str] = "this decoder has no per-word visual attention"
     supports_scheduled_sampling: ClassVar[bool] = False
     word_embeddings: ClassVar[Optional[WordEmbeddings]] = None
 
@@ -102,18 +112,27 @@ class CaptionDecoder(nn.Module):
         self.bos_id = bos_id
         self.eos_id = eos_id
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *,
+                return_attention: bool = False) -> DecoderOutput:
         raise NotImplementedError
 
     def init_state(self, features: torch.Tensor) -> State:
         raise NotImplementedError
 
-    def step(self, tokens: torch.Tensor, state: State) -> StepOutput:
-        """``tokens (B,)``: the previous token of each row (``bos_id`` at the first step)."""
+    def step(self, tokens: torch.Tensor, state: State, *, return_attention: bool = False) -> StepOutput:
+        """``tokens (B,)``: the previous token of each row (``bos_id`` at the first step). ``return_attention``:
+        families with ``has_attention`` fill ``StepOutput.attention``; the others ignore it."""
         raise NotImplementedError
 
     def reorder_state(self, state: State, index: torch.Tensor) -> State:
         return reorder_tensors(state, index)
+
+    @classmethod
+    def attention_note(cls) -> str:
+        """One line for where heatmaps are shown: what the maps are, or why this family has none."""
+        if cls.has_attention:
+            return f"{cls.family} attention maps: {cls.attention_source or 'its visual attention'}"
+        return f"no attention maps for the {cls.family} decoder: {cls.no_attention_reason}"
 
     # ----------------------------------------------------------------- pretrained word vectors
     def word_embedding_table(self) -> nn.Embedding:

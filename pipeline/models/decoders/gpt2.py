@@ -16,7 +16,8 @@ With ``num_encoder_layers > 0`` this is the "CNN + Transformer encoder + GPT-2-s
 decoder" recipe.
 
 Padding is masked with an attention mask built from ``lengths``; the incremental
-state and its reordering are described in :mod:`._gpt2_common`.
+state and its reordering, and the attention maps (the last block's cross-attention over
+the visual tokens, mean over heads), are described in :mod:`._gpt2_common`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class GPT2Decoder(GPT2CaptionDecoder):
     """GPT-2 (from scratch or pretrained) cross-attending to the projected visual tokens."""
 
     config_class: ClassVar[type[DecoderConfig]] = GPT2DecoderConfig
+    has_attention: ClassVar[bool] = True
+    attention_source: ClassVar[str] = "cross-attention of the last GPT-2 block, mean over its heads"
 
     def __init__(self, config: GPT2DecoderConfig, **ids_and_sizes):
         super().__init__(config, **ids_and_sizes)

@@ -2,7 +2,9 @@
 
 * :class:`Attention`: multi-head attention whose keys/values are computed by a method of their
   own (:meth:`Attention.keys_values`), so callers cache them (the ``transformer`` family's
-  incremental decoding) or attend to a concatenation (the Perceiver resampler);
+  incremental decoding) or attend to a concatenation (the Perceiver resampler); on request
+  (``return_weights=True``, inference only) it also returns its weights averaged over the heads
+  (:func:`attention_weights`), the attention heatmaps of the ``transformer`` family;
 * :class:`MLP`: Linear -> GELU -> Linear -> Dropout;
 * :class:`EncoderBlock`: self-attention over the visual tokens (no mask) + MLP;
 * :class:`VisualProjection`: cached features ``(B, N, C)`` -> ``(B, N, d)``, a Linear of its own for
@@ -80,13 +82,33 @@ class Attention(nn.Module):
         k, v = self.key_value(source).chunk(2, dim=-1)
         return self._split_heads(k), self._split_heads(v)
 
-    def forward(self, x: torch.Tensor, kv: KV, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KV, is_causal: bool = False, *,
+                return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, T, d)`` attends to ``kv``; ``return_weights``: also the attention weights averaged over the
+        heads, ``(B, T, S)`` (rows sum to 1, before dropout). Opt-in, for inference: the output itself is always
+        the fused ``scaled_dot_product_attention`` one, so asking for the weights changes no output bit and
+        training (which never asks) never materialises them."""
         B, T, d = x.shape
         q = self._split_heads(self.query(x))
         y = F.scaled_dot_product_attention(
             q, kv[0], kv[1], is_causal=is_causal, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        return self.resid_dropout(self.out(y.transpose(1, 2).reshape(B, T, d)))
+        y = self.resid_dropout(self.out(y.transpose(1, 2).reshape(B, T, d)))
+        if not return_weights:
+            return y
+        return y, attention_weights(q, kv[0], is_causal=is_causal)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None,
+                      is_causal: bool = False) -> torch.Tensor:
+    """Softmax attention weights of queries ``q (B, heads, T, hd)`` over keys ``k (B, heads, S, hd)``, averaged
+    over the heads: ``(B, T, S)`` float32 (each row sums to 1). ``scale`` defaults to ``hd ** -0.5``;
+    ``is_causal`` masks the keys after each query (T == S)."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        T, S = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=1)
 
 
 class MLP(nn.Module):

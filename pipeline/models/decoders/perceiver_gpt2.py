@@ -14,6 +14,10 @@ Whatever N is (one feature map, several scales concatenated, ...), GPT-2 always
 cross-attends to ``num_latents`` states, which keeps its cross-attention cheap.
 The keys/values also include the latents themselves, as in Flamingo.
 
+No attention heatmaps: GPT-2's per-word attention is over the latents, not the image's tokens
+(``has_attention`` False; ``no_attention_reason`` is what galleries, ``pipeline caption`` and
+the server show instead).
+
 GPT-2 options (size, ``pretrained_path``, ...) are those of the ``gpt2`` family;
 the incremental state and its reordering are described in :mod:`._gpt2_common`.
 """
@@ -77,6 +81,12 @@ class PerceiverGPT2Decoder(GPT2CaptionDecoder):
     """Perceiver resampler (learned latents) feeding GPT-2 cross-attention."""
 
     config_class: ClassVar[type[DecoderConfig]] = PerceiverGPT2Config
+    # GPT-2's cross-attention reads the resampler's latents, each a mix of every image token: its weights say
+    # nothing about image regions, so there are no heatmaps (has_attention stays False) and the UI says why.
+    no_attention_reason: ClassVar[str] = (
+        "the Perceiver attends to latents, not to the image (GPT-2 cross-attends to the resampler's learned "
+        "latents, each a mixture of every image token, so its attention weights belong to no image region)"
+    )
 
     def __init__(self, config: PerceiverGPT2Config, **ids_and_sizes):
         super().__init__(config, **ids_and_sizes)

@@ -82,7 +82,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
     """Show, Attend and Tell: LSTM/GRU with additive attention re-queried at every step."""
 
     config_class: ClassVar[type[DecoderConfig]] = ShowAttendTellConfig
-    has_attention: ClassVar[bool] = True
+    has_attention: ClassVar[bool] = True  # always returned (the regulariser needs it): return_attention is ignored
+    attention_source: ClassVar[str] = "the additive attention weights (alpha) of each step"
     supports_scheduled_sampling: ClassVar[bool] = True
     word_embeddings: ClassVar[WordEmbeddings] = WordEmbeddings("embed", "embed_dim")
 
@@ -116,7 +117,7 @@ class ShowAttendTellDecoder(CaptionDecoder):
             state["c"] = torch.tanh(self.init_c(mean))
         return state
 
-    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> StepOutput:
+    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor], *, return_attention: bool = False) -> StepOutput:
         word = self.dropout(self.embed(tokens))  # (B, E)
         h = state["h"]
         context, alpha = self.attention(state["visual"], state["keys"], h)
@@ -131,7 +132,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
         return StepOutput(logits=logits, state=new_state, attention=alpha)
 
     # ----------------------------------------------------------------- teacher forcing
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *,
+                return_attention: bool = False) -> DecoderOutput:
         # Attention depends on the previous hidden state, so teacher forcing is a loop over steps too.
         state = self.init_state(features)
         logits, alphas = [], []

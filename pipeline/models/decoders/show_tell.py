@@ -41,6 +41,7 @@ class ShowTellDecoder(CaptionDecoder):
 
     config_class: ClassVar[type[DecoderConfig]] = ShowTellConfig
     supports_scheduled_sampling: ClassVar[bool] = True
+    no_attention_reason: ClassVar[str] = "it reads the image once, as one pooled vector, and attends to no region"
     word_embeddings: ClassVar[WordEmbeddings] = WordEmbeddings("embed", "embed_dim")
 
     def __init__(
@@ -67,7 +68,8 @@ class ShowTellDecoder(CaptionDecoder):
         proj, norm = self.image_proj
         return self.dropout(norm(proj.pool(features.to(proj.weight.dtype)))).unsqueeze(1)
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *,
+                return_attention: bool = False) -> DecoderOutput:
         # The LSTM is causal, so padding after a row's `lengths` never reaches its real positions.
         inputs = torch.cat([self.image_input(features), self.dropout(self.embed(tokens))], dim=1)  # (B, 1+T, E)
         outputs, _ = self.lstm(inputs)
@@ -80,7 +82,7 @@ class ShowTellDecoder(CaptionDecoder):
         _, (h, c) = self.lstm(self.image_input(features))
         return {"h": h.transpose(0, 1), "c": c.transpose(0, 1)}
 
-    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> StepOutput:
+    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor], *, return_attention: bool = False) -> StepOutput:
         hc = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
         output, (h, c) = self.lstm(self.dropout(self.embed(tokens)).unsqueeze(1), hc)
         logits = self.head(self.dropout(output[:, 0]))

@@ -20,6 +20,14 @@ Incremental decoding: :meth:`TransformerDecoder.init_state` computes the memory
 and every layer's cross-attention keys/values once; each :meth:`step` appends the
 new position's self-attention keys/values to a per-layer cache, so the prefix is
 never recomputed.
+
+Attention maps (``has_attention``): with ``return_attention=True`` (:meth:`~TransformerDecoder.step`
+and :meth:`~TransformerDecoder.forward`; inference only, training never asks) the decoder returns
+the cross-attention weights of its LAST decoder block, averaged over the heads: ``(B, N)`` per step,
+``(B, T, N)`` teacher-forced, each row summing to 1 over the N visual tokens. The last block is the
+one whose context feeds the output head directly; earlier blocks tend to attend more diffusely.
+The weights are computed beside the fused attention (:func:`~.layers.attention_weights`), so the
+logits, hence the captions, are the same bits with or without them.
 """
 
 from __future__ import annotations
@@ -89,19 +97,26 @@ class DecoderBlock(nn.Module):
         self.ln_3 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, ff_dim, dropout)
 
-    def forward(self, x: torch.Tensor, memory_kv: KV, past_kv: Optional[KV] = None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, memory_kv: KV, past_kv: Optional[KV] = None, *,
+                return_attention: bool = False) -> tuple[torch.Tensor, KV, Optional[torch.Tensor]]:
         """Teacher forcing: ``x`` is the whole caption and ``past_kv`` None (causal mask).
         Incremental: ``x`` is ONE new position and ``past_kv`` the cached keys/values before it.
-        Returns the output and this layer's self-attention keys/values up to and including ``x``."""
+        Returns the output, this layer's self-attention keys/values up to and including ``x``, and
+        (``return_attention``) its cross-attention weights averaged over the heads ``(B, T, N)``, else None."""
         h = self.ln_1(x)
         k, v = self.self_attn.keys_values(h)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         # A single new position may see every cached one, so it needs no mask.
         x = x + self.self_attn(h, (k, v), is_causal=past_kv is None)
-        x = x + self.cross_attn(self.ln_2(x), memory_kv)
+        weights = None
+        if return_attention:
+            cross, weights = self.cross_attn(self.ln_2(x), memory_kv, return_weights=True)
+        else:
+            cross = self.cross_attn(self.ln_2(x), memory_kv)
+        x = x + cross
         x = x + self.mlp(self.ln_3(x))
-        return x, (k, v)
+        return x, (k, v), weights
 
 
 # --------------------------------------------------------------------------- the decoder
@@ -110,6 +125,8 @@ class TransformerDecoder(CaptionDecoder):
     """Transformer decoder (pre-norm, causal self-attention + cross-attention to visual tokens)."""
 
     config_class: ClassVar[type[DecoderConfig]] = TransformerConfig
+    has_attention: ClassVar[bool] = True
+    attention_source: ClassVar[str] = "cross-attention of the last decoder block, mean over its heads"
     word_embeddings: ClassVar[WordEmbeddings] = WordEmbeddings("tok_emb", "d_model")
 
     def __init__(
@@ -146,14 +163,18 @@ class TransformerDecoder(CaptionDecoder):
             raise ValueError(f"caption position {end - 1} is beyond max_length={self.config.max_length}")
         return self.drop(self.tok_emb(tokens) + self.pos_emb[start:end].to(self.tok_emb.weight.dtype))
 
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> DecoderOutput:
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *,
+                return_attention: bool = False) -> DecoderOutput:
         # Padding sits after each row's `lengths` tokens; the causal mask already keeps it
         # away from the real positions, so `lengths` needs no mask of its own here.
         memory = self.visual(features)
         x = self._embed(tokens, 0)
-        for block in self.blocks:
-            x, _ = block(x, block.cross_attn.keys_values(memory))
-        return DecoderOutput(logits=self.head(self.ln_f(x)))
+        last = len(self.blocks) - 1
+        attention = None
+        for i, block in enumerate(self.blocks):
+            x, _, weights = block(x, block.cross_attn.keys_values(memory), return_attention=return_attention and i == last)
+            attention = weights if weights is not None else attention
+        return DecoderOutput(logits=self.head(self.ln_f(x)), attention=attention)
 
     # ----------------------------------------------------------------- incremental decoding
     # State: {"memory_kv": [(k, v) per layer], "self_kv": [(k, v) per layer]}, tensors
@@ -166,12 +187,16 @@ class TransformerDecoder(CaptionDecoder):
         self_kv = [block.self_attn.keys_values(empty) for block in self.blocks]
         return {"memory_kv": memory_kv, "self_kv": self_kv}
 
-    def step(self, tokens: torch.Tensor, state: dict[str, list[KV]]) -> StepOutput:
+    def step(self, tokens: torch.Tensor, state: dict[str, list[KV]], *, return_attention: bool = False) -> StepOutput:
         position = state["self_kv"][0][0].shape[2]
         x = self._embed(tokens.unsqueeze(1), position)  # (B, 1, d)
         new_self_kv = []
-        for block, memory_kv, past_kv in zip(self.blocks, state["memory_kv"], state["self_kv"]):
-            x, kv = block(x, memory_kv, past_kv)
+        last = len(self.blocks) - 1
+        attention = None
+        for i, (block, memory_kv, past_kv) in enumerate(zip(self.blocks, state["memory_kv"], state["self_kv"])):
+            x, kv, weights = block(x, memory_kv, past_kv, return_attention=return_attention and i == last)
             new_self_kv.append(kv)
+            attention = weights[:, 0] if weights is not None else attention
         logits = self.head(self.ln_f(x))[:, 0]
-        return StepOutput(logits=logits, state={"memory_kv": state["memory_kv"], "self_kv": new_self_kv})
+        return StepOutput(logits=logits, state={"memory_kv": state["memory_kv"], "self_kv": new_self_kv},
+                          attention=attention)

@@ -152,13 +152,19 @@ function renderHeatmaps(res) {
   const note = $("attention-note");
   const att = res.attention;
   if (!att) {
+    // the server says why there are none (e.g. the Perceiver attends to latents, not to the image)
+    const why = res.attention_unavailable || "";
+    const none = why || (health && health.model.attention_note) || "";
     note.textContent = health && health.model.attention
-      ? (res.attention === null ? "No attention maps for this caption." : "Heatmaps were not asked for.")
-      : "This model's decoder has no visual attention, so there are no heatmaps.";
+      ? (res.attention === null ? "No attention maps for this caption" + (why ? ": " + why : "") + "."
+                                : "Heatmaps were not asked for.")
+      : (none ? none[0].toUpperCase() + none.slice(1) + "."
+              : "This model's decoder has no visual attention, so there are no heatmaps.");
     note.hidden = false;
     return;
   }
-  note.hidden = true;
+  note.textContent = att.source ? `Maps: ${att.source}, over ${att.shown}.` : "";
+  note.hidden = !att.source;
   const fig = (src, label, cls, i) => {
     const f = document.createElement("figure");
     if (cls) f.className = cls;

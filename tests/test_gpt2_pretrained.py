@@ -35,13 +35,7 @@ EXTRA = {"gpt2": dict(num_encoder_layers=1, dropout=0.2), "perceiver_gpt2": dict
 IDS = dict(feature_dim=C, pad_id=PAD, bos_id=BOS, eos_id=EOS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only add contention
 
 
 def save_gpt2(folder, **config) -> GPT2LMHeadModel:

@@ -272,11 +272,14 @@ def download_command(
     mirror: Optional[str] = typer.Option(None, "--mirror", metavar="<url>",
                                          help="Base URL serving the same file names (a local mirror); sizes and "
                                               "checksums still apply."),
+    archives: Optional[Path] = typer.Option(None, "--archives", metavar="<dir>",
+                                            help="A folder of archives you already have (offline machines): "
+                                                 "each found there is verified and unpacked, never fetched."),
     keep_archives: bool = typer.Option(False, "--keep-archives", help="Keep each archive after unpacking it."),
     retries: int = typer.Option(3, "--retries", min=0, help="Resume a dropped transfer this many times."),
 ) -> None:
     """Fetch a public dataset (COCO 2014/2017, Karpathy's splits, Flickr8k): resumable, verified, unpacked into
-    the layout `prepare` reads; prints the `prepare` sources to paste. Online users only."""
+    the layout `prepare` reads; prints the `prepare` sources to paste. Offline: `--archives DIR`."""
     from pipeline.download import download, format_catalogue, format_sources
 
     if list_datasets or name is None:
@@ -285,7 +288,8 @@ def download_command(
     if to is None:
         _fail("--to DIR is required: the folder to unpack the dataset into")
     try:
-        result = download(name, to, only=only, mirror=mirror, keep_archives=keep_archives, retries=retries)
+        result = download(name, to, only=only, mirror=mirror, local=archives, keep_archives=keep_archives,
+                          retries=retries)
     except user_errors() as e:
         _fail(str(e))
     typer.echo(f"{result.dataset.name} in {to}: {len(result.fetched)} file(s) fetched and unpacked, "

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from cache.format import file_sha256
 from pipeline.data.importers import FLICKR8K_SPLIT_FILES
 from pipeline.errors import UserError
 from pipeline.files import output_lock, write_json
@@ -438,15 +439,19 @@ def _set_aside(path: Path) -> Path:
     return corrupt
 
 
+def _mismatch(size: int | None, sha256: str | None, actual_size: int, actual_sha256: str) -> str | None:
+    """How a file differs from its recorded size and sha256 (None: it does not, or nothing is recorded)."""
+    if size is not None and actual_size != size:
+        return f"size {actual_size} bytes, expected {size}"
+    if sha256 is not None and actual_sha256 != sha256.lower():
+        return f"sha256 {actual_sha256}, expected {sha256.lower()}"
+    return None
+
+
 def _verify(path: Path, url: str, size: int | None, sha256: str | None, actual_size: int,
             actual_sha256: str) -> None:
     """Raise :class:`ChecksumError` (after setting the file aside as ``.corrupt``) unless it is the recorded one."""
-    problem = None
-    if size is not None and actual_size != size:
-        problem = f"size {actual_size} bytes, expected {size}"
-    elif sha256 is not None and actual_sha256 != sha256.lower():
-        problem = f"sha256 {actual_sha256}, expected {sha256.lower()}"
-    if problem:
+    if problem := _mismatch(size, sha256, actual_size, actual_sha256):
         corrupt = _set_aside(path)
         raise ChecksumError(f"{url}: the downloaded file has {problem}; it is set aside as {corrupt} and not "
                             "unpacked; rerun to download it again (if it fails again, the server or --mirror "
@@ -460,8 +465,6 @@ def fetch(url: str, path: Path, *, size: int | None = None, sha256: str | None =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():  # complete from an earlier run (kept, or its unpacking failed)
-        from cache.format import file_sha256
-
         actual = file_sha256(path)
         _verify(path, url, size, sha256, path.stat().st_size, actual)
         return actual
@@ -629,12 +632,15 @@ def mirror_url(file: RemoteFile, mirror: str | None) -> str:
 
 
 def download(name: str, to: Path, *, only: Sequence[str] | None = None, mirror: str | None = None,
-             keep_archives: bool = False, retries: int = 3, retry_wait: float = 2.0, timeout: float = 60.0,
-             show_progress: bool = True, catalogue: Mapping[str, Dataset] | None = None) -> DownloadResult:
+             local: Path | None = None, keep_archives: bool = False, retries: int = 3, retry_wait: float = 2.0,
+             timeout: float = 60.0, show_progress: bool = True,
+             catalogue: Mapping[str, Dataset] | None = None) -> DownloadResult:
     """Fetch, verify and unpack dataset ``name`` (or just the files named in ``only``) into ``to``.
 
-    Files an earlier run unpacked are skipped; a transfer an earlier run left behind is resumed. Returns the
-    `prepare` sources the folder now supports (:attr:`DownloadResult.sources`)."""
+    Files an earlier run unpacked are skipped; a transfer an earlier run left behind is resumed. ``local``: a
+    folder of archives obtained some other way (offline machines): a file found there under its upstream
+    name is verified and unpacked in place of a download, and never deleted. Returns the `prepare` sources
+    the folder now supports (:attr:`DownloadResult.sources`)."""
     dataset = get_dataset(name, catalogue)
     files = _select(dataset, only)
     root = Path(to)
@@ -649,16 +655,25 @@ def download(name: str, to: Path, *, only: Sequence[str] | None = None, mirror: 
                 result.skipped.append(file.name)
                 continue
             url = mirror_url(file, mirror)
-            path = archives / file.name
-            log.info("%s: %s (%s) -> %s", dataset.name, url,
-                     human_size(file.size) if file.size is not None else "size from the server", root)
-            sha256 = fetch(url, path, size=file.size, sha256=file.sha256, retries=retries, retry_wait=retry_wait,
-                           timeout=timeout, show_progress=show_progress)
+            given = local is not None and (Path(local) / file.name).is_file()
+            if given:  # the user's own copy: checked, never moved or deleted
+                path = Path(local) / file.name
+                sha256 = file_sha256(path)
+                if problem := _mismatch(file.size, file.sha256, path.stat().st_size, sha256):
+                    raise ChecksumError(f"{path}: {problem} (the file {url} serves); replace it, or leave out "
+                                        "--archives to download it")
+                log.info("%s: %s (at hand) -> %s", dataset.name, path, root)
+            else:
+                path = archives / file.name
+                log.info("%s: %s (%s) -> %s", dataset.name, url,
+                         human_size(file.size) if file.size is not None else "size from the server", root)
+                sha256 = fetch(url, path, size=file.size, sha256=file.sha256, retries=retries,
+                               retry_wait=retry_wait, timeout=timeout, show_progress=show_progress)
             size = path.stat().st_size
             count = unpack(path, root, file.provides, show_progress=show_progress)
             write_json(marker, {"url": url, "size": size, "sha256": sha256, "files": count,
                                 "sha256_checked": file.sha256 is not None})
-            if not keep_archives:
+            if not (keep_archives or given):
                 path.unlink()
             result.fetched.append(file.name)
     result.sources = dataset.sources(root)

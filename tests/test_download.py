@@ -269,6 +269,26 @@ def test_cli_prints_sources_that_pipeline_prepare_runs(server, tmp_path, monkeyp
     assert "no `prepare` source yet" in r.stdout and "pipeline download coco2014 --to DIR" in r.stdout
 
 
+def test_archives_already_at_hand_are_verified_and_unpacked_without_the_network(tmp_path):
+    archives = coco2017_archives()
+    have = tmp_path / "have"
+    have.mkdir()
+    for name, data in archives.items():
+        (have / name).write_bytes(data)
+    catalogue = {"coco2017": pinned(dl.CATALOGUE["coco2017"], archives)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there: any request would fail
+    result = dl.download("coco2017", tmp_path / "coco", catalogue=catalogue, local=have,
+                         mirror=f"http://127.0.0.1:{port}", retries=0, show_progress=False)
+    assert sorted(result.fetched) == sorted(archives) and (tmp_path / "coco" / "val2017" / "000000000139.jpg").is_file()
+    assert sorted(p.name for p in have.iterdir()) == sorted(archives)  # the user's archives are kept
+    (have / "val2017.zip").write_bytes(archives["val2017.zip"][:-1] + b"x")  # a damaged copy is refused
+    with pytest.raises(dl.ChecksumError, match=r"have/val2017\.zip: sha256 [0-9a-f]+, expected .*leave out --archives"):
+        dl.download("coco2017", tmp_path / "other", catalogue=catalogue, local=have, only=["val2017.zip"],
+                    mirror=f"http://127.0.0.1:{port}", retries=0, show_progress=False)
+
+
 def test_interrupted_transfer_resumes_with_a_range_request(server, tmp_path):
     archives = coco2017_archives()
     server.files.update(archives)

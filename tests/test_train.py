@@ -510,6 +510,15 @@ def test_cli_applies_the_family_section_and_command_line_options(pipe, tmp_path)
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 1
 
 
+def _train_cli_errors(pipe, tmp_path, manifest) -> list[str]:
+    """`pipeline train` of show_tell on ``manifest`` into tmp_path/x: its error lines (exit 2, no traceback)."""
+    params = pipe.params_file(tmp_path / "params.yaml", {"decoder": "show_tell", "manifest": str(manifest),
+                                                         "out_dir": str(tmp_path / "x")})
+    result = CliRunner().invoke(app, ["train", "--params", str(params)], catch_exceptions=False)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
 def test_cli_a_manifest_without_val_split_is_one_error_line(pipe, tmp_path):
     rows = [json.loads(line) for line in pipe.manifest.read_text().splitlines()]
     manifest = tmp_path / "manifest.jsonl"
@@ -517,11 +526,7 @@ def test_cli_a_manifest_without_val_split_is_one_error_line(pipe, tmp_path):
                                             "split": "train" if r["split"] == "val" else r["split"]}) + "\n"
                                 for r in rows))
     train_images = sum(r["split"] in ("train", "val") for r in rows)
-    params = pipe.params_file(tmp_path / "params.yaml", {"decoder": "show_tell", "manifest": str(manifest),
-                                                         "out_dir": str(tmp_path / "x")})
-    result = CliRunner().invoke(app, ["train", "--params", str(params)], catch_exceptions=False)
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+    assert _train_cli_errors(pipe, tmp_path, manifest) == [
         f"error: {manifest}: training needs train and val splits (found {train_images} train, 0 val images); give "
         "the sources a split or let `prepare` draw one (val_fraction)"]
     assert not (tmp_path / "x").exists()
@@ -533,11 +538,7 @@ def test_cli_manifest_images_missing_from_the_cache_is_one_error_line(pipe, tmp_
     rows.append({**rows[0], "image_id": "elsewhere/1"})
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    params = pipe.params_file(tmp_path / "params.yaml", {"decoder": "show_tell", "manifest": str(manifest),
-                                                         "out_dir": str(tmp_path / "x")})
-    result = CliRunner().invoke(app, ["train", "--params", str(params)], catch_exceptions=False)
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+    assert _train_cli_errors(pipe, tmp_path, manifest) == [
         f"error: the feature cache {pipe.features} does not cover the manifest {manifest}: 1 image(s) are not in it "
         "(e.g. ['elsewhere/1']). Run `pipeline extract` on this manifest (it computes only the missing and changed "
         "images)"]

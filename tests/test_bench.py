@@ -83,6 +83,27 @@ def test_train_throughput_quick_writes_results(tmp_path, capsys):
     assert "feature cache vs end to end" in out and "peak memory" in out
 
 
+def test_train_step_quick_writes_results(tmp_path, capsys):
+    from bench import train_step
+
+    # A generated tiny world (timm's tiny test backbone, a 32-wide transformer) and one torch thread: seconds;
+    # `python -m bench.train_step` measures the params file's (or a recipe's) real sizes.
+    train_step.main(["--quick", "--threads", "1", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    data = json.loads((tmp_path / "train_step.json").read_text())
+    assert data["benchmark"] == "train_step" and data["quick"] is True
+    assert set(data["ratios"]) == {"pipeline_vs_bare", "pipeline_vs_bare_with_epoch_and_checkpoint_costs",
+                                   "pipeline_vs_bare_cpu"}
+    assert _positive_numbers(data["ratios"]) and data["targets"] == {"pipeline_vs_bare": 0.95}
+    m = data["measurement"]
+    for side in ("pipeline", "bare"):
+        assert len(m["rounds"][side]) == data["config"]["rounds"] == 2
+        assert data["loops"][side]["samples_per_s"] > 0
+    assert m["checkpoint_save_seconds"] > 0 and m["end_of_epoch_seconds"] > 0
+    assert m["pipeline_mean_loss"] > 0 and m["bare_mean_loss"] > 0  # the training losses of the timed steps
+    assert data["workload"]["source"].startswith("generated tiny world")
+    assert "`pipeline train` vs a bare loop" in capsys.readouterr().out
+
+
 def test_serve_quick_writes_results(tmp_path, capsys):
     import torch
 
@@ -111,16 +132,24 @@ def test_quality_quick_runs_the_recipe_through_every_stage(tmp_path, capsys):
     """The real-photo benchmark's chain on a tiny generated Flickr8k-layout folder (about a minute)."""
     from bench import quality
 
-    data = quality.main(["--quick", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    data = quality.main(["--quick", "--speed", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
     saved = json.loads((tmp_path / "quality-flickr8k-cpu.json").read_text())
     assert saved["rows"] == data["rows"] and data["quick"] is True
-    assert [(r["model"], r["decoding"]["name"]) for r in data["rows"]] == [
-        ("train", "greedy"), ("train", "beam"), ("scst", "greedy"), ("scst", "beam")]
+    assert [(r["model"], r["split"], r["decoding"]["name"]) for r in data["rows"]] == [
+        ("train", "test", "greedy"), ("train", "test", "beam"), ("scst", "test", "greedy"), ("scst", "test", "beam")]
     for row in data["rows"]:
         assert row["images"] == 8 and set(row["scores"]) == set(quality.METRICS)
         assert all(0 <= v <= 10 for v in row["scores"].values())
+    # the beam setting is chosen on val (--quick tries one), for the last model, and used on test
+    (choice,) = data["decoding_choice"]
+    assert choice["model"] == "scst" and choice["split"] == "val" and choice["images"] == 8
+    assert data["rows"][-1]["decoding"]["beam_size"] == choice["decoding"]["beam_size"] == quality.VAL_GRID[0][0]
     assert {"convert-weights", "prepare", "extract", "vocab", "train", "scst"} <= set(data["stage_seconds"])
-    assert "| scst | beam |" in capsys.readouterr().out
+    assert "evaluate scst val beam3" in data["stage_seconds"]
+    assert {"pipeline_vs_bare"} <= set(data["speed"]["train_step"]["ratios"])
+    assert {r["family"] for r in data["speed"]["beam_search"]} >= {"transformer", "show_attend_tell"}
+    out = capsys.readouterr().out
+    assert "| scst | beam 3 |" in out and "decoding tried on val" in out
 
 
 def test_quality_needs_a_dataset_or_quick(tmp_path):

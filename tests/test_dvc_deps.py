@@ -48,7 +48,8 @@ EXEMPT = {
 # --------------------------------------------------------------------------- DVC's view of the stages
 @cache
 def dvc_stages() -> tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]:
-    """``(name, cmd, deps, outs)`` of every stage in dvc.yaml, resolved by DVC; paths relative to the repo."""
+    """``(name, cmd, deps, outs)`` of every stage in dvc.yaml and in the recipes' pipelines
+    (``recipes/*/dvc.yaml``), resolved by DVC; paths relative to the repo."""
     from dvc.repo import Repo
 
     def rel(path: str) -> str:
@@ -57,7 +58,7 @@ def dvc_stages() -> tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...
     with Repo(str(REPO)) as repo:
         stages = []
         for stage in repo.index.stages:
-            if stage.path_in_repo != "dvc.yaml":
+            if stage.path_in_repo != "dvc.yaml" and not stage.path_in_repo.startswith("recipes/"):
                 continue
             cmd = stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
             stages.append((stage.addressing, cmd, tuple(rel(d.fs_path) for d in stage.deps),
@@ -338,8 +339,10 @@ def report_inputs() -> dict[str, str]:
                 summary = f"{PurePosixPath(live).parent}/metrics.json"
                 if summary in outs:
                     needed[summary] = f"{outs[summary]}'s training summary, next to its dvclive folder {live}"
-        # training summaries: report reads <bundle>/../metrics.json of each evaluated bundle
-        if out.endswith("/bundle") and f"{PurePosixPath(out).parent}/metrics.json" in outs:
+        # training summaries: report reads <bundle>/../metrics.json of each evaluated bundle (the main DAG's:
+        # a recipe pipeline's evaluations lie outside report.reports, which the first rule checks)
+        in_main_dag = ":" not in stage  # recipes/<name>/dvc.yaml:<stage> for the recipes' pipelines
+        if in_main_dag and out.endswith("/bundle") and f"{PurePosixPath(out).parent}/metrics.json" in outs:
             summary = f"{PurePosixPath(out).parent}/metrics.json"
             needed[summary] = f"{outs[summary]}'s training summary, next to its bundle {out}"
     return needed
@@ -367,3 +370,26 @@ def test_no_stage_imports_another_stage():
             if imported.startswith("stages.") and imported != name:
                 problems.append(f"{_rel(path)} imports {imported}")
     assert not problems, "stages import other stages (shared code belongs in pipeline/):\n" + "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- the recipes' own pipelines
+def test_recipe_pipelines_run_their_recipe_and_leave_the_default_dag_alone():
+    """recipes/<name>/dvc.yaml: every stage passes one recipe file as ``--params`` and DVC tracks that
+    same file's sections as its params, and none of its outputs is one of the default DAG's."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        stages = [s for s in repo.index.stages if s.path_in_repo.startswith("recipes/")]
+    assert {s.addressing.split(":")[-1] for s in stages} >= {"prepare", "extract", "vocab", "train", "scst",
+                                                             "evaluate@scst"}
+    main_outs = {o for stage, _, _, outs in dvc_stages() if ":" not in stage for o in outs}
+    for stage in stages:
+        params_files = {Path(os.path.relpath(p.fs_path, REPO)).as_posix() for p in stage.params}
+        if stage.addressing.endswith(":backbone_weights"):
+            assert not params_files
+            continue
+        argv = shlex.split(stage.cmd)
+        recipe = argv[argv.index("--params") + 1]
+        assert params_files == {recipe} and recipe.startswith("recipes/"), (stage.addressing, params_files)
+        outs = {Path(os.path.relpath(o.fs_path, REPO)).as_posix() for o in stage.outs}
+        assert not outs & main_outs, (stage.addressing, outs & main_outs)

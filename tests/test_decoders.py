@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.models.decoders as registry
+from pipeline.decoding import beam_search
 from pipeline.models.decoders import (
     DECODERS,
     CaptionDecoder,
@@ -22,6 +23,7 @@ from pipeline.models.decoders import (
     families_with,
     list_decoders,
 )
+from pipeline.models.decoders.base import RowImages, reorder_per_image
 
 B, N, C, T, V = 3, 5, 12, 7, 23
 PAD, BOS, EOS = 0, 1, 2
@@ -227,6 +229,70 @@ def test_reorder_state_duplicates_rows(case):
         orig_logits, _, _ = run_steps(decoder, state, tokens[:, 1:])
     torch.testing.assert_close(beam_logits, reference[index, 1:], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(orig_logits, reference[:, 1:], atol=1e-4, rtol=1e-4)
+
+
+def _beam_layout_logits(decoder, features, tokens):
+    """Rows as beam search lays them out: 2 per image; after one step image 1 has finished (its rows dropped),
+    image 0 keeps its beams swapped plus a third copy, image 2 one beam twice. The first step's logits (6 rows),
+    then those of the next two steps (5 rows)."""
+    with torch.no_grad():
+        state = decoder.reorder_state(decoder.init_state(features), torch.tensor([0, 0, 1, 1, 2, 2]))
+        out = decoder.step(tokens[[0, 0, 1, 1, 2, 2], 0], state)
+        first, state = out.logits, decoder.reorder_state(out.state, torch.tensor([1, 0, 0, 5, 5]))
+        logits = []
+        for t in (1, 2):
+            out = decoder.step(tokens[ROW_IMAGES, t], state)
+            state = out.state
+            logits.append(out.logits)
+    return first, torch.stack(logits, 1)
+
+
+ROW_IMAGES = torch.tensor([0, 0, 0, 2, 2])  # the image of each row after _beam_layout_logits's reorder
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_reorder_state_drops_a_finished_image_and_keeps_the_right_rows(case, monkeypatch):
+    """What is constant per image (visual tokens, cross-attention keys/values) is kept once per image: dropping an
+    image's rows and reordering the others still gives every row its own image's logits, and the rows of an image
+    reading its tensors broadcast (on the CPU) get exactly the bits of reading a copy of them per row."""
+    decoder = make(case).eval()
+    features, tokens, _ = batch()
+    tokens = tokens[:, :3]  # real for every row (LENGTHS >= 3)
+    with torch.no_grad():
+        reference = decoder(features, tokens, torch.tensor([3, 3, 3])).logits
+    first, logits = _beam_layout_logits(decoder, features, tokens)
+    torch.testing.assert_close(first, reference[[0, 0, 1, 1, 2, 2], 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, reference[ROW_IMAGES, 1:], atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(RowImages, "blocks", lambda self, device: None)  # every row reads a copy of its image's
+    copied_first, copied = _beam_layout_logits(decoder, features, tokens)
+    assert torch.equal(copied_first, first) and torch.equal(copied, logits)
+
+
+def test_row_images_follow_reorders_and_drop_finished_images():
+    rows = RowImages().reorder(torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert rows.runs() == ((0, 0, 2), (1, 2, 4), (2, 4, 6)) and not rows.one_per_image()
+    per_image = {"a": torch.arange(3.0) * 10, "b": [(torch.arange(3.0), torch.arange(3.0) + 1)]}
+    kept, tensors = reorder_per_image(rows, per_image, torch.tensor([5, 4, 1]))  # image 1 finished
+    assert kept.index.tolist() == [1, 1, 0] and kept.runs() == ((1, 0, 2), (0, 2, 3))
+    assert tensors["a"].tolist() == [0.0, 20.0] and tensors["b"][0][1].tolist() == [1.0, 3.0]
+    assert torch.equal(kept.gather(tensors["a"]), torch.tensor([20.0, 20.0, 0.0]))
+    assert kept.blocks(torch.device("cpu")) is None  # 2 blocks for 3 rows: copying is as cheap
+    single, tensors = reorder_per_image(kept, tensors, torch.tensor([2, 0]))  # one row per image again
+    assert single.index is None and tensors["a"].tolist() == [0.0, 20.0]
+    _, tensors = reorder_per_image(RowImages(), per_image, torch.tensor([2, 0]))  # greedy dropping image 1
+    assert tensors["a"].tolist() == [20.0, 0.0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batched_beam_search_gives_each_image_its_own_captions(case):
+    decoder = make(case).eval()
+    features = batch()[0]
+    kw = dict(beam_size=3, max_length=6, n_best=2)
+    batched = beam_search(decoder, features, **kw)
+    for i in range(B):
+        alone = beam_search(decoder, features[i:i + 1], **kw)[0]
+        assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
+        assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-5)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -12,19 +12,22 @@ architecture actually built: after a pretrained start it holds the checkpoint's 
 ``pretrained_path=None``, so building a decoder from it gives the same modules from
 scratch, ready for the saved weights, without the pretrained directory.
 
-Incremental state. GPT-2 keeps its keys/values in a transformers ``EncoderDecoderCache``
-(self-attention + cross-attention ``DynamicCache``), which it *mutates in place*. To keep
-``step`` and ``reorder_state`` free of side effects (beam search may hold on to an old
-state), the state here is plain tensors::
+Incremental decoding. Teacher forcing (``forward``) is GPT-2's own forward; :meth:`~GPT2CaptionDecoder.step`
+runs the same modules of GPT-2 (its blocks' LayerNorms, ``c_attn``/``q_attn``/``c_proj``, MLPs, dropouts and
+SDPA attention with the module's ``scaling``, as ``GPT2Model`` calls them for one new position) on a state of
+plain tensors, free of side effects (beam search may hold on to an old state)::
 
-    {"encoder": (B, M, n_embd),                      # the visual states cross-attended to
-     "self_kv":  [(k, v) per layer],  (B, heads, t, head_dim), grows by one per step
-     "cross_kv": [(k, v) per layer],  (B, heads, M, head_dim), [] until the first step}
+    {"cross_kv":  [(k, v) per layer],  (I, heads, M, head_dim), per image, computed by init_state
+     "rows":      RowImages, the image each row decodes
+     "self_kv":   [(k, v) per layer],  time-major (t, B', heads, head_dim), one more position per step
+     "self_rows": None, or the (B,) row index into B' reorder_state asked for since the last step}
 
-and each step wraps them in a fresh cache for GPT-2, then unwraps the cache it returns.
-GPT-2 fills the cross-attention keys/values itself at the first step and reuses them
-after. All tensors are batch first: the default ``reorder_state`` (index_select on dim 0)
-reorders the caches and the encoder states together.
+``reorder_state`` copies nothing: the cross-attention keys/values, the same for every row of an image (beam
+search's K beams), are computed once per image, and on the CPU each image's block of rows attends to them
+broadcast (:func:`.layers.attend_per_image`); the self-attention caches are reordered by the next step as it
+extends them (:func:`.layers.append_kv`, one copy). Going through transformers' ``EncoderDecoderCache``
+instead cost a copy of every cached key and value at every step (building a ``DynamicCache`` from tensors
+concatenates them), besides the reorder's copy of them all.
 
 Attention maps (families with ``has_attention``: ``gpt2``, not ``perceiver_gpt2``, whose
 cross-attention reads latents): with ``return_attention=True`` the weights of the LAST block's
@@ -33,9 +36,10 @@ They are computed here, beside GPT-2's fused (SDPA) attention, not by switching 
 ``output_attentions`` (eager attention, other arithmetic): a forward pre-hook on that
 cross-attention module catches its input (the queries' hidden states) during the call, and
 the weights are ``softmax(q k^T * scaling)`` with the module's own ``q_attn``, ``scaling`` and
-keys (the step's cache, or ``c_attn`` of the encoder states). The logits are untouched. The
-hook records only calls made by the thread that installed it, so concurrent model calls (the
-server's several model threads) do not see each other's hidden states.
+keys (``c_attn`` of the encoder states). The logits are untouched. The hook records only calls made
+by the thread that installed it, so concurrent model calls (the server's several model threads) do
+not see each other's hidden states. :meth:`~GPT2CaptionDecoder.step` computes the same weights from
+its own hidden states and the cached keys.
 """
 
 from __future__ import annotations
@@ -43,18 +47,17 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from pydantic import Field, model_validator
 from safetensors import SafetensorError
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from . import DecoderConfig, DecoderConfigError
-from .base import CaptionDecoder, DecoderOutput, StepOutput
-from .layers import TokenLayout, attention_weights
+from .base import CaptionDecoder, DecoderOutput, RowImages, StepOutput, reorder_per_image
+from .layers import TokenLayout, append_kv, attend_per_image, attention_weights
 
 SIZE_OPTIONS = ("n_layer", "n_head", "n_embd", "n_positions")
 """The options a pretrained checkpoint determines (its values are recorded; a disagreeing explicit one is refused)."""
@@ -174,14 +177,6 @@ def _unloadable(family: str, path: Path, e: Exception) -> str:
             "written by transformers' save_pretrained (config.json and model.safetensors)")
 
 
-def _to_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    return DynamicCache(kv) if kv else DynamicCache()
-
-
-def _from_cache(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
 class GPT2CaptionDecoder(CaptionDecoder):
     """GPT-2 cross-attending to ``self.encode(features)``; subclasses define ``encode``.
 
@@ -217,27 +212,59 @@ class GPT2CaptionDecoder(CaptionDecoder):
             attention = self._cross_attention_weights(queries[0], self._heads(keys, attn.head_dim))
         return DecoderOutput(logits=out.logits, attention=attention)
 
-    def init_state(self, features: torch.Tensor) -> dict:
-        return {"encoder": self.encode(features), "self_kv": [], "cross_kv": []}
+    def init_state(self, features: torch.Tensor) -> dict[str, Any]:
+        encoder = self.encode(features)
+        cross_kv = []
+        for block in self.gpt2.transformer.h:
+            attn = block.crossattention
+            k, v = attn.c_attn(encoder).split(attn.split_size, dim=2)
+            cross_kv.append((self._heads(k, attn.head_dim).contiguous(), self._heads(v, attn.head_dim).contiguous()))
+        empty = encoder.new_empty((0, *cross_kv[0][0].shape[:2], cross_kv[0][0].shape[3]))  # (0, B, heads, hd)
+        return {"cross_kv": cross_kv, "rows": RowImages(), "self_kv": [(empty, empty) for _ in cross_kv],
+                "self_rows": None}
 
-    def step(self, tokens: torch.Tensor, state: dict, *, return_attention: bool = False) -> StepOutput:
-        position = state["self_kv"][0][0].shape[2] if state["self_kv"] else 0
+    def reorder_state(self, state: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        rows, cross_kv = reorder_per_image(state["rows"], state["cross_kv"], index)
+        pending = state["self_rows"]
+        return {"cross_kv": cross_kv, "rows": rows, "self_kv": state["self_kv"],
+                "self_rows": index if pending is None else pending.index_select(0, index)}
+
+    def step(self, tokens: torch.Tensor, state: dict[str, Any], *, return_attention: bool = False) -> StepOutput:
+        position = state["self_kv"][0][0].shape[0]
         if position >= self.n_positions:
             raise ValueError(f"{self.family}: step at position {position} is beyond n_positions={self.n_positions}")
-        cache = EncoderDecoderCache(_to_cache(state["self_kv"]), _to_cache(state["cross_kv"]))
-        with self._last_cross_attention_input(return_attention and self.has_attention) as queries:
-            out = self.gpt2(input_ids=tokens.unsqueeze(1), encoder_hidden_states=state["encoder"],
-                            past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        new_state = {
-            "encoder": state["encoder"],
-            "self_kv": _from_cache(cache.self_attention_cache),
-            "cross_kv": _from_cache(cache.cross_attention_cache),
-        }
-        attention = None
-        if queries:  # the last block's cross-attention keys are in the cache GPT-2 returned
-            attention = self._cross_attention_weights(queries[0], new_state["cross_kv"][-1][0])[:, 0]
-        return StepOutput(logits=out.logits[:, -1], state=new_state, attention=attention)
+        gpt, rows = self.gpt2.transformer, state["rows"]
+        position_ids = torch.arange(1, device=tokens.device).unsqueeze(0) + position  # (1, 1)
+        x = gpt.drop(gpt.wte(tokens.unsqueeze(1)) + gpt.wpe(position_ids))  # (B, 1, n_embd)
+        self_kv, last, attention = [], len(gpt.h) - 1, None
+        for i, (block, (cross_k, cross_v), past_kv) in enumerate(zip(gpt.h, state["cross_kv"], state["self_kv"])):
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(x)).split(attn.split_size, dim=2)
+            q, k, v = (self._heads(t, attn.head_dim) for t in (q, k, v))
+            kv = append_kv(past_kv, state["self_rows"], (k, v))
+            self_kv.append(kv)
+            k, v = kv[0].permute(1, 2, 0, 3), kv[1].permute(1, 2, 0, 3)
+            x = self._attention_output(attn, attend_per_image(q, k, v, **self._sdpa(attn))) + x
+            cross = block.crossattention
+            hidden = block.ln_cross_attn(x)
+            q = self._heads(cross.q_attn(hidden), cross.head_dim)
+            x = x + self._attention_output(cross, attend_per_image(q, cross_k, cross_v, rows, **self._sdpa(cross)))
+            if return_attention and self.has_attention and i == last:
+                attention = self._cross_attention_weights(hidden, rows.gather(cross_k))[:, 0]
+            x = x + block.mlp(block.ln_2(x))
+        logits = self.gpt2.lm_head(gpt.ln_f(x))[:, -1]
+        return StepOutput(logits=logits, state={**state, "self_kv": self_kv, "self_rows": None}, attention=attention)
+
+    @staticmethod
+    def _sdpa(attn: nn.Module) -> dict[str, Any]:
+        """The arguments GPT-2's SDPA attention passes for one new position (no mask: nothing to hide from it)."""
+        return dict(dropout_p=attn.attn_dropout.p if attn.training else 0.0, scale=attn.scaling, is_causal=False)
+
+    @staticmethod
+    def _attention_output(attn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """(B, heads, 1, head_dim) attention output -> the module's projected (B, 1, n_embd) output, as GPT-2's."""
+        y = y.transpose(1, 2).contiguous()
+        return attn.resid_dropout(attn.c_proj(y.reshape(*y.shape[:-2], -1).contiguous()))
 
     # ----------------------------------------------------------------- attention maps
     def _last_cross_attention(self) -> nn.Module:

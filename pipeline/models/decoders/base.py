@@ -26,6 +26,12 @@ positions, ``V`` vocabulary size.
   opt-in so that training (which never asks) does not compute or keep the weights; asking never
   changes the logits. What the weights are is the family's ``attention_source``; a family without
   them says why in ``no_attention_reason`` (shown where the heatmaps would be).
+* What is constant over a caption (visual tokens, cross-attention keys/values) is kept once per
+  image, not once per row: beam search decodes ``K`` rows per image and reorders them at every
+  step, and copying those tensors for every row at every step cost more than the rest of a step.
+  Such a state holds a :class:`RowImages` (which image each row decodes), which ``reorder_state``
+  reorders instead of the per-image tensors; only per-row tensors (hidden states, self-attention
+  caches) are index-selected.
 """
 
 from __future__ import annotations
@@ -73,6 +79,88 @@ def reorder_tensors(state: Any, index: torch.Tensor) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(reorder_tensors(v, index) for v in state)
     return state
+
+
+class RowImages:
+    """Which image each row of a decoding state decodes, for state kept once per image.
+
+    ``RowImages()`` (what ``init_state`` starts with) is one row per image, row ``i`` decoding image ``i``;
+    :meth:`reorder` follows ``reorder_state``'s row index, so the per-image tensors themselves are never
+    copied. A decoder reads them for its rows either per row (:meth:`gather`, a copy) or, on the CPU, per
+    block of consecutive rows of one image (:meth:`blocks`: beam search's ``K`` beams of an image, sampling's
+    copies of it), with the image's tensor broadcast over the block instead of copied. Both give each row the
+    same arithmetic as a copy of its image's tensors would.
+    """
+
+    __slots__ = ("index", "_runs")
+
+    def __init__(self, index: Optional[torch.Tensor] = None) -> None:
+        self.index = index  # (R,) int64 image of each row; None: row i is image i
+        self._runs: Any = None
+
+    def reorder(self, index: torch.Tensor) -> "RowImages":
+        """The rows after ``reorder_state(state, index)``: row ``r`` decodes the image of old row ``index[r]``."""
+        return RowImages(index if self.index is None else self.index.index_select(0, index))
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (per image, batch first) for every row: ``x`` itself for one row per image, else a copy."""
+        return x if self.index is None else x.index_select(0, self.index)
+
+    def runs(self) -> tuple[tuple[int, int, int], ...]:
+        """``(image, first row, end row)`` of each block of consecutive rows decoding one image, in row order."""
+        if self._runs is None:
+            if self.index is None:
+                raise ValueError("runs() of the one-row-per-image layout: there the per-image tensors are the rows")
+            idx = self.index
+            starts = [0] + (torch.nonzero(idx[1:] != idx[:-1]).flatten() + 1).tolist() if idx.numel() else []
+            images = idx[starts].tolist() if starts else []
+            self._runs = tuple(zip(images, starts, starts[1:] + [idx.numel()]))
+        return self._runs
+
+    def blocks(self, device: torch.device) -> Optional[tuple[tuple[int, int, int], ...]]:
+        """:meth:`runs` where broadcasting per block beats copying per row: on the CPU, with blocks of at least two
+        rows on average; None elsewhere (one batched kernel over copied rows is faster on an accelerator)."""
+        if self.index is None or device.type != "cpu":
+            return None
+        runs = self.runs()
+        return runs if 2 * len(runs) <= self.index.numel() else None
+
+    def one_per_image(self) -> bool:
+        """Every row decodes an image of its own (greedy decoding; beam search with one beam)."""
+        if self.index is None:
+            return True
+        runs = self.runs()
+        return len(runs) == self.index.numel() and len({image for image, _, _ in runs}) == len(runs)
+
+
+def reorder_per_image(rows: RowImages, per_image: Any, index: torch.Tensor) -> tuple[RowImages, Any]:
+    """``rows`` reordered by ``index``, and the per-image tensors of the state (any nesting of dicts, lists and
+    tuples of batch-first tensors) to go with them: unchanged, except that images no row decodes any more
+    (finished) are dropped from them, one copy when that happens, and that rows which are again one per image
+    (greedy decoding) get the per-image tensors in their own order, as one row per image."""
+    new = rows.reorder(index)
+    images = sorted({image for image, _, _ in new.runs()})
+    if len(images) < _batch(per_image):
+        keep = torch.tensor(images, dtype=torch.long, device=index.device)
+        per_image = reorder_tensors(per_image, keep)
+        new = RowImages(torch.searchsorted(keep, new.index))  # each row's image among those kept
+    if not new.one_per_image():
+        return new, per_image
+    if not torch.equal(new.index, torch.arange(new.index.numel(), device=index.device)):
+        per_image = reorder_tensors(per_image, new.index)
+    return RowImages(), per_image
+
+
+def _batch(state: Any) -> int:
+    """The batch size of the first tensor in a nested state (-1 without one)."""
+    if torch.is_tensor(state):
+        return state.shape[0]
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    for v in values:
+        n = _batch(v)
+        if n >= 0:
+            return n
+    return -1
 
 
 class CaptionDecoder(nn.Module):

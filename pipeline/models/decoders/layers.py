@@ -29,11 +29,14 @@ nothing here is registered as a family.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # base imports this module
+    from .base import RowImages
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, heads, S, head_dim) each
 
@@ -82,21 +85,73 @@ class Attention(nn.Module):
         k, v = self.key_value(source).chunk(2, dim=-1)
         return self._split_heads(k), self._split_heads(v)
 
-    def forward(self, x: torch.Tensor, kv: KV, is_causal: bool = False, *,
-                return_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, kv: KV, is_causal: bool = False, *, return_weights: bool = False,
+                kv_rows: Optional[RowImages] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``x (B, T, d)`` attends to ``kv``; ``return_weights``: also the attention weights averaged over the
         heads, ``(B, T, S)`` (rows sum to 1, before dropout). Opt-in, for inference: the output itself is always
         the fused ``scaled_dot_product_attention`` one, so asking for the weights changes no output bit and
-        training (which never asks) never materialises them."""
+        training (which never asks) never materialises them. ``kv_rows``: ``kv`` is per image and row ``b`` of
+        ``x`` attends to image ``kv_rows.index[b]`` (:func:`attend_per_image`)."""
         B, T, d = x.shape
         q = self._split_heads(self.query(x))
-        y = F.scaled_dot_product_attention(
-            q, kv[0], kv[1], is_causal=is_causal, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        y = attend_per_image(q, kv[0], kv[1], kv_rows, is_causal=is_causal,
+                             dropout_p=self.attn_dropout if self.training else 0.0)
         y = self.resid_dropout(self.out(y.transpose(1, 2).reshape(B, T, d)))
         if not return_weights:
             return y
-        return y, attention_weights(q, kv[0], is_causal=is_causal)
+        keys = kv[0] if kv_rows is None else kv_rows.gather(kv[0])
+        return y, attention_weights(q, keys, is_causal=is_causal)
+
+
+def attend_per_image(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[RowImages] = None,
+                     **sdpa: Any) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, **sdpa)`` where ``k``/``v`` may be kept once per image: ``rows``
+    (:class:`~.base.RowImages`) says which image each row of ``q`` attends to (None: ``k``/``v`` have ``q``'s rows).
+    On the CPU each block of rows of one image attends to that image's keys/values broadcast over the block (a
+    view, no copy), which gives each row the bits of attending to a copy; elsewhere the rows' keys/values are
+    gathered, one kernel for the batch."""
+    if rows is None or rows.index is None:
+        return F.scaled_dot_product_attention(q, k, v, **sdpa)
+    blocks = rows.blocks(q.device)
+    if blocks is None:
+        return F.scaled_dot_product_attention(q, rows.gather(k), rows.gather(v), **sdpa)
+    per_image = {end - start for _, start, end in blocks}
+    if len(per_image) == 1 and q.shape[2] == 1 and not sdpa.get("dropout_p"):
+        # The same number of rows, K, for every image (beam search): one call, the K rows of an image as K query
+        # heads per key/value head (grouped-query attention), each head computed as a row of its own would be.
+        K, (R, heads, _, hd) = per_image.pop(), q.shape
+        images = [image for image, _, _ in blocks]
+        if images != list(range(k.shape[0])):
+            index = torch.tensor(images, device=k.device)
+            k, v = k.index_select(0, index), v.index_select(0, index)
+        grouped = q.view(len(images), K, heads, hd).transpose(1, 2).reshape(len(images), heads * K, 1, hd)
+        y = F.scaled_dot_product_attention(grouped, k, v, enable_gqa=True, **sdpa)
+        return y.view(len(images), heads, K, hd).transpose(1, 2).reshape(R, heads, 1, hd)
+    return torch.cat([
+        F.scaled_dot_product_attention(q[start:end], k[image:image + 1].expand(end - start, -1, -1, -1),
+                                       v[image:image + 1].expand(end - start, -1, -1, -1), **sdpa)
+        for image, start, end in blocks
+    ])
+
+
+def append_kv(past: KV, rows: Optional[torch.Tensor], new: KV) -> KV:
+    """An incremental self-attention cache one position longer: ``past`` holds the keys and values of the ``t``
+    positions so far TIME-MAJOR, ``(t, R', heads, head_dim)``; ``rows`` (``(R,)`` int64 into ``R'``, or None for
+    the rows as they are) is the reordering ``reorder_state`` asked for since; ``new`` is the new position's keys
+    and values ``(R, heads, 1, head_dim)``. Returns fresh ``(t + 1, R, heads, head_dim)`` tensors (``past`` is left
+    as it is), written in one pass: reordering a cache and appending to it cost one copy of it, not two.
+    Attention reads them batch first as the view ``x.permute(1, 2, 0, 3)``."""
+    out = []
+    for cached, added in zip(past, new):
+        t = cached.shape[0]
+        grown = added.new_empty((t + 1, added.shape[0], added.shape[1], added.shape[3]))
+        if rows is None:
+            grown[:t].copy_(cached)
+        else:
+            torch.index_select(cached, 1, rows, out=grown[:t])
+        grown[t].copy_(added[:, :, 0])
+        out.append(grown)
+    return out[0], out[1]
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None,

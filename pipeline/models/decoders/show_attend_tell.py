@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from . import DecoderConfig, register_decoder
-from .base import CaptionDecoder, DecoderOutput, StepOutput, WordEmbeddings
+from .base import CaptionDecoder, DecoderOutput, RowImages, StepOutput, WordEmbeddings, reorder_per_image
 from .layers import TokenLayout, VisualProjection
 
 
@@ -69,12 +69,44 @@ class AdditiveAttention(nn.Module):
         self.hidden_att = nn.Linear(hidden_dim, attention_dim)  # W_h, applied at every step
         self.score = nn.Linear(attention_dim, 1)  # w
 
-    def forward(self, visual: torch.Tensor, visual_keys: torch.Tensor, h: torch.Tensor):
-        """visual (B, N, D), visual_keys = visual_att(visual) (B, N, A), h (B, H) -> context (B, D), alpha (B, N)."""
-        scores = self.score(torch.tanh(visual_keys + self.hidden_att(h).unsqueeze(1))).squeeze(-1)
+    def forward(self, visual: torch.Tensor, visual_keys: torch.Tensor, h: torch.Tensor,
+                rows: Optional[RowImages] = None):
+        """visual (I, N, D), visual_keys = visual_att(visual) (I, N, A), h (B, H) -> context (B, D), alpha (B, N).
+
+        ``rows`` None (or one row per image): ``I == B``, row ``b`` attends to image ``b``. Otherwise row ``b`` attends
+        to image ``rows.index[b]``: on the CPU each block of rows of one image is computed against that image's
+        tensors broadcast (never copied per row), with the same arithmetic per row as against a copy."""
+        query = self.hidden_att(h).unsqueeze(1)  # (B, 1, A)
+        # (blocks write into one tensor, which autograd does not follow: training has one row per image anyway)
+        blocks = None if rows is None or torch.is_grad_enabled() else rows.blocks(h.device)
+        if rows is None or rows.index is None:
+            pre = torch.tanh(visual_keys + query)
+        elif blocks is None:
+            pre = torch.tanh_(rows.gather(visual_keys) + query)
+        else:
+            pre = query.new_empty((h.shape[0], *visual_keys.shape[1:]))
+            per_image = {end - start for _, start, end in blocks}
+            if len(per_image) == 1:  # K rows for every image (beam search): one broadcast add
+                images = [image for image, _, _ in blocks]
+                keys = visual_keys if images == list(range(visual_keys.shape[0])) else visual_keys[images]
+                torch.add(keys.unsqueeze(1), query.view(len(images), per_image.pop(), 1, -1),
+                          out=pre.view(len(images), -1, *visual_keys.shape[1:]))
+            else:
+                for image, start, end in blocks:
+                    torch.add(visual_keys[image], query[start:end], out=pre[start:end])
+            pre.tanh_()
+        scores = self.score(pre).squeeze(-1)  # one Linear over every row, as for one row per image
         alpha = F.softmax(scores, dim=-1)
-        context = torch.bmm(alpha.unsqueeze(1), visual).squeeze(1)
-        return context, alpha
+        if rows is None or rows.index is None:
+            context = torch.bmm(alpha.unsqueeze(1), visual)
+        elif blocks is None:
+            context = torch.bmm(alpha.unsqueeze(1), rows.gather(visual))
+        else:
+            context = torch.cat([
+                torch.bmm(alpha[start:end].unsqueeze(1), visual[image:image + 1].expand(end - start, -1, -1))
+                for image, start, end in blocks
+            ])
+        return context.squeeze(1), alpha
 
 
 @register_decoder("show_attend_tell")
@@ -108,19 +140,28 @@ class ShowAttendTellDecoder(CaptionDecoder):
         self.out = nn.Linear(E, vocab_size)
 
     # ----------------------------------------------------------------- incremental decoding
-    # State (all batch first): {"visual": (B, N, D), "keys": (B, N, A), "h": (B, H)} plus "c" (B, H) for the LSTM.
-    def init_state(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    # State: per image {"visual": (I, N, D), "keys": (I, N, A)}, per row {"h": (B, H)} plus "c" (B, H) for the
+    # LSTM, and "rows", the RowImages saying which image each row decodes (I == B, row b image b, after init_state).
+    def init_state(self, features: torch.Tensor) -> dict[str, Any]:
         visual = self.visual_proj(features.to(self.visual_proj[0].weight.dtype))
         mean = visual.mean(dim=1)
-        state = {"visual": visual, "keys": self.attention.visual_att(visual), "h": torch.tanh(self.init_h(mean))}
+        state = {"visual": visual, "keys": self.attention.visual_att(visual), "rows": RowImages(),
+                 "h": torch.tanh(self.init_h(mean))}
         if self.init_c is not None:
             state["c"] = torch.tanh(self.init_c(mean))
         return state
 
-    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor], *, return_attention: bool = False) -> StepOutput:
+    def reorder_state(self, state: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        rows, (visual, keys) = reorder_per_image(state["rows"], (state["visual"], state["keys"]), index)
+        new_state = {"visual": visual, "keys": keys, "rows": rows, "h": state["h"].index_select(0, index)}
+        if "c" in state:
+            new_state["c"] = state["c"].index_select(0, index)
+        return new_state
+
+    def step(self, tokens: torch.Tensor, state: dict[str, Any], *, return_attention: bool = False) -> StepOutput:
         word = self.dropout(self.embed(tokens))  # (B, E)
         h = state["h"]
-        context, alpha = self.attention(state["visual"], state["keys"], h)
+        context, alpha = self.attention(state["visual"], state["keys"], h, state["rows"])
         context = torch.sigmoid(self.f_beta(h)) * context  # gate beta: (B, 1)
         x = torch.cat([word, context], dim=-1)
         new_state = dict(state)  # the input state is left untouched

@@ -17,8 +17,10 @@ then LayerNorm and a linear head (optionally tied to the token embedding). The t
 embedding (``tok_emb``, ``d_model`` wide) can start from GloVe (``train --glove``).
 
 Incremental decoding: :meth:`TransformerDecoder.init_state` computes the memory
-and every layer's cross-attention keys/values once; each :meth:`step` appends the
-new position's self-attention keys/values to a per-layer cache, so the prefix is
+and every layer's cross-attention keys/values once per image (beam search's K beams
+of an image read the same ones: :class:`~.base.RowImages`, never copied per row);
+each :meth:`step` appends the new position's self-attention keys/values to a
+per-layer cache (reordered as it grows: :func:`~.layers.append_kv`), so the prefix is
 never recomputed.
 
 Attention maps (``has_attention``): with ``return_attention=True`` (:meth:`~TransformerDecoder.step`
@@ -33,23 +35,23 @@ logits, hence the captions, are the same bits with or without them.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from . import DecoderConfig, register_decoder
-from .base import CaptionDecoder, DecoderOutput, StepOutput, WordEmbeddings
-from .layers import KV, MLP, Attention, TokenLayout, VisualEncoder
+from .base import CaptionDecoder, DecoderOutput, RowImages, StepOutput, WordEmbeddings, reorder_per_image
+from .layers import KV, MLP, Attention, TokenLayout, VisualEncoder, append_kv
 
 
 class TransformerConfig(DecoderConfig):
-    d_model: int = Field(256, ge=1, description="Width of the token and visual streams.")
+    d_model: int = Field(512, ge=1, description="Width of the token and visual streams.")
     num_layers: int = Field(3, ge=1, description="Decoder blocks.")
     num_heads: int = Field(8, ge=1, description="Attention heads (must divide d_model).")
     ff_dim: Optional[int] = Field(None, ge=1, description="MLP hidden width; default 4 * d_model.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on embeddings, attention weights and residual branches.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings, attention weights and residual branches.")
     max_length: int = Field(64, ge=2, description="Longest caption in tokens (bos included); size of the position table.")
     positions: Literal["learned", "sinusoidal"] = Field("learned", description="Token position embedding.")
     num_encoder_layers: int = Field(0, ge=0, description="Transformer encoder blocks over the visual tokens first.")
@@ -98,25 +100,30 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(d_model, ff_dim, dropout)
 
     def forward(self, x: torch.Tensor, memory_kv: KV, past_kv: Optional[KV] = None, *,
-                return_attention: bool = False) -> tuple[torch.Tensor, KV, Optional[torch.Tensor]]:
+                return_attention: bool = False, past_rows: Optional[torch.Tensor] = None,
+                memory_rows: Optional[RowImages] = None) -> tuple[torch.Tensor, KV, Optional[torch.Tensor]]:
         """Teacher forcing: ``x`` is the whole caption and ``past_kv`` None (causal mask).
-        Incremental: ``x`` is ONE new position and ``past_kv`` the cached keys/values before it.
-        Returns the output, this layer's self-attention keys/values up to and including ``x``, and
-        (``return_attention``) its cross-attention weights averaged over the heads ``(B, T, N)``, else None."""
+        Incremental: ``x`` is ONE new position and ``past_kv`` the cached keys/values before it, time-major
+        ``(t, B', heads, head_dim)``, their rows reordered by ``past_rows`` (see :func:`~.layers.append_kv`).
+        ``memory_rows``: ``memory_kv`` is per image, row ``b`` of ``x`` reads image ``memory_rows.index[b]``.
+        Returns the output, this layer's self-attention keys/values up to and including ``x`` (incremental:
+        the time-major cache for the next step), and (``return_attention``) its cross-attention weights
+        averaged over the heads ``(B, T, N)``, else None."""
         h = self.ln_1(x)
         k, v = self.self_attn.keys_values(h)
         if past_kv is not None:
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+            k, v = cache = append_kv(past_kv, past_rows, (k, v))
+            k, v = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
         # A single new position may see every cached one, so it needs no mask.
         x = x + self.self_attn(h, (k, v), is_causal=past_kv is None)
         weights = None
         if return_attention:
-            cross, weights = self.cross_attn(self.ln_2(x), memory_kv, return_weights=True)
+            cross, weights = self.cross_attn(self.ln_2(x), memory_kv, return_weights=True, kv_rows=memory_rows)
         else:
-            cross = self.cross_attn(self.ln_2(x), memory_kv)
+            cross = self.cross_attn(self.ln_2(x), memory_kv, kv_rows=memory_rows)
         x = x + cross
         x = x + self.mlp(self.ln_3(x))
-        return x, (k, v), weights
+        return x, cache if past_kv is not None else (k, v), weights
 
 
 # --------------------------------------------------------------------------- the decoder
@@ -177,26 +184,35 @@ class TransformerDecoder(CaptionDecoder):
         return DecoderOutput(logits=self.head(self.ln_f(x)), attention=attention)
 
     # ----------------------------------------------------------------- incremental decoding
-    # State: {"memory_kv": [(k, v) per layer], "self_kv": [(k, v) per layer]}, tensors
-    # (B, heads, S, head_dim); self_kv grows by one position per step (S = 0 after init_state).
-    # Everything is batch first, so the default reorder_state (index_select on dim 0) applies.
-    def init_state(self, features: torch.Tensor) -> dict[str, list[KV]]:
+    # State: {"memory_kv": [(k, v) per layer], per image (I, heads, N, head_dim);
+    #         "rows": the RowImages saying which image each row decodes;
+    #         "self_kv": [(k, v) per layer], time-major (t, B', heads, head_dim), one more position per step;
+    #         "self_rows": None, or the (B,) row index into B' that reorder_state asked for since the last step}.
+    # reorder_state copies nothing: it composes row indices, which the next step applies as it extends self_kv.
+    def init_state(self, features: torch.Tensor) -> dict[str, Any]:
         memory = self.visual(features)
         memory_kv = [block.cross_attn.keys_values(memory) for block in self.blocks]
-        empty = memory[:, :0]  # (B, 0, d)
-        self_kv = [block.self_attn.keys_values(empty) for block in self.blocks]
-        return {"memory_kv": memory_kv, "self_kv": self_kv}
+        empty = memory.new_empty((0, *memory_kv[0][0].shape[:2], memory_kv[0][0].shape[3]))  # (0, B, heads, hd)
+        return {"memory_kv": memory_kv, "rows": RowImages(), "self_kv": [(empty, empty) for _ in self.blocks],
+                "self_rows": None}
 
-    def step(self, tokens: torch.Tensor, state: dict[str, list[KV]], *, return_attention: bool = False) -> StepOutput:
-        position = state["self_kv"][0][0].shape[2]
+    def reorder_state(self, state: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+        rows, memory_kv = reorder_per_image(state["rows"], state["memory_kv"], index)
+        pending = state["self_rows"]
+        return {"memory_kv": memory_kv, "rows": rows, "self_kv": state["self_kv"],
+                "self_rows": index if pending is None else pending.index_select(0, index)}
+
+    def step(self, tokens: torch.Tensor, state: dict[str, Any], *, return_attention: bool = False) -> StepOutput:
+        position = state["self_kv"][0][0].shape[0]
         x = self._embed(tokens.unsqueeze(1), position)  # (B, 1, d)
         new_self_kv = []
         last = len(self.blocks) - 1
         attention = None
         for i, (block, memory_kv, past_kv) in enumerate(zip(self.blocks, state["memory_kv"], state["self_kv"])):
-            x, kv, weights = block(x, memory_kv, past_kv, return_attention=return_attention and i == last)
+            x, kv, weights = block(x, memory_kv, past_kv, return_attention=return_attention and i == last,
+                                   past_rows=state["self_rows"], memory_rows=state["rows"])
             new_self_kv.append(kv)
             attention = weights[:, 0] if weights is not None else attention
         logits = self.head(self.ln_f(x))[:, 0]
-        return StepOutput(logits=logits, state={"memory_kv": state["memory_kv"], "self_kv": new_self_kv},
+        return StepOutput(logits=logits, state={**state, "self_kv": new_self_kv, "self_rows": None},
                           attention=attention)

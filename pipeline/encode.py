@@ -2,8 +2,9 @@
 
 :func:`fill_cache` hashes the images of the shards it is given, leaves alone the shards that
 already cover them (same ids, same image bytes, same cache identity), and for the others
-computes exactly the missing and changed records — one DataLoader over all of them, so the
-loader's start-up is paid once per run, not once per shard. Bad images are recorded as
+computes exactly the missing and changed records — one pass of batches over all of them, so a
+decode worker's start-up is paid once per run, not once per shard, and without workers the
+images are decoded on one torch thread (:func:`_image_batches`). Bad images are recorded as
 rejects (with the digest of their bytes, so a fixed file is retried), never dropped silently.
 """
 
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -127,13 +129,10 @@ def fill_cache(
             batches.extend(list(range(k, min(k + batch_size, start_of + n))) for k in range(start_of, start_of + n,
                                                                                           batch_size))
             start_of += n
-        loader = DataLoader(
-            ImageFiles([r for _, r in items], manifest, transform, max_pixels), batch_sampler=batches,
-            num_workers=workers, collate_fn=collate_image_files, prefetch_factor=4 if workers > 0 else None,
-            persistent_workers=False, pin_memory=pin_memory,
-        )
+        dataset = ImageFiles([r for _, r in items], manifest, transform, max_pixels)
         pending: Optional[Future] = None
-        with ThreadPoolExecutor(max_workers=1) as io, \
+        with _image_batches(dataset, batches, workers=workers, pin_memory=pin_memory) as loader, \
+                ThreadPoolExecutor(max_workers=1) as io, \
                 progress_bar(total=len(items), unit="img", desc=desc) as bar:  # writes overlap the next forward pass
             for idx, batch_digests, images, bad in loader:
                 values: dict[int, list[tuple[str, bytes]]] = {}
@@ -169,6 +168,38 @@ def fill_cache(
     finally:
         for sw in open_shards.values():
             sw.close()
+
+
+@contextmanager
+def _image_batches(dataset: ImageFiles, batches: list[list[int]], *, workers: int,
+                   pin_memory: bool) -> Iterator[Iterable[tuple]]:
+    """The collated batches of ``dataset`` (``collate_image_files``): decoded by ``workers`` DataLoader
+    processes, or with ``workers=0`` by one thread of this process, a batch at a time between forward passes.
+
+    That thread runs torch on one intra-op thread. Decoding is PIL work on one thread plus a few torch ops on
+    one image at a time, far too small to split: on the forward pass's threads every op waits for all of them
+    (measured on a busy 2-core CPU: the eval transform took 2-25x its one-thread time), and its tensors are
+    the same on any number of threads. A thread of its own rather than switching this thread's count per
+    batch: ``torch.set_num_threads`` also empties PyTorch's cache of oneDNN convolutions, which the next
+    forward pass would then rebuild."""
+    if workers > 0:
+        yield DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_image_files,
+                         prefetch_factor=4, persistent_workers=False, pin_memory=pin_memory)
+        return
+    # torch's thread count is per thread once a thread has used it; the call fixes this thread's before the
+    # decode thread's set_num_threads(1) changes the default that new threads start with (restored below).
+    threads = torch.get_num_threads()
+
+    def decode(batch: list[int]) -> tuple:
+        idx, digests, images, bad = collate_image_files([dataset[i] for i in batch])
+        return idx, digests, images.pin_memory() if pin_memory and images is not None else images, bad
+
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="decode", initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            yield (pool.submit(decode, batch).result() for batch in batches)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _commit(shards: dict[int, ShardWriter], values: dict[int, list[tuple[str, bytes]]], finish: list[int]) -> None:

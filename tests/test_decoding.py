@@ -369,3 +369,35 @@ def test_modes_are_data_and_generate_dispatches():
     assert generate(dec, feats, "consistent") == beam_search(dec, feats, beam_size=5, max_length=20)
     res = generate(dec, feats, DecodingOptions(method="greedy", max_length=6))
     assert [len(r) for r in res] == [1, 1]
+
+
+# --------------------------------------------------------------------------- under bf16 autocast (scst, evaluate)
+_AUTOCAST_SIZES = {
+    "show_tell": {"embed_dim": 16, "hidden_dim": 32},
+    "show_attend_tell": {"embed_dim": 16, "hidden_dim": 32, "attention_dim": 16, "visual_dim": 16},
+    "transformer": {"d_model": 32, "num_layers": 2, "num_heads": 4},
+    "gpt2": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 16},
+    "perceiver_gpt2": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 16, "num_latents": 4,
+                       "resampler_depth": 1},
+}
+
+
+@pytest.mark.parametrize("family", sorted(_AUTOCAST_SIZES))
+def test_every_search_runs_under_bf16_autocast_and_batched_equals_one_at_a_time(family):
+    """scst samples and evaluate decodes under autocast, where the per-image state and each step's new keys and
+    values can have different dtypes: every search must run there, and batching must not change a caption."""
+    from pipeline.models.decoders import DECODERS, create_decoder
+
+    assert set(_AUTOCAST_SIZES) == set(DECODERS)
+    torch.manual_seed(0)
+    dec = create_decoder(family, feature_dim=24, vocab_size=30, pad_id=0, bos_id=1, eos_id=2,
+                         **_AUTOCAST_SIZES[family]).eval()
+    feats = torch.randn(4, 6, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batched = beam_search(dec, feats, beam_size=3, max_length=8)
+        single = [beam_search(dec, feats[i : i + 1], beam_size=3, max_length=8)[0] for i in range(4)]
+        samples = sample(dec, feats, num_samples=3, max_length=8)
+        greedy_caps = greedy(dec, feats, max_length=8)
+    assert [b[0].tokens for b in batched] == [s[0].tokens for s in single]
+    assert len(samples) == 4 and all(len(s) == 3 for s in samples)
+    assert len(greedy_caps) == 4

@@ -144,11 +144,15 @@ def append_kv(past: KV, rows: Optional[torch.Tensor], new: KV) -> KV:
     out = []
     for cached, added in zip(past, new):
         t = cached.shape[0]
-        grown = added.new_empty((t + 1, added.shape[0], added.shape[1], added.shape[3]))
+        # the dtype torch.cat would give (under autocast the cache and the new position can differ: bf16 / fp32)
+        dtype = torch.promote_types(cached.dtype, added.dtype)
+        grown = added.new_empty((t + 1, added.shape[0], added.shape[1], added.shape[3]), dtype=dtype)
         if rows is None:
             grown[:t].copy_(cached)
-        else:
+        elif cached.dtype == dtype:
             torch.index_select(cached, 1, rows, out=grown[:t])
+        else:
+            grown[:t].copy_(cached.index_select(1, rows))
         grown[t].copy_(added[:, :, 0])
         out.append(grown)
     return out[0], out[1]

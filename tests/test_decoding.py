@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from bench.beam_search import TINY_SIZES
 from pipeline.decoding import (
     CAPTION_MODES,
     DecodingOptions,
@@ -372,26 +373,16 @@ def test_modes_are_data_and_generate_dispatches():
 
 
 # --------------------------------------------------------------------------- under bf16 autocast (scst, evaluate)
-_AUTOCAST_SIZES = {
-    "show_tell": {"embed_dim": 16, "hidden_dim": 32},
-    "show_attend_tell": {"embed_dim": 16, "hidden_dim": 32, "attention_dim": 16, "visual_dim": 16},
-    "transformer": {"d_model": 32, "num_layers": 2, "num_heads": 4},
-    "gpt2": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 16},
-    "perceiver_gpt2": {"n_layer": 2, "n_head": 4, "n_embd": 32, "n_positions": 16, "num_latents": 4,
-                       "resampler_depth": 1},
-}
-
-
-@pytest.mark.parametrize("family", sorted(_AUTOCAST_SIZES))
+@pytest.mark.parametrize("family", sorted(TINY_SIZES))
 def test_every_search_runs_under_bf16_autocast_and_batched_equals_one_at_a_time(family):
     """scst samples and evaluate decodes under autocast, where the per-image state and each step's new keys and
     values can have different dtypes: every search must run there, and batching must not change a caption."""
     from pipeline.models.decoders import DECODERS, create_decoder
 
-    assert set(_AUTOCAST_SIZES) == set(DECODERS)
+    assert set(TINY_SIZES) == set(DECODERS)
     torch.manual_seed(0)
     dec = create_decoder(family, feature_dim=24, vocab_size=30, pad_id=0, bos_id=1, eos_id=2,
-                         **_AUTOCAST_SIZES[family]).eval()
+                         **TINY_SIZES[family]).eval()
     feats = torch.randn(4, 6, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         batched = beam_search(dec, feats, beam_size=3, max_length=8)

@@ -56,7 +56,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from . import DecoderConfig, DecoderConfigError
-from .base import CaptionDecoder, DecoderOutput, RowImages, StepOutput, reorder_per_image
+from .base import (
+    CaptionDecoder, DecoderOutput, StepOutput, cached_attention_state, reorder_cached_attention_state,
+)
 from .layers import TokenLayout, append_kv, attend_per_image, attention_weights
 
 SIZE_OPTIONS = ("n_layer", "n_head", "n_embd", "n_positions")
@@ -219,15 +221,10 @@ class GPT2CaptionDecoder(CaptionDecoder):
             attn = block.crossattention
             k, v = attn.c_attn(encoder).split(attn.split_size, dim=2)
             cross_kv.append((self._heads(k, attn.head_dim).contiguous(), self._heads(v, attn.head_dim).contiguous()))
-        empty = encoder.new_empty((0, *cross_kv[0][0].shape[:2], cross_kv[0][0].shape[3]))  # (0, B, heads, hd)
-        return {"cross_kv": cross_kv, "rows": RowImages(), "self_kv": [(empty, empty) for _ in cross_kv],
-                "self_rows": None}
+        return cached_attention_state("cross_kv", cross_kv, encoder)
 
     def reorder_state(self, state: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-        rows, cross_kv = reorder_per_image(state["rows"], state["cross_kv"], index)
-        pending = state["self_rows"]
-        return {"cross_kv": cross_kv, "rows": rows, "self_kv": state["self_kv"],
-                "self_rows": index if pending is None else pending.index_select(0, index)}
+        return reorder_cached_attention_state(state, index, "cross_kv")
 
     def step(self, tokens: torch.Tensor, state: dict[str, Any], *, return_attention: bool = False) -> StepOutput:
         position = state["self_kv"][0][0].shape[0]

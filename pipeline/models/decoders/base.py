@@ -151,6 +151,28 @@ def reorder_per_image(rows: RowImages, per_image: Any, index: torch.Tensor) -> t
     return RowImages(), per_image
 
 
+def cached_attention_state(per_image_key: str, per_image_kv: list, like: torch.Tensor) -> dict[str, Any]:
+    """The start of an attention decoder's incremental state: each layer's cross-attention keys/values once per
+    image under ``per_image_key`` (``(I, heads, N, head_dim)`` pairs), ``rows`` (:class:`RowImages`), an empty
+    time-major self-attention cache per layer (``self_kv``, see :func:`.layers.append_kv`) and ``self_rows``
+    (None: no reordering pending). The empty cache has ``like``'s dtype (the attended tokens'), which the first
+    step's :func:`.layers.append_kv` promotes with its own."""
+    k = per_image_kv[0][0]
+    empty = like.new_empty((0, *k.shape[:2], k.shape[3]))  # (0, B, heads, hd)
+    return {per_image_key: per_image_kv, "rows": RowImages(), "self_kv": [(empty, empty) for _ in per_image_kv],
+            "self_rows": None}
+
+
+def reorder_cached_attention_state(state: dict[str, Any], index: torch.Tensor, per_image_key: str) -> dict[str, Any]:
+    """``reorder_state`` of a :func:`cached_attention_state`: copies nothing per row; the per-image tensors follow
+    :func:`reorder_per_image`, and the row index is composed into ``self_rows``, which the next step applies as it
+    extends ``self_kv``."""
+    rows, per_image = reorder_per_image(state["rows"], state[per_image_key], index)
+    pending = state["self_rows"]
+    return {per_image_key: per_image, "rows": rows, "self_kv": state["self_kv"],
+            "self_rows": index if pending is None else pending.index_select(0, index)}
+
+
 def _batch(state: Any) -> int:
     """The batch size of the first tensor in a nested state (-1 without one)."""
     if torch.is_tensor(state):

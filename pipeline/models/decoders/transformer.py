@@ -42,7 +42,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from . import DecoderConfig, register_decoder
-from .base import CaptionDecoder, DecoderOutput, RowImages, StepOutput, WordEmbeddings, reorder_per_image
+from .base import (
+    CaptionDecoder, DecoderOutput, RowImages, StepOutput, WordEmbeddings, cached_attention_state,
+    reorder_cached_attention_state,
+)
 from .layers import KV, MLP, Attention, TokenLayout, VisualEncoder, append_kv
 
 
@@ -192,15 +195,10 @@ class TransformerDecoder(CaptionDecoder):
     def init_state(self, features: torch.Tensor) -> dict[str, Any]:
         memory = self.visual(features)
         memory_kv = [block.cross_attn.keys_values(memory) for block in self.blocks]
-        empty = memory.new_empty((0, *memory_kv[0][0].shape[:2], memory_kv[0][0].shape[3]))  # (0, B, heads, hd)
-        return {"memory_kv": memory_kv, "rows": RowImages(), "self_kv": [(empty, empty) for _ in self.blocks],
-                "self_rows": None}
+        return cached_attention_state("memory_kv", memory_kv, memory)
 
     def reorder_state(self, state: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-        rows, memory_kv = reorder_per_image(state["rows"], state["memory_kv"], index)
-        pending = state["self_rows"]
-        return {"memory_kv": memory_kv, "rows": rows, "self_kv": state["self_kv"],
-                "self_rows": index if pending is None else pending.index_select(0, index)}
+        return reorder_cached_attention_state(state, index, "memory_kv")
 
     def step(self, tokens: torch.Tensor, state: dict[str, Any], *, return_attention: bool = False) -> StepOutput:
         position = state["self_kv"][0][0].shape[0]

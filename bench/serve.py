@@ -20,10 +20,16 @@ request count and time.
 * **Hostile**: ``--hostile-requests`` (400) from 8 clients, in equal parts: wide and tall strips
   (16000x1, 1x16000 PNGs of ~130 bytes, accepted: the server runs with ``--max-aspect-ratio 100000`` so
   that they take the trimmed preprocessing path rather than the header check), decompression bombs (a
-  header declaring 3.6 G pixels; a 44 KB zlib bomb of 45 M pixels, over the server's pixel limit) and
-  malformed bodies (deeply nested JSON, garbage multipart, a truncated PNG), while a prober asks for
-  ``/health`` every 20 ms. Reported: the server's peak RSS (sampled every 10 ms) and its growth over the
-  run (target < 100 MB), ``/health`` p50/p99/max (target p99 < 100 ms), zero 5xx.
+  header declaring 3.6 G pixels; a 44 KB zlib bomb of 45 M pixels, over the server's pixel limit),
+  malformed bodies (deeply nested JSON, garbage multipart, a truncated PNG) and DNS-rebinding requests (a
+  valid image sent with ``Host: evil.example`` and that origin: 421), while ``--slow-clients`` (12)
+  connections each declare a 100-byte body, send 10 bytes and stall (the server runs with
+  ``--body-timeout`` 5 s: each is cut with a 408, then reconnects; its 16 upload slots are never all
+  taken) and a prober asks for ``/health`` every 20 ms. Reported: the server's peak RSS (sampled every
+  10 ms) and its growth over the run (target < 100 MB), ``/health`` p50/p99/max (target p99 < 100 ms),
+  the slow clients' answers, zero 5xx.
+
+``--phases`` runs some of them only (e.g. ``--phases hostile``).
 
 The model is ``--model``, else the first trained bundle under ``models/*/bundle``, else a random-weight
 stand-in shaped like the bundles ``dvc repro`` trains (params.yaml: EfficientNet-Lite0 with the packaged
@@ -38,6 +44,7 @@ thread, so batching speeds up only the decoder. ``--quick`` uses timm's tiny
 
     python -m bench.serve            # defaults: 100 latency requests, 2 x 15 s per client count, 5,000 mixed
     python -m bench.serve --quick    # smoke run
+    python -m bench.serve --phases hostile   # the hostile run alone
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import socket
 import statistics
 import struct
 import subprocess
@@ -67,9 +75,11 @@ EXPECTED = {"valid": 200, "bad_base64": 400, "not_an_image": 422, "oversized": 4
 SERVER_LIMIT = 1024 * 1024  # the server's --max-request-bytes here; oversized bodies are 1.25x this
 SERVER_MAX_ASPECT_RATIO = 100_000  # high enough that the hostile strips are accepted (and trimmed)
 HOSTILE_KINDS = ("wide_strip", "tall_strip", "bomb_header", "zlib_bomb", "nested_json", "garbage_multipart",
-                 "truncated_png")
+                 "truncated_png", "rebinding")
 HOSTILE_EXPECTED = {"wide_strip": 200, "tall_strip": 200, "bomb_header": 422, "zlib_bomb": 422, "nested_json": 400,
-                    "garbage_multipart": 400, "truncated_png": 422}
+                    "garbage_multipart": 400, "truncated_png": 422, "rebinding": 421}
+SLOW_BODY_EXPECTED = (408, 503)  # cut at the body timeout; or no upload slot freed in time
+PHASES = ("latency", "throughput", "hostile", "mixed")
 TARGET_HOSTILE_GROWTH_MB = 100.0
 TARGET_HEALTH_P99_MS = 100.0
 CAPTION_WORDS = 16  # captions of the random stand-in model (synthetic captions run 5 to 15 words)
@@ -88,6 +98,10 @@ def _parser():
     p.add_argument("--mixed-seconds", type=float, default=900.0, help="time limit of the mixed run")
     p.add_argument("--hostile-requests", type=int, default=400)
     p.add_argument("--hostile-seconds", type=float, default=600.0, help="time limit of the hostile run")
+    p.add_argument("--slow-clients", type=int, default=12,
+                   help="slow-body connections open at once during the hostile run (the server has 16 upload slots)")
+    p.add_argument("--body-timeout", type=float, default=5.0, help="the server's --body-timeout, seconds")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated phases to run ({', '.join(PHASES)})")
     p.add_argument("--threads", type=int, default=0, help="torch threads, server and in-process (0: half the cores)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -197,9 +211,11 @@ def _png(width: int, height: int, color_type: int = 2, idat: Optional[bytes] = N
     return b"\x89PNG\r\n\x1a\n" + head + (_png_chunk(b"IDAT", idat) if idat else b"") + _png_chunk(b"IEND", b"")
 
 
-def hostile_bodies() -> dict[str, dict[str, Any]]:
-    """httpx keyword arguments of each hostile kind (built once: the zlib bomb takes a moment)."""
+def hostile_bodies(port: int) -> dict[str, dict[str, Any]]:
+    """httpx keyword arguments of each hostile kind (built once: the zlib bomb takes a moment); ``port``: the
+    server's, which a rebinding page's requests name with the page's host."""
     valid = _png(64, 48)
+    rebound = f"evil.example:{port}"
     return {
         "wide_strip": {"content": _png(16_000, 1), "headers": {"content-type": "image/png"}},
         "tall_strip": {"files": {"image": ("tall.png", _png(1, 16_000), "image/png")}},
@@ -209,7 +225,25 @@ def hostile_bodies() -> dict[str, dict[str, Any]]:
         "garbage_multipart": {"content": os.urandom(300_000),
                               "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
         "truncated_png": {"content": valid[: len(valid) // 2], "headers": {"content-type": "image/png"}},
+        "rebinding": {"content": valid, "headers": {"content-type": "image/png", "host": rebound,
+                                                    "origin": f"http://{rebound}"}},
     }
+
+
+def slow_upload(port: int, timeout: float = 120.0) -> int:
+    """One slow client: a request declaring a 100-byte body that sends 10 bytes and stalls; the status of the
+    server's answer (-1: none, or the connection failed)."""
+    head = (f"POST /caption HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/png\r\n"
+            "Content-Length: 100\r\n\r\n").encode("ascii")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(head + b"\x89PNG\r\n\x1a\n\0\0")
+            data = b""
+            while b"\r\n" not in data and (chunk := sock.recv(4096)):
+                data += chunk
+        return int(data.split()[1]) if data.startswith(b"HTTP/") else -1
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 # --------------------------------------------------------------------------- the server
@@ -227,6 +261,7 @@ def start_server(bundle: Path, log_path: Path, args, timeout: float = 180.0) -> 
     port = free_port()
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(bundle), "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(args.threads), "--max-request-bytes", str(SERVER_LIMIT),
+           "--body-timeout", str(args.body_timeout),
            "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
            "--model-workers", str(args.model_workers), "--max-aspect-ratio", str(SERVER_MAX_ASPECT_RATIO)
            ] + ([] if args.fp32 else ["--amp", "--channels-last"])
@@ -375,13 +410,16 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def hostile_run(base: str, pid: int, clients: int, n: int, seconds: float) -> dict[str, Any]:
-    """``n`` hostile requests from ``clients`` clients while a prober asks for /health every 20 ms and the
-    server's RSS is sampled every 10 ms."""
+def hostile_run(base: str, pid: int, clients: int, n: int, seconds: float, slow_clients: int) -> dict[str, Any]:
+    """``n`` hostile requests from ``clients`` clients while ``slow_clients`` slow-body connections stall, a
+    prober asks for /health every 20 ms and the server's RSS is sampled every 10 ms."""
     import httpx
 
-    bodies = hostile_bodies()
+    port = int(base.rsplit(":", 1)[1])
+    bodies = hostile_bodies(port)
     done = threading.Event()
+    slow_statuses: dict[int, int] = {}
+    slow_lock = threading.Lock()
     health_ms: list[float] = []
     health_bad: list[str] = []
     baseline = rss_mb(pid)
@@ -406,11 +444,18 @@ def hostile_run(base: str, pid: int, clients: int, n: int, seconds: float) -> di
                     health_bad.append(str(status))
                 time.sleep(0.02)
 
+    def slow() -> None:
+        while not done.is_set():
+            status = slow_upload(port)
+            with slow_lock:
+                slow_statuses[status] = slow_statuses.get(status, 0) + 1
+
     def request(i: int) -> tuple[str, dict[str, Any]]:
         kind = HOSTILE_KINDS[i % len(HOSTILE_KINDS)]
         return kind, bodies[kind]
 
     watchers = [threading.Thread(target=sample, daemon=True), threading.Thread(target=probe, daemon=True)]
+    watchers += [threading.Thread(target=slow, daemon=True) for _ in range(slow_clients)]
     for w in watchers:
         w.start()
     try:
@@ -418,13 +463,15 @@ def hostile_run(base: str, pid: int, clients: int, n: int, seconds: float) -> di
     finally:
         done.set()
         for w in watchers:
-            w.join(10)
+            w.join(130)
     run.update({
         "rss_before_mb": round(baseline, 1), "rss_peak_mb": round(peak["mb"], 1),
         "rss_growth_mb": round(peak["mb"] - baseline, 1), "rss_high_water_mb": round(rss_mb(pid, "VmHWM"), 1),
         "health_probes": len(health_ms), "health_failures": health_bad[:20],
         "health_p50_ms": round(percentile(health_ms, 0.5), 3), "health_p99_ms": round(percentile(health_ms, 0.99), 3),
         "health_max_ms": round(max(health_ms), 3) if health_ms else None,
+        "slow_clients": slow_clients, "slow_answers": {str(k): v for k, v in sorted(slow_statuses.items())},
+        "slow_unexpected": sum(v for k, v in slow_statuses.items() if k not in SLOW_BODY_EXPECTED),
     })
     run["five_xx"] = _five_xx(run)
     run["unexpected"] = _errors(run, HOSTILE_EXPECTED)
@@ -447,10 +494,15 @@ def _five_xx(run: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
+    phases = [ph.strip() for ph in args.phases.split(",") if ph.strip()]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown or not phases:
+        raise SystemExit(f"--phases: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(PHASES)}")
     if args.quick:
         args.latency_requests, args.seconds, args.rounds = 6, 1.5, 1
         args.mixed_requests, args.mixed_seconds = 60, 60.0
         args.hostile_requests, args.hostile_seconds = 42, 60.0
+        args.slow_clients, args.body_timeout = 4, 2.0
     import httpx
 
     from pipeline.decoding import CAPTION_MODES
@@ -462,6 +514,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     before = loadavg()
     work, tmp = work_folder(args.work_dir, "bench-serve-")
     proc = None
+    latency = hostile = mixed = throughput = None
     try:
         bundle = args.model or (None if args.quick else find_trained_bundle())
         model_note = "trained bundle" if bundle else "random weights (benchmark stand-in)"
@@ -475,36 +528,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"[serve] starting the server on {bundle} ({model['decoder']} on {model['backbone']})")
         proc, base = start_server(bundle, work / "server.log", args)
 
-        log(f"[serve] latency: {args.latency_requests} requests, HTTP vs in-process")
-        latency = measure_latency(base, engine, images, args.latency_requests)
+        if "latency" in phases:
+            log(f"[serve] latency: {args.latency_requests} requests, HTTP vs in-process")
+            latency = measure_latency(base, engine, images, args.latency_requests)
         del engine
 
-        log(f"[serve] throughput: 1 vs {args.clients} clients, {args.seconds:.0f} s each, {args.rounds} round(s)")
-        valid = lambda i: ("valid", request_for("valid", images, i, ["consistent"]))  # noqa: E731
-        rounds = []
-        for r in range(args.rounds):
-            order = (1, args.clients) if r % 2 == 0 else (args.clients, 1)
-            rounds.append({c: closed_loop(base, c, args.seconds, args.max_requests, valid) for c in order})
-        one = [rd[1] for rd in rounds]
-        many = [rd[args.clients] for rd in rounds]
-        ratio = statistics.median(m["requests_per_s"] / o["requests_per_s"] for o, m in zip(one, many))
-        load_errors = sum(_errors(x, EXPECTED) for x in one + many)
+        if "throughput" in phases:
+            log(f"[serve] throughput: 1 vs {args.clients} clients, {args.seconds:.0f} s each, {args.rounds} round(s)")
+            throughput = throughput_runs(base, args, images)
 
-        log(f"[serve] hostile: {args.hostile_requests} requests (strips, bombs, malformed), {args.clients} clients, "
-            "with /health probes")
-        hostile = hostile_run(base, proc.pid, args.clients, args.hostile_requests, args.hostile_seconds)
+        if "hostile" in phases:
+            log(f"[serve] hostile: {args.hostile_requests} requests (strips, bombs, malformed, rebinding), "
+                f"{args.clients} clients, {args.slow_clients} slow-body clients, with /health probes")
+            hostile = hostile_run(base, proc.pid, args.clients, args.hostile_requests, args.hostile_seconds,
+                                  args.slow_clients)
 
-        log(f"[serve] mixed: {args.mixed_requests} requests, {args.malformed:.0%} malformed, {args.clients} clients")
-        kinds = _mixed_kinds(args.mixed_requests, args.malformed, args.seed)
-        modes = list(CAPTION_MODES)
-        mixed = closed_loop(base, args.clients, args.mixed_seconds, args.mixed_requests,
-                            lambda i: (kinds[i], request_for(kinds[i], images, i, modes)))
+        if "mixed" in phases:
+            log(f"[serve] mixed: {args.mixed_requests} requests, {args.malformed:.0%} malformed, {args.clients} "
+                "clients")
+            kinds = _mixed_kinds(args.mixed_requests, args.malformed, args.seed)
+            modes = list(CAPTION_MODES)
+            mixed = closed_loop(base, args.clients, args.mixed_seconds, args.mixed_requests,
+                                lambda i: (kinds[i], request_for(kinds[i], images, i, modes)))
         health = httpx.get(base + "/health", timeout=30)
         after_caption = httpx.post(base + "/caption", files={"image": ("x.jpg", images[0], "image/jpeg")}, timeout=60)
-        mixed["healthy_after"] = health.status_code == 200 and after_caption.status_code == 200
-        mixed["five_xx"] = _five_xx(mixed)
-        mixed["unexpected"] = _errors(mixed, EXPECTED)
-        mixed["complete"] = mixed["requests"] == args.mixed_requests
+        if mixed is not None:
+            mixed["healthy_after"] = health.status_code == 200 and after_caption.status_code == 200
+            mixed["five_xx"] = _five_xx(mixed)
+            mixed["unexpected"] = _errors(mixed, EXPECTED)
+            mixed["complete"] = mixed["requests"] == args.mixed_requests
         batching = health.json()["batching"] if health.status_code == 200 else {}
         model["model_workers"] = batching.get("model_workers")
     finally:
@@ -514,71 +566,116 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tmp.cleanup()
     after = loadavg()
 
-    rps1 = statistics.median(o["requests_per_s"] for o in one)
-    rpsn = statistics.median(m["requests_per_s"] for m in many)
-    malformed = sum(n for k, v in mixed["statuses"].items() if k != "valid" for n in v.values())
-    rows = [
-        ["single request p50, in-process (ms)", latency["in_process"]["p50_ms"], ""],
-        ["single request p50, HTTP (ms)", latency["http"]["p50_ms"], ""],
-        ["p50 HTTP / in-process", latency["ratio_p50"], f"<= {TARGET_LATENCY_RATIO}"],
-        ["single request p95, in-process (ms)", latency["in_process"]["p95_ms"], ""],
-        ["single request p95, HTTP (ms)", latency["http"]["p95_ms"], ""],
-        ["p95 HTTP / in-process", latency["ratio_p95"], ""],
-        ["throughput, 1 client (captions/s)", rps1, ""],
-        [f"throughput, {args.clients} clients (captions/s)", rpsn, ""],
-        [f"{args.clients} clients / 1 client", round(ratio, 3), f">= {TARGET_THROUGHPUT_RATIO}"],
-        [f"mean batch size at {args.clients} clients", statistics.median(m["mean_batch_size"] or 0 for m in many), ""],
-        ["errors in the throughput runs", load_errors, "0"],
-        ["mixed run: requests (malformed)", f"{mixed['requests']:,} ({malformed:,})", f"{args.mixed_requests:,}"],
-        ["mixed run: 5xx answers", mixed["five_xx"], "0"],
-        ["mixed run: other unexpected answers", mixed["unexpected"], "0"],
-        ["mixed run: healthy and captioning after", "yes" if mixed["healthy_after"] else "NO", "yes"],
-        [f"hostile run: requests ({', '.join(HOSTILE_KINDS)})", f"{hostile['requests']:,}",
-         f"{args.hostile_requests:,}"],
-        ["hostile run: server RSS before / peak (MB)", f"{hostile['rss_before_mb']:,} / {hostile['rss_peak_mb']:,}",
-         ""],
-        ["hostile run: server RSS growth (MB)", hostile["rss_growth_mb"], f"< {TARGET_HOSTILE_GROWTH_MB:g}"],
-        ["hostile run: /health p50 / p99 / max (ms)",
-         f"{hostile['health_p50_ms']} / {hostile['health_p99_ms']} / {hostile['health_max_ms']}",
-         f"p99 < {TARGET_HEALTH_P99_MS:g}"],
-        ["hostile run: 5xx / other unexpected answers", f"{hostile['five_xx']} / {hostile['unexpected']}", "0 / 0"],
-    ]
+    rows = []
+    if latency is not None:
+        rows += [
+            ["single request p50, in-process (ms)", latency["in_process"]["p50_ms"], ""],
+            ["single request p50, HTTP (ms)", latency["http"]["p50_ms"], ""],
+            ["p50 HTTP / in-process", latency["ratio_p50"], f"<= {TARGET_LATENCY_RATIO}"],
+            ["single request p95, in-process (ms)", latency["in_process"]["p95_ms"], ""],
+            ["single request p95, HTTP (ms)", latency["http"]["p95_ms"], ""],
+            ["p95 HTTP / in-process", latency["ratio_p95"], ""],
+        ]
+    if throughput is not None:
+        rows += [
+            ["throughput, 1 client (captions/s)", throughput["rps_one"], ""],
+            [f"throughput, {args.clients} clients (captions/s)", throughput["rps_many"], ""],
+            [f"{args.clients} clients / 1 client", throughput["ratio"], f">= {TARGET_THROUGHPUT_RATIO}"],
+            [f"mean batch size at {args.clients} clients", throughput["mean_batch_size"], ""],
+            ["errors in the throughput runs", throughput["errors"], "0"],
+        ]
+    if mixed is not None:
+        malformed = sum(n for k, v in mixed["statuses"].items() if k != "valid" for n in v.values())
+        rows += [
+            ["mixed run: requests (malformed)", f"{mixed['requests']:,} ({malformed:,})", f"{args.mixed_requests:,}"],
+            ["mixed run: 5xx answers", mixed["five_xx"], "0"],
+            ["mixed run: other unexpected answers", mixed["unexpected"], "0"],
+            ["mixed run: healthy and captioning after", "yes" if mixed["healthy_after"] else "NO", "yes"],
+        ]
+    if hostile is not None:
+        rows += [
+            [f"hostile run: requests ({', '.join(HOSTILE_KINDS)})", f"{hostile['requests']:,}",
+             f"{args.hostile_requests:,}"],
+            ["hostile run: rebinding requests answered 421", f"{hostile['statuses'].get('rebinding', {}).get('421', 0)}"
+             f" of {sum(hostile['statuses'].get('rebinding', {}).values())}", "all"],
+            [f"hostile run: slow-body clients ({hostile['slow_clients']} at once): answers by status",
+             ", ".join(f"{k}: {v}" for k, v in hostile["slow_answers"].items()) or "none",
+             " / ".join(map(str, SLOW_BODY_EXPECTED))],
+            ["hostile run: server RSS before / peak (MB)", f"{hostile['rss_before_mb']:,} / {hostile['rss_peak_mb']:,}",
+             ""],
+            ["hostile run: server RSS growth (MB)", hostile["rss_growth_mb"], f"< {TARGET_HOSTILE_GROWTH_MB:g}"],
+            ["hostile run: /health p50 / p99 / max (ms)",
+             f"{hostile['health_p50_ms']} / {hostile['health_p99_ms']} / {hostile['health_max_ms']}",
+             f"p99 < {TARGET_HEALTH_P99_MS:g}"],
+            ["hostile run: 5xx / other unexpected answers",
+             f"{hostile['five_xx']} / {hostile['unexpected'] + hostile['slow_unexpected']}", "0 / 0"],
+        ]
     table = markdown_table(["measurement", "value", "target"], rows)
+    throughput_note = (f" Throughput: medians of {args.rounds} round(s) of {args.seconds:g} s per client count."
+                       if throughput is not None else "")
     caption = (
         f"`pipeline serve` ({model['decoder']} on {model['backbone']} at {model['input_size'][-1]} px, "
         f"{model['weights']}; {'fp32' if args.fp32 else 'bf16 autocast, channels_last'}; max batch {args.max_batch_size}, wait window {args.max_wait_ms:g} ms, "
         f"{model.get('model_workers')} model worker(s); {info.get('torch_threads')} torch thread(s) per model call "
-        f"in the server and in-process) in a subprocess on 127.0.0.1, "
-        f"httpx clients in this process; 224 px JPEG uploads, mode consistent (the mixed run: all modes and "
-        f"request shapes; the hostile run: strips, bombs and malformed bodies, the server's --max-aspect-ratio "
+        f"in the server and in-process; body timeout {args.body_timeout:g} s) in a subprocess on 127.0.0.1, "
+        f"httpx clients in this process; phases: {', '.join(phases)}; 224 px JPEG uploads, mode consistent (the "
+        f"mixed run: all modes and request shapes; the hostile run: strips, bombs, malformed bodies and DNS-rebinding "
+        f"requests while {args.slow_clients} slow-body clients stall, the server's --max-aspect-ratio "
         f"raised to {SERVER_MAX_ASPECT_RATIO:,} so that the strips are accepted and trimmed, RSS sampled every "
-        f"10 ms). Throughput: medians of {args.rounds} round(s) of {args.seconds:g} s per client count"
-        f"{' (QUICK smoke run: not a measurement)' if args.quick else ''}. {info.get('processor')}, "
+        f"10 ms).{throughput_note}{' (QUICK smoke run: not a measurement)' if args.quick else ''} "
+        f"{info.get('processor')}, "
         f"{info.get('cpus_usable')} cores. {load_note(before, after, info.get('cpus_usable'))}"
     )
     markdown = f"### Serving\n\n{table}\n\n{caption}\n"
     print(markdown, flush=True)
+    ratios, targets = {}, {}
+    if latency is not None:
+        ratios.update(latency_p50_http_vs_in_process=latency["ratio_p50"],
+                      latency_p95_http_vs_in_process=latency["ratio_p95"])
+        targets["latency_p50_ratio_max"] = TARGET_LATENCY_RATIO
+    if throughput is not None:
+        ratios[f"throughput_{args.clients}_vs_1_clients"] = throughput["ratio"]
+        targets["throughput_ratio_min"] = TARGET_THROUGHPUT_RATIO
+    if hostile is not None:
+        targets.update(hostile_rss_growth_mb_max=TARGET_HOSTILE_GROWTH_MB, health_p99_ms_max=TARGET_HEALTH_P99_MS)
     data = {
         "benchmark": NAME,
         "quick": args.quick,
+        "phases": phases,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": info,
         "model": model,
         "loadavg_before": before,
         "loadavg_after": after,
         "latency": latency,
-        "throughput": {"one_client": one, "many_clients": many},
+        "throughput": {"one_client": throughput["one"], "many_clients": throughput["many"]} if throughput else None,
         "mixed": mixed,
         "hostile": hostile,
         "server_batching": batching,
-        "ratios": {"latency_p50_http_vs_in_process": latency["ratio_p50"],
-                   "latency_p95_http_vs_in_process": latency["ratio_p95"],
-                   f"throughput_{args.clients}_vs_1_clients": round(ratio, 3)},
-        "targets": {"latency_p50_ratio_max": TARGET_LATENCY_RATIO, "throughput_ratio_min": TARGET_THROUGHPUT_RATIO,
-                    "hostile_rss_growth_mb_max": TARGET_HOSTILE_GROWTH_MB, "health_p99_ms_max": TARGET_HEALTH_P99_MS},
+        "ratios": ratios,
+        "targets": targets,
         "markdown": markdown,
     }
     return publish(args.results_dir, NAME, data)
+
+
+def throughput_runs(base: str, args, images: list[bytes]) -> dict[str, Any]:
+    """1 client vs ``args.clients`` closed-loop clients of valid requests, alternating over ``args.rounds``."""
+    valid = lambda i: ("valid", request_for("valid", images, i, ["consistent"]))  # noqa: E731
+    rounds = []
+    for r in range(args.rounds):
+        order = (1, args.clients) if r % 2 == 0 else (args.clients, 1)
+        rounds.append({c: closed_loop(base, c, args.seconds, args.max_requests, valid) for c in order})
+    one = [rd[1] for rd in rounds]
+    many = [rd[args.clients] for rd in rounds]
+    return {
+        "one": one, "many": many,
+        "rps_one": statistics.median(o["requests_per_s"] for o in one),
+        "rps_many": statistics.median(m["requests_per_s"] for m in many),
+        "ratio": round(statistics.median(m["requests_per_s"] / o["requests_per_s"] for o, m in zip(one, many)), 3),
+        "mean_batch_size": statistics.median(m["mean_batch_size"] or 0 for m in many),
+        "errors": sum(_errors(x, EXPECTED) for x in one + many),
+    }
 
 
 def _mixed_kinds(n: int, malformed: float, seed: int) -> list[str]:

@@ -26,6 +26,7 @@ import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -40,6 +41,9 @@ from pipeline.data.manifest import (
 )
 from pipeline.errors import UserError
 from pipeline.files import write_json, write_jsonl
+
+if TYPE_CHECKING:
+    from pipeline.data.importers import ImportLimits
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +87,26 @@ def _import_synthetic(src: SyntheticSource, out_dir: Path) -> tuple[list[Manifes
     return result.records, result.noisy_records, result.noisy_labels
 
 
-def record_digests(records: list[ManifestRecord], manifest: Path, workers: int, *, pixels: bool = False) -> int:
+def record_digests(records: list[ManifestRecord], manifest: Path, workers: int, *, pixels: bool = False,
+                   limits: Optional[ImportLimits] = None) -> int:
     """Set each record's ``sha256`` (of its image file: later stages check cached features against it) and,
     with ``pixels``, its ``pixels_sha256``, reading and decoding each file once, in ``workers`` threads.
 
     Records an import already hashed (``check_images: full``) are not read again. Returns how many images
     could not be decoded (possible with ``check_images`` header or none); their ``pixels_sha256`` stays None.
+    ``limits`` (:class:`pipeline.data.importers.ImportLimits`, default: the defaults) bound the decoding.
     """
     from pipeline.data.images import ImageDecodeError, image_sha256, read_image_file
-    from pipeline.data.importers import pixels_sha256
+    from pipeline.data.importers import ImportLimits, pixels_sha256
+
+    limits = limits or ImportLimits()
 
     def digests(rec: ManifestRecord) -> tuple[str, str | None]:
         path = resolve_image_path(rec, manifest)
         if not pixels:
             return image_sha256(path), None
         try:
-            digest, img = read_image_file(path)
+            digest, img = read_image_file(path, limits.max_pixels, limits.max_file_bytes)
         except ImageDecodeError as e:
             return e.digest or image_sha256(path), None
         return digest, pixels_sha256(img)
@@ -165,8 +173,10 @@ def _duplicates_summary(groups: list[dict], key: str, undecoded: int) -> dict:
 
 
 def run(cfg: PrepareConfig) -> dict:
-    from pipeline.data.importers import import_source
+    from pipeline.data.importers import ImportLimits, import_source
 
+    limits = ImportLimits(max_file_bytes=cfg.max_file_bytes, max_pixels=cfg.max_pixels,
+                          max_caption_chars=cfg.max_caption_chars)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rejects = RejectsReport()
@@ -181,7 +191,8 @@ def run(cfg: PrepareConfig) -> dict:
             noisy.extend(noisy_part)
             noisy_labels.extend(labels)
         else:
-            records.extend(import_source(src, rejects, check_images=cfg.check_images, workers=cfg.workers))
+            records.extend(import_source(src, rejects, check_images=cfg.check_images, workers=cfg.workers,
+                                         limits=limits))
 
     # Several sources merged: ids are prefixed by source name, so a clash means two sources share a name.
     unique: dict[str, ManifestRecord] = {}
@@ -198,7 +209,8 @@ def run(cfg: PrepareConfig) -> dict:
         raise PrepareError(f"no image imported: {why}; see {out_dir / 'rejects.jsonl'}")
 
     assign_splits(records, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
-    undecoded = record_digests(records, out_dir / "manifest.jsonl", cfg.workers, pixels=cfg.duplicates == "pixels")
+    undecoded = record_digests(records, out_dir / "manifest.jsonl", cfg.workers, pixels=cfg.duplicates == "pixels",
+                               limits=limits)
     record_digests(noisy, out_dir / "manifest.jsonl", cfg.workers)
     groups = keep_duplicates_together(records, cfg.duplicates)
     duplicates = _duplicates_summary(groups, cfg.duplicates, undecoded)

@@ -124,6 +124,10 @@ def test_serve_quick_writes_results(tmp_path, capsys):
     mixed = data["mixed"]  # correctness, not speed: malformed input never gets a 5xx
     assert mixed["complete"] and mixed["five_xx"] == 0 and mixed["unexpected"] == 0 and mixed["healthy_after"]
     assert set(mixed["statuses"]) == {"valid", *serve.MALFORMED_KINDS}
+    hostile = data["hostile"]  # rebinding requests refused, slow bodies cut, nothing else amiss
+    assert set(hostile["statuses"]["rebinding"]) == {"421"}
+    assert hostile["five_xx"] == 0 and hostile["unexpected"] == 0
+    assert hostile["slow_unexpected"] == 0 and sum(hostile["slow_answers"].values()) >= hostile["slow_clients"] > 0
     assert "### Serving" in capsys.readouterr().out
 
 

@@ -60,7 +60,7 @@ def test_extract_help_shows_whole_names_and_defaults():
     for name in ("--max-pixels", "--channels-last / --no-channels-last", "--batch-size", "--num-shards"):
         assert name in text, name
     assert entry(text, "--batch-size").endswith("[default: 32]")
-    assert "[default: 128000000]" in entry(text, "--max-pixels")
+    assert "[default: 40000000]" in entry(text, "--max-pixels")
     assert "[default: no-channels-last]" in entry(text, "--channels-last")
     assert "[default: tf_efficientnet_lite0]" in entry(text, "--backbone")
     assert "[extract] section" in entry(text, "--params")  # not eaten as markup

@@ -1,6 +1,7 @@
 """Untrusted data through the CLI, each case a `pipeline` subprocess: every user mistake is one `error:` line
-(exit 2, no traceback) or a reject with its reason, the good rows are still processed, and nothing is left
-half-written. (tests/test_hostile_inputs.py holds the corpus of options, models and damaged artifacts.)"""
+(exit 2, no traceback) or a reject with its reason, the good rows are still processed, nothing is left
+half-written, and what a hostile file costs is bounded (the peak RSS of the subprocess, from the kernel).
+(tests/test_hostile_inputs.py holds the corpus of options, models and damaged artifacts.)"""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ EXTRACT = ["--backbone", "test_efficientnet", "--image-size", "64", "--num-shard
 class Result:
     exit_code: int
     output: str  # stdout and stderr
+    peak_mb: float = 0.0  # the subprocess's peak resident memory (the kernel's ru_maxrss)
 
 
 @pytest.fixture
@@ -34,9 +38,18 @@ def cli(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def run(*args) -> Result:
-        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
-        return Result(proc.returncode, proc.stdout + proc.stderr)
+        with tempfile.TemporaryFile() as out:
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=tmp_path, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
+            watchdog = threading.Timer(300, proc.kill)
+            watchdog.start()
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's so far
+            finally:
+                watchdog.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            return Result(proc.returncode, out.read().decode(errors="replace"), usage.ru_maxrss / 1024)
 
     return run
 
@@ -133,7 +146,8 @@ def test_paths_outside_the_images_folder_are_rejected_unless_allowed(tmp_path, c
         "annotations": [{"id": i, "image_id": i, "caption": f"caption {i}"} for i in (1, 2, 3)]}))
     opened = []  # every image file the import reads (a full check decodes through read_image_file)
     real_check, real_read = importers.check_image, importers.read_image_file
-    monkeypatch.setattr(importers, "check_image", lambda path, mode: (opened.append(path), real_check(path, mode)))
+    monkeypatch.setattr(importers, "check_image", lambda path, mode, **kw: (opened.append(path),
+                                                                            real_check(path, mode, **kw)))
     monkeypatch.setattr(importers, "read_image_file", lambda path, *a, **k: (opened.append(str(path)),
                                                                              real_read(path, *a, **k))[1])
     table = {"kind": "table", "path": root / "posts.csv"}
@@ -194,6 +208,151 @@ def test_duplicate_and_control_character_captions_are_rejected_with_reasons(tmp_
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["rejects"]["by_reason"] == {"control character": 3, "duplicate caption": 2, "no valid captions": 1}
     assert stats["captions"] == 2
+
+
+def _sparse(path: Path, size: int) -> Path:
+    """A file of ``size`` bytes that takes no disk space (zeros, never written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _flat_png(path: Path, width: int, height: int) -> Path:
+    """A real RGB PNG of ``width`` x ``height`` grey pixels, compressed row by row (a few hundred KB that decode
+    to 3 bytes a pixel) without ever holding the image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" + b"\x80" * (3 * width)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_2gb_file_is_refused_by_its_size_before_it_is_read(tmp_path, cli):
+    root = tmp_path / "src"
+    write_png(root / "a.png", 1)
+    write_png(root / "b.png", 2)
+    _sparse(root / "huge.jpg", 2 * 1024**3)
+    _sparse(root / "big.jpg", 300 * 1024**2)  # under a raised limit: read, through a handle, and refused
+    _flat_png(root / "wide.png", 11_000, 11_000)  # ~370 KB that decode to 121 M pixels (363 MB)
+    table = root / "t.csv"
+    table.write_text("image,caption\na.png,a red square\nhuge.jpg,a huge file\nb.png,a blue circle\n"
+                     "wide.png,a vast grey field\n")
+    result = prepare(cli, tmp_path / "out", {"kind": "table", "path": table})
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert result.peak_mb < 200, result.peak_mb  # reading the file whole cost 2.16 GB
+    assert [r.image_id for r in read_manifest(tmp_path / "out" / "manifest.jsonl")] == ["table/a.png", "table/b.png"]
+    assert {r["id"]: r["reason"] for r in RejectsReport.read(tmp_path / "out" / "rejects.jsonl")} == {
+        "table/huge.jpg": "file too large: 2,147,483,648 bytes > max_file_bytes 52,428,800",
+        "table/wide.png": "image too large: 11000x11000 = 121,000,000 pixels > max_pixels 40,000,000",
+    }
+
+    table.write_text("image,caption\na.png,a red square\nbig.jpg,a big file\n")
+    result = cli("prepare", "--sources", json.dumps([{"kind": "table", "path": str(table)}]), "--out-dir",
+                 tmp_path / "raised", "--workers", 1, "--max-file-bytes", 400 * 1024**2)
+    assert result.exit_code == 0, result.output
+    assert result.peak_mb < 200, result.peak_mb  # 300 MB hashed and its header read, never held
+    assert [r.image_id for r in read_manifest(tmp_path / "raised" / "manifest.jsonl")] == ["table/a.png"]
+    assert [r["reason"] for r in RejectsReport.read(tmp_path / "raised" / "rejects.jsonl")] == [
+        "not an image: unrecognised image format"]
+
+
+def test_extract_refuses_a_2gb_file_by_its_size_and_encodes_the_others(tmp_path, cli):
+    manifest = make_image_manifest(tmp_path / "data", 2)
+    _sparse(tmp_path / "data" / "img" / "huge.jpg", 2 * 1024**3)
+    good = cli("extract", "--manifest", manifest, "--out-dir", tmp_path / "good", *EXTRACT)
+    assert good.exit_code == 0, good.output
+    with open(manifest, "a") as f:
+        f.write(json.dumps({"image_id": "t/huge", "path": "img/huge.jpg", "captions": ["x"], "split": "train",
+                            "source": "t"}) + "\n")
+    result = cli("extract", "--manifest", manifest, "--out-dir", tmp_path / "feat", *EXTRACT)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert result.peak_mb < good.peak_mb + 100, (result.peak_mb, good.peak_mb)  # not + 2 GB
+    rejects = [json.loads(line) for line in (tmp_path / "feat" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"], r["detail"]) for r in rejects] == [
+        ("t/huge", "file too large", "2,147,483,648 bytes > max_file_bytes 52,428,800")]
+    assert json.loads((tmp_path / "feat" / "meta.json").read_text())["records"] == 2
+
+
+def test_a_link_out_of_the_images_folder_is_rejected_like_the_path_it_leads_to(tmp_path, cli_in_process,
+                                                                                monkeypatch):
+    import pipeline.data.importers as importers
+
+    base = tmp_path.resolve()
+    root = base / "src"
+    write_png(root / "inside.jpg", 1)
+    write_png(base / "outside.jpg", 2)
+    (root / "link_outside.jpg").symlink_to("../outside.jpg")
+    (root / "sub").mkdir()
+    (root / "sub" / "link_inside.jpg").symlink_to("../inside.jpg")  # a link that stays inside: fine
+    (base / "elsewhere").mkdir()
+    (root / "linked_folder").symlink_to(base / "elsewhere")
+    write_png(base / "elsewhere" / "far.jpg", 3)
+    (root / "t.csv").write_text("image,caption\ninside.jpg,one\nlink_outside.jpg,two\nsub/link_inside.jpg,three\n"
+                                "../outside.jpg,four\nlinked_folder/far.jpg,five\n")
+    opened = []
+    real_read = importers.read_image_file
+    monkeypatch.setattr(importers, "read_image_file", lambda path, *a, **k: (opened.append(str(path)),
+                                                                             real_read(path, *a, **k))[1])
+    result = prepare(cli_in_process, tmp_path / "out", {"kind": "table", "path": root / "t.csv"})
+    assert result.exit_code == 0, result.output
+    assert [r.image_id for r in read_manifest(tmp_path / "out" / "manifest.jsonl")] == [
+        "table/inside.jpg", "table/sub/link_inside.jpg"]
+    assert sorted(opened) == [str(root / "inside.jpg"), str(root / "sub" / "link_inside.jpg")]
+    hint = "(set allow_outside_paths: true on the source to accept it)"
+    assert sorted((r["id"], r["reason"]) for r in RejectsReport.read(tmp_path / "out" / "rejects.jsonl")) == [
+        (f"table/{base / 'outside.jpg'}", f"path outside the images folder: ../outside.jpg is not inside {root} {hint}"),
+        ("table/link_outside.jpg", f"path outside the images folder: link_outside.jpg is a link to "
+                                   f"{base / 'outside.jpg'}, which is not inside {root} {hint}"),
+        ("table/linked_folder/far.jpg", f"path outside the images folder: linked_folder/far.jpg is a link to "
+                                        f"{base / 'elsewhere' / 'far.jpg'}, which is not inside {root} {hint}"),
+    ]
+
+
+LONG_CAPTION = ("a dog " * 16_667)[:100_000]
+
+
+@pytest.mark.parametrize("caption,reason", [
+    (LONG_CAPTION, "caption too long: 100,000 characters > max_caption_chars 1,000"),
+    ("a cat\u202egod a", "invisible character: caption contains U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+    ("\u2066a cat\u2069 on a mat", "invisible character: caption contains U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+    ("a c\u200bat", "invisible character: caption contains U+200B (ZERO WIDTH SPACE)"),
+    ("a cat\ufeff", "invisible character: caption contains U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
+    ("a cat\U000e0041\U000e0042", "invisible character: caption contains U+E0041 (TAG LATIN CAPITAL LETTER A)"),
+])
+def test_captions_too_long_or_with_invisible_characters_are_rejected_with_the_reason(tmp_path, cli, caption,
+                                                                                        reason):
+    write_png(tmp_path / "a.png", 1)
+    rows = [("a.png", "a cat on a mat"), ("a.png", caption), ("a.png", "a family \U0001F468\u200d\U0001F469 "
+                                                                     "in a park")]
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in rows))
+    result = prepare(cli, tmp_path / "out", {"kind": "table", "path": table})
+    assert result.exit_code == 0, result.output
+    (record,) = read_manifest(tmp_path / "out" / "manifest.jsonl")  # the joiner of an emoji sequence is kept
+    assert record.captions == ["a cat on a mat", "a family \U0001F468\u200d\U0001F469 in a park"]
+    assert [(r.get("line"), r["reason"]) for r in RejectsReport.read(tmp_path / "out" / "rejects.jsonl")] == [
+        (2, reason)]
+
+
+def test_max_caption_chars_is_an_option(tmp_path, cli):
+    write_png(tmp_path / "a.png", 1)
+    (tmp_path / "t.csv").write_text("image,caption\na.png,a cat\na.png,a cat on a mat\n")
+    result = cli("prepare", "--sources", json.dumps([{"kind": "table", "path": str(tmp_path / "t.csv")}]),
+                 "--out-dir", tmp_path / "out", "--max-caption-chars", 10)
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "out" / "manifest.jsonl")[0].captions == ["a cat"]
+    assert [r["reason"] for r in RejectsReport.read(tmp_path / "out" / "rejects.jsonl")] == [
+        "caption too long: 14 characters > max_caption_chars 10"]
 
 
 def test_prepare_with_every_row_rejected_fails_and_writes_the_rejects(tmp_path, cli):
@@ -307,6 +466,29 @@ def test_a_second_training_run_on_one_out_dir_is_refused(tmp_path, cli, stage, o
     (line,) = error_lines(result)
     assert line.startswith(f"error: {out}: another run (pid ") and "is writing it" in line
     assert not out.exists()
+
+
+def test_a_symlinked_out_dir_takes_its_targets_lock(tmp_path, cli):
+    from pipeline.files import OutputLockedError
+
+    real = tmp_path / "models" / "transformer"
+    real.mkdir(parents=True)
+    link = tmp_path / "mine"
+    link.symlink_to(real)
+    assert lock_path(link) == lock_path(real) == real.parent / ".transformer.lock"
+    with output_lock(real):
+        result = cli("train", "--manifest", tmp_path / "missing.jsonl", "--out-dir", link, "--device", "cpu")
+    assert result.exit_code == 2
+    (line,) = error_lines(result)
+    assert line.startswith(f"error: {link}: another run (pid ") and str(lock_path(real)) in line, line
+    holder = hold_lock(link)  # the other way round, across processes
+    try:
+        with pytest.raises(OutputLockedError, match=rf"another run \(pid {holder.pid}\)"):
+            with output_lock(real):
+                pass
+    finally:
+        holder.stdin.close()
+        holder.wait()
 
 
 def test_lock_files_lie_outside_every_dvc_output():

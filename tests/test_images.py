@@ -265,6 +265,103 @@ def test_image_too_large(tmp_path):
     check_image(path, max_pixels=400)
 
 
+def test_a_file_over_max_file_bytes_is_refused_by_its_size_before_it_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as f:
+        f.truncate(3_000_000)  # sparse: nothing written
+    reads = []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: reads.append(a) or pytest.fail("opened"))
+    calls = [lambda: images.read_image_file(path, max_file_bytes=2_000_000),
+             lambda: load_rgb(path, max_file_bytes=2_000_000)]
+    calls += [lambda m=m: check_image(path, mode=m, max_file_bytes=2_000_000) for m in ("full", "header", "none")]
+    for call in calls:
+        with pytest.raises(ImageDecodeError) as e:
+            call()
+        assert (_reason(e), e.value.detail) == ("file too large", "3,000,000 bytes > max_file_bytes 2,000,000")
+        assert e.value.digest is None  # not read, so not hashed
+    assert reads == []
+
+
+def test_read_image_file_streams_the_digest_and_decodes_from_the_handle(tmp_path, monkeypatch):
+    import hashlib
+
+    path = _save(Image.new("RGB", (30, 20), (1, 2, 3)), tmp_path / "ok.png", "PNG")
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read whole"))
+    digest, img = images.read_image_file(path)
+    assert digest == hashlib.sha256(open(path, "rb").read()).hexdigest() and img.size == (30, 20)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ImageDecodeError) as e:
+        images.read_image_file(bad)
+    assert _reason(e) == "not an image" and e.value.digest == hashlib.sha256(b"not an image at all").hexdigest()
+
+
+def test_pils_own_bomb_limit_is_never_the_one_quoted(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # as if a caller in this process had set it
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_header(1500, 1000))  # over PIL's limit, under twice it: PIL only warns
+    check_image(path, mode="header", max_pixels=2_000_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # (the call above raised it to its own limit)
+    path.write_bytes(_png_header(3000, 1000))  # over twice PIL's: PIL raises; the message quotes ours
+    with pytest.raises(ImageDecodeError) as e:
+        check_image(path, mode="header", max_pixels=1_000_000)
+    assert e.value.detail == "3,000,000 pixels > max_pixels 1,000,000", e.value.detail
+
+
+def _gradient_jpeg(path: Path, width: int, height: int) -> Path:
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    arr = np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
+                          np.full((height, width, 1), 90, np.float32)], axis=2).astype(np.uint8)
+    return _save(Image.fromarray(arr), path, "JPEG", quality=90)
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_size_and_a_smaller_one_exactly(tmp_path):
+    big = _gradient_jpeg(tmp_path / "big.jpg", 4400, 4000)  # 17.6 M pixels: over DRAFT_ABOVE_PIXELS
+    img = load_rgb(big)
+    assert img.size == (2200, 2000)  # libjpeg's 1/2 scale
+    with Image.open(big) as full:  # the same picture: the full decode, halved, to a few grey levels
+        ref = np.asarray(full.convert("RGB").resize((2200, 2000), Image.BILINEAR), dtype=np.int16)
+    assert np.abs(np.asarray(img, dtype=np.int16) - ref).mean() < 2.0
+    small = _gradient_jpeg(tmp_path / "small.jpg", 4000, 3000)  # 12 M pixels: decoded as it is
+    with Image.open(small) as full:
+        assert np.array_equal(np.asarray(load_rgb(small)), np.asarray(full.convert("RGB")))
+    strip = _gradient_jpeg(tmp_path / "strip.jpg", 18_000, 1000)  # halving would leave a side under 1024 px
+    assert load_rgb(strip).size == (18_000, 1000)
+
+
+def test_peak_memory_of_an_accepted_image_is_bounded(tmp_path):
+    """The largest PNG the default limit accepts (40 M pixels, a few hundred KB on disk) costs 4 bytes a pixel
+    decoded (PIL's RGB layout), once: no copy of the file's bytes, no second copy of the image."""
+    import struct
+    import subprocess
+    import sys
+    import zlib
+
+    from pipeline.data.images import DEFAULT_MAX_PIXELS
+    from tests.conftest import REPO
+
+    side = int(DEFAULT_MAX_PIXELS ** 0.5)
+    z = zlib.compressobj(1)
+    row = b"\x00" + b"\x80" * (3 * side)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = tmp_path / "at-the-limit.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    code = ("import sys\nfrom pipeline.data.images import read_image_file\n"
+            "def hwm():\n    return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024\n"
+            "before = hwm()\n_, img = read_image_file(sys.argv[1])\nprint(img.size[0] * img.size[1], hwm() - before)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
+                         check=True, env={"PATH": "", "OMP_NUM_THREADS": "1"}).stdout.split()
+    pixels, grew_mb = int(out[0]), float(out[1])
+    assert pixels == side * side <= DEFAULT_MAX_PIXELS
+    assert grew_mb < 4 * pixels / 2**20 + 40, grew_mb  # ~153 MB; a second copy would be ~300 MB
+
+
 def test_check_image_rejects_unknown_mode(tmp_path):
     path = _save(Image.new("RGB", (2, 2)), tmp_path / "x.png", "PNG")
     with pytest.raises(ValueError):

@@ -22,12 +22,14 @@ from pipeline.config import (
 )
 from pipeline.data.importers import (
     AnnotationFileError,
+    ImportLimits,
     import_coco,
     import_flickr8k,
     import_flickr30k,
     import_karpathy,
     import_source,
     import_table,
+    invisible_character,
 )
 from pipeline.data.manifest import ManifestRecord, RejectsReport
 
@@ -756,6 +758,37 @@ def test_check_images_mode_is_passed_on(tmp_path):
     header = RejectsReport()  # a header check does not decode the pixels, so the cut goes unseen
     records = import_source(TableSource(path=table), header, check_images="header")
     assert [r.image_id for r in records] == ["table/half.jpg", "table/ok.jpg"] and len(header) == 0
+
+
+@pytest.mark.parametrize("check", ["full", "header", "none"])
+def test_import_limits_are_passed_on(tmp_path, check):
+    jpeg(tmp_path / "ok.jpg", size=(8, 8))
+    jpeg(tmp_path / "wide.jpg", size=(40, 8))
+    (tmp_path / "big.jpg").write_bytes(b"\xff" * 5000)
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\nok.jpg,short\nok.jpg,a caption of thirty characters\nwide.jpg,x\nbig.jpg,y\n")
+    rejects = RejectsReport()
+    limits = ImportLimits(max_file_bytes=4000, max_pixels=100, max_caption_chars=20)
+    records = import_source(TableSource(path=table), rejects, check_images=check, limits=limits)
+    assert [(r.image_id, r.captions) for r in records] == [("table/ok.jpg", ["short"])] + (
+        [("table/wide.jpg", ["x"])] if check == "none" else [])  # the pixels are read from the header
+    expected = [("caption too long: 30 characters > max_caption_chars 20", 3, "table/ok.jpg"),
+                ("file too large: 5,000 bytes > max_file_bytes 4,000", None, "table/big.jpg")]
+    if check != "none":
+        expected.append(("image too large: 40x8 = 320 pixels > max_pixels 100", None, "table/wide.jpg"))
+    assert [(r.reason, r.line, r.id) for r in rejects.items] == expected
+
+
+@pytest.mark.parametrize("text,found", [
+    ("a plain caption", None), ("un café à Paris", None), ("\u0645\u0631\u062d\u0628\u0627", None),
+    ("\U0001F468\u200d\U0001F469\u200d\U0001F467 family", None),  # joiners of an emoji sequence: kept
+    ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", None),  # Persian with a zero-width non-joiner
+    ("abc\u202edef", "\u202e"), ("\u2066x\u2069", "\u2066"), ("\u2067x", "\u2067"), ("\u2068x", "\u2068"),
+    ("x\u2069", "\u2069"), ("zero\u200bwidth", "\u200b"), ("\u200fmark", "\u200f"), ("bom\ufeff", "\ufeff"),
+    ("soft\u00adhyphen", "\u00ad"), ("word\u2060joiner", "\u2060"), ("tag\U000e0069", "\U000e0069"),
+])
+def test_invisible_characters(text, found):
+    assert invisible_character(text) == found
 
 
 def test_flickr8k_image_in_two_split_lists_and_same_stem(tmp_path):

@@ -26,7 +26,9 @@ from pipeline.errors import ConfigError
 from pipeline.serve.app import create_app, decode_base64
 from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
 from pipeline.serve.engine import CaptionEngine
-from pipeline.serve.settings import SERVE_DEFAULTS, ServeSettings, check_api_key, is_loopback, open_access_warning
+from pipeline.serve.settings import (
+    SERVE_DEFAULTS, ServeSettings, check_allowed_hosts, check_api_key, is_loopback, open_access_warning,
+)
 from tests.helpers_bundle import (  # noqa: F401 - fixtures
     MAX_LENGTH, free_port, image_bytes, serve_in_thread, tiny_bundle, tiny_perceiver_bundle, tiny_transformer_bundle,
 )
@@ -540,6 +542,33 @@ def test_the_default_host_answers_this_machine_only():
     assert open_access_warning(SERVE_DEFAULTS.host, None) is None
 
 
+@pytest.mark.parametrize("bind,answers,refuses", [
+    ("127.0.0.1", ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "LOCALHOST.:8000", "names.example",
+                   "names.example:9", "proxy.example:443"],
+     ["evil.example:8000", "127.0.0.1:8001", "localhost", "10.0.0.2:8000", "proxy.example:80", "", None,
+      "user@127.0.0.1:8000", "127.0.0.1:99999", "[::1"]),
+    ("0.0.0.0", ["127.0.0.1:8000", "localhost:8000", "192.168.1.5:8000", "[fe80::1]:8000", "names.example"],
+     ["evil.example:8000", "192.168.1.5:8001", "myhost.lan:8000"]),
+    ("192.168.1.5", ["192.168.1.5:8000", "names.example"], ["127.0.0.1:8000", "localhost:8000", "10.0.0.2:8000"]),
+    ("myhost.lan", ["myhost.lan:8000", "MyHost.Lan:8000"], ["myhost.lan:8001", "127.0.0.1:8000"]),
+])
+def test_the_server_answers_to_its_own_names_only(bind, answers, refuses):
+    hosts = ServeSettings(host=bind, port=8000).allowed_hosts(["names.example", "proxy.example:443"])
+    assert [h for h in answers if not hosts.allows(h)] == []
+    assert [h for h in refuses if hosts.allows(h)] == []
+    assert ServeSettings(port=8000).allowed_hosts().describe() == "127.0.0.1:8000, localhost:8000, [::1]:8000"
+    anything = ServeSettings(host=bind, port=8000).allowed_hosts(["*"])
+    assert anything.allows("evil.example:8000") and anything.describe() == "any host"
+
+
+def test_allowed_host_values_are_checked():
+    assert check_allowed_hosts([" Names.Example ", "[::1]:8443", "*", "host.:80"]) == [
+        "names.example", "[::1]:8443", "*", "host:80"]
+    for bad in ("http://names.example", "names.example/path", "a b", "", "user@host", "host:port", "[nope]"):
+        with pytest.raises(ConfigError, match="--allowed-host"):
+            check_allowed_hosts([bad])
+
+
 @pytest.mark.parametrize("key", ["", "   ", "\t\n"])
 def test_an_empty_api_key_is_refused_not_read_as_no_key(engine, key):
     with pytest.raises(ConfigError, match="empty"):
@@ -574,6 +603,10 @@ def _one_error_line(result) -> str:
     ({}, ["--port", "99999"], "--port"),
     ({}, ["--port", "0"], "--port"),
     ({}, ["--cors-origin", "http://example.org/page"], "--cors-origin"),
+    ({}, ["--allowed-host", "http://example.org"], "--allowed-host"),
+    ({}, ["--allowed-host", "example.org:http"], "--allowed-host"),
+    ({}, ["--body-timeout", "0"], "--body-timeout"),
+    ({}, ["--max-uploads", "0"], "--max-uploads"),
     ({}, ["--max-aspect-ratio", "0.5"], "--max-aspect-ratio"),
 ])
 def test_serve_refuses_bad_settings_in_one_line(tiny_bundle, env, args, says):

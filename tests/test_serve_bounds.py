@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import struct
 import threading
 import time
@@ -166,3 +167,132 @@ def test_hostile_requests_in_flight_leave_memory_and_health_bounded(server):
     assert set(health_status) == {200} and len(health_ms) >= 5, report
     assert growth < MAX_GROWTH_MB, report
     assert p50 < MAX_HEALTH_P50_MS and worst < MAX_HEALTH_WORST_MS, report
+
+
+# --------------------------------------------------------------------------- `pipeline serve` itself
+# A real `pipeline serve` subprocess (uvicorn, its own options) for the Host check and the body deadline.
+BODY_TIMEOUT = 3  # seconds: the slow clients below are cut after this
+MAX_UPLOADS = 4
+SLOW_CLIENTS = MAX_UPLOADS + 2  # more than the slots: two of them wait their turn
+
+
+@pytest.fixture(scope="module")
+def served(tiny_bundle, tmp_path_factory):
+    """``(base URL, port, log path)`` of ``pipeline serve`` on 127.0.0.1 with a short body timeout, few upload
+    slots and one extra host name."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.helpers_bundle import free_port
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**{k: v for k, v in os.environ.items() if k != "PIPELINE_API_KEY"}, "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(tiny_bundle), "--port", str(port),
+           "--threads", "1", "--model-workers", "1", "--body-timeout", str(BODY_TIMEOUT),
+           "--max-uploads", str(MAX_UPLOADS), "--allowed-host", "captions.example"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):  # up to ~2 minutes on a busy machine
+            if proc.poll() is not None:
+                pytest.fail(f"`pipeline serve` exited: {log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail(f"`pipeline serve` did not come up: {log_path.read_text()[-3000:]}")
+        yield base, port, log_path
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "Traceback" not in log_path.read_text()
+
+
+def _raw_request(port: int, head: str, body: bytes = b"") -> socket.socket:
+    """A connection to 127.0.0.1:``port`` that has sent ``head`` (request line and headers) and ``body``."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(head.replace("\n", "\r\n").encode("ascii") + b"\r\n" + body)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict, bool]:
+    """``(status, JSON body, whether the server closed the connection after it)``."""
+    data, closed = b"", False
+    try:
+        while not closed:
+            chunk = sock.recv(65536)
+            data += chunk
+            closed = not chunk
+    except socket.timeout:  # still open long after its answer
+        pass
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body), closed
+
+
+@pytest.mark.parametrize("host,origin", [
+    ("evil.example:{port}", "http://evil.example:{port}"),  # a page that rebound evil.example to 127.0.0.1
+    ("evil.example:{port}", None),
+    ("127.0.0.1:1", None),  # our address, another port
+    ("localhost.evil.example", None),
+])
+def test_a_host_that_is_not_the_servers_gets_421_before_its_body_is_read(served, host, origin):
+    base, port, _ = served
+    host = host.format(port=port)
+    headers = {"host": host, **({"origin": origin.format(port=port)} if origin else {})}
+    r = httpx.post(base + "/caption", content=PNG, headers={**headers, "content-type": "image/png"}, timeout=30)
+    assert r.status_code == 421, r.text
+    err = r.json()["error"]
+    assert err["code"] == "unknown_host" and host in err["message"] and "--allowed-host" in err["message"]
+    assert f"127.0.0.1:{port}, localhost:{port}, [::1]:{port}, captions.example" in err["message"]
+    assert httpx.get(base + "/health", headers=headers, timeout=30).status_code == 421  # reads are refused too
+    # Refused before the body is read: declaring a body and sending none gets the 421, not the body timeout's 408.
+    sock = _raw_request(port, f"POST /caption HTTP/1.1\nHost: {host}\nContent-Type: image/png\n"
+                              "Content-Length: 1000000\n")
+    status, body, closed = _answer(sock)
+    assert (status, body["error"]["code"], closed) == (421, "unknown_host", True)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "LocalHost.:{port}",
+                                  "captions.example", "captions.example:8443"])
+def test_the_servers_own_names_are_answered(served, host):
+    base, port, _ = served
+    host = host.format(port=port)
+    r = httpx.post(base + "/caption", files={"image": ("a.png", PNG, "image/png")},
+                   headers={"host": host, "origin": f"http://{host}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["caption"]
+
+
+def test_slow_bodies_are_cut_at_the_deadline_and_hold_a_bounded_number_of_slots(served):
+    base, port, _ = served
+    head = f"POST /caption HTTP/1.1\nHost: 127.0.0.1:{port}\nContent-Type: image/png\nContent-Length: 100\n"
+    slow = [_raw_request(port, head, b"\x89PNG\r\n\x1a\n\0\0") for _ in range(SLOW_CLIENTS)]  # 10 of 100 bytes
+    seen = []
+    with httpx.Client(base_url=base, timeout=60) as c:
+        while True:  # /health answers while the slow clients hold the slots, and shows they are bounded
+            health = c.get("/health")
+            assert health.status_code == 200
+            seen.append(health.json()["uploads"])
+            if seen[-1] == {"receiving": MAX_UPLOADS, "waiting": SLOW_CLIENTS - MAX_UPLOADS} or len(seen) > 2000:
+                break
+            time.sleep(0.01)
+        assert seen[-1] == {"receiving": MAX_UPLOADS, "waiting": SLOW_CLIENTS - MAX_UPLOADS}, seen[-5:]
+        assert max(u["receiving"] for u in seen) == MAX_UPLOADS
+        answers = [_answer(sock) for sock in slow]
+        # Each is cut: 408 (its body did not arrive in time), or 503 (no slot freed before its deadline).
+        assert [status for status, _, _ in answers].count(408) >= MAX_UPLOADS, answers
+        for status, body, closed in answers:
+            assert closed and (status, body["error"]["code"]) in ((408, "request_timeout"), (503, "busy")), answers
+            if status == 408:
+                assert f"within {BODY_TIMEOUT} s" in body["error"]["message"]
+        assert c.get("/health").json()["uploads"] == {"receiving": 0, "waiting": 0}
+        r = c.post("/caption", files={"image": ("a.png", PNG, "image/png")})  # a good client, after them
+        assert r.status_code == 200 and r.json()["caption"], r.text

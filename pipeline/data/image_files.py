@@ -12,18 +12,21 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.images import ImageDecodeError, read_image_file
+from pipeline.data.images import DEFAULT_MAX_FILE_BYTES, ImageDecodeError, read_image_file
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 
 
 class ImageFiles(Dataset):
-    """``(index, digest, tensor, None)`` per image, or ``(index, digest or None, None, reject)`` for a bad one."""
+    """``(index, digest, tensor, None)`` per image, or ``(index, digest or None, None, reject)`` for a bad one
+    (among them files over ``max_file_bytes``, refused by their size before they are read)."""
 
-    def __init__(self, records: list[ManifestRecord], manifest: Path, transform: Callable, max_pixels: int) -> None:
+    def __init__(self, records: list[ManifestRecord], manifest: Path, transform: Callable, max_pixels: int,
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
         self.records = records
         self.manifest = manifest
         self.transform = transform
         self.max_pixels = max_pixels
+        self.max_file_bytes = max_file_bytes
 
     def __len__(self) -> int:
         return len(self.records)
@@ -31,7 +34,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         path = resolve_image_path(self.records[i], self.manifest)
         try:
-            digest, image = read_image_file(path, self.max_pixels)
+            digest, image = read_image_file(path, self.max_pixels, self.max_file_bytes)
             return i, digest, self.transform(image), None
         except ImageDecodeError as e:
             reject = {"file": str(path), "id": self.records[i].image_id, "digest": e.digest, "reason": e.reason,

@@ -3,6 +3,16 @@
 Every decoder here returns an 8-bit RGB :class:`PIL.Image.Image` upright per its
 EXIF orientation, or raises :class:`ImageDecodeError` whose ``reason`` is one of
 a few stable phrases (used as rejects-report reasons).
+
+What a file may cost is bounded before it is paid: a file over ``max_file_bytes`` is refused by its size,
+before a byte is read; files are read through a handle (the header first: an image over ``max_pixels`` is
+refused from it), never whole into memory; a JPEG over :data:`DRAFT_ABOVE_PIXELS` is decoded at reduced
+size by libjpeg itself (:func:`draft_scale`). The messages quote the caller's limits, never PIL's own.
+
+Peak memory per accepted image, measured (VmHWM growth of a process decoding one file): an RGB PNG at the
+40 M-pixel limit 156 MB (PIL keeps RGB as 4 bytes a pixel), a greyscale one 194 MB (plus its RGB copy),
+one with alpha 310 MB (RGBA, then the RGB it is composited into); a 36 M-pixel JPEG 36 MB (decoded at
+half size), 141 MB if progressive (libjpeg holds every DCT coefficient).
 """
 
 from __future__ import annotations
@@ -10,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,8 +32,22 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cache.format import file_sha256
 from pipeline.errors import UserError
 
-# Images above this many pixels are refused as possible decompression bombs (~ 16k x 16k / 2).
-DEFAULT_MAX_PIXELS = 128_000_000
+# The defaults of every image limit (the stage configs, `pipeline caption` and `pipeline serve` read these),
+# sized from what the datasets we import need, with room to spare:
+# * files up to 50 MiB: COCO and Flickr photos are under 1 MB, a 24-megapixel camera JPEG about 10 MB
+#   (a 40 MP PNG photo can be 50-80 MB: raise the limit for such files). Refused by their size, unread.
+# * images up to 40 M pixels: COCO's largest are 640 x 640 (0.4 MP), Flickr's 500 x 500; phones and most
+#   cameras write 12-24 MP. Refused from the header (a decompression bomb costs nothing).
+DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# A JPEG over this many pixels is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg scales the DCT: no
+# full-size copy is ever made), the least reduction that brings it to this many pixels or fewer, never to a
+# shorter side under DRAFT_MIN_SIDE: far more than any consumer here uses (backbones take <= 518 px), and a
+# JPEG of ordinary proportions then costs at most ~64 MB decoded (PIL keeps RGB at 4 bytes a pixel). Smaller
+# JPEGs, and every other format, decode exactly.
+DRAFT_ABOVE_PIXELS = 16_000_000
+DRAFT_MIN_SIDE = 1024
 # Up to this aspect ratio the eval transform gets an image as it is; beyond, see trim_for_eval.
 TRIM_ASPECT_RATIO = 10.0
 CONVERT_CHUNK_PIXELS = 1 << 20  # 16/32-bit images are rescaled to 8 bits this many pixels at a time
@@ -56,10 +82,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        # Composite transparent pixels over white, the usual display convention.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # Composite transparent pixels over white, the usual display convention: pasted through its own
+        # alpha, the same pixels as Image.alpha_composite over opaque white without its two RGBA copies.
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba)
+        return out
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
@@ -71,17 +99,35 @@ def _allow_pil_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+def draft_scale(img: Image.Image) -> int:
+    """The reduction (1, 2, 4 or 8) at which to decode ``img`` (opened, not loaded): 1 but for a JPEG over
+    :data:`DRAFT_ABOVE_PIXELS`, which gets the least reduction that brings it to that many pixels or fewer
+    while its shorter side stays at least :data:`DRAFT_MIN_SIDE`."""
+    if img.format not in ("JPEG", "MPO"):  # MPO: a camera JPEG with more pictures after the first
+        return 1
+    w, h = img.size
+    scale = 1
+    while scale < 8 and w * h > DRAFT_ABOVE_PIXELS * scale * scale and min(w, h) // (2 * scale) >= DRAFT_MIN_SIDE:
+        scale *= 2
+    return scale
+
+
+def _too_many_pixels(source: str, size: str, max_pixels: int) -> ImageDecodeError:
+    """"image too large", quoting the caller's limit: ``size`` is e.g. ``11000x11000 = 121,000,000 pixels``."""
+    return ImageDecodeError(source, "image too large", f"{size} > max_pixels {max_pixels:,}")
+
+
 def _decode(fp, source: str, max_pixels: int, full: bool, formats=None,
             max_aspect_ratio: float | None = None) -> Image.Image:
     _allow_pil_pixels(max_pixels)
     try:
         with warnings.catch_warnings():
-            # PIL warns (not raises) between its limit and 2x; we refuse at max_pixels.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns between its own limit and 2x: the check below applies the caller's.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp, formats=formats)
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageDecodeError(source, "image too large", f"{w}x{h} > {max_pixels} pixels")
+                raise _too_many_pixels(source, f"{w}x{h} = {w * h:,} pixels", max_pixels)
             if w == 0 or h == 0:
                 raise ImageDecodeError(source, "not an image", "zero-sized image")
             if max_aspect_ratio is not None and max(w, h) > max_aspect_ratio * min(w, h):
@@ -89,11 +135,16 @@ def _decode(fp, source: str, max_pixels: int, full: bool, formats=None,
                                        f"{w}x{h} is over {max_aspect_ratio:g}:1")
             if not full:
                 return img
+            scale = draft_scale(img)
+            if scale > 1:
+                img.draft(None, (w // scale, h // scale))
             img.load()
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(source, "image too large", str(e)) from None
+    except Image.DecompressionBombError as e:  # over twice PIL's limit, which is at least max_pixels
+        pixels = re.search(r"\((\d+) pixels\)", str(e))  # PIL's words: "Image size (N pixels) exceeds ..."
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+        raise _too_many_pixels(source, size, max_pixels) from None
     except UnidentifiedImageError:
         known = f"; accepted formats: {', '.join(formats)}" if formats else ""
         raise ImageDecodeError(source, "not an image", "unrecognised image format" + known) from None
@@ -101,18 +152,30 @@ def _decode(fp, source: str, max_pixels: int, full: bool, formats=None,
         msg = str(e)
         reason = "truncated image" if "truncated" in msg or "broken data stream" in msg else "corrupt image"
         raise ImageDecodeError(source, reason, msg) from None
-    img = ImageOps.exif_transpose(img)
+    ImageOps.exif_transpose(img, in_place=True)  # in place: a returned copy would double the image's cost
     return _to_rgb(img)
 
 
-def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image file fully into upright 8-bit RGB, or raise :class:`ImageDecodeError`."""
-    path = Path(path)
+def _open_image_file(path: Path, max_file_bytes: int):
+    """The file open for reading, once it is known to be a non-empty file of at most ``max_file_bytes``
+    bytes (judged by its size, before anything is read); else :class:`ImageDecodeError`."""
     if not path.is_file():
         raise ImageDecodeError(str(path), "missing image file")
-    if path.stat().st_size == 0:
-        raise ImageDecodeError(str(path), "empty file", "zero bytes")
-    with open(path, "rb") as f:
+    f = open(path, "rb")
+    size = os.fstat(f.fileno()).st_size  # of the file opened: no swap between the check and the read
+    if size == 0 or size > max_file_bytes:
+        f.close()
+        if size == 0:
+            raise ImageDecodeError(str(path), "empty file", "zero bytes")
+        raise ImageDecodeError(str(path), "file too large", f"{size:,} bytes > max_file_bytes {max_file_bytes:,}")
+    return f
+
+
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+             max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Image.Image:
+    """Decode an image file fully into upright 8-bit RGB, or raise :class:`ImageDecodeError`."""
+    path = Path(path)
+    with _open_image_file(path, max_file_bytes) as f:
         return _decode(f, str(path), max_pixels, full=True)
 
 
@@ -167,24 +230,20 @@ def trim_for_eval(img: Image.Image, preprocessing: Mapping[str, Any]) -> Image.I
     return img.crop((start, 0, start + keep, h) if w > h else (0, start, w, start + keep))
 
 
-def check_image(path: str | Path, mode: str = "full", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+def check_image(path: str | Path, mode: str = "full", max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
     """Raise :class:`ImageDecodeError` if ``path`` is not a usable image.
 
     ``mode``: ``"full"`` decodes every pixel (catches truncation), ``"header"`` reads
     only the header (fast; catches missing, empty, non-image and oversized files),
-    ``"none"`` checks only that the file exists and is not empty.
+    ``"none"`` checks only that the file exists, is not empty and not over ``max_file_bytes``.
     """
     if mode not in ("full", "header", "none"):
         raise ValueError(f"check mode must be full, header or none, not {mode!r}")
     path = Path(path)
-    if not path.is_file():
-        raise ImageDecodeError(str(path), "missing image file")
-    if path.stat().st_size == 0:
-        raise ImageDecodeError(str(path), "empty file", "zero bytes")
-    if mode == "none":
-        return
-    with open(path, "rb") as f:
-        _decode(f, str(path), max_pixels, full=(mode == "full"))
+    with _open_image_file(path, max_file_bytes) as f:
+        if mode != "none":
+            _decode(f, str(path), max_pixels, full=(mode == "full"))
 
 
 def image_sha256(path: str | Path) -> str:
@@ -193,18 +252,23 @@ def image_sha256(path: str | Path) -> str:
     return file_sha256(Path(path))
 
 
-def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, Image.Image]:
-    """``(sha256 of the file's bytes, the decoded image)``, reading the file once.
+def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[str, Image.Image]:
+    """``(sha256 of the file's bytes, the decoded image)``, through one file handle: a file over
+    ``max_file_bytes`` is refused by its size before it is read; the digest is streamed, and the image
+    decoded from the handle (its header checked first), so no copy of the file's bytes is held.
 
     The digest is what identifies the pixels a feature was computed from (the feature cache keys
     its records by it); raises :class:`ImageDecodeError` (with ``digest`` set when the bytes were read)."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageDecodeError(str(path), "missing image file")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        return digest, decode_bytes(data, str(path), max_pixels)
-    except ImageDecodeError as e:
-        e.digest = digest
-        raise
+    with _open_image_file(path, max_file_bytes) as f:
+        h = hashlib.sha256()
+        while block := f.read(1 << 22):
+            h.update(block)
+        digest = h.hexdigest()
+        f.seek(0)
+        try:
+            return digest, _decode(f, str(path), max_pixels, full=True)
+        except ImageDecodeError as e:
+            e.digest = digest
+            raise

@@ -18,10 +18,17 @@ Bad input is never dropped silently and never crashes the import:
   the caller's report is then left untouched.
 
 Image paths in annotation files stay inside the source's images folder: a path that leads
-out of it (absolute, or ``../../etc/passwd``) is rejected (:data:`OUTSIDE_IMAGES`) before
-any file is opened, unless the source sets ``allow_outside_paths``. A caption
-repeated for one image is kept once (the repeats are rejected, :data:`DUPLICATE_CAPTION`);
-a caption holding a control character (NUL, ESC, ...) is rejected (:data:`CONTROL_CHARACTER`).
+out of it (absolute, ``../../etc/passwd``, or a symbolic link inside the folder to a file outside it:
+paths are resolved before they are checked) is rejected (:data:`OUTSIDE_IMAGES`) before
+any file is opened, unless the source sets ``allow_outside_paths``. An image file over
+``limits.max_file_bytes`` is rejected by its size before it is read (:data:`FILE_TOO_LARGE`).
+
+Captions are text people wrote, and are kept only as such: a caption repeated for one image is kept once
+(the repeats are rejected, :data:`DUPLICATE_CAPTION`); a caption holding a control character (NUL,
+ESC, ...) is rejected (:data:`CONTROL_CHARACTER`), and so is one holding an invisible format character
+(:data:`INVISIBLE_CHARACTER`: bidirectional overrides and isolates such as U+202E and U+2066-U+2069,
+zero-width spaces such as U+200B; see :func:`invisible_character`) or longer than
+``limits.max_caption_chars`` (:data:`CAPTION_TOO_LONG`). None is altered to pass.
 
 Where rejects point: annotation problems name the annotation file with ``line``
 (line-based formats) and/or ``id`` (the would-be ``image_id``, or ``images[i]`` /
@@ -48,6 +55,7 @@ import io
 import json
 import os
 import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -55,12 +63,16 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 from PIL import Image
 
-from pipeline.data.images import ImageDecodeError, check_image, read_image_file
+from pipeline.config import DEFAULT_MAX_CAPTION_CHARS
+from pipeline.data.images import (
+    DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, check_image, read_image_file,
+)
 from pipeline.data.manifest import SPLITS, ManifestRecord, RejectsReport
 from pipeline.errors import UserError
 
 __all__ = [
     "AnnotationFileError",
+    "ImportLimits",
     "REASONS",
     "import_source",
     "import_coco",
@@ -68,6 +80,7 @@ __all__ = [
     "import_flickr8k",
     "import_flickr30k",
     "import_table",
+    "invisible_character",
     "pixels_sha256",
     "resolve_split",
 ]
@@ -80,11 +93,14 @@ TRUNCATED_IMAGE = "truncated image"
 NOT_AN_IMAGE = "not an image"
 CORRUPT_IMAGE = "corrupt image"
 IMAGE_TOO_LARGE = "image too large"
+FILE_TOO_LARGE = "file too large"
 UNREADABLE_IMAGE = "unreadable image file"  # the OS refused to open it (permissions, I/O error)
 # Annotation problems.
 EMPTY_CAPTION = "empty caption"
 DUPLICATE_CAPTION = "duplicate caption"
 CONTROL_CHARACTER = "control character"
+INVISIBLE_CHARACTER = "invisible character"
+CAPTION_TOO_LONG = "caption too long"
 DUPLICATE_ID = "duplicate id"
 MALFORMED_ROW = "malformed row"
 UNKNOWN_IMAGE_ID = "unknown image id"
@@ -93,9 +109,9 @@ NO_VALID_CAPTIONS = "no valid captions"
 OUTSIDE_IMAGES = "path outside the images folder"
 
 REASONS = (
-    MISSING_IMAGE, EMPTY_FILE, TRUNCATED_IMAGE, NOT_AN_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE,
-    UNREADABLE_IMAGE, EMPTY_CAPTION, DUPLICATE_CAPTION, CONTROL_CHARACTER, DUPLICATE_ID, MALFORMED_ROW,
-    UNKNOWN_IMAGE_ID, NOT_IN_SPLIT_LIST, NO_VALID_CAPTIONS, OUTSIDE_IMAGES,
+    MISSING_IMAGE, EMPTY_FILE, TRUNCATED_IMAGE, NOT_AN_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE, FILE_TOO_LARGE,
+    UNREADABLE_IMAGE, EMPTY_CAPTION, DUPLICATE_CAPTION, CONTROL_CHARACTER, INVISIBLE_CHARACTER, CAPTION_TOO_LONG,
+    DUPLICATE_ID, MALFORMED_ROW, UNKNOWN_IMAGE_ID, NOT_IN_SPLIT_LIST, NO_VALID_CAPTIONS, OUTSIDE_IMAGES,
 )
 
 CHECK_MODES = ("full", "header", "none")
@@ -110,6 +126,21 @@ _KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape) or lone \u escapes
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0/C1 controls (tab and newlines are whitespace, collapsed first)
+_NON_ASCII = re.compile("[^\x00-\x7f]")
+# Format characters kept: the zero-width joiner and non-joiner are part of how emoji sequences and Persian
+# or Indic words are written, and change no reading order.
+_JOINERS = frozenset("\u200c\u200d")
+PIXEL_HASH_CHUNK = 1 << 20  # pixels_sha256 hashes this many pixels at a time (not one copy of the whole image)
+
+
+@dataclass(frozen=True)
+class ImportLimits:
+    """What an import accepts: prepare's ``max_file_bytes``, ``max_pixels`` and ``max_caption_chars`` (the
+    defaults are theirs)."""
+
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
 
 
 class AnnotationFileError(UserError, ValueError):
@@ -166,7 +197,21 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8") if _SURROGATE.search(text) else text
 
 
-def _clean_caption(raw) -> tuple[Optional[str], Optional[str]]:
+def invisible_character(text: str) -> Optional[str]:
+    """The first invisible format character in ``text`` (Unicode category Cf: bidirectional embeddings,
+    overrides and isolates U+202A-U+202E and U+2066-U+2069, marks U+200E/U+200F, zero-width spaces U+200B
+    and U+FEFF, the word joiner U+2060, tag characters, the soft hyphen), the joiners U+200C/U+200D aside;
+    None when it holds none. Such characters reorder what a reader sees or hide differences between two
+    captions that look the same."""
+    if not _NON_ASCII.search(text):
+        return None
+    for ch in text:
+        if ch > "\x7f" and ch not in _JOINERS and unicodedata.category(ch) == "Cf":
+            return ch
+    return None
+
+
+def _clean_caption(raw, max_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> tuple[Optional[str], Optional[str]]:
     """(caption, None) or (None, reject reason)."""
     if raw is None:
         return None, EMPTY_CAPTION
@@ -180,6 +225,12 @@ def _clean_caption(raw) -> tuple[Optional[str], Optional[str]]:
     control = _CONTROL.search(caption)
     if control:
         return None, f"{CONTROL_CHARACTER}: caption contains U+{ord(control.group()):04X}"
+    if len(caption) > max_chars:
+        return None, f"{CAPTION_TOO_LONG}: {len(caption):,} characters > max_caption_chars {max_chars:,}"
+    invisible = invisible_character(caption)
+    if invisible is not None:
+        name = unicodedata.name(invisible, "format character")
+        return None, f"{INVISIBLE_CHARACTER}: caption contains U+{ord(invisible):04X} ({name})"
     return caption, None
 
 
@@ -224,14 +275,15 @@ class _Item:
 
 
 class _Job:
-    """State shared by one import: config, annotation file, images folder, a local rejects report."""
+    """State shared by one import: config, limits, annotation file, images folder, a local rejects report."""
 
-    def __init__(self, cfg, file: Path, images: Path) -> None:
+    def __init__(self, cfg, file: Path, images: Path, limits: ImportLimits) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.file = str(file)
         self.root = _images_root(images)
         self.allow_outside = bool(getattr(cfg, "allow_outside_paths", False))
+        self.limits = limits
         self.rejects = RejectsReport()  # merged into the caller's only if the import succeeds
 
     def image_id(self, native_id: str) -> str:
@@ -241,8 +293,23 @@ class _Job:
         file = self.file if file is None else str(file)
         self.rejects.add(_printable(file), _printable(reason), line=line, id=None if id is None else _printable(id))
 
+    def outside(self, item: _Item) -> Optional[str]:
+        """Why ``item``'s image is refused for lying outside the images folder, or None (inside, or the source
+        allows it). Its path is resolved first: a symbolic link in the folder to a file outside it leads out
+        as surely as ``../`` does."""
+        if self.allow_outside:
+            return None
+        hint = "(set allow_outside_paths: true on the source to accept it)"
+        name = item.name or item.path
+        if _outside(item.path, self.root):
+            return f"{OUTSIDE_IMAGES}: {name} is not inside {self.root} {hint}"
+        real = os.path.realpath(item.path)
+        if _outside(real, self.root):
+            return f"{OUTSIDE_IMAGES}: {name} is a link to {real}, which is not inside {self.root} {hint}"
+        return None
+
     def add_caption(self, item: _Item, raw, *, line: int | None = None, detail: str = "") -> None:
-        caption, reason = _clean_caption(raw)
+        caption, reason = _clean_caption(raw, self.limits.max_caption_chars)
         if caption is not None and caption in item.captions:
             caption, reason = None, f"{DUPLICATE_CAPTION}: same text as caption {item.captions.index(caption) + 1}"
         if caption is None:
@@ -259,7 +326,10 @@ def pixels_sha256(img: Image.Image) -> str:
     another PNG compression level) has one digest."""
     rgb = img if img.mode == "RGB" else img.convert("RGB")
     h = hashlib.sha256(b"%dx%dx3:" % rgb.size)
-    h.update(rgb.tobytes())
+    width, height = rgb.size
+    rows = max(1, PIXEL_HASH_CHUNK // max(1, width))
+    for top in range(0, height, rows):  # a band of rows at a time: the same bytes, in order, as tobytes()
+        h.update(rgb.crop((0, top, width, min(height, top + rows))).tobytes())
     return h.hexdigest()
 
 
@@ -269,12 +339,12 @@ class _Checked(NamedTuple):
     pixels: Optional[str] = None  # pixels_sha256 of the decoded image (full check only)
 
 
-def _check_one(path: str, mode: str) -> _Checked:
+def _check_one(path: str, mode: str, limits: ImportLimits) -> _Checked:
     try:
         if mode == "full":  # the one read and decode also gives both digests
-            digest, img = read_image_file(path)
+            digest, img = read_image_file(path, limits.max_pixels, limits.max_file_bytes)
             return _Checked(None, digest, pixels_sha256(img))
-        check_image(path, mode=mode)
+        check_image(path, mode=mode, max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes)
     except ImageDecodeError as e:
         return _Checked(e.reason + (f": {e.detail}" if e.detail else ""))
     except OSError as e:  # open() refused: permissions, I/O error
@@ -284,17 +354,18 @@ def _check_one(path: str, mode: str) -> _Checked:
     return _Checked(None)
 
 
-def _check_all(paths: list[str], mode: str, workers: int) -> list[_Checked]:
+def _check_all(paths: list[str], mode: str, workers: int, limits: ImportLimits) -> list[_Checked]:
     """The check of each path, in order; each unique path is checked once."""
     unique = list(dict.fromkeys(paths))
     if workers <= 1 or len(unique) <= 1:
-        results = [_check_one(p, mode) for p in unique]
+        results = [_check_one(p, mode, limits) for p in unique]
     else:
         # Chunks keep the per-task overhead small next to a cheap (header/none) check.
         size = max(1, min(64, len(unique) // (workers * 8)))
         chunks = [unique[i : i + size] for i in range(0, len(unique), size)]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check-image") as pool:
-            results = [r for chunk in pool.map(lambda c: [_check_one(p, mode) for p in c], chunks) for r in chunk]
+            results = [r for chunk in pool.map(lambda c: [_check_one(p, mode, limits) for p in c], chunks)
+                       for r in chunk]
     by_path = dict(zip(unique, results))
     return [by_path[p] for p in paths]
 
@@ -317,10 +388,9 @@ def _finish(job: _Job, items: Iterable[_Item], rejects: RejectsReport, check_ima
     choice = getattr(job.cfg, "split", "auto")
     ready: list[_Item] = []
     for item in sorted(items, key=lambda it: job.image_id(it.native_id)):
-        if not job.allow_outside and _outside(item.path, job.root):
-            job.reject(f"{OUTSIDE_IMAGES}: {item.name or item.path} is not inside {job.root} (set "
-                       "allow_outside_paths: true on the source to accept it)", line=item.line,
-                       id=job.image_id(item.native_id))
+        outside = job.outside(item)
+        if outside is not None:
+            job.reject(outside, line=item.line, id=job.image_id(item.native_id))
         elif not item.captions:
             detail = f"all {item.rejected} captions rejected" if item.rejected else "no captions"
             job.reject(f"{NO_VALID_CAPTIONS}: {detail}", line=item.line, id=job.image_id(item.native_id))
@@ -331,7 +401,7 @@ def _finish(job: _Job, items: Iterable[_Item], rejects: RejectsReport, check_ima
                        id=job.image_id(item.native_id))
         else:
             ready.append(item)
-    checks = _check_all([it.path for it in ready], check_images, workers)
+    checks = _check_all([it.path for it in ready], check_images, workers, job.limits)
     records = []
     for item, checked in zip(ready, checks):
         image_id = job.image_id(item.native_id)
@@ -377,7 +447,8 @@ def _split_from_name(filename: str) -> Optional[str]:
     return None
 
 
-def import_coco(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2) -> list[ManifestRecord]:
+def import_coco(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2,
+                limits: ImportLimits = ImportLimits()) -> list[ManifestRecord]:
     """COCO captions JSON: ``images`` [{id, file_name}], ``annotations`` [{image_id, id, caption}]."""
     _check_args(check_images, workers)
     path = Path(cfg.annotations)
@@ -392,7 +463,7 @@ def import_coco(cfg, rejects: RejectsReport, *, check_images: str = "full", work
         if not isinstance(data[key], list):
             raise AnnotationFileError(path, f"top-level {key!r} must be a list, got a {type(data[key]).__name__}")
 
-    job = _Job(cfg, path, cfg.images)
+    job = _Job(cfg, path, cfg.images, limits)
     split = _split_from_name(path.name)  # the file's own; the source's `split` option applies in _finish
     items: dict[str, _Item] = {}
     for idx, entry in enumerate(data["images"]):
@@ -446,7 +517,8 @@ def import_coco(cfg, rejects: RejectsReport, *, check_images: str = "full", work
 
 
 # --------------------------------------------------------------------------- Karpathy
-def import_karpathy(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2) -> list[ManifestRecord]:
+def import_karpathy(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2,
+                    limits: ImportLimits = ImportLimits()) -> list[ManifestRecord]:
     """Karpathy split JSON (``dataset_{coco,flickr8k,flickr30k}.json``); ``restval`` counts as train."""
     _check_args(check_images, workers)
     path = Path(cfg.annotations)
@@ -460,7 +532,7 @@ def import_karpathy(cfg, rejects: RejectsReport, *, check_images: str = "full", 
     if "annotations" in data and data["images"] and isinstance(data["images"][0], dict) and "sentences" not in data["images"][0]:
         raise AnnotationFileError(path, "images have no 'sentences' (this looks like a COCO captions file: use kind 'coco')")
 
-    job = _Job(cfg, path, cfg.images)
+    job = _Job(cfg, path, cfg.images, limits)
     items: dict[str, _Item] = {}
     for idx, entry in enumerate(data["images"]):
         if not isinstance(entry, dict):
@@ -594,12 +666,13 @@ def _first_line(text: str) -> tuple[int, str]:
     return 1, ""
 
 
-def import_flickr8k(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2) -> list[ManifestRecord]:
+def import_flickr8k(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2,
+                    limits: ImportLimits = ImportLimits()) -> list[ManifestRecord]:
     """Flickr8k captions, Kaggle ``captions.txt`` (CSV ``image,caption``) or ``Flickr8k.token.txt``."""
     _check_args(check_images, workers)
     path = Path(cfg.captions)
     text = _read_text(path)
-    job = _Job(cfg, path, cfg.images)
+    job = _Job(cfg, path, cfg.images, limits)
     rows = _FlickrRows(job)
     first_no, first = _first_line(text)
     if _header(first, ",") == ["image", "caption"]:
@@ -672,7 +745,8 @@ def _read_flickr8k_split_lists(folder: Path, job: _Job) -> dict[str, str]:
     return {name: v[0] for name, v in assigned.items()}
 
 
-def import_flickr30k(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2) -> list[ManifestRecord]:
+def import_flickr30k(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2,
+                     limits: ImportLimits = ImportLimits()) -> list[ManifestRecord]:
     """Flickr30k ``results.csv`` (``image_name| comment_number| comment``); also reads the ``.token`` form.
 
     A ``|`` inside a caption is kept (the line is split on the first two only).
@@ -680,7 +754,7 @@ def import_flickr30k(cfg, rejects: RejectsReport, *, check_images: str = "full",
     _check_args(check_images, workers)
     path = Path(cfg.captions)
     text = _read_text(path)
-    job = _Job(cfg, path, cfg.images)
+    job = _Job(cfg, path, cfg.images, limits)
     rows = _FlickrRows(job)
     first_no, first = _first_line(text)
     if _header(first, "|") == ["image_name", "comment_number", "comment"]:
@@ -772,7 +846,8 @@ def _table_rows_jsonl(text: str, path: Path) -> Iterator[_TableRow]:
         raise AnnotationFileError(path, f"not JSON Lines: no line is valid JSON (first: {e.msg})", line=lineno, col=e.colno)
 
 
-def import_table(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2) -> list[ManifestRecord]:
+def import_table(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2,
+                 limits: ImportLimits = ImportLimits()) -> list[ManifestRecord]:
     """A CSV/TSV (header row) or JSON Lines table of image path + caption (+ optional split).
 
     Rows naming the same image file merge into one record, captions in row order.
@@ -786,7 +861,7 @@ def import_table(cfg, rejects: RejectsReport, *, check_images: str = "full", wor
     if ext not in (".csv", ".tsv", ".jsonl", ".ndjson", ".json"):
         raise AnnotationFileError(path, f"unsupported table format {ext or '(no extension)'!r}: use .csv, .tsv, .jsonl or .json")
     text = _read_text(path, "table")
-    job = _Job(cfg, path, cfg.images if cfg.images is not None else path.expanduser().resolve().parent)
+    job = _Job(cfg, path, cfg.images if cfg.images is not None else path.expanduser().resolve().parent, limits)
     root = job.root
     if ext in (".csv", ".tsv"):
         row_iter = _table_rows_csv(text, path, cfg, "\t" if ext == ".tsv" else ",")
@@ -857,7 +932,8 @@ IMPORTERS: dict[str, Callable[..., list[ManifestRecord]]] = {
 }
 
 
-def import_source(source_cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2) -> list[ManifestRecord]:
+def import_source(source_cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2,
+                  limits: ImportLimits = ImportLimits()) -> list[ManifestRecord]:
     """Import one configured source into manifest records (sorted by ``image_id``).
 
     Per-item problems go to ``rejects``; an unusable annotation file raises
@@ -867,4 +943,4 @@ def import_source(source_cfg, rejects: RejectsReport, *, check_images: str = "fu
     importer = IMPORTERS.get(kind)
     if importer is None:
         raise ValueError(f"no importer for source kind {kind!r} (importers: {', '.join(IMPORTERS)})")
-    return importer(source_cfg, rejects, check_images=check_images, workers=workers)
+    return importer(source_cfg, rejects, check_images=check_images, workers=workers, limits=limits)

@@ -21,13 +21,20 @@ Endpoints:
 Every error is JSON ``{"error": {"code": "...", "message": "..."}}``: 400 malformed request (bad JSON or
 base64, missing or unknown field, unknown caption mode — the valid ones are listed), 401 missing or wrong
 API key, 403 a request sent by a page of another site (its ``Origin`` is neither this server nor one of
-``cors_origin``: a page elsewhere cannot drive this server through a visitor's browser), 404/405, 413 body
-over ``max_request_bytes`` (refused from ``Content-Length`` before reading, or once the streamed body
-passes the limit), 415 unsupported ``Content-Type``, 422 an upload that is not a usable image (not an
-image, truncated, corrupt, empty, more than ``max_pixels`` pixels or ``max_aspect_ratio``:1, judged from
-the header), 503 the model queue is full. A catch-all handler turns any other failure into a 500 JSON
-error (logged with its traceback), never a bare trace. The server loads nothing but the bundle's
-safetensors and JSON files.
+``cors_origin``: a page elsewhere cannot drive this server through a visitor's browser), 404/405, 408 a body
+not received within ``body_timeout`` seconds, 413 body over ``max_request_bytes`` (refused from
+``Content-Length`` before reading, or once the streamed body passes the limit), 415 unsupported
+``Content-Type``, 421 a ``Host`` that is not one of this server's names (``allowed_hosts``: a page of
+another site that rebinds its DNS name to this address cannot use the server either), 422 an upload that
+is not a usable image (not an image, truncated, corrupt, empty, more than ``max_pixels`` pixels or
+``max_aspect_ratio``:1, judged from the header), 503 the model queue is full, or no upload slot freed in
+time. A catch-all handler turns any other failure into a 500 JSON error (logged with its traceback), never
+a bare trace. The server loads nothing but the bundle's safetensors and JSON files.
+
+Slow clients are bounded too: a request has ``body_timeout`` seconds from its headers to send its whole
+body (408 after, the connection closed), and at most ``max_uploads`` bodies are received at once (the
+others wait for a slot within the same deadline), so a crowd of clients that send a few bytes and stall
+holds each slot for ``body_timeout`` at most, and never ``/health`` or the requests already received.
 
 The work per request is bounded: parsing, decoding and preprocessing run in a bounded thread pool
 (``decode_threads``), never on the event loop, so a slow image never stalls another request or
@@ -69,7 +76,7 @@ from pipeline.decoding import CAPTION_MODES
 from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
 from pipeline.serve.engine import DEFAULT_MODE, SERVE_FORMATS, CaptionEngine, mode_list, unknown_mode_message
 from pipeline.serve.settings import (  # noqa: F401 - ServeSettings re-exported
-    SERVE_DEFAULTS, ServeSettings, check_api_key, check_origins,
+    SERVE_DEFAULTS, AllowedHosts, ServeSettings, check_api_key, check_origins,
 )
 
 log = logging.getLogger(__name__)
@@ -161,10 +168,12 @@ ERROR_DOCS = {
     400: "Malformed request: bad JSON or base64, missing or unknown field, unknown caption mode.",
     401: "Missing or wrong API key (`X-API-Key: KEY` or `Authorization: Bearer KEY`).",
     403: "Sent by a page of another site (its Origin is not this server's nor an allowed one).",
+    408: "The request body did not arrive within the server's body timeout.",
     413: "Request body larger than the server's limit.",
     415: "Content-Type is not multipart/form-data, application/json or image/*.",
+    421: "The Host header names a host that is not this server's (see --allowed-host).",
     422: "Not a usable image: not an image, truncated, corrupt, empty, too many pixels or too extreme an aspect ratio.",
-    503: "Too many requests waiting for the model; retry shortly.",
+    503: "Too many requests waiting for the model, or for an upload slot; retry shortly.",
 }
 
 
@@ -178,6 +187,33 @@ class ApiError(Exception):
 def error_response(status: int, code: str, message: str, headers: Optional[dict[str, str]] = None,
                    **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
+
+
+class HostGuard:
+    """ASGI middleware: answers 421 to a request whose ``Host`` header is not one of this server's names
+    (:class:`~pipeline.serve.settings.AllowedHosts`), before anything reads its body, and closes the
+    connection. Such a request comes through a name that is not this server's: a proxy it was not told of,
+    or a page of another site that rebound its DNS name to this address (DNS rebinding), whose requests the
+    origin check cannot tell from this server's own page's."""
+
+    def __init__(self, app: ASGIApp, allowed: AllowedHosts) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = Headers(scope=scope).get("host")
+        if self.allowed.allows(host):
+            await self.app(scope, receive, send)
+            return
+        named = f"the host {host[:200]!r}" if host else "no host"
+        response = error_response(
+            421, "unknown_host", f"this request names {named}, and this server answers as "
+            f"{self.allowed.describe()}; its operator can add a name with --allowed-host NAME",
+            headers={"Connection": "close"})
+        await response(scope, receive, send)
 
 
 class OriginGuard:
@@ -227,12 +263,15 @@ def create_app(
     *,
     api_key: Optional[str] = None,
     max_request_bytes: int = SERVE_DEFAULTS.max_request_bytes,
+    body_timeout: float = SERVE_DEFAULTS.body_timeout,
+    max_uploads: int = SERVE_DEFAULTS.max_uploads,
     max_pixels: int = SERVE_DEFAULTS.max_pixels,
     max_aspect_ratio: float = SERVE_DEFAULTS.max_aspect_ratio,
     max_batch_size: int = SERVE_DEFAULTS.max_batch_size,
     max_wait_ms: float = SERVE_DEFAULTS.max_wait_ms,
     max_queue: int = SERVE_DEFAULTS.max_queue,
     cors_origin: Sequence[str] = (),
+    allowed_hosts: Optional[AllowedHosts] = None,
     model_workers: int = 1,
     decode_threads: int = 4,
     device: str = "cpu",
@@ -244,11 +283,14 @@ def create_app(
     ``create_app(engine, **ServeSettings(...).app_limits())`` applies a whole settings object. ``api_key``:
     None serves without one; an empty or blank key is a ``ConfigError``. ``cors_origin``: web origins
     (``scheme://host[:port]``, or ``*``) whose pages may call the API besides this server's own.
+    ``allowed_hosts``: the host names the server answers to (``ServeSettings.allowed_hosts()``, as
+    ``pipeline serve`` passes); None checks no ``Host`` (an app embedded behind something that does).
     """
     api_key = check_api_key(api_key)
     origins = check_origins(cors_origin)
-    if max_request_bytes < 1 or max_pixels < 1 or max_aspect_ratio < 1:
-        raise ValueError("max_request_bytes, max_pixels and max_aspect_ratio must be positive (the ratio >= 1)")
+    if max_request_bytes < 1 or max_pixels < 1 or max_aspect_ratio < 1 or body_timeout <= 0 or max_uploads < 1:
+        raise ValueError("max_request_bytes, max_pixels, max_uploads and body_timeout must be positive, "
+                         "max_aspect_ratio >= 1")
     if isinstance(model, CaptionEngine):
         engine = model
     elif isinstance(model, Captioner):
@@ -257,7 +299,8 @@ def create_app(
         engine = CaptionEngine.load(model, device=device)
     if warm_up:
         engine.warm_up()
-    state = _State(engine, api_key, max_request_bytes, max_pixels, max_aspect_ratio, decode_threads)
+    state = _State(engine, api_key, max_request_bytes, max_pixels, max_aspect_ratio, decode_threads,
+                   body_timeout=body_timeout, max_uploads=max_uploads)
     state.batcher = DynamicBatcher(state.run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                                    max_queue=max_queue, pending=lambda: state.pending, workers=model_workers)
 
@@ -281,6 +324,8 @@ def create_app(
     if origins:  # preflights and Access-Control-* headers for the allowed origins (the guard refuses others)
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["content-type", "x-api-key", "authorization"], max_age=600)
+    if allowed_hosts is not None:  # outside CORS (a preflight with a foreign Host is refused too), inside the
+        app.add_middleware(HostGuard, allowed=allowed_hosts)  # origin guard (which adds nosniff to its 421)
     app.add_middleware(OriginGuard, allowed_origins=origins)
     static = resources.files("pipeline.serve") / "static"
 
@@ -304,7 +349,9 @@ def create_app(
             "default_mode": DEFAULT_MODE,
             "auth_required": state.api_key is not None,
             "limits": {"max_request_bytes": state.max_request_bytes, "max_pixels": state.max_pixels,
-                       "max_aspect_ratio": state.max_aspect_ratio, "image_formats": list(SERVE_FORMATS)},
+                       "max_aspect_ratio": state.max_aspect_ratio, "image_formats": list(SERVE_FORMATS),
+                       "body_timeout": state.body_timeout, "max_uploads": state.max_uploads},
+            "uploads": {"receiving": state.max_uploads - state.upload_slots.value, "waiting": state.waiting_uploads},
             "batching": {"max_batch_size": state.batcher.max_batch_size, "model_workers": state.batcher.workers,
                          "max_wait_ms": state.batcher.max_wait * 1000.0, "queued": state.batcher.queued,
                          **state.batcher.stats.as_dict()},
@@ -354,12 +401,16 @@ class _State:
     """Everything a request needs: the engine, the batcher, the limits and the in-flight count."""
 
     def __init__(self, engine: CaptionEngine, api_key: Optional[str], max_request_bytes: int, max_pixels: int,
-                 max_aspect_ratio: float, decode_threads: int) -> None:
+                 max_aspect_ratio: float, decode_threads: int, *, body_timeout: float, max_uploads: int) -> None:
         self.engine = engine
         self.api_key = api_key
         self.max_request_bytes = max_request_bytes
         self.max_pixels = max_pixels
         self.max_aspect_ratio = max_aspect_ratio
+        self.body_timeout = body_timeout
+        self.max_uploads = max_uploads
+        self.upload_slots = anyio.Semaphore(max_uploads)  # bodies being received at once
+        self.waiting_uploads = 0  # requests waiting for one of those slots
         # Parsing, decoding and preprocessing: CPU work that must never run on the event loop.
         self.decode_limiter = anyio.CapacityLimiter(max(1, decode_threads))
         self.pending = 0  # requests received but not yet handed to the batcher (the batcher waits only for these)
@@ -373,12 +424,13 @@ class _State:
     # -- one request -----------------------------------------------------------------------------
     async def handle(self, request: Request, query_mode: Optional[str], query_attention: Optional[bool]) -> Response:
         started = time.perf_counter()
+        body_deadline = anyio.current_time() + self.body_timeout
         self.pending += 1
         submitted = False
         try:
             try:
                 self._check_key(request)
-                data, mode, attention = await self._read_request(request, query_mode, query_attention)
+                data, mode, attention = await self._read_request(request, query_mode, query_attention, body_deadline)
             except ApiError:
                 if not getattr(request.state, "body_done", False):  # refused before reading (401, 415)
                     await self._drain(request, 4 * self.max_request_bytes)
@@ -446,8 +498,8 @@ class _State:
         except Exception as e:  # noqa: BLE001 - e.g. an image too small for the backbone's transform
             raise ApiError(422, "unusable_image", f"cannot prepare this image for the model: {e}") from None
 
-    async def _read_request(self, request: Request, query_mode: Optional[str],
-                            query_attention: Optional[bool]) -> tuple[bytes, Optional[str], Optional[bool]]:
+    async def _read_request(self, request: Request, query_mode: Optional[str], query_attention: Optional[bool],
+                            deadline: float) -> tuple[bytes, Optional[str], Optional[bool]]:
         ctype = request.headers.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()
         if media == "multipart/form-data":
@@ -461,7 +513,7 @@ class _State:
             raise ApiError(415, "unsupported_media_type",
                            f"{got}: send multipart/form-data (file field `image`), application/json "
                            "({\"image\": base64 or data URL}) or a raw image/* body")
-        body = await self._read_body(request)
+        body = await self._read_body(request, deadline)
         if kind == "raw":
             return body, query_mode, query_attention
         if kind == "json":  # json.loads and base64 of a body up to the limit: milliseconds, off the loop
@@ -469,15 +521,18 @@ class _State:
                                                   limiter=self.decode_limiter)
         return await self._parse_multipart(request, body, query_mode, query_attention)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request, deadline: float) -> bytes:
         """The body, refusing (413) one over the limit: by its Content-Length before reading it, else as it
         streams in. The refused rest is read and dropped (up to 4x the limit, for at most DRAIN_SECONDS)
         so the client sees the 413: closing a socket with unread data resets the connection, and the
         client may lose the answer. (Requests refused before their body is read, 401 and 415, are drained
-        the same way.) A Content-Length over 4x the limit is answered at once, and the connection closed."""
+        the same way.) A Content-Length over 4x the limit is answered at once, and the connection closed.
+
+        Receiving takes one of ``max_uploads`` slots, waited for until ``deadline`` (``body_timeout`` after
+        the request arrived; 503 if none frees by then); the whole body must be in by the same deadline
+        (408, the connection closed: a client that stalls holds its slot that long at most)."""
         limit = self.max_request_bytes
         declared = request.headers.get("content-length")
-        too_large = f"request body over this server's limit of {limit:,} bytes"
         if declared is not None:
             try:
                 n = int(declared)
@@ -487,8 +542,34 @@ class _State:
                 if n <= 4 * limit:
                     await self._drain(request, 4 * limit)
                 request.state.body_done = True
-                raise ApiError(413, "request_too_large", f"{too_large} (Content-Length {n:,})",
+                raise ApiError(413, "request_too_large", f"{self._too_large} (Content-Length {n:,})",
                                headers={"Connection": "close"})
+        self.waiting_uploads += 1
+        try:
+            with anyio.move_on_at(deadline) as waiting:
+                await self.upload_slots.acquire()
+        finally:
+            self.waiting_uploads -= 1
+        if waiting.cancelled_caught:
+            request.state.body_done = True
+            raise ApiError(503, "busy", f"server busy: it is receiving {self.max_uploads} uploads at once; retry "
+                           "shortly", headers={"Retry-After": "1", "Connection": "close"})
+        try:
+            with anyio.move_on_at(deadline):
+                return await self._receive_body(request)
+            request.state.body_done = True
+            raise ApiError(408, "request_timeout", f"the request body did not arrive within {self.body_timeout:g} s "
+                           "(this server's body timeout)", headers={"Connection": "close"})
+        finally:
+            self.upload_slots.release()
+
+    @property
+    def _too_large(self) -> str:
+        return f"request body over this server's limit of {self.max_request_bytes:,} bytes"
+
+    async def _receive_body(self, request: Request) -> bytes:
+        """The body as it streams in, refused (413) once it passes the limit."""
+        limit = self.max_request_bytes
         chunks: list[bytes] = []
         size = 0
         try:
@@ -497,7 +578,7 @@ class _State:
                 if size > limit:
                     await self._drain(request, 4 * limit - size)
                     request.state.body_done = True
-                    raise ApiError(413, "request_too_large", too_large, headers={"Connection": "close"})
+                    raise ApiError(413, "request_too_large", self._too_large, headers={"Connection": "close"})
                 chunks.append(chunk)
         except ClientDisconnect:
             request.state.body_done = True

@@ -2,11 +2,12 @@
 fields (names, help, defaults) and :func:`pipeline.serve.app.create_app` takes its defaults from
 :data:`SERVE_DEFAULTS`. Also here, the start-up decisions ``pipeline serve`` makes from them: whether the
 address answers this machine only (:func:`is_loopback`, :func:`open_access_warning`), which API key to
-require (:func:`check_api_key`), which other sites' pages may call the API (:func:`check_origins`) and
-the listening socket (:meth:`ServeSettings.listen_socket`).
+require (:func:`check_api_key`), which other sites' pages may call the API (:func:`check_origins`), which
+host names the server answers to (:meth:`ServeSettings.allowed_hosts`, :class:`AllowedHosts`) and the
+listening socket (:meth:`ServeSettings.listen_socket`).
 
-No heavy imports here (pydantic and the standard library only), so the CLI can build ``serve``'s options
-without loading the app.
+No heavy imports here (pydantic, the standard library and the image limits' defaults, which the CLI loads
+anyway with the stage configs), so the CLI can build ``serve``'s options without loading the app.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import errno
 import ipaddress
 import re
 import socket
+from dataclasses import dataclass
 from typing import Optional, Sequence
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.data.images import DEFAULT_MAX_PIXELS
 from pipeline.errors import ConfigError
 
-__all__ = ["API_KEY_ENV", "SERVE_DEFAULTS", "ServeSettings", "check_api_key", "check_origins", "is_loopback",
-           "open_access_warning"]
+__all__ = ["API_KEY_ENV", "SERVE_DEFAULTS", "AllowedHosts", "ServeSettings", "check_allowed_hosts", "check_api_key",
+           "check_origins", "is_loopback", "open_access_warning", "parse_host"]
 
 API_KEY_ENV = "PIPELINE_API_KEY"
 _ORIGIN = re.compile(r"^https?://[^/?#\s]+$")
@@ -63,6 +67,90 @@ def check_origins(origins: Sequence[str]) -> list[str]:
     return out
 
 
+def parse_host(text: Optional[str]) -> Optional[tuple[str, Optional[int]]]:
+    """``(name, port or None)`` of a ``Host`` header or an ``--allowed-host`` value (``NAME``, ``NAME:PORT``,
+    ``[IPv6]``, ``[IPv6]:PORT``): the name in lower case, without brackets or a trailing dot. None for
+    anything else (empty, a scheme, a path, user info, a bad port)."""
+    if not text or any(c in text for c in "/?#@\\ \t"):
+        return None
+    try:
+        parts = urlsplit("//" + text)
+        port = parts.port
+    except ValueError:  # a port that is no number or out of range, a malformed [IPv6]
+        return None
+    name = (parts.hostname or "").rstrip(".")
+    return (name, port) if name else None
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _authority(name: str, port: Optional[int]) -> str:
+    name = f"[{name}]" if ":" in name else name
+    return name if port is None else f"{name}:{port}"
+
+
+def check_allowed_hosts(names: Sequence[str]) -> list[str]:
+    """Host names given with ``--allowed-host`` (``NAME``, ``NAME:PORT``, ``[IPv6]:PORT``, or ``*``: any),
+    normalised; a :class:`ConfigError` for one that is not a host name."""
+    out = []
+    for given in names:
+        text = given.strip()
+        if text == "*":
+            out.append(text)
+            continue
+        parsed = parse_host(text)
+        if parsed is None:
+            raise ConfigError(f"--allowed-host {given!r} is not a host name: write NAME or NAME:PORT (no scheme "
+                              "or path; [ADDRESS] for IPv6), or '*' for any")
+        out.append(_authority(*parsed))
+    return out
+
+
+@dataclass(frozen=True)
+class AllowedHosts:
+    """The host names a server answers to, judged from each request's ``Host`` header.
+
+    A web page can rebind its own DNS name to this machine's address (DNS rebinding): the visitor's browser
+    then sends that page's requests here under the page's own name, reads the answers as the page's, and the
+    origin check (``Origin`` against ``Host``) sees nothing amiss. A request naming any other host is refused.
+    ``names``: ``(name, port)`` pairs (port None: any port; a ``Host`` without a port means port 80);
+    ``any_address_port``: a server bound to every address also answers to any IP address at that port (an
+    address is no DNS name, so it cannot be rebound); ``any_host``: no check (``--allowed-host '*'``).
+    """
+
+    names: tuple[tuple[str, Optional[int]], ...]
+    any_address_port: Optional[int] = None
+    any_host: bool = False
+
+    def allows(self, host: Optional[str]) -> bool:
+        """Whether a request with this ``Host`` header (None: none) is for this server."""
+        if self.any_host:
+            return True
+        parsed = parse_host(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        port = 80 if port is None else port
+        if (name, port) in self.names or (name, None) in self.names:
+            return True
+        return port == self.any_address_port and _is_ip_address(name)
+
+    def describe(self) -> str:
+        """The names, for messages: ``127.0.0.1:8000, localhost:8000, [::1]:8000``."""
+        if self.any_host:
+            return "any host"
+        listed = [_authority(name, port) for name, port in self.names]
+        if self.any_address_port is not None:
+            listed.append(f"any IP address at port {self.any_address_port}")
+        return ", ".join(listed)
+
+
 def check_api_key(key: Optional[str]) -> Optional[str]:
     """The API key to require (None: none). An empty or blank key is refused rather than read as "no key",
     and so is one with spaces around it (no HTTP header can carry them, so no request would match)."""
@@ -86,7 +174,11 @@ class ServeSettings(BaseModel):
                                                "Use 0.0.0.0 to be reachable from elsewhere (set an API key).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port (1-65535).")
     max_request_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest request body (413 beyond).")
-    max_pixels: int = Field(40_000_000, ge=1, description="Largest image in pixels (422 beyond).")
+    body_timeout: float = Field(30.0, gt=0, description="Seconds a request has, from its headers, to send its "
+                                                        "whole body (408 beyond).")
+    max_uploads: int = Field(16, ge=1, description="Request bodies received at once; others wait their turn "
+                                                   "within --body-timeout (503 beyond).")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image in pixels (422 beyond).")
     max_aspect_ratio: float = Field(100.0, ge=1, description="Largest ratio of an image's longer side to its "
                                                              "shorter one (422 beyond).")
     max_batch_size: int = Field(8, ge=1, description="Most images per model call (dynamic batching).")
@@ -107,6 +199,21 @@ class ServeSettings(BaseModel):
     def app_limits(self) -> dict[str, object]:
         """The keyword arguments of ``create_app`` these settings give (all but host and port)."""
         return self.model_dump(exclude={"host", "port"})
+
+    def allowed_hosts(self, extra: Sequence[str] = ()) -> AllowedHosts:
+        """The host names this server answers to: on a loopback address its own names at its port
+        (the address, ``127.0.0.1``, ``localhost``, ``[::1]``), on another address that address (or name)
+        at its port, on every address (``0.0.0.0``, ``::``) the loopback names and any IP address at its
+        port; plus ``extra`` (``--allowed-host``: ``NAME`` at any port, ``NAME:PORT``, ``*`` for any host).
+        A :class:`ConfigError` for an ``extra`` that is not a host name."""
+        extra = check_allowed_hosts(extra)
+        own = (parse_host(self.host) or (self.host.lower(), None))[0]
+        everywhere = _is_ip_address(own) and ipaddress.ip_address(own).is_unspecified
+        names = ([] if everywhere else [own]) + (["127.0.0.1", "localhost", "::1"] if self.loopback or everywhere
+                                                 else [])
+        pairs = [(name, self.port) for name in names] + [parse_host(e) for e in extra if e != "*"]
+        return AllowedHosts(tuple(dict.fromkeys(pairs)), any_address_port=self.port if everywhere else None,
+                            any_host="*" in extra)
 
     def listen_socket(self) -> socket.socket:
         """A TCP socket bound to ``host:port`` and listening; a :class:`ConfigError` naming the address

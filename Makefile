@@ -1,20 +1,27 @@
 # The two set-up commands of the README: `make repro` and `make test`.
-# Both create .venv and install everything first (once; again when pyproject.toml changes).
+# Both create .venv and install everything first (once; again when requirements.lock changes): exactly the
+# versions and files (sha256) requirements.lock pins, so one commit installs one environment.
+# `make lock` refreshes requirements.lock from pyproject.toml's ranges (uv; needs the registry).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install browser repro test test-all bench clean-venv
+.PHONY: install lock browser repro test test-all bench clean-venv
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	touch $@
+
+## Re-resolve pyproject.toml's dependency ranges into requirements.lock (every Python >= 3.10, every platform).
+lock: install
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --universal --python-version 3.10 \
+	  --custom-compile-command "make lock" -o requirements.lock
 
 ## Run the whole DAG on the built-in synthetic dataset.
 repro: install

@@ -244,9 +244,13 @@ def check_spec(have: FeatureSpec, want: FeatureSpec, *, have_label: str, want_la
 class CacheMeta:
     """``meta.json``: the features' spec, how they are stored, and a content hash of every record.
 
-    ``identity()`` — spec, shard count and format version — is what must match for a cache folder
-    to be reused; counts, hashes and anything that changes no byte (batch size, device, paths) are
-    not part of it."""
+    ``identity()`` — spec, shard count, format version and ``computed_with`` — is what must match for a
+    cache folder to be reused. ``computed_with`` holds what else a record's bytes depend on besides the
+    spec: the batch the encoder ran at (kernels differ with the batch's size: the encoder always runs at
+    that size, a short last batch padded, so *which* batch a record lands in does not matter), the device
+    type, autocast and memory format. Counts and hashes follow from the records; nothing that changes no
+    byte (paths, workers) and nothing about a particular run (what it reused, how long it took) is here:
+    the same records give the same ``meta.json``."""
 
     spec: FeatureSpec
     num_shards: int
@@ -256,7 +260,7 @@ class CacheMeta:
     sharding: str = "crc32(utf8(image_id)) % num_shards"
     record_layout: str = "sha256(image file) [32 bytes], then each token set's (tokens, channels) array"
     extra: dict[str, Any] = field(default_factory=dict)  # what a producer records beside (e.g. a CLIP model key)
-    last_update: dict[str, int] = field(default_factory=dict)  # what the last run that changed a record did
+    computed_with: dict[str, Any] = field(default_factory=dict)  # batch size, device type, autocast, memory format
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
@@ -296,7 +300,7 @@ class CacheMeta:
 
     def identity(self) -> dict[str, Any]:
         return {**self.spec.identity(), "num_shards": self.num_shards, "version": self.version,
-                "extra": self.extra}
+                "extra": self.extra, "computed_with": self.computed_with}
 
     # -- files --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -327,25 +327,18 @@ class CacheWriter:
     def pending_shards(self) -> list[int]:
         return [i for i in range(self.meta.num_shards) if not self.shard(i).is_done()]
 
-    def finalize(self, update: Optional[dict[str, int]] = None, *, require_records: bool = False) -> CacheMeta | None:
+    def finalize(self, *, require_records: bool = False) -> CacheMeta | None:
         """Write ``meta.json`` and ``rejects.jsonl`` if every shard is done; return the meta, else None.
 
-        With ``require_records``, a cache of no record gets ``rejects.jsonl`` but no ``meta.json`` (it is not a
-        usable cache): :class:`~cache.format.EmptyCacheError` says why, from the rejects.
+        Both follow from the finished shards alone, so the same records give the same bytes however they were
+        computed (in one run, resumed, updated), and an unchanged cache is not rewritten (its files keep their
+        bytes and times).
 
-        ``update`` (counts of kept / changed / dropped / computed / rejected records) is recorded as the
-        meta's ``last_update`` when this run changed records; otherwise the previous one is kept, so an
-        unchanged cache is not rewritten (its files keep their bytes and times)."""
+        With ``require_records``, a cache of no record gets ``rejects.jsonl`` but no ``meta.json`` (it is not a
+        usable cache): :class:`~cache.format.EmptyCacheError` says why, from the rejects."""
         if self.pending_shards():
             return None
         meta_path = self.directory / META_FILE
-        if update is not None:
-            self.meta.last_update = dict(update)
-        elif meta_path.exists():
-            try:
-                self.meta.last_update = CacheMeta.read(self.directory).last_update
-            except CacheFormatError:
-                pass
         total = 0
         h = hashlib.sha256()
         rejects: list[dict] = []

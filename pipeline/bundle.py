@@ -38,7 +38,7 @@ from pipeline.decoding import DecodingOptions, Hypothesis, generate, options_for
 from pipeline.errors import UserError
 from pipeline.models.decoders import create_decoder
 from pipeline.text.tokenizers import CaptionTokenizer, load_tokenizer
-from pipeline.files import swap_folder, write_json
+from pipeline.files import set_default_mode, swap_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def save_bundle(
     decoder = getattr(decoder, "module", decoder)  # unwrap DDP
     decoder = getattr(decoder, "_orig_mod", decoder)  # unwrap torch.compile
     save_model(decoder, str(tmp / MODEL))  # tied weights (embedding = output layer) stored once
+    set_default_mode(tmp / MODEL)
     digest = None
     if backbone_file is not None:
         shutil.copyfile(backbone_file, tmp / BACKBONE)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from pipeline.errors import UserError
-from pipeline.files import swap_folder
+from pipeline.files import set_default_mode, swap_folder, write_json
 
 MODEL = "model.safetensors"
 TENSORS = "tensors.safetensors"
@@ -82,13 +82,15 @@ def save_checkpoint(
     tensors, opt_plain = _split_optimizer(optimizer.state_dict())
     tensors.update(rng_state())
     save_file(tensors, str(tmp / TENSORS))
+    for name in (MODEL, TENSORS):
+        set_default_mode(tmp / name)
     doc = {
         "optimizer": opt_plain,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "state": state,
     }
-    (tmp / STATE).write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
+    write_json(tmp / STATE, doc, indent=1)
     swap_folder(tmp, directory)
 
 

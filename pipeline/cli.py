@@ -80,6 +80,22 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _interrupted(e: KeyboardInterrupt) -> None:
+    """Ctrl-C, or a training loop's SIGINT/SIGTERM after it saved its step: one line, exit 128 + the signal."""
+    typer.echo(f"interrupted: {e or 'finished work is kept; rerun the command to resume'}", err=True)
+    raise typer.Exit(getattr(e, "exit_code", 130))
+
+
+def _refuse_tracked_outputs(outputs: list[Path]) -> None:
+    """One error line when ``outputs`` would replace what DVC tracks for another command (pipeline.tracked)."""
+    from pipeline.tracked import TrackedOutputError, check_outputs
+
+    try:
+        check_outputs(outputs, sys.argv[1:])
+    except TrackedOutputError as e:
+        _fail(str(e))
+
+
 def stage_command(name: str, section: str, target: str, help: str, loader=None) -> None:
     """Register ``pipeline NAME``: options from ``SECTIONS[section]``, then ``target`` ("module:function").
 
@@ -103,11 +119,14 @@ def stage_command(name: str, section: str, target: str, help: str, loader=None) 
             cfg = load(params_file, parse_overrides(kwargs, option_kinds, ctx))
         except ConfigError as e:
             _fail(str(e))
+        _refuse_tracked_outputs(cfg.outputs())
         log.info("%s config: %s", name, json.dumps(config_to_dict(cfg), sort_keys=True))
         module_name, func_name = target.split(":")
         run = getattr(importlib.import_module(module_name), func_name)
         try:
             run(cfg)
+        except KeyboardInterrupt as e:  # typer would turn it into a silent exit 130
+            _interrupted(e)
         except Exception as e:  # noqa: BLE001 - user-caused failures become one line; bugs propagate to main()
             if (message := describe_failure(e)) is None:
                 raise
@@ -252,11 +271,37 @@ def convert_weights_command(
     """Save a backbone's weights as safetensors in timm's layout (checked by loading them into the model)."""
     from pipeline.models.convert import convert_weights
 
+    _refuse_tracked_outputs([dest])
     try:
         count = convert_weights(source, dest, backbone, by_order=by_order)
     except user_errors() as e:
         _fail(str(e))
     typer.echo(f"wrote {dest} ({count} tensors for {backbone})")
+
+
+recipe_app = typer.Typer(help="Dataset recipes (recipes/*.yaml) as DVC projects of their own.", no_args_is_help=True,
+                         **_APP_SETTINGS)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("init")
+def recipe_init_command(
+    name: str = typer.Argument(..., help="Dataset recipe: a file recipes/NAME.yaml (flickr8k-cpu, flickr8k-gpu)."),
+    directory: Path = typer.Argument(..., help="Folder of the new project (created), e.g. runs/flickr8k-cpu."),
+    data: Optional[Path] = typer.Option(None, "--data", metavar="<dir>",
+                                        help="The dataset folder, in the recipe's importer layout (default: the "
+                                             "recipe's data/... paths inside the project)."),
+) -> None:
+    """Write a dataset recipe as a DVC project of its own (params.yaml, dvc.yaml, .dvc/): `dvc repro` in it runs
+    the recipe from its weights to its evaluations, apart from the default project's pipeline."""
+    from pipeline.recipe_project import init_recipe_project
+
+    try:
+        dvc_yaml = init_recipe_project(name, directory, data)
+    except user_errors() as e:
+        _fail(str(e))
+    typer.echo(f"wrote {dvc_yaml} and {dvc_yaml.with_name('params.yaml')}; run the recipe with: "
+               f"cd {directory} && dvc repro")
 
 
 @app.command("download")
@@ -408,6 +453,11 @@ def _serve_params() -> tuple[list[inspect.Parameter], dict[str, str]]:
                help="Also take requests from pages of this web origin (scheme://host[:port]; '*': any), with "
                     "CORS headers; requests sent by pages of other sites are refused (403). Repeat the option "
                     "for several.")),
+        _param("allowed_host", list[str], typer.Option([], "--allowed-host", metavar="<name>",
+               help="Also answer requests naming this host (NAME at any port, or NAME:PORT), e.g. the name a "
+                    "proxy or a forwarded port uses; other names get 421 (this stops DNS rebinding). The "
+                    "server's own names are its address (on 127.0.0.1: also localhost and [::1]) at its port; "
+                    "on 0.0.0.0 any IP address. Repeat the option for several; '*' accepts any host.")),
         *by_name.values(),
         _param("model_workers", int, typer.Option(0, min=0, help="Model calls that may run at once, each in its own "
                "thread; beyond the first, only for full batches (0: the usable cores / --threads, at least 1).")),
@@ -421,7 +471,7 @@ def _serve_params() -> tuple[list[inspect.Parameter], dict[str, str]]:
 _SERVE_PARAMS, _SERVE_KINDS = _serve_params()
 
 
-def serve_command(ctx, model, api_key, cors_origin, model_workers, device, threads, amp, channels_last,
+def serve_command(ctx, model, api_key, cors_origin, allowed_host, model_workers, device, threads, amp, channels_last,
                   **settings_values) -> None:
     """Serve the captioning HTTP API (POST /caption, GET /health, /docs) and its web page at /."""
     import uvicorn
@@ -440,6 +490,7 @@ def serve_command(ctx, model, api_key, cors_origin, model_workers, device, threa
     try:
         api_key = check_api_key(api_key)
         cors_origin = check_origins(cors_origin)
+        allowed_hosts = settings.allowed_hosts(allowed_host)
         sock = settings.listen_socket()  # before loading the model: a port in use fails at once
     except user_errors() as e:
         _fail(str(e))
@@ -449,13 +500,14 @@ def serve_command(ctx, model, api_key, cors_origin, model_workers, device, threa
         log.warning("%s", warning)
     try:
         engine = CaptionEngine.load(model, device=device, amp=amp, channels_last=channels_last)
-        application = create_app(engine, api_key=api_key, cors_origin=cors_origin, model_workers=model_workers,
-                                 **settings.app_limits())
+        application = create_app(engine, api_key=api_key, cors_origin=cors_origin, allowed_hosts=allowed_hosts,
+                                 model_workers=model_workers, **settings.app_limits())
     except user_errors() as e:
         sock.close()
         _fail(str(e))
     typer.echo(f"serving {model} on {settings.url} (API docs at /docs); {model_workers} model "
-               f"worker(s) x {threads} torch thread(s), batches of up to {settings.max_batch_size}", err=True)
+               f"worker(s) x {threads} torch thread(s), batches of up to {settings.max_batch_size}; answering "
+               f"as {allowed_hosts.describe()}", err=True)
     config = uvicorn.Config(application, host=settings.host, port=settings.port, log_level="info",
                             server_header=False, timeout_keep_alive=5)
     uvicorn.Server(config).run(sockets=[sock])
@@ -482,9 +534,11 @@ def main() -> None:
     anything else is a bug: its traceback, a line saying so, exit 1."""
     try:
         app(prog_name="pipeline")
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted (finished work is kept; rerun the command to resume)", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # outside a stage command's own handling
+        try:
+            _interrupted(e)
+        except typer.Exit as stop:
+            sys.exit(stop.exit_code)
     except Exception as e:  # noqa: BLE001 - the boundary: classify, never swallow
         message = describe_failure(e)
         if message is None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.data.images import DEFAULT_MAX_PIXELS
+from pipeline.data.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from pipeline.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -26,13 +26,26 @@ log = logging.getLogger(__name__)
 PREPARED = Path("data/prepared")
 MANIFEST = PREPARED / "manifest.jsonl"
 
-MaxPixels = Annotated[int, Field(ge=1, description="Refuse larger images (decompression bombs).")]
+# COCO and Flickr captions are one sentence (about 10-15 words, well under 500 characters); a longer
+# "caption" is a pasted post or an accident, not a description of a picture.
+DEFAULT_MAX_CAPTION_CHARS = 1000
+
+MaxPixels = Annotated[int, Field(ge=1, description="Refuse larger images (decompression bombs), judged from "
+                                                   "the header.")]
+MaxFileBytes = Annotated[int, Field(ge=1, description="Refuse larger image files, by their size, before reading "
+                                                      "them.")]
 
 
 class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are rejected, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    def outputs(self) -> list[Path]:
+        """The files and folders the stage writes (``out_dir`` unless a stage says otherwise): a command run by
+        hand may not replace what DVC tracks for another command (:mod:`pipeline.tracked`)."""
+        out = getattr(self, "out_dir", None)
+        return [Path(out)] if out is not None else []
 
 
 # --------------------------------------------------------------------------- sources
@@ -155,6 +168,10 @@ class PrepareConfig(StageConfig):
         "decoded RGB pixels (the check_images full decode is reused; header/none decode once more); bytes: "
         "identical files only (no decoding).")
     workers: int = Field(2, ge=1, description="Threads decoding and hashing images.")
+    max_file_bytes: MaxFileBytes = DEFAULT_MAX_FILE_BYTES
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
+    max_caption_chars: int = Field(DEFAULT_MAX_CAPTION_CHARS, ge=1, description="Reject longer captions "
+                                   "(characters, after collapsing whitespace).")
 
     @model_validator(mode="after")
     def _fractions_leave_a_train_split(self) -> "PrepareConfig":
@@ -284,6 +301,7 @@ class TrainConfig(LoopConfig):
     decoder_options: dict[str, Any] = Field(default_factory=dict, description="Overrides of the family's options.")
     token_sets: Optional[list[str]] = Field(None, description="Cached token sets to use; default: all (concatenated).")
     blind: bool = Field(False, description="Image-blind control: replace the visual features by zeros.")
+    threads: Threads = None
     label_smoothing: LabelSmoothing = 0.1
     scheduled_sampling: float = Field(
         0.0, ge=0, le=1, description="Recurrent decoders: final probability of feeding back the model's own token."
@@ -316,6 +334,9 @@ class TrainConfig(LoopConfig):
     def output_dir(self) -> Path:
         """``out_dir``, or ``models/<decoder>`` (so training another family never overwrites this one's bundle)."""
         return self.out_dir if self.out_dir is not None else Path("models") / self.decoder
+
+    def outputs(self) -> list[Path]:
+        return [self.output_dir]
 
 
 HEADLINE_DECODINGS = ("greedy", "beam")
@@ -365,6 +386,22 @@ class EvaluateConfig(StageConfig):
             raise ValueError(f"gallery_sample_mode {self.gallery_sample_mode!r} is not one of {', '.join(samplers)}")
         return self
 
+    @property
+    def model_name(self) -> str:
+        """``name``, or the bundle's: ``models/transformer/bundle`` -> ``transformer``, another folder -> its name."""
+        if self.name:
+            return self.name
+        p = Path(self.model).resolve()
+        return p.parent.name if p.name == "bundle" else p.name
+
+    @property
+    def output_dir(self) -> Path:
+        """``out_dir``, or ``reports/<model_name>``."""
+        return self.out_dir if self.out_dir is not None else Path("reports") / self.model_name
+
+    def outputs(self) -> list[Path]:
+        return [self.output_dir]
+
 
 class ReportConfig(StageConfig):
     """Compare evaluated models side by side and plot their training curves."""
@@ -378,6 +415,9 @@ class ReportConfig(StageConfig):
     comparisons: dict[str, dict[str, str]] = Field(
         {}, description="Extra tables of chosen models side by side: title -> {row label: model name} (e.g. the "
                         "noisy-caption recovery experiment's cells); each model must be among the reports.")
+
+    def outputs(self) -> list[Path]:
+        return [self.out, self.out.parent / "curves"]
 
 
 class ClipTrainConfig(StageConfig):

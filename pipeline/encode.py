@@ -6,6 +6,13 @@ computes exactly the missing and changed records — one pass of batches over al
 decode worker's start-up is paid once per run, not once per shard, and without workers the
 images are decoded on one torch thread (:func:`_image_batches`). Bad images are recorded as
 rejects (with the digest of their bytes, so a fixed file is retried), never dropped silently.
+
+The encoder always runs on exactly ``batch_size`` images: a short batch (the last one, or one
+left short by rejected images) is padded with blank images whose outputs are dropped. Kernels
+are chosen by the batch's shape, so a record's bytes would otherwise depend on which batch it
+landed in (a resumed or updated extraction splits the work differently from a fresh one); this
+way they depend on the batch size only, which the cache records as part of its identity
+(``CacheMeta.computed_with``).
 """
 
 from __future__ import annotations
@@ -121,14 +128,7 @@ def fill_cache(
         if not items:
             return stats
         start = time.perf_counter()
-        # Batches never straddle two shards: a shard's records are computed in the same batches whichever
-        # shards a run writes (one process, torchrun ranks, --shard-index), so its bytes are the same.
-        batches, start_of = [], 0
-        for i in shards:
-            n = remaining.get(i, 0)
-            batches.extend(list(range(k, min(k + batch_size, start_of + n))) for k in range(start_of, start_of + n,
-                                                                                          batch_size))
-            start_of += n
+        batches = [list(range(k, min(k + batch_size, len(items)))) for k in range(0, len(items), batch_size)]
         dataset = ImageFiles([r for _, r in items], manifest, transform, max_pixels)
         pending: Optional[Future] = None
         with _image_batches(dataset, batches, workers=workers, pin_memory=pin_memory) as loader, \
@@ -137,7 +137,7 @@ def fill_cache(
             for idx, batch_digests, images, bad in loader:
                 values: dict[int, list[tuple[str, bytes]]] = {}
                 if images is not None:
-                    arrays = encode(images)
+                    arrays = encode_padded(encode, images, batch_size)
                     for j, (k, digest) in enumerate(zip(idx, batch_digests)):
                         shard, rec = items[k]
                         values.setdefault(shard, []).append(
@@ -145,6 +145,9 @@ def fill_cache(
                 if pending is not None:
                     pending.result()
                 for err in bad:  # appended before the batch's records commit, so a resumed run skips them too
+                    # keyed by the file's digest (hashed above even when it was refused unread, e.g. too
+                    # large), so an unchanged bad file is not retried on the next run, a fixed one is
+                    err["digest"] = err.get("digest") or digests.get(err["id"])
                     shard = shard_of(err["id"], num_shards)
                     open_shards[shard].add_rejects([err])
                     log.warning("skipped %s: %s%s", err["file"], err["reason"],
@@ -168,6 +171,15 @@ def fill_cache(
     finally:
         for sw in open_shards.values():
             sw.close()
+
+
+def encode_padded(encode: Encoder, images: torch.Tensor, batch_size: int) -> list[np.ndarray]:
+    """``encode`` run on exactly ``batch_size`` images (``images`` padded with zeros), the padding's outputs
+    dropped: each image's outputs are the same whatever batch it came in."""
+    n = images.shape[0]
+    if n < batch_size:
+        images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
+    return [a[:n] for a in encode(images)]
 
 
 @contextmanager

@@ -1,8 +1,10 @@
 """Writing outputs atomically: a reader (or a crash) sees the old file or the new one, never half of one.
 
-Every file a stage writes goes through here: text, JSON, JSON Lines, and whole folders
+Every file a stage writes goes through here: text, JSON, JSON Lines, safetensors, and whole folders
 (:func:`swap_folder`). (The ``cache`` package, storage only, has its own two-line equivalent.)
-:func:`output_lock` keeps two runs from writing one output folder at once.
+Files are byte-deterministic (the same content gives the same bytes: JSON keys and safetensors
+metadata in a fixed order) and get the usual permissions (``0666`` less the umask, like any file a
+user creates). :func:`output_lock` keeps two runs from writing one output folder at once.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import fcntl
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from pipeline.errors import UserError
 
@@ -45,6 +48,39 @@ def write_jsonl(path: Path, rows: Iterable[Any], *, sort_keys: bool = False, ens
     return len(lines)
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """safetensors bytes with the header's keys sorted. The format's writer emits its metadata dict in hash
+    order (two runs writing the same tensors and metadata gave two sha256s); readers do not care about the
+    order, and the tensors' data and offsets are unchanged."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Optional[dict[str, str]] = None) -> None:
+    """torch ``tensors`` as a safetensors file in canonical form (:func:`canonical_safetensors`), atomically."""
+    from safetensors.torch import save
+
+    write_bytes(path, canonical_safetensors(save(dict(tensors), metadata=metadata)))
+
+
+def set_default_mode(path: Path) -> None:
+    """Give a file another library wrote (e.g. safetensors' ``save_model``, which creates ``0600`` files) the
+    permissions a file created here gets."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import (os.umask can only be read by setting it)
+
+
 def swap_folder(new: Path, target: Path) -> None:
     """Replace the folder ``target`` by the finished folder ``new``; one of the two always exists whole."""
     new, target = Path(new), Path(target)
@@ -61,10 +97,15 @@ class OutputLockedError(UserError, RuntimeError):
 
 
 def lock_path(folder: Path) -> Path:
-    """The lock file of an output folder: ``.<name>.lock`` beside it, so it is never part of a DVC output."""
+    """The lock file of an output folder: ``.<name>.lock`` beside it, so it is never part of a DVC output.
+
+    The folder is the one the path leads to: through a symbolic link (``--out-dir link`` to ``real``), or a
+    ``..``, the lock is the real folder's, so two runs naming one folder two ways take one lock. A path
+    without either keeps its spelling (a relative one stays relative)."""
     folder = Path(folder)
-    if folder.name in ("", ".."):  # "." or "..": name the folder itself
-        folder = folder.resolve()
+    real = folder.resolve()
+    if folder.name in ("", "..") or real != folder.absolute():
+        folder = real
     return folder.parent / f".{folder.name}.lock"
 
 

@@ -6,18 +6,19 @@ A run writes into one output folder::
     checkpoints/last/         the resumable state of the last step saved (pipeline.checkpoint)
     checkpoints/best/         the best bundle so far (persists across interruptions)
     checkpoints/fingerprint.json   what the checkpoints were computed from: config (minus what a
-                              run may resume across), the content of every input, the training code
+                              run may resume across), the content of every input, every file of the
+                              code the stage runs (derived from its imports), the libraries' versions
     checkpoints/start_metrics.json the starting model's validation scores (finetune, scst)
     metrics.json              the summary `dvc metrics` reads
-    live/                     per-epoch metrics and curves (dvclive; `dvc plots` reads them)
+    live/plots/metrics/       per-epoch curves in dvclive's layout (`dvc plots` and `report` read them)
 
-Checkpoints of other settings, inputs or code are discarded, never resumed. Everything here is
+Checkpoints of other settings, inputs, code or libraries are discarded, never resumed. Every output
+holds content only (no timings or dates), so the same inputs give the same bytes. Everything here is
 shared; a stage only loads its inputs, builds its model and calls :class:`pipeline.training.Trainer`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -28,77 +29,20 @@ import torch
 from torch import nn
 
 from pipeline.data.features import pad_tokens
-from pipeline.config import LoopConfig, config_to_dict
 from pipeline.data.manifest import ManifestRecord, read_manifest
 from pipeline.decoding import greedy
 from pipeline.distributed import DistContext
 from pipeline.errors import UserError
 from pipeline.metrics import CiderD, bleu4_fast, fallback_tokenize
 from pipeline.text.tokenizers import CaptionTokenizer
-from pipeline.training import TrainState, caption_loss
-from pipeline.files import swap_folder, write_json
+from pipeline.provenance import discard_stale_checkpoints
+from pipeline.training import Trainer, TrainState, caption_loss
+from pipeline.files import swap_folder, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-# Options that do not change what a run computes: a checkpoint written under other values resumes.
-RESUMABLE_ACROSS = ("out_dir", "device", "checkpoint_every", "workers", "threads")
-# The code every run's numbers depend on (each stage adds its own modules).
-LOOP_CODE = ("pipeline/runs.py", "pipeline/training.py", "pipeline/checkpoint.py", "pipeline/models/decoders")
-
-
 class RunError(UserError, ValueError):
     """Inputs a training run cannot use; the message names the file and what to do."""
-
-
-# --------------------------------------------------------------------------- fingerprints
-def files_sha256(paths: Sequence[Path], root: Optional[Path] = None) -> str:
-    """sha256 over each file's name (relative to ``root``, else its base name) and bytes, in the given order."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(str(p.relative_to(root) if root else p.name).encode())
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()
-
-
-def tree_sha256(directory: Path) -> str:
-    """sha256 of every file under ``directory`` (relative names and bytes, sorted): e.g. a bundle's content."""
-    directory = Path(directory)
-    return files_sha256(sorted(p for p in directory.rglob("*") if p.is_file()), directory)
-
-
-def code_sha256(modules: Sequence[str]) -> str:
-    """sha256 of the project's files named in ``modules`` (a file, or a folder's ``*.py``), relative to the repo."""
-    files = sorted({p for rel in modules for p in ([ROOT / rel] if (ROOT / rel).is_file()
-                                                     else (ROOT / rel).rglob("*.py"))})
-    return files_sha256(files, ROOT)
-
-
-def run_fingerprint(cfg: LoopConfig, inputs: dict[str, str], code: Sequence[str]) -> dict[str, Any]:
-    """Everything a checkpoint depends on: the config (minus RESUMABLE_ACROSS), the inputs' content hashes,
-    and the code (:data:`LOOP_CODE` plus the stage's own ``code``)."""
-    return {
-        "config": {k: v for k, v in config_to_dict(cfg).items() if k not in RESUMABLE_ACROSS},
-        **inputs,
-        "code_sha256": code_sha256([*LOOP_CODE, *code]),
-    }
-
-
-def discard_stale_checkpoints(directory: Path, wanted: dict[str, Any]) -> None:
-    """Delete checkpoints written for other settings, inputs or code; record ``wanted`` beside new ones."""
-    marker = directory / "fingerprint.json"
-    if directory.exists():
-        found = json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else None
-        if found != wanted:
-            found = found or {}
-            changed = sorted(k for k in set(wanted) | set(found) if found.get(k) != wanted.get(k) and k != "config")
-            changed += sorted(f"config.{k}" for k in set(wanted["config"]) | set(found.get("config", {}))
-                              if found.get("config", {}).get(k) != wanted["config"].get(k))
-            log.info("checkpoints in %s were written with other settings (%s): starting afresh", directory,
-                     ", ".join(changed) or "unknown")
-            shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json(marker, wanted)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -179,25 +123,47 @@ class CaptionValidator:
 
 
 # --------------------------------------------------------------------------- the run's folder
+def curve_name(metric: str) -> str:
+    """A history key -> its curve's name in dvclive's layout (``val_cider`` -> ``val/cider``)."""
+    for prefix in ("val_", "train_"):
+        if metric.startswith(prefix):
+            return prefix[:-1] + "/" + metric[len(prefix):]
+    return metric
+
+
+def write_curves(live: Path, history: Sequence[dict[str, Any]]) -> None:
+    """The per-epoch curves of ``history`` in dvclive's on-disk layout (``plots/metrics/<name>.tsv``: a ``step``
+    column, step = epoch index, and the value), which ``dvc plots`` and `report` read. Written whole from the
+    history each time, so a resumed run, or a finished run rewriting its outputs, gives the same bytes."""
+    curves: dict[str, list[str]] = {}
+    for entry in history:
+        for key, value in entry.items():
+            if key != "epoch":
+                curves.setdefault(curve_name(key), []).append(f"{entry['epoch'] - 1}\t{value!r}\n")
+    folder = live / "plots" / "metrics"
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, rows in curves.items():
+        write_text(tmp / f"{name}.tsv", f"step\t{name.rsplit('/', 1)[-1]}\n" + "".join(rows))
+    tmp.mkdir(parents=True, exist_ok=True)
+    swap_folder(tmp, folder)
+
+
 class TrainingRun:
-    """The output folder of one run: stale-checkpoint discard, the dvclive logger, the best bundle and the
-    final export. Only the main process writes; other ranks get a run whose writers do nothing."""
+    """The output folder of one run: stale-checkpoint discard, the curves, the best bundle and the final
+    export. Only the main process writes; other ranks get a run whose writers do nothing.
+
+    Every run writes every output it declares: one that finds a finished checkpoint of its own fingerprint
+    trains nothing and rewrites ``bundle/``, ``metrics.json`` and the curves from that checkpoint (byte for
+    byte what the run that trained it wrote), so `dvc repro -f`, which deletes them first, always succeeds."""
 
     def __init__(self, out_dir: Path, ctx: DistContext, fingerprint: dict[str, Any]) -> None:
         self.out = Path(out_dir)
         self.ctx = ctx
         self.checkpoints = self.out / "checkpoints"
-        self.live = None
         if ctx.is_main:
             discard_stale_checkpoints(self.checkpoints, fingerprint)
         ctx.barrier()
-        if ctx.is_main:
-            from dvclive import Live
-
-            self.out.mkdir(parents=True, exist_ok=True)
-            resuming = (self.checkpoints / "last").exists() and (self.out / "live").exists()
-            self.live = Live(dir=str(self.out / "live"), resume=resuming, report=None, save_dvc_exp=False,
-                             dvcyaml=None)
 
     @property
     def last(self) -> Path:
@@ -209,6 +175,11 @@ class TrainingRun:
         """Where the best bundle so far lives (pass it to :func:`pipeline.bundle.save_bundle`)."""
         return self.checkpoints / "best"
 
+    @property
+    def live(self) -> Path:
+        """The curves' folder (dvclive's layout)."""
+        return self.out / "live"
+
     def start_metrics(self, compute: Callable[[], dict]) -> dict:
         """The starting model's validation scores: computed once, kept beside the checkpoints (so a resumed
         run reports the same)."""
@@ -217,27 +188,30 @@ class TrainingRun:
             return json.loads(path.read_text(encoding="utf-8"))
         metrics = compute()
         write_json(path, metrics)
-        log.info("starting model: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        log.info("starting model: %s", format_metrics(metrics))
         return metrics
 
     def log_epoch(self, state: TrainState, metrics: dict) -> None:
-        """The Trainer's ``on_epoch_end``: one dvclive step per epoch (step = epoch index, so a resumed run
-        continues the curves where they stopped) and one log line."""
-        if self.live is None:
+        """The Trainer's ``on_epoch_end``: the curves rewritten from the history, and one log line."""
+        if not self.ctx.is_main:
             return
-        self.live.step = state.epoch
-        for k, v in metrics.items():
-            if k != "epoch":
-                self.live.log_metric(k.replace("val_", "val/").replace("train_", "train/"), v)
-        self.live.next_step()
-        log.info("epoch %d: %s", metrics["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        write_curves(self.live, state.history)
+        log.info("epoch %d: %s", metrics["epoch"], format_metrics({k: v for k, v in metrics.items() if k != "epoch"}))
+
+    def train(self, trainer: Trainer, what: str) -> TrainState:
+        """Resume ``trainer`` from its last checkpoint if there is one, and train to the end; a run that finds
+        its checkpoint finished says so and trains nothing (:meth:`finish` then rewrites the outputs)."""
+        if trainer.try_resume() and trainer.done:
+            log.info("%s already trained: %d epoch(s); outputs rewritten from %s", what, trainer.state.epoch,
+                     self.checkpoints)
+        return trainer.fit()
 
     def finish(self, state: TrainState, summary: dict[str, Any]) -> dict[str, Any]:
-        """Export the best bundle to ``bundle/`` and write ``metrics.json`` (``summary`` + the best epoch's
-        validation scores and timings); returns what was written."""
-        if self.live is None:
+        """Export the best bundle to ``bundle/``, write ``metrics.json`` (``summary`` + the best epoch's
+        validation scores) and the curves; returns what was written."""
+        if not self.ctx.is_main:
             return {}
-        self.live.end()
+        write_curves(self.live, state.history)
         tmp = self.out / "bundle.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(self.best, tmp)
@@ -246,7 +220,19 @@ class TrainingRun:
         summary = {
             **summary, "epochs_run": state.epoch, "best_epoch": state.best_epoch, "steps": state.global_step,
             **{k: v for k, v in best.items() if k.startswith("val_")},
-            "train_samples_per_s": sum(h["samples_per_s"] for h in state.history) / len(state.history),
         }
         write_json(self.out / "metrics.json", summary)
         return summary
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``loss 2.301, cider 0.4123, lr 5e-05``: four significant digits, whole numbers from 1,000 up, and a value
+    that is zero but for floating-point dust (BLEU-4's ``1e-231`` smoothing floor) as 0."""
+    def number(v: Any) -> str:
+        if not isinstance(v, float):
+            return str(v)
+        if abs(v) < 1e-12:
+            return "0"
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+    return ", ".join(f"{k} {number(v)}" for k, v in metrics.items())

@@ -32,6 +32,7 @@ from pipeline.checkpoint import checkpoint_exists, load_checkpoint, save_checkpo
 from pipeline.config import LoopConfig
 from pipeline.errors import ConfigError
 from pipeline.distributed import DistContext
+from pipeline.interrupts import StopRequests, TrainingInterrupted
 from pipeline.optim import decay_groups, warmup_cosine
 from pipeline.progress import progress
 
@@ -195,6 +196,11 @@ class Trainer:
     def begin_epoch(self, epoch: int) -> None:
         """Called after ``model.train()`` at the start (or resumption) of every epoch."""
 
+    @property
+    def done(self) -> bool:
+        """Every epoch trained, or stopped early."""
+        return self.state.finished or self.state.epoch >= self.cfg.epochs
+
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> None:
         if self.ctx.is_main:
@@ -232,33 +238,30 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self, stop_after_steps: Optional[int] = None) -> TrainState:
-        cfg = self.cfg
-        st = self.state
-        steps_this_run = 0
-        while st.epoch < cfg.epochs and not st.finished:
-            order = epoch_order(len(self.dataset), cfg.seed, st.epoch, self.ctx)
-            self.model.train()
-            self.begin_epoch(st.epoch)
-            start, seen = time.perf_counter(), 0
-            bar = progress(total=self.batches_per_epoch, initial=st.batch_in_epoch, unit="batch",
-                           desc=f"epoch {st.epoch + 1}/{cfg.epochs}", disable=not self.ctx.is_main)
+        """Train to the last epoch (from wherever the state is). SIGINT/SIGTERM end the step in progress, save a
+        checkpoint and raise :class:`TrainingInterrupted`; ``stop_after_steps`` returns after that many steps."""
+        stops = StopRequests()
+        with stops.installed():
+            while not self.done:
+                if self._epoch(stops, stop_after_steps):
+                    break
+        return self.state
+
+    def _epoch(self, stops: StopRequests, stop_after_steps: Optional[int]) -> bool:
+        """Train the rest of the current epoch and validate; True when stopped early by ``stop_after_steps``."""
+        cfg, st = self.cfg, self.state
+        order = epoch_order(len(self.dataset), cfg.seed, st.epoch, self.ctx)
+        self.model.train()
+        self.begin_epoch(st.epoch)
+        start, seen, first_step = time.perf_counter(), 0, st.global_step
+        with progress(total=self.batches_per_epoch, initial=st.batch_in_epoch, unit="batch",
+                      desc=f"epoch {st.epoch + 1}/{cfg.epochs}", disable=not self.ctx.is_main) as bar:
             for b in range(st.batch_in_epoch, self.batches_per_epoch):
                 batch = self.fetch(order[b * cfg.batch_size : (b + 1) * cfg.batch_size], st.epoch, b)
-                loss = self._forward(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if cfg.schedule == "cosine":
-                    self.scheduler.step()
+                self._step(batch)
                 st.batch_in_epoch = b + 1
                 st.global_step += 1
-                steps_this_run += 1
                 seen += len(batch)
-                st.epoch_loss_sum += float(loss.detach())
                 # shown at the bar's next refresh (its mininterval): in logs one line per 30 s, not one per step
                 bar.set_postfix(loss=f"{st.epoch_loss_sum / st.batch_in_epoch:.3f}",
                                 samples_s=f"{seen * self.ctx.world_size / (time.perf_counter() - start):.0f}",
@@ -266,25 +269,54 @@ class Trainer:
                 bar.update(1)
                 if st.global_step % cfg.checkpoint_every == 0:
                     self.save()
-                if stop_after_steps is not None and steps_this_run >= stop_after_steps:
-                    bar.close()
-                    return st
-            bar.close()
-            train_seconds = time.perf_counter() - start
-            metrics = {"epoch": st.epoch + 1, "train_loss": st.epoch_loss_sum / max(st.batch_in_epoch, 1),
-                       "lr": self.optimizer.param_groups[0]["lr"],
-                       "samples_per_s": seen * self.ctx.world_size / max(train_seconds, 1e-9)}
-            metrics.update({f"train_{k}": v / max(st.batch_in_epoch, 1) for k, v in st.epoch_sums.items()})
-            metrics.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups[1:]
-                            if "name" in g and not g["name"].endswith("no_decay")})
-            if self.ctx.is_main:
-                self.model.eval()
-                metrics.update({f"val_{k}": v for k, v in self.validate(self.decoder).items()})
-            metrics = self._broadcast(metrics)
-            self._end_epoch(metrics)
+                self._stop_if_asked(stops)
+                if stop_after_steps is not None and st.global_step - first_step >= stop_after_steps:
+                    return True
+        seconds = time.perf_counter() - start
+        metrics = {"epoch": st.epoch + 1, "train_loss": st.epoch_loss_sum / max(st.batch_in_epoch, 1),
+                   "lr": self.optimizer.param_groups[0]["lr"]}
+        metrics.update({f"train_{k}": v / max(st.batch_in_epoch, 1) for k, v in st.epoch_sums.items()})
+        metrics.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups[1:]
+                        if "name" in g and not g["name"].endswith("no_decay")})
+        if seen and self.ctx.is_main:  # timings go to the log only: outputs hold content, the same on every run
+            log.info("epoch %d: %d samples in %.1f s (%.0f samples/s)", st.epoch + 1, seen * self.ctx.world_size,
+                     seconds, seen * self.ctx.world_size / max(seconds, 1e-9))
         if self.ctx.is_main:
+            self.model.eval()
+            metrics.update({f"val_{k}": v for k, v in self.validate(self.decoder).items()})
+        metrics = self._broadcast(metrics)
+        self._end_epoch(metrics)
+        self._stop_if_asked(stops)
+        return False
+
+    def _step(self, batch: Any) -> None:
+        cfg, st = self.cfg, self.state
+        loss = self._forward(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if cfg.schedule == "cosine":
+            self.scheduler.step()
+        st.epoch_loss_sum += float(loss.detach())
+
+    def _stop_if_asked(self, stops: StopRequests) -> None:
+        """After a whole step: if any rank got SIGINT/SIGTERM, save the state and raise (every rank stops at the
+        same step, so none is left waiting for the others' gradients)."""
+        signum = stops.signum or 0
+        if self.ctx.is_distributed:
+            import torch.distributed as dist
+
+            flag = torch.tensor([signum], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
             self.save()
-        return st
+            self.ctx.barrier()
+            raise TrainingInterrupted(signum, self.state.global_step, self.checkpoint_dir)
 
     def _broadcast(self, metrics: dict) -> dict:
         if not self.ctx.is_distributed:

@@ -12,7 +12,10 @@ open_clip itself):
 
 * ``open_clip_model.safetensors`` — the state dict;
 * ``open_clip_config.json`` — ``{"arch", "model_cfg", "preprocess_cfg", "training"}``;
-* ``train.json`` — loss per epoch, clean-val retrieval accuracy and cosine statistics, time.
+* ``train.json`` — loss per epoch, clean-val retrieval accuracy and cosine statistics;
+* ``checkpoints/`` — the resumable state (saved after every epoch, and at the step in progress on SIGINT or
+  SIGTERM) and its fingerprint: a rerun resumes it, or, finished, rewrites the three files above byte for
+  byte; checkpoints of other settings, inputs or code are discarded.
 
 Each step takes ``batch_size`` images with one of their captions each (drawn afresh every
 epoch), so the in-batch negatives are other images' captions. On top of that:
@@ -30,7 +33,6 @@ epoch), so the in-batch negatives are other images' captions. On top of that:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -42,14 +44,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from pipeline.config import ClipTrainConfig, config_to_dict
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
 from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
+from pipeline.files import output_lock, write_json
+from pipeline.interrupts import StopRequests, TrainingInterrupted
 from pipeline.models import clip as clip_lib
 from pipeline.progress import progress as progress_bar
 from pipeline.optim import decay_groups, warmup_cosine
+from pipeline.provenance import discard_stale_checkpoints, files_sha256, run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +181,47 @@ def retrieval_report(model, tokenizer, pixels: torch.Tensor, captions: Sequence[
 
 
 def run(cfg: ClipTrainConfig) -> dict:
-    start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    with output_lock(out_dir):
+        return _run(cfg, device, out_dir)
+
+
+class ClipRun:
+    """The training state of `clip-train` that a checkpoint holds beyond the model and optimizer: the position
+    (epoch, step), this epoch's order and losses, the history, and both random streams (numpy's for captions
+    and noise, torch's generator for the shifts)."""
+
+    def __init__(self, cfg: ClipTrainConfig, n_images: int) -> None:
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.bs = min(cfg.batch_size, n_images)
+        self.steps_per_epoch = n_images // self.bs
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.order: list[int] = []
+        self.losses: list[float] = []
+        self.history: list[dict] = []
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.epochs
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch, "order": self.order,
+                "losses": self.losses, "history": self.history, "numpy_rng": self.rng.bit_generator.state,
+                "torch_generator": self.gen.get_state().tolist()}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.order, self.losses, self.history = state["order"], state["losses"], state["history"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.gen.set_state(torch.tensor(state["torch_generator"], dtype=torch.uint8))
+
+
+def _run(cfg: ClipTrainConfig, device: torch.device, out_dir: Path) -> dict:
     model, _, eval_tf = clip_lib.create_untrained(cfg.arch, cfg.image_size, seed=cfg.seed)
     import open_clip
 
@@ -201,62 +242,91 @@ def run(cfg: ClipTrainConfig) -> dict:
              cfg.arch, n_params / 1e6, len(records), sum(map(len, captions)), cfg.manifest, cfg.split, cfg.epochs,
              device)
 
-    bs = min(cfg.batch_size, len(records))
-    steps_per_epoch = len(records) // bs
-    total_steps = steps_per_epoch * cfg.epochs
+    state = ClipRun(cfg, len(records))
+    total_steps = state.steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-
     lr_factor = warmup_cosine(total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-
     loss_fn = ExtraNegativesClipLoss()
-    history = []
-    step = 0
-    with progress_bar(total=total_steps, desc="clip-train", unit="step") as bar:
-        for epoch in range(cfg.epochs):
+
+    checkpoints = out_dir / "checkpoints"
+    discard_stale_checkpoints(checkpoints, run_fingerprint(
+        config_to_dict(cfg), {"manifest_sha256": files_sha256([Path(cfg.manifest)])}, f"{__name__}:run"))
+    last = checkpoints / "last"
+
+    def save() -> None:
+        save_checkpoint(last, model=model, optimizer=opt, scheduler=None, state=state.state())
+
+    if checkpoint_exists(last):
+        state.restore(load_checkpoint(last, model=model, optimizer=opt, scheduler=None, device=device))
+        if state.done:
+            log.info("clip-train already trained: %d epoch(s); outputs rewritten from %s", state.epoch, checkpoints)
+        else:
+            log.info("clip-train: resumed from %s: epoch %d, step %d", last, state.epoch + 1, state.step)
+    start = time.perf_counter()
+    stops = StopRequests()
+    with stops.installed(), progress_bar(total=total_steps, initial=state.step, desc="clip-train", unit="step") as bar:
+        while not state.done:
+            if state.batch_in_epoch == 0:
+                state.order, state.losses = state.rng.permutation(len(records)).tolist(), []
             model.train()
-            order = rng.permutation(len(records))
-            losses = []
-            for b in range(steps_per_epoch):
-                idx = order[b * bs:(b + 1) * bs]
-                images = _shift(pixels[torch.as_tensor(idx)].float(), cfg.shift, gen).to(device)
-                texts = [captions[i][rng.integers(len(captions[i]))] for i in idx]
-                neg_texts = [random_caption(words, rng) for _ in range(cfg.random_negatives)]
-                if cfg.social_noise > 0:
-                    texts = [social_dress(t, rng) if rng.random() < cfg.social_noise else t for t in texts]
-                    neg_texts = [social_dress(t, rng) if rng.random() < cfg.social_noise else t for t in neg_texts]
-                tokens = tokenizer(texts + neg_texts).to(device)
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * lr_factor(step)
-                image_f = model.encode_image(images, normalize=True)
-                text_f = clip_lib.encode_text(model, tokens)
-                scale = model.logit_scale.exp()
-                loss = loss_fn(image_f, text_f[: len(texts)], scale, text_f[len(texts):])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-                losses.append(loss.item())
-                step += 1
+            for b in range(state.batch_in_epoch, state.steps_per_epoch):
+                idx = state.order[b * state.bs:(b + 1) * state.bs]
+                loss = _step(cfg, model, opt, loss_fn, tokenizer, pixels, captions, words, idx, state,
+                             cfg.lr * lr_factor(state.step), device)
+                state.losses.append(loss)
+                state.step += 1
+                state.batch_in_epoch = b + 1
                 bar.update(1)
-            entry = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4),
+                if stops.signum:
+                    save()
+                    raise TrainingInterrupted(stops.signum, state.step, last)
+            entry = {"epoch": state.epoch + 1, "loss": round(float(np.mean(state.losses)), 4),
                      "logit_scale": round(model.logit_scale.exp().item(), 2)}
-            history.append(entry)
-            log.info("epoch %d: loss %.4f, logit scale %.1f", epoch + 1, entry["loss"], entry["logit_scale"])
+            state.history.append(entry)
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            save()
+            log.info("epoch %d: loss %.4f, logit scale %.1f", entry["epoch"], entry["loss"], entry["logit_scale"])
+            if stops.signum:
+                raise TrainingInterrupted(stops.signum, state.step, last)
+    if state.step:
+        log.info("clip-train: %d steps in %.1f s", state.step, time.perf_counter() - start)
 
     model.eval()
     report = (retrieval_report(model, tokenizer, val_pixels, [r.captions for r in val_records], device)
               if val_pixels is not None else {})
-    elapsed = time.perf_counter() - start
     summary = {
         "arch": cfg.arch, "parameters": n_params, "images": len(records), "captions": sum(map(len, captions)),
-        "rejected_images": bad, "steps": step, "seconds": round(elapsed, 1), "history": history,
-        "val": report, "config": config_to_dict(cfg),
+        "rejected_images": bad, "steps": state.step, "history": state.history, "val": report,
+        "config": config_to_dict(cfg),
     }
     model.to("cpu")
-    clip_lib.save_checkpoint(model, cfg.arch, cfg.out_dir, cfg.image_size,
+    clip_lib.save_checkpoint(model, cfg.arch, out_dir, cfg.image_size,
                              extra={"training": {k: summary[k] for k in ("images", "captions", "steps", "val")}})
-    (Path(cfg.out_dir) / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log.info("clip-train: %d steps in %.1f s; clean val image->text R@1 %s -> %s", step, elapsed,
-             report.get("image_to_text_r1"), Path(cfg.out_dir) / clip_lib.CHECKPOINT_FILE)
+    write_json(out_dir / "train.json", summary)  # sorted: the same bytes from a restored history
+    log.info("clip-train: clean val image->text R@1 %s -> %s", report.get("image_to_text_r1"),
+             out_dir / clip_lib.CHECKPOINT_FILE)
     return summary
+
+
+def _step(cfg: ClipTrainConfig, model, opt, loss_fn, tokenizer, pixels: torch.Tensor, captions, words,
+          idx: list[int], state: ClipRun, lr: float, device: torch.device) -> float:
+    """One optimisation step on the images ``idx`` (one caption each, maybe dressed up) and random negatives."""
+    rng = state.rng
+    images = _shift(pixels[torch.as_tensor(idx)].float(), cfg.shift, state.gen).to(device)
+    texts = [captions[i][rng.integers(len(captions[i]))] for i in idx]
+    neg_texts = [random_caption(words, rng) for _ in range(cfg.random_negatives)]
+    if cfg.social_noise > 0:
+        texts = [social_dress(t, rng) if rng.random() < cfg.social_noise else t for t in texts]
+        neg_texts = [social_dress(t, rng) if rng.random() < cfg.social_noise else t for t in neg_texts]
+    tokens = tokenizer(texts + neg_texts).to(device)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    image_f = model.encode_image(images, normalize=True)
+    text_f = clip_lib.encode_text(model, tokens)
+    loss = loss_fn(image_f, text_f[: len(texts)], model.logit_scale.exp(), text_f[len(texts):])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss.item()

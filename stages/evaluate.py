@@ -27,6 +27,8 @@ evaluated on zeroed features too, as it was trained.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import shutil
@@ -61,12 +63,6 @@ class EvaluateError(UserError, ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-def model_name(bundle_dir: Path) -> str:
-    """``models/transformer/bundle`` -> ``transformer``; any other folder -> its own name."""
-    p = Path(bundle_dir).resolve()
-    return p.parent.name if p.name == "bundle" else p.name
-
-
 def headline_options(cfg: EvaluateConfig, max_length: int) -> DecodingOptions:
     """The one decoding setting the headline metrics are computed with."""
     if cfg.decoding == "greedy":
@@ -183,8 +179,7 @@ def select_gallery(scores: dict[str, float], all_ids: list[str], size: int, seed
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     captioner = Captioner.load(cfg.model, device)
-    name = cfg.name or model_name(cfg.model)
-    out = Path(cfg.out_dir) if cfg.out_dir is not None else Path("reports") / name
+    name, out = cfg.model_name, cfg.output_dir
     blind = bool(captioner.config.get("blind", False))
     family = captioner.config["decoder"]["family"]
 
@@ -252,6 +247,9 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "caption_tokenizer": captioner.tokenizer.kind,
         "bundle": str(cfg.model),
         "split": cfg.split,
+        # what was scored, by content: reports of the same sha256 scored the same images against the same
+        # references (`report` compares only those)
+        "references_sha256": hashlib.sha256(json.dumps(references, sort_keys=True).encode("utf-8")).hexdigest(),
         "features": features.describe(),
         "captions": caption_stats([texts[i] for i in ids]),
         "warnings": scores["warnings"],

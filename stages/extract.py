@@ -6,10 +6,13 @@ weights the features were computed with), ``meta.json``, ``rejects.jsonl``.
 
 The cache knows what it holds: each record carries the sha256 of the image file it was
 computed from, and the cache's identity is the feature spec (backbone, weights by sha256,
-preprocessing, token sets, dtype) plus the shard count — nothing that changes no byte
-(batch size, workers, device, paths). A rerun hashes the manifest's images and computes
-exactly the records that are missing or whose image changed; records of images no longer
-in the manifest are dropped; shards that already cover the manifest are not touched.
+preprocessing, token sets, dtype), the shard count and what else the bytes depend on: the
+batch size the backbone runs at (always full batches, see :mod:`pipeline.encode`), the device
+type, autocast and memory format — nothing that changes no byte (workers, paths). A rerun
+hashes the manifest's images and computes exactly the records that are missing or whose image
+changed; records of images no longer in the manifest are dropped; shards that already cover the
+manifest are not touched. ``meta.json`` follows from the records alone: what a run reused or
+recomputed is in its log, not in the output.
 
 Work is split by shard: shard ``i`` is written by torchrun rank ``i % world_size``
 (or only ``--shard-index i`` on separate machines). Any process that sees every
@@ -53,12 +56,15 @@ def default_workers(device: torch.device) -> int:
     return 0 if device.type == "cpu" and cores <= 2 else 1
 
 
-def build_meta(backbone: Backbone, cfg: ExtractConfig, weights: bytes) -> CacheMeta:
-    """The cache's metadata: the features' spec, with the weights identified by the sha256 of ``weights``."""
+def build_meta(backbone: Backbone, cfg: ExtractConfig, weights: bytes, device: torch.device) -> CacheMeta:
+    """The cache's metadata: the features' spec, with the weights identified by the sha256 of ``weights``, and
+    how the records are computed on ``device``."""
     info = {k: v for k, v in backbone.weights_info.items()}
     info["sha256"] = hashlib.sha256(weights).hexdigest()
     spec = backbone.feature_spec(weights=info, dtype=cfg.dtype)
-    return CacheMeta(spec=spec, num_shards=cfg.num_shards, weights_file=WEIGHTS_FILE)
+    computed_with = {"batch_size": cfg.batch_size, "device": device.type, "amp": "bf16" if cfg.amp else None,
+                     "channels_last": cfg.channels_last}
+    return CacheMeta(spec=spec, num_shards=cfg.num_shards, weights_file=WEIGHTS_FILE, computed_with=computed_with)
 
 
 def store_weights(directory: Path, weights: bytes, sha256: str) -> None:
@@ -94,7 +100,7 @@ def _extract(cfg: ExtractConfig, records: list[ManifestRecord], device: torch.de
     backbone.model.to(device)
     if cfg.channels_last:
         backbone.model.to(memory_format=torch.channels_last)
-    meta = build_meta(backbone, cfg, weights)
+    meta = build_meta(backbone, cfg, weights, device)
     writer = CacheWriter(cfg.out_dir, meta)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main or cfg.shard_index is not None:
@@ -129,11 +135,7 @@ def _extract(cfg: ExtractConfig, records: list[ManifestRecord], device: torch.de
              stats.shards_current, stats.shards_updated, stats.kept, stats.changed, stats.dropped, stats.computed,
              stats.rejected)
     ctx.barrier()
-    update = None
-    if stats.shards_updated:
-        update = {"kept": stats.kept, "changed": stats.changed, "dropped": stats.dropped, "computed": stats.computed,
-                  "rejected": stats.rejected}
-    final = writer.finalize(update, require_records=True) if ctx.is_main or cfg.shard_index is not None else None
+    final = writer.finalize(require_records=True) if ctx.is_main or cfg.shard_index is not None else None
     if final is not None:
         log.info("cache complete: %d records, %d rejected, sha256 %s", final.records,
                  sum(1 for _ in (cfg.out_dir / "rejects.jsonl").open(encoding="utf-8")), final.content_sha256[:16])

@@ -63,6 +63,7 @@ from pipeline.data.manifest import (
 from pipeline.distributed import resolve_device
 from pipeline.encode import fill_cache
 from pipeline.errors import UserError
+from pipeline.files import write_json, write_jsonl, write_text
 from pipeline.filtering import fraction, label_report, retention_by, retention_curve, score_stats, select
 from pipeline.models.clip import ClipModel, load_clip
 from pipeline.plots import score_histogram, threshold_curves
@@ -79,7 +80,8 @@ def _cache_meta(clip: ClipModel, cfg: FilterConfig) -> CacheMeta:
     weights = {k: v for k, v in clip.weights.items() if k != "path"}  # where the file lies is not what it is
     spec = FeatureSpec(backbone=clip.arch, weights=weights, preprocessing=clip.preprocessing,
                        token_sets=(TokenSet("image", 1, clip.embed_dim),), dtype="float32")
-    return CacheMeta(spec=spec, num_shards=cfg.num_shards, extra={"model_key": clip.key})
+    computed_with = {"batch_size": cfg.batch_size, "device": clip.device.type}
+    return CacheMeta(spec=spec, num_shards=cfg.num_shards, extra={"model_key": clip.key}, computed_with=computed_with)
 
 
 def image_embeddings(clip: ClipModel, records: list[ManifestRecord], cfg: FilterConfig) -> tuple[FeatureCache, dict]:
@@ -95,14 +97,15 @@ def image_embeddings(clip: ClipModel, records: list[ManifestRecord], cfg: Filter
     fill = fill_cache(writer, records, cfg.manifest, list(range(cfg.num_shards)),
                       transform=clip.preprocess, encode=lambda images: [clip.encode_images(images).numpy()[:, None]],
                       batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels, desc="clip images")
-    if fill.computed:
-        log.info("filter: embedded %d images in %.1f s -> %s", fill.computed, fill.seconds, cache_dir)
+    # what this run reused or computed goes to the log only: retention.json holds what was selected, the same
+    # bytes however many embeddings a run found cached
+    log.info("filter: image embeddings of %d images: %d computed%s, %d rejected, %d reused -> %s", len(records),
+             fill.computed, f" in {fill.seconds:.1f} s" if fill.computed else "", fill.rejected,
+             len(records) - fill.computed - fill.rejected, cache_dir)
     meta = writer.finalize()
     if meta is None:  # pragma: no cover - every shard was just written
         raise UserError(f"{cache_dir}: embedding cache incomplete; rerun `pipeline filter` (it resumes)")
-    stats = {"dir": str(cache_dir), "model_key": clip.key, "computed": fill.computed, "rejected": fill.rejected,
-             "reused": len(records) - fill.computed - fill.rejected}
-    return FeatureCache(cache_dir), stats
+    return FeatureCache(cache_dir), {"dir": str(cache_dir), "model_key": clip.key}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -155,18 +158,18 @@ def run(cfg: FilterConfig) -> dict:
     # -- outputs -------------------------------------------------------------------------------
     out_records, rejects = _kept_records(cfg, out_dir, records, unreadable, pairs, scores, kept)
     write_manifest(out_dir / "manifest.jsonl", out_records)
-    _write_jsonl(out_dir / "scores.jsonl", (
+    write_jsonl(out_dir / "scores.jsonl", (
         {"image_id": rec.image_id, "caption_index": j, "caption": cap, "score": round(float(scores[k]), 6),
          "kept": bool(kept[k]), "split": rec.split, "source": rec.source}
         for k, (rec, j, cap) in enumerate(pairs)))
-    _write_jsonl(out_dir / "rejects.jsonl", rejects)
+    write_jsonl(out_dir / "rejects.jsonl", rejects)
 
     match = kinds = None
     if labels is not None:
         match, kinds = pair_labels(labels, pairs, cfg.labels)
     summary = _retention(cfg, clip, records, pairs, scores, kept, threshold, out_records, unreadable, match, kinds,
                          emb_stats)
-    (out_dir / "retention.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "retention.json", summary, sort_keys=False)
     curve = retention_curve(scores, np.array([rec.image_id for rec, _, _ in pairs]), match)
     _write_tsv(out_dir / "retention_curve.tsv", curve)
     score_histogram(out_dir / "histogram.png", scores, threshold, match, xlabel=f"image-caption cosine ({clip.arch})",
@@ -269,15 +272,7 @@ def _retention(cfg, clip, records, pairs, scores, kept, threshold, out_records, 
     return summary
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def _write_tsv(path: Path, rows: list[dict]) -> None:
     cols = list(rows[0]) if rows else ["threshold", "pairs_kept", "images_kept"]
     lines = ["\t".join(cols)] + ["\t".join(str(r[c]) for c in cols) for r in rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")

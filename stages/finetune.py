@@ -12,7 +12,7 @@ Outputs in ``cfg.out_dir`` (like `train`):
 * ``checkpoints/`` — ``last/`` (resumable: backbone + decoder, optimizer, RNG, progress),
   ``best/``, ``start_metrics.json`` (the starting bundle's validation scores), ``fingerprint.json``;
 * ``metrics.json`` — best validation scores, the starting bundle's (``start_val_*``), timings;
-* ``live/`` — per-epoch metrics (dvclive).
+* ``live/plots/metrics/`` — per-epoch curves (dvclive's layout; ``dvc plots`` reads them).
 
 Schedule: ``frozen_epochs`` of decoder-only training (backbone frozen, eval mode), then the last
 ``unfreeze_stages`` backbone stages train at ``backbone_lr`` beside the decoder at ``lr``.
@@ -39,20 +39,17 @@ from pipeline.finetune import (
     subset,
     trainable_backbone_parameters,
 )
+from pipeline.provenance import files_sha256, run_fingerprint, tree_sha256
 from pipeline.runs import (
     CaptionValidator,
     TrainingRun,
-    files_sha256,
     load_start_bundle,
-    run_fingerprint,
     train_val_splits,
-    tree_sha256,
 )
 from pipeline.training import TrainState, autocast_dtype
 
 log = logging.getLogger(__name__)
 
-CODE = ("stages/finetune.py", "pipeline/finetune.py", "pipeline/models/backbones.py")
 
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -102,8 +99,8 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
             model, device_ids=[device] if device.type == "cuda" else None,
             find_unused_parameters=cfg.frozen_epochs > 0 or backbone.out_indices is not None)
 
-    training_run = TrainingRun(out, ctx, run_fingerprint(cfg, {
-        "bundle_sha256": tree_sha256(cfg.bundle), "manifest_sha256": files_sha256([Path(cfg.manifest)])}, CODE))
+    training_run = TrainingRun(out, ctx, run_fingerprint(config_to_dict(cfg), {
+        "bundle_sha256": tree_sha256(cfg.bundle), "manifest_sha256": files_sha256([Path(cfg.manifest)])}, f"{__name__}:run"))
     validator, start = None, {}
     if ctx.is_main:
         val_data = ImageCaptionDataset(image_items(val_records, cfg.manifest, tokenizer), pad_id=tokenizer.pad_id,
@@ -147,9 +144,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
                               validate=validator, on_improvement=on_improvement, on_epoch_end=training_run.log_epoch,
                               checkpoint_module=core, label_smoothing=cfg.label_smoothing)
     try:
-        if trainer.try_resume() and trainer.state.finished:
-            log.info("fine-tuning already finished (%d epochs); nothing to do", trainer.state.epoch)
-        state = trainer.fit()
+        state = training_run.train(trainer, "fine-tuning")
     finally:
         trainer.close()
     summary_base.pop("config")

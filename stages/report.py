@@ -6,8 +6,8 @@ allowed); ``cfg.live`` — dvclive folders of `train` (``models/<name>/live``), 
 ``val/cider.tsv``, ``lr.tsv``) are plotted.
 
 Outputs: ``cfg.out`` (``reports/summary.md``): a markdown table of BLEU-1..4, METEOR,
-ROUGE-L, CIDEr (SPICE when any report has it), parameters and training throughput (from
-``models/<name>/metrics.json`` when present), image-blind control rows marked; and the
+ROUGE-L, CIDEr (SPICE when any report has it) and parameters, image-blind control rows marked, one
+table per group of comparable reports (same images and references, scorer and decoding); and the
 curves as PNG files in ``<folder of cfg.out>/curves/`` (one per model plus ``compare.png``
 overlaying the models), linked from the summary.
 """
@@ -27,6 +27,7 @@ from typing import Any
 from pipeline.config import ReportConfig
 from pipeline.decoding import decoding_label
 from pipeline.errors import UserError
+from pipeline.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def _train_summary(metrics: dict[str, Any]) -> dict[str, Any]:
             except json.JSONDecodeError:
                 log.warning("%s: not valid JSON; ignored", c)
                 continue
-            if isinstance(data, dict) and ("train_samples_per_s" in data or "parameters" in data):
+            if isinstance(data, dict) and "parameters" in data:
                 return data
     return {}
 
@@ -258,8 +259,24 @@ def _decoding(m: dict[str, Any]) -> str:
     return label if name in (None, "greedy", "beam") else f"{name} ({label})"
 
 
-def summary_markdown(rows: list[Row], out: Path, curve_files: dict[str, Path], compare: Path | None) -> str:
-    base = out.parent
+def comparable(row: Row) -> tuple[str, ...]:
+    """What two reports must share to be compared in one table: the images and references scored (their
+    sha256, else split and count), the scorer's tokenizer, and the decoding."""
+    m = row.metrics
+    images = str(m.get("references_sha256") or f"{m.get('split')}:{m.get('num_images')}")
+    return (str(m.get("split")), images, str(m.get("tokenizer")), _decoding(m))
+
+
+def _group_title(row: Row) -> str:
+    m = row.metrics
+    refs = m.get("references_sha256")
+    return (f"`{m.get('split')}` split, {m.get('num_images', '?')} images"
+            + (f" (references sha256 {str(refs)[:12]}…)" if refs else "")
+            + f", {_decoding(m)} decoding, `{m.get('tokenizer')}` scorer tokenizer")
+
+
+def model_table(rows: list[Row], base: Path) -> list[str]:
+    """One markdown table of comparable reports (:func:`comparable`), bold the best image-conditioned model."""
     metric_cols = [(k, lbl) for k, lbl in COLUMNS if k != "SPICE" or any(r.metrics.get("SPICE") is not None for r in rows)]
     blind_rows = [r for r in rows if r.blind]
     blind_cider = max((r.metrics.get("CIDEr") or 0.0 for r in blind_rows), default=None)
@@ -269,18 +286,18 @@ def summary_markdown(rows: list[Row], out: Path, curve_files: dict[str, Path], c
         if vals:
             best[k] = max(vals)
 
-    header = ["Model", "Decoder", "Decoding", *[lbl for _, lbl in metric_cols]]
+    header = ["Model", "Decoder", *[lbl for _, lbl in metric_cols]]
     if blind_rows:
         header.append("CIDEr − blind")
-    header += ["#params", "train samples/s", "images"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    header += ["#params"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for r in rows:
         m = r.metrics
         gallery = r.path.parent / "gallery" / "index.html"
         name = f"[{r.name}]({_rel(gallery, base)})" if gallery.is_file() else r.name
         if r.blind:
             name = f"{name} **{BLIND_MARK}**"
-        cells = [name, str(m.get("decoder", "?")), _decoding(m)]
+        cells = [name, str(m.get("decoder", "?"))]
         for k, _ in metric_cols:
             v = m.get(k)
             text = _num(v)
@@ -291,31 +308,35 @@ def summary_markdown(rows: list[Row], out: Path, curve_files: dict[str, Path], c
             cells.append("—" if r.blind else f"{(m.get('CIDEr') or 0.0) - blind_cider:+.4f}")
         params = r.parameters
         cells.append(f"{params / 1e6:.2f}M" if params else "n/a")
-        sps = r.train.get("train_samples_per_s")
-        cells.append(f"{sps:,.0f}" if isinstance(sps, (int, float)) else "n/a")
-        cells.append(str(m.get("num_images", "?")))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
 
-    splits = sorted({str(r.metrics.get("split")) for r in rows})
-    tokenizers = sorted({str(r.metrics.get("tokenizer")) for r in rows})
-    counts = sorted({r.metrics.get("num_images") for r in rows}, key=str)
+
+def summary_markdown(rows: list[Row], out: Path, curve_files: dict[str, Path], compare: Path | None) -> str:
+    base = out.parent
+    groups: dict[tuple[str, ...], list[Row]] = {}
+    for r in rows:
+        groups.setdefault(comparable(r), []).append(r)
     text = ["# Caption models compared", ""]
-    text.append(f"{len(rows)} evaluation report(s); split {', '.join(f'`{s}`' for s in splits)}; "
-                f"scorer tokenizer {', '.join(f'`{t}`' for t in tokenizers)}. Written by `pipeline report`.")
+    text.append(f"{len(rows)} evaluation report(s). Written by `pipeline report`. Reports are compared only where "
+                "they scored the same images and references with the same scorer and decoding: one table each.")
     text.append("")
-    if len(splits) > 1 or len(tokenizers) > 1 or len(counts) > 1:
-        text.append("> **Not directly comparable:** the reports differ in split, image count or scorer tokenizer "
-                    "(`fallback` = pure-Python PTB approximation when Java is missing).")
+    for group in groups.values():
+        if len(groups) > 1:
+            text += [f"### {_group_title(group[0])}", ""]
+        else:
+            text += [f"Scored on the {_group_title(group[0])}.", ""]
+        text += model_table(group, base)
         text.append("")
-    text += lines
-    text.append("")
     text.append("Scores on pycocoevalcap's scale (CIDEr is CIDEr-D, 0–10). Bold: best image-conditioned model. "
-                "Each model name links to its gallery (best, worst and random cases).")
-    if blind_rows:
+                "Each model name links to its gallery (best, worst and random cases). `fallback` scorer tokenizer: "
+                "the pure-Python PTB approximation used when Java is missing.")
+    if any(r.blind for r in rows):
         text.append("")
         text.append(f"Rows marked **{BLIND_MARK}** come from a decoder trained and evaluated on zeroed visual "
                     "features: it can only learn the caption prior of the dataset. A model is using the image "
-                    "only as far as it beats these rows; `CIDEr − blind` is its margin over the best blind row.")
+                    "only as far as it beats these rows; `CIDEr − blind` is its margin over the best blind row "
+                    "of its table.")
     reasons: dict[str, set[str]] = {}
     for r in rows:
         for k, why in (r.metrics.get("unavailable") or {}).items():
@@ -345,6 +366,12 @@ def comparison_markdown(title: str, cells: dict[str, str], rows: list[Row]) -> s
     if missing:
         raise ReportError(f"report comparison {title!r}: no evaluation report for model(s) {missing} "
                           f"(known: {', '.join(sorted(by_name))})")
+    kinds = {comparable(by_name[name]): name for name in cells.values()}
+    if len(kinds) > 1:
+        raise ReportError(f"report comparison {title!r}: its models were not evaluated alike, so their scores are "
+                          "not comparable: " + "; ".join(f"{name}: {_group_title(by_name[name])}"
+                                                         for name in kinds.values())
+                          + ". Evaluate them on the same split with the same decoding (their `evaluate` stages)")
     header = ["Cell", "Model", "train images", "train captions", *[dict(COLUMNS)[k] for k in COMPARISON_METRICS]]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for label, name in cells.items():
@@ -352,9 +379,8 @@ def comparison_markdown(title: str, cells: dict[str, str], rows: list[Row]) -> s
         counts = [str(r.train.get(k, "n/a")) for k in ("train_images", "train_captions")]
         lines.append("| " + " | ".join([label, name, *counts, *(_num(r.metrics.get(k)) for k in COMPARISON_METRICS)])
                      + " |")
-    splits = sorted({str(by_name[n].metrics.get("split")) for n in cells.values()})
     return "\n".join([f"## {title}", "", *lines, "",
-                      f"Every cell evaluated on the same {', '.join(splits)} split."]) + "\n"
+                      f"Every cell scored on the {_group_title(by_name[next(iter(cells.values()))])}."]) + "\n"
 
 
 # --------------------------------------------------------------------------- the stage
@@ -394,6 +420,6 @@ def run(cfg: ReportConfig) -> dict[str, Any]:
     if tables:  # after the main table, before the curves
         main, curves_part = text.split("\n## Training curves\n", 1)
         text = main + "\n" + "\n".join(tables) + "\n## Training curves\n" + curves_part
-    out.write_text(text, encoding="utf-8")
+    write_text(out, text)
     log.info("report: %d models, %d curve plots -> %s", len(rows), len(curve_files), out)
     return {"summary": str(out), "models": [r.name for r in rows], "curves": {k: str(v) for k, v in curve_files.items()}}

@@ -24,22 +24,19 @@ from pipeline.bundle import BACKBONE, BundleError, save_bundle
 from pipeline.config import ScstConfig, config_to_dict
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.finetune import ImageCaptionDataset, image_items, subset
+from pipeline.provenance import files_sha256, run_fingerprint, tree_sha256
 from pipeline.runs import (
     CaptionValidator,
     TrainingRun,
     digests_of,
-    files_sha256,
     load_start_bundle,
-    run_fingerprint,
     train_val_splits,
-    tree_sha256,
 )
 from pipeline.scst import CachedImageDataset, ScstPolicy, ScstTrainer, reward_corpus
 from pipeline.training import TrainState, autocast_dtype
 
 log = logging.getLogger(__name__)
 
-CODE = ("stages/scst.py", "pipeline/scst.py", "pipeline/finetune.py", "pipeline/decoding.py", "pipeline/metrics.py")
 
 
 def run(cfg: ScstConfig) -> dict[str, Any]:
@@ -97,7 +94,7 @@ def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, A
     if ctx.is_distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    training_run = TrainingRun(out, ctx, run_fingerprint(cfg, inputs, CODE))
+    training_run = TrainingRun(out, ctx, run_fingerprint(config_to_dict(cfg), inputs, f"{__name__}:run"))
     validator, start = None, {}
     if ctx.is_main:
         validator = CaptionValidator(val_records, tokenizer, encode_val, batch_size=max(cfg.batch_size, 32),
@@ -119,9 +116,7 @@ def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, A
                           max_length=max_length, ctx=ctx, device=device, checkpoint_dir=training_run.last,
                           validate=validator, on_improvement=on_improvement, on_epoch_end=training_run.log_epoch)
     try:
-        if trainer.try_resume() and trainer.state.finished:
-            log.info("SCST already finished (%d epochs); nothing to do", trainer.state.epoch)
-        state = trainer.fit()
+        state = training_run.train(trainer, "SCST")
     finally:
         close = getattr(dataset, "close", None)
         if close:

@@ -9,7 +9,7 @@ Outputs in ``cfg.out_dir``:
   bundle so far, ``checkpoints/fingerprint.json`` what they were computed from (config, inputs,
   code): checkpoints of anything else are discarded, never resumed;
 * ``metrics.json`` — the summary ``dvc metrics`` reads;
-* ``live/`` — per-epoch metrics and curves (dvclive; ``dvc plots`` reads them).
+* ``live/plots/metrics/`` — per-epoch curves (dvclive's layout; ``dvc plots`` reads them).
 
 Data comes from the feature cache only, never from images. A second run on the same ``out_dir``
 while one is training there is refused (``.<out_dir name>.lock`` beside it).
@@ -32,13 +32,12 @@ from pipeline.data.manifest import ManifestRecord
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.errors import ConfigError
 from pipeline.models.decoders import create_decoder
+from pipeline.provenance import files_sha256, run_fingerprint
 from pipeline.runs import (
     CaptionValidator,
     RunError,
     TrainingRun,
     digests_of,
-    files_sha256,
-    run_fingerprint,
     train_val_splits,
 )
 from pipeline.text.glove import glove_word_embeddings
@@ -47,7 +46,6 @@ from pipeline.training import Trainer, TrainingForward, TrainState
 
 log = logging.getLogger(__name__)
 
-CODE = ("stages/train.py",)
 
 
 def caption_samples(records: list[ManifestRecord], tokenizer: CaptionTokenizer) -> list[tuple[str, list[int]]]:
@@ -106,7 +104,7 @@ def refuse_other_family(out: Path, family: str) -> None:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    return run_distributed(_run, cfg, cfg.device, lock=cfg.output_dir)
+    return run_distributed(_run, cfg, cfg.device, threads=cfg.threads, lock=cfg.output_dir)
 
 
 def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
@@ -151,7 +149,7 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
               "manifest_sha256": files_sha256([Path(cfg.manifest)])}
     if word_vectors is not None:
         inputs["glove_sha256"] = word_vectors["sha256"]
-    training_run = TrainingRun(out, ctx, run_fingerprint(cfg, inputs, CODE))
+    training_run = TrainingRun(out, ctx, run_fingerprint(config_to_dict(cfg), inputs, f"{__name__}:run"))
     validator = None
     if ctx.is_main:
         def encode(image_ids: list[str]) -> torch.Tensor:
@@ -175,9 +173,7 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
                       validate=validator, on_improvement=on_improvement, on_epoch_end=training_run.log_epoch,
                       label_smoothing=cfg.label_smoothing,
                       scheduled_sampling=(cfg.scheduled_sampling, cfg.scheduled_sampling_ramp_epochs))
-    if trainer.try_resume() and trainer.state.finished:
-        log.info("training already finished (%d epochs); nothing to do", trainer.state.epoch)
-    state = trainer.fit()
+    state = training_run.train(trainer, cfg.decoder)
     return training_run.finish(state, {"decoder": cfg.decoder, "blind": cfg.blind, "parameters": n_params,
                                        "train_images": len(train_records), "train_captions": len(dataset)})
 

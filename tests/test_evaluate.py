@@ -326,24 +326,18 @@ def test_images_through_the_bundles_backbone_give_the_cached_captions(world, tmp
 
 # --------------------------------------------------------------------------- report
 def test_report_table_blind_row_and_curves(world, runs, monkeypatch):
-    from dvclive import Live
-
-    from stages.report import BLIND_MARK, read_live_metrics, run
+    from pipeline.runs import write_curves
+    from stages.report import BLIND_MARK, ReportError, read_live_metrics, run
 
     root = world["root"]
     monkeypatch.chdir(root)
-    # What `train` leaves next to a bundle: a summary and dvclive curves (written by dvclive itself).
+    # What `train` leaves next to a bundle: a summary and the curves (dvclive's layout).
     (root / "models" / "sat" / "metrics.json").write_text(json.dumps(
-        {"decoder": "show_attend_tell", "parameters": 1, "train_samples_per_s": 1234.4, "blind": False}))
+        {"decoder": "show_attend_tell", "parameters": 1234567, "blind": False}))
     for name, blind in (("sat", False), ("sat_blind", True)):
-        live = Live(dir=str(root / "models" / name / "live"), report=None, save_dvc_exp=False, dvcyaml=None)
-        for epoch in range(3):
-            live.log_metric("train/loss", 3.0 - epoch)
-            live.log_metric("val/loss", 3.2 - epoch * 0.8)
-            live.log_metric("val/cider", 0.1 * epoch * (0.3 if blind else 1.0))
-            live.log_metric("lr", 1e-3 / (epoch + 1))
-            live.next_step()
-        live.end()
+        write_curves(root / "models" / name / "live", [
+            {"epoch": epoch + 1, "train_loss": 3.0 - epoch, "val_loss": 3.2 - epoch * 0.8,
+             "val_cider": 0.1 * epoch * (0.3 if blind else 1.0), "lr": 1e-3 / (epoch + 1)} for epoch in range(3)])
     series = read_live_metrics(root / "models" / "sat" / "live")
     assert series["val/cider"] == ([0, 1, 2], [0.0, 0.1, 0.2]) and {"train/loss", "val/loss", "lr"} <= set(series)
 
@@ -351,16 +345,23 @@ def test_report_table_blind_row_and_curves(world, runs, monkeypatch):
     out = run(cfg)
     assert sorted(out["models"]) == ["sat", "sat_blind", "tf"]
     summary = (root / "reports" / "summary.md").read_text(encoding="utf-8")
-    table = [line for line in summary.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 3  # header + a row per report
+    # greedy and beam results are never one table: one per decoding, each under a heading saying what it scored
+    headings = [line for line in summary.splitlines() if line.startswith("### `")]  # not the curves' "### sat"
+    assert len(headings) == 2 and "greedy decoding" in headings[0] and "beam 3" in headings[1], headings
+    greedy_part, beam_part = summary.split(headings[1])
+    table = [line for line in greedy_part.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 2  # header + sat and its blind control
     assert "BLEU-4" in table[0] and "ROUGE-L" in table[0] and "CIDEr" in table[0] and "#params" in table[0]
     blind_rows = [line for line in table if BLIND_MARK in line]
     assert len(blind_rows) == 1 and "sat_blind" in blind_rows[0] and table[-1] == blind_rows[0]
+    assert [line for line in beam_part.splitlines() if line.startswith("| [tf](")]
     sat_row = next(line for line in table if line.startswith("| [sat]("))
-    assert "1,234" in sat_row and "beam 3" in next(line for line in table if "[tf]" in line)
+    assert "train samples/s" not in summary  # timings are not content: the summary is the same on every run
     assert "](sat/gallery/index.html)" in sat_row
     for png in ("curves/sat.png", "curves/sat_blind.png", "curves/compare.png"):
         assert f"]({png})" in summary
         data = (root / "reports" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert not (root / "reports" / "curves" / "tf.png").exists()  # no live folder for it
+    with pytest.raises(ReportError, match=r"comparison 'cells'.*not comparable.*greedy.*beam 3"):
+        run(cfg.model_copy(update={"comparisons": {"cells": {"a": "sat", "b": "tf"}}}))

@@ -89,7 +89,7 @@ def test_report_puts_the_cells_side_by_side(tmp_path, monkeypatch):
     assert lines[0].startswith("| Cell | Model | train images | train captions | BLEU-1 | BLEU-4 |")
     assert [line.split(" | ")[0] for line in lines[1:]] == ["| noisy, unfiltered", "| filtered", "| mixed", "| clean"]
     assert lines[1].split(" | ")[1:4] == ["transformer_noisy", "101", "501"] and "0.3000" in lines[1]
-    assert "Every cell evaluated on the same test split." in table
+    assert "Every cell scored on the `test` split, 5 images" in table
 
     with pytest.raises(Exception, match=r"no evaluation report for model\(s\) \['nope'\]"):
         run(ReportConfig(comparisons={"T": {"x": "nope"}}, live=[]))

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tracemalloc
@@ -33,6 +34,7 @@ from pipeline.config import (
 from pipeline.data.features import CachedCaptionDataset
 from pipeline.data.manifest import read_manifest
 from pipeline.text.tokenizers import load_tokenizer
+from pipeline.interrupts import TrainingInterrupted
 from pipeline.training import Trainer, TrainingForward
 from stages import train
 from tests.conftest import REPO, TinyPipeline
@@ -145,8 +147,12 @@ def test_each_family_trains_and_writes_its_outputs(trained, family):
     assert metrics["decoder"] == family and metrics["epochs_run"] == 3 and metrics["steps"] == 60
     assert metrics["blind"] is False
     assert metrics["val_loss"] == min(e["val_loss"] for e in h if e["epoch"] == metrics["best_epoch"])
-    live = json.loads((out / "live" / "metrics.json").read_text())
-    assert live["step"] == 2 and "train" in live and "val" in live  # dvclive: last epoch's values (step 0-based)
+    # the curves, in dvclive's layout (step = epoch index); outputs hold content only: no throughput anywhere
+    assert curve_steps(out, "val/cider") == [0, 1, 2] and curve_steps(out, "lr") == [0, 1, 2]
+    assert sorted(p.relative_to(out / "live").as_posix() for p in (out / "live").rglob("*.tsv")) == [
+        "plots/metrics/lr.tsv", "plots/metrics/train/loss.tsv", "plots/metrics/val/bleu4.tsv",
+        "plots/metrics/val/cider.tsv", "plots/metrics/val/loss.tsv"]
+    assert "samples_per_s" not in json.dumps([h, metrics, config])
 
 
 def test_gpt2_trains_with_the_real_gpt2_tokenizer(pipe, tmp_path, monkeypatch):
@@ -219,26 +225,98 @@ def test_killed_and_resumed_training_ends_with_the_same_weights(pipe, tmp_path, 
     assert_same_tensors(straight / "checkpoints" / "last" / "tensors.safetensors",  # optimizer moments + RNG
                         resumed / "checkpoints" / "last" / "tensors.safetensors")
     assert_same_tensors(straight / "bundle" / "model.safetensors", resumed / "bundle" / "model.safetensors")
-    a, b = history(straight), history(resumed)
-    # Every per-epoch metric matches too, the train loss of the interrupted epoch included.
-    drop = ("samples_per_s",)
-    assert [{k: v for k, v in e.items() if k not in drop} for e in a] == \
-           [{k: v for k, v in e.items() if k not in drop} for e in b]
-    sa, sb = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
-    assert {k: v for k, v in sa.items() if k != "train_samples_per_s"} == \
-           {k: v for k, v in sb.items() if k != "train_samples_per_s"}
-    # The curves keep one step per epoch across the interruption (dvclive alone restarts at 0 in epoch 2).
+    # Every per-epoch metric matches too, the train loss of the interrupted epoch included, and so does every
+    # byte of the outputs.
+    assert history(straight) == history(resumed)
+    assert output_bytes(straight, elsewhere=True) == output_bytes(resumed, elsewhere=True)
     for metric in ("train/loss", "val/cider"):
-        assert curve_steps(straight, metric) == curve_steps(resumed, metric) == [0, 1]
+        assert curve_steps(resumed, metric) == [0, 1]
 
 
-def test_rerunning_a_finished_training_changes_nothing(trained, pipe):
-    out = trained("show_tell")
-    before = tensors(out / "bundle" / "model.safetensors")
-    summary = train.run(pipe.cfg(out, "show_tell"))
+def output_bytes(out: Path, elsewhere: bool = False) -> dict[str, bytes]:
+    """Every file a run declares as its output (bundle, metrics.json, curves), by path: what DVC hashes.
+    ``elsewhere``: for comparing runs into two folders, the bundle's record of its own ``out_dir`` left out."""
+    files = [*(out / "bundle").rglob("*"), out / "metrics.json", *(out / "live").rglob("*")]
+    found = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(files) if p.is_file()}
+    if elsewhere:
+        config = json.loads(found["bundle/config.json"])
+        assert config["training"]["config"].pop("out_dir") == str(out)
+        found["bundle/config.json"] = json.dumps(config).encode()
+    return found
+
+
+def test_a_finished_run_rewrites_every_output_byte_for_byte(trained, pipe, tmp_path, caplog):
+    """`dvc repro -f` deletes a stage's outputs (all but the persisted checkpoints) and runs it again: a run that
+    finds its finished checkpoint trains nothing and writes the same bytes."""
+    out = tmp_path / "show_tell"
+    shutil.copytree(trained("show_tell"), out)
+    before = output_bytes(out)
+    for gone in ("bundle", "live"):
+        shutil.rmtree(out / gone)
+    (out / "metrics.json").unlink()
+    with caplog.at_level("INFO"):
+        summary = train.run(pipe.cfg(out, "show_tell"))
     assert summary["epochs_run"] == 3 and summary["steps"] == 60
-    after = tensors(out / "bundle" / "model.safetensors")
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert output_bytes(out) == before
+    assert any("already trained: 3 epoch(s); outputs rewritten" in r.getMessage() for r in caplog.records)
+    assert all(os.stat(out / "bundle" / f).st_mode & 0o777 == 0o644 for f in ("model.safetensors", "config.json"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_saves_the_step_in_progress_and_the_rerun_ends_byte_identical(pipe, tmp_path, monkeypatch,
+                                                                                   signum):
+    """SIGINT/SIGTERM at step 13 (mid-epoch, 7 steps after the last periodic checkpoint): the step completes,
+    a checkpoint of step 13 is saved, TrainingInterrupted carries exit code 128 + signum; the rerun resumes
+    there and its outputs equal an uninterrupted run's."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train.run(pipe.cfg(straight, "transformer", epochs=2, checkpoint_every=6))
+    steps = {"n": 0}
+    real_forward = Trainer._forward
+
+    def signalling_forward(self, batch):
+        steps["n"] += 1
+        if steps["n"] == 13:
+            os.kill(os.getpid(), signum)  # handled in this (the main) thread: noted, the step goes on
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(Trainer, "_forward", signalling_forward)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train.run(pipe.cfg(stopped, "transformer", epochs=2, checkpoint_every=6))
+    assert stop.value.exit_code == 128 + signum and stop.value.step == 13
+    saved = json.loads((stopped / "checkpoints" / "last" / "state.json").read_text())["state"]
+    assert saved["global_step"] == 13 and saved["batch_in_epoch"] == 13
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(Trainer, "_forward", real_forward)
+    train.run(pipe.cfg(stopped, "transformer", epochs=2, checkpoint_every=6))
+    assert output_bytes(stopped, elsewhere=True) == output_bytes(straight, elsewhere=True)
+
+
+@pytest.mark.integration
+def test_ctrl_c_in_pipeline_train_exits_130_with_its_step_saved(pipe, tmp_path):
+    """The CLI: Ctrl-C once the loop runs is one `interrupted:` line naming the step and exit 130; the same
+    command resumes from that step."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "pipeline.cli", "train", "--decoder", "transformer", "--manifest",
+            str(pipe.manifest), "--features", str(pipe.features), "--tokenizer", str(pipe.tokenizer()),
+            "--out-dir", str(out), "--decoder-options", json.dumps(OPTIONS["transformer"]), "--epochs", "200",
+            "--batch-size", "16", "--val-max-images", "2", "--amp", "none", "--device", "cpu", "--threads", "1",
+            "--patience", "0"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = ""
+    while "pipeline.runs: epoch 1:" not in seen:  # the loop (and its handlers) are running
+        line = proc.stderr.readline()
+        assert line, f"pipeline train ended early:\n{seen[-3000:]}"
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest[-3000:]
+    lines = [line for line in rest.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and "SIGINT at step" in lines[0] and "rerun the same command to resume" in lines[0], \
+        rest[-3000:]
+    assert "Traceback" not in rest
+    step = int(lines[0].split("at step ")[1].split(":")[0])
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())["state"]
+    assert state["global_step"] == step >= 20  # at least the first epoch's 20 steps
 
 
 def test_loading_a_bundles_backbone_leaves_the_rng_alone(trained):

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.files import write_json
+from pipeline.files import write_json, write_safetensors
 from pipeline.models.backbones import file_sha256
 
 log = logging.getLogger(__name__)
@@ -321,8 +321,6 @@ def save_checkpoint(model: torch.nn.Module, arch: str, out_dir: Path, image_size
     The folder loads with ``--clip-pretrained DIR`` or ``open_clip.create_model_and_transforms("local-dir:DIR")``;
     the file loads with ``--clip-model ARCH --clip-pretrained DIR/open_clip_model.safetensors``.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = arch_config(arch)
@@ -332,9 +330,7 @@ def save_checkpoint(model: torch.nn.Module, arch: str, out_dir: Path, image_size
     pcfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()}
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     ckpt = out_dir / CHECKPOINT_FILE
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    save_file(state, str(tmp), metadata={"arch": arch, "format": "open_clip"})
-    tmp.replace(ckpt)
+    write_safetensors(ckpt, state, metadata={"arch": arch, "format": "open_clip"})
     config = {"arch": arch, "model_cfg": model_cfg, "preprocess_cfg": pcfg, **(extra or {})}
     write_json(out_dir / CONFIG_FILE, config)
     return ckpt

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Union
 
 import timm
-from safetensors.torch import save_file
 
+from pipeline.files import write_safetensors
 from pipeline.models.backbones import WeightsError, convert_by_order, load_weights, read_state_dict
 
 __all__ = ["PACKAGE_PREFIX", "convert_weights", "packaged_weights", "weights_source"]
@@ -64,8 +64,6 @@ def convert_weights(source: Union[str, Path], dest: Union[str, Path], backbone: 
     if by_order:
         state = convert_by_order(state, model, str(path))
     load_weights(model, state, str(path))
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(dest),
-              metadata={"backbone": backbone, "source": path.name})
+    write_safetensors(Path(dest), {k: v.contiguous() for k, v in state.items()},
+                      metadata={"backbone": backbone, "source": path.name})
     return len(state)

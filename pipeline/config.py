@@ -211,6 +211,7 @@ class ExtractConfig(StageConfig):
     amp: bool = Field(False, description="bf16 autocast for the forward pass (CUDA).")
     channels_last: bool = False
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
+    max_file_bytes: MaxFileBytes = DEFAULT_MAX_FILE_BYTES
 
     @model_validator(mode="after")
     def _shard_index_below_num_shards(self) -> "ExtractConfig":
@@ -492,6 +493,7 @@ class FilterConfig(StageConfig):
     threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
     device: str = Field("auto", description="auto, cpu, cuda, ...")
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
+    max_file_bytes: MaxFileBytes = DEFAULT_MAX_FILE_BYTES
 
     @model_validator(mode="after")
     def _one_way_to_the_threshold(self) -> "FilterConfig":

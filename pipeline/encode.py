@@ -88,8 +88,8 @@ Encoder = Callable[[torch.Tensor], list[np.ndarray]]  # a batch of preprocessed 
 
 def fill_cache(
     writer: CacheWriter, records: list[ManifestRecord], manifest: Path, shards: list[int], *, transform: Callable,
-    encode: Encoder, batch_size: int, workers: int = 0, max_pixels: int, pin_memory: bool = False,
-    desc: str = "encode",
+    encode: Encoder, batch_size: int, workers: int = 0, max_pixels: int, max_file_bytes: int,
+    pin_memory: bool = False, desc: str = "encode",
 ) -> FillStats:
     """Bring ``shards`` of ``writer``'s cache up to date with the images of ``records`` that belong to them."""
     num_shards = writer.meta.num_shards
@@ -129,7 +129,7 @@ def fill_cache(
             return stats
         start = time.perf_counter()
         batches = [list(range(k, min(k + batch_size, len(items)))) for k in range(0, len(items), batch_size)]
-        dataset = ImageFiles([r for _, r in items], manifest, transform, max_pixels)
+        dataset = ImageFiles([r for _, r in items], manifest, transform, max_pixels, max_file_bytes)
         pending: Optional[Future] = None
         with _image_batches(dataset, batches, workers=workers, pin_memory=pin_memory) as loader, \
                 ThreadPoolExecutor(max_workers=1) as io, \

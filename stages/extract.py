@@ -128,7 +128,7 @@ def _extract(cfg: ExtractConfig, records: list[ManifestRecord], device: torch.de
 
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     stats = fill_cache(writer, records, cfg.manifest, mine, transform=backbone.eval_transform(), encode=encode,
-                       batch_size=cfg.batch_size, workers=workers, max_pixels=cfg.max_pixels,
+                       batch_size=cfg.batch_size, workers=workers, max_pixels=cfg.max_pixels, max_file_bytes=cfg.max_file_bytes,
                        pin_memory=device.type == "cuda", desc=f"extract[{ctx.rank}]")
     log.info("extract: %d shard(s) already up to date, %d updated: %d record(s) kept, %d re-extracted (image "
              "changed), %d dropped (no longer in the manifest), %d computed, %d rejected",

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from pipeline.attention_maps import attention_maps, backbone_view, describe_grids, render_heatmap
-from pipeline.data.images import ImageDecodeError, load_rgb
+from pipeline.data.images import ImageDecodeError, read_image_file
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,23 @@ def _card(case: Case, image_src: str | None, image_problem: str, heatmap_src: st
     )
 
 
+class ChangedImageError(UserError, ValueError):
+    """An image whose bytes differ from the sha256 its manifest records."""
+
+
+def _recorded_image(record: ManifestRecord, manifest: Path):
+    """The image of ``record``, refused unless its bytes are the ones the manifest records (sha256): the gallery
+    shows the pixels the features were computed from, and the stage depends on the images through the
+    manifest's digests alone (evaluate's DVC deps list the manifest, not the images folder)."""
+    path = resolve_image_path(record, manifest)
+    digest, img = read_image_file(path)
+    if record.sha256 and digest != record.sha256:
+        raise ChangedImageError(f"{path}: the image changed after `pipeline prepare` (sha256 {digest[:12]}… against "
+                                f"the manifest's {record.sha256[:12]}…); rerun `pipeline prepare` (and the stages "
+                                "after it) so that the manifest describes it")
+    return img
+
+
 def write_gallery(
     folder: Path, cases: Sequence[Case], *, title: str, metrics: dict[str, Any], captioner: Any,
     headline_label: str, thumbnail_size: int = 256, heatmap_note: str | None = None, sample_note: str = "",
@@ -191,7 +209,7 @@ def write_gallery(
         name = safe_name(case.image_id)
         image_src, problem, heatmap_src = None, "", None
         try:
-            img = load_rgb(resolve_image_path(case.record, case.manifest))
+            img = _recorded_image(case.record, case.manifest)
         except ImageDecodeError as err:
             img, problem = None, f"{err.reason}"
             log.warning("gallery: %s", err)

@@ -9,6 +9,7 @@ is covered by tests/test_metrics.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -365,3 +366,19 @@ def test_report_table_blind_row_and_curves(world, runs, monkeypatch):
     assert not (root / "reports" / "curves" / "tf.png").exists()  # no live folder for it
     with pytest.raises(ReportError, match=r"comparison 'cells'.*not comparable.*greedy.*beam 3"):
         run(cfg.model_copy(update={"comparisons": {"cells": {"a": "sat", "b": "tf"}}}))
+
+
+def test_the_gallery_refuses_an_image_that_changed_after_prepare(tmp_path):
+    """evaluate depends on the images through the manifest's sha256 of each (its DVC deps list the manifest):
+    a gallery thumbnail is the recorded image or an error, never other pixels."""
+    from pipeline.data.manifest import ManifestRecord
+    from pipeline.gallery import ChangedImageError, _recorded_image
+    from tests.conftest import write_png
+
+    write_png(tmp_path / "a.png", seed=1)
+    digest = hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
+    record = ManifestRecord(image_id="a", path="a.png", captions=["x"], split="test", source="t", sha256=digest)
+    assert _recorded_image(record, tmp_path / "manifest.jsonl").size == (56, 40)
+    write_png(tmp_path / "a.png", seed=2)
+    with pytest.raises(ChangedImageError, match=r"a.png: the image changed after `pipeline prepare`"):
+        _recorded_image(record, tmp_path / "manifest.jsonl")

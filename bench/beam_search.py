@@ -94,7 +94,7 @@ class Workload:
 def _trained(family: str, work: Workload):
     """(decoder, features, max_length, source) of a trained bundle of ``family`` that fits the cache, or None."""
     from cache import CacheError
-    from pipeline.bundle import Captioner, read_bundle_config
+    from pipeline.inference.bundle import Captioner, read_bundle_config
 
     given = [b for b in work.args.bundle if read_bundle_config(b)["decoder"]["family"] == family]
     bundle = given[0] if given else work.args.models / family / "bundle"
@@ -134,7 +134,7 @@ def _random(family: str, work: Workload):
 
 
 def _run_family(family: str, beam_sizes: list[int], work: Workload) -> list[dict]:
-    from pipeline.decoding import beam_search
+    from pipeline.inference.decoding import beam_search
 
     decoder, feats, max_length, source = _trained(family, work) or _random(family, work)
     decoder.eval()

@@ -76,7 +76,7 @@ def _parser():
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the stage's progress bars and info/warning logs (they cost nothing measurable)."""
-    import pipeline.encode as ex
+    import pipeline.data.cache_fill as ex
     from pipeline.progress import progress
 
     saved_bar = ex.progress_bar
@@ -153,7 +153,7 @@ def _bare_decode_forward(backbone, transform, path_batches) -> None:
     """Decode each batch's files (the same decoder and transform as extraction), then the forward pass.
 
     The decoding runs in a helper thread on one torch thread, synchronously, as extraction's decoding
-    without workers does (``pipeline.encode``): the cheapest way on a CPU the forward pass fills (its
+    without workers does (``pipeline.data.cache_fill``): the cheapest way on a CPU the forward pass fills (its
     threads would make the transform's small ops several times slower, and switching this thread's count
     per batch would empty PyTorch's oneDNN cache)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -45,7 +45,7 @@ from bench.common import (
     publish,
     work_folder,
 )
-from pipeline.decoding import decoding_label
+from pipeline.inference.decoding import decoding_label
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

@@ -125,7 +125,7 @@ def build_random_bundle(directory: Path, *, quick: bool, seed: int = 0) -> Path:
     import torch
     import yaml
 
-    from pipeline.bundle import save_bundle
+    from pipeline.inference.bundle import save_bundle
     from pipeline.data.synthetic import describe, sample_scene
     from pipeline.models.backbones import create_backbone
     from pipeline.models.decoders import create_decoder
@@ -505,8 +505,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.slow_clients, args.body_timeout = 4, 2.0
     import httpx
 
-    from pipeline.decoding import CAPTION_MODES
-    from pipeline.serve.engine import CaptionEngine
+    from pipeline.inference.decoding import CAPTION_MODES
+    from pipeline.inference.engine import CaptionEngine
     from pipeline.threads import set_threads
 
     set_threads(args.threads)

@@ -144,8 +144,8 @@ class BareLoop:
     def __init__(self, model, dataset, cfg, device, amp_dtype, label_smoothing: float) -> None:
         import torch
 
-        from pipeline.optim import decay_groups
-        from pipeline.training import epoch_order
+        from pipeline.training.optim import decay_groups
+        from pipeline.training.loop import epoch_order
 
         self.model, self.dataset, self.cfg, self.device = model, dataset, cfg, device
         self.amp_dtype, self.label_smoothing = amp_dtype, label_smoothing
@@ -159,7 +159,7 @@ class BareLoop:
     def run(self, steps: int) -> None:
         import torch
 
-        from pipeline.training import caption_loss
+        from pipeline.training.loop import caption_loss
 
         model, opt, bs, dev = self.model, self.optimizer, self.cfg.batch_size, self.device
         model.train()
@@ -207,7 +207,7 @@ def warm_page_cache(dataset) -> float:
 
 def measure(trainer, bare_model, args) -> dict[str, Any]:
     """The rounds: the real ``Trainer.fit(stop_after_steps=...)`` vs :class:`BareLoop`, alternating."""
-    from pipeline.training import Trainer
+    from pipeline.training.loop import Trainer
 
     cfg, st, device = trainer.cfg, trainer.state, trainer.device
     needed = args.warmup_batches + args.rounds * args.steps
@@ -261,7 +261,7 @@ def measure(trainer, bare_model, args) -> dict[str, Any]:
 
 def timed_trainer_class():
     """``Trainer`` whose ``fit`` runs :func:`measure` (then raises :class:`_Measured`); nothing else differs."""
-    from pipeline.training import Trainer, TrainingForward
+    from pipeline.training.loop import Trainer, TrainingForward
 
     class BenchTrainer(Trainer):
         bench_args: Any = None
@@ -352,7 +352,7 @@ def render(args, info, before, after, workload, m, s) -> str:
 
 def workload_of(cfg, source: str) -> dict[str, Any]:
     from cache import FeatureCache
-    from pipeline.runs import train_val_splits
+    from pipeline.training.runs import train_val_splits
     from pipeline.text.tokenizers import load_tokenizer
     from stages.train import build_decoder, caption_samples
 

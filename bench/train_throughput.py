@@ -2,7 +2,7 @@
 
 Both paths train the same decoder (``transformer``: d_model 256, 3 layers, 8 heads,
 word vocabulary of the synthetic captions) on the same (image, caption) samples,
-batch 32, with the step of ``pipeline.training.Trainer`` (autocast, ``caption_loss``
+batch 32, with the step of ``pipeline.training.loop.Trainer`` (autocast, ``caption_loss``
 with label smoothing, AdamW, gradient clipping, warm-up/cosine schedule):
 
 * ``cache``      features from the LMDB cache (``CachedCaptionDataset.__getitems__``, one read
@@ -108,8 +108,8 @@ class Learner:
     def __init__(self, tc, decoder, extra_params: list | None = None, amp: bool = False) -> None:
         import torch
 
-        from pipeline.optim import warmup_cosine
-        from pipeline.training import TrainingForward
+        from pipeline.training.optim import warmup_cosine
+        from pipeline.training.loop import TrainingForward
 
         self.tc = tc
         self.amp = amp
@@ -139,7 +139,7 @@ class Learner:
         """``Trainer._forward`` + the optimiser part of ``Trainer.fit`` (no GradScaler: it is off without fp16)."""
         import torch
 
-        from pipeline.training import caption_loss
+        from pipeline.training.loop import caption_loss
 
         with self.autocast():
             logits, aux = self.model(features, tokens, lengths)
@@ -182,7 +182,7 @@ class BatchStream:
         self.epoch, self.pos, self.order = 0, 0, self._order(0)
 
     def _order(self, epoch: int) -> list[int]:
-        from pipeline.training import epoch_order
+        from pipeline.training.loop import epoch_order
 
         return epoch_order(self.n, self.seed, epoch, self.ctx)
 
@@ -227,7 +227,7 @@ class TrainerPath:
         import torch
 
         from pipeline.distributed import DistContext
-        from pipeline.training import Trainer, TrainingForward
+        from pipeline.training.loop import Trainer, TrainingForward
 
         self.trainer = Trainer(
             tc, TrainingForward(decoder), dataset, ctx=DistContext(), device=torch.device("cpu"),

@@ -8,8 +8,8 @@ names the key and the file (with a suggestion when one is close).
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 import logging
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
@@ -256,7 +256,7 @@ ImageWorkers = Annotated[int, Field(ge=1, description="Threads decoding (and aug
 
 
 class LoopConfig(StageConfig):
-    """The training loop's options (:class:`pipeline.training.Trainer` reads these and no others)."""
+    """The training loop's options (:class:`pipeline.training.loop.Trainer` reads these and no others)."""
 
     epochs: Epochs = 10
     batch_size: BatchSize = 64
@@ -376,7 +376,7 @@ class EvaluateConfig(StageConfig):
 
     @model_validator(mode="after")
     def _known_decodings(self) -> "EvaluateConfig":
-        from pipeline.decoding import CAPTION_MODES
+        from pipeline.inference.decoding import CAPTION_MODES
 
         known = (*HEADLINE_DECODINGS, *CAPTION_MODES)
         if self.decoding not in known:

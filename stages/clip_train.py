@@ -44,18 +44,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from pipeline.config import ClipTrainConfig, config_to_dict
 from pipeline.data.images import ImageDecodeError, load_rgb
 from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
 from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.files import output_lock, write_json
-from pipeline.interrupts import StopRequests, TrainingInterrupted
 from pipeline.models import clip as clip_lib
 from pipeline.progress import progress as progress_bar
-from pipeline.optim import decay_groups, warmup_cosine
 from pipeline.provenance import discard_stale_checkpoints, files_sha256, run_fingerprint
+from pipeline.training.checkpoint import (
+    checkpoint_exists,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pipeline.training.interrupts import StopRequests, TrainingInterrupted
+from pipeline.training.optim import decay_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ Outputs in ``cfg.out_dir`` (default ``reports/<name>``):
 * ``config.json`` — the resolved stage config;
 * ``gallery/index.html`` — best / worst / random cases by per-image CIDEr with the greedy,
   beam-search and a sampled caption, and per-word attention heatmaps for attention decoders
-  (see :mod:`pipeline.gallery`).
+  (see :mod:`pipeline.evaluation.gallery`).
 
 One decoding setting (``cfg.decoding``, greedy by default) gives the headline numbers. The
 captions are scored exactly as the model emitted them (``tokenizer.decode`` of its tokens):
@@ -41,17 +41,20 @@ import numpy as np
 import torch
 
 from cache import FeatureCache
-from pipeline.data.features import select_features
-from pipeline.bundle import Captioner
 from pipeline.config import EvaluateConfig, config_to_dict
+from pipeline.data.features import select_features
 from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
-from pipeline.decoding import DecodingOptions, options_for_mode
 from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
-from pipeline.metrics import coco_caption_metrics
-from pipeline.progress import progress
-from pipeline.decoding import decoding_label
+from pipeline.evaluation.metrics import coco_caption_metrics
 from pipeline.files import write_json
+from pipeline.inference.bundle import Captioner
+from pipeline.inference.decoding import (
+    DecodingOptions,
+    decoding_label,
+    options_for_mode,
+)
+from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +290,7 @@ def _build_gallery(
     tokens: dict[str, list[int]], attention: dict[str, torch.Tensor], per_metric: dict[str, dict],
     gallery_dir: Path, blind: bool, max_length: int,
 ) -> None:
-    from pipeline import gallery
+    from pipeline.evaluation import gallery
 
     ids = sorted(by_id)
     cider = per_metric.get("CIDEr", {})

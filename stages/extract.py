@@ -7,7 +7,7 @@ weights the features were computed with), ``meta.json``, ``rejects.jsonl``.
 The cache knows what it holds: each record carries the sha256 of the image file it was
 computed from, and the cache's identity is the feature spec (backbone, weights by sha256,
 preprocessing, token sets, dtype), the shard count and what else the bytes depend on: the
-batch size the backbone runs at (always full batches, see :mod:`pipeline.encode`), the device
+batch size the backbone runs at (always full batches, see :mod:`pipeline.data.cache_fill`), the device
 type, autocast and memory format — nothing that changes no byte (workers, paths). A rerun
 hashes the manifest's images and computes exactly the records that are missing or whose image
 changed; records of images no longer in the manifest are dropped; shards that already cover the
@@ -35,9 +35,9 @@ import torch
 from cache.format import WEIGHTS_FILE, CacheMeta, file_sha256
 from cache.writer import CacheWriter
 from pipeline.config import ExtractConfig
+from pipeline.data.cache_fill import fill_cache
 from pipeline.data.manifest import ManifestRecord, read_manifests
 from pipeline.distributed import DistContext, run_distributed
-from pipeline.encode import fill_cache
 from pipeline.errors import UserError
 from pipeline.files import output_lock, write_bytes
 from pipeline.models.backbones import Backbone, create_backbone, weights_bytes

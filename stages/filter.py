@@ -32,9 +32,9 @@ when ``clip_model`` is another), or ``keep_fraction``, never both (:class:`Filte
 ``keep_fraction`` the threshold becomes the score of the ``ceil(F * pairs)``-th best pair, so the
 top fraction is kept (ties at the cut kept too).
 
-This module is the stage: inputs -> image embeddings (:func:`pipeline.encode.fill_cache`) ->
+This module is the stage: inputs -> image embeddings (:func:`pipeline.data.cache_fill.fill_cache`) ->
 scores -> selection -> outputs. Selection and its precision/recall maths are
-:mod:`pipeline.filtering`'s, the plots :mod:`pipeline.plots`'s.
+:mod:`pipeline.data.filtering`'s, the plots :mod:`pipeline.evaluation.plots`'s.
 """
 
 from __future__ import annotations
@@ -54,6 +54,15 @@ from cache.format import CacheMeta, FeatureSpec, TokenSet
 from cache.reader import FeatureCache
 from cache.writer import CacheWriter
 from pipeline.config import FilterConfig, config_to_dict
+from pipeline.data.cache_fill import fill_cache
+from pipeline.data.filtering import (
+    fraction,
+    label_report,
+    retention_by,
+    retention_curve,
+    score_stats,
+    select,
+)
 from pipeline.data.manifest import (
     ManifestRecord,
     read_manifest,
@@ -61,12 +70,10 @@ from pipeline.data.manifest import (
     write_manifest,
 )
 from pipeline.distributed import resolve_device
-from pipeline.encode import fill_cache
 from pipeline.errors import UserError
+from pipeline.evaluation.plots import score_histogram, threshold_curves
 from pipeline.files import write_json, write_jsonl, write_text
-from pipeline.filtering import fraction, label_report, retention_by, retention_curve, score_stats, select
 from pipeline.models.clip import ClipModel, load_clip
-from pipeline.plots import score_histogram, threshold_curves
 from pipeline.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -88,7 +95,7 @@ def image_embeddings(clip: ClipModel, records: list[ManifestRecord], cfg: Filter
     """The finished embedding cache holding every readable image of ``records``, and what this run computed.
 
     Embeddings are computed once per image file (by content) and CLIP model: another threshold reuses
-    them all; a changed manifest computes only its new and changed images (:func:`pipeline.encode.fill_cache`)."""
+    them all; a changed manifest computes only its new and changed images (:func:`pipeline.data.cache_fill.fill_cache`)."""
     cache_dir = Path(cfg.embeddings_dir) / clip.key
     meta = _cache_meta(clip, cfg)
     writer = CacheWriter(cache_dir, meta)

@@ -27,29 +27,26 @@ from typing import Any
 import torch
 
 from cache import FeatureSpec
-from pipeline.bundle import BundleError, save_bundle
 from pipeline.config import FinetuneConfig, config_to_dict
+from pipeline.data.image_captions import Augmentation, ImageCaptionDataset, image_items
+from pipeline.data.manifest import subset
 from pipeline.distributed import DistContext, run_distributed
-from pipeline.finetune import (
-    Augmentation,
+from pipeline.inference.bundle import BundleError, save_bundle
+from pipeline.provenance import files_sha256, tree_sha256
+from pipeline.training.finetune import (
     FinetuneForward,
     FinetuneTrainer,
-    ImageCaptionDataset,
-    image_items,
-    subset,
     trainable_backbone_parameters,
 )
-from pipeline.provenance import files_sha256, run_fingerprint, tree_sha256
-from pipeline.runs import (
+from pipeline.training.loop import TrainState, autocast_dtype
+from pipeline.training.runs import (
     CaptionValidator,
-    TrainingRun,
     load_start_bundle,
     train_val_splits,
 )
-from pipeline.training import TrainState, autocast_dtype
+from pipeline.training.stage import TrainingStage, run_training_stage
 
 log = logging.getLogger(__name__)
-
 
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -90,19 +87,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
              n_decoder / 1e6, cfg.lr, len(dataset), len(train_all), min(cfg.frozen_epochs, cfg.epochs), cfg.epochs,
              device, ctx.world_size)
 
-    model: torch.nn.Module = core
-    if cfg.compile:
-        model = torch.compile(model)
-    if ctx.is_distributed:
-        # Unused parameters: the backbone during the frozen warm-up, stages after the last one read.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.frozen_epochs > 0 or backbone.out_indices is not None)
-
-    training_run = TrainingRun(out, ctx, run_fingerprint(config_to_dict(cfg), {
-        "bundle_sha256": tree_sha256(cfg.bundle), "manifest_sha256": files_sha256([Path(cfg.manifest)])}, f"{__name__}:run"))
-    validator, start = None, {}
-    if ctx.is_main:
+    def validator() -> CaptionValidator:
         val_data = ImageCaptionDataset(image_items(val_records, cfg.manifest, tokenizer), pad_id=tokenizer.pad_id,
                                        data_config=backbone.data_config, eval_transform=backbone.eval_transform(),
                                        workers=cfg.workers, max_pixels=cfg.max_pixels)
@@ -115,14 +100,8 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
                 x = x.contiguous(memory_format=torch.channels_last)
             return core.encode(x).float()
 
-        validator = CaptionValidator(val_records, tokenizer, encode, batch_size=cfg.batch_size,
-                                     max_caption_length=cfg.max_caption_length, device=device, amp_dtype=amp_dtype)
-
-        def evaluate_start() -> dict:
-            core.eval()
-            return {f"val_{k}": v for k, v in validator(decoder).items()}
-
-        start = training_run.start_metrics(evaluate_start)
+        return CaptionValidator(val_records, tokenizer, encode, batch_size=cfg.batch_size,
+                                max_caption_length=cfg.max_caption_length, device=device, amp_dtype=amp_dtype)
 
     # The fine-tuned weights' sha256 is filled in by save_bundle from the weights it writes.
     finetuned = FeatureSpec(
@@ -131,21 +110,21 @@ def _run(cfg: FinetuneConfig, device: torch.device, ctx: DistContext) -> dict[st
                  "unfreeze_stages": cfg.unfreeze_stages},
         preprocessing=spec.preprocessing, token_sets=spec.token_sets, dtype="float32", source="finetuned",
     )
-    summary_base = {"decoder": decoder.family, "source_bundle": str(cfg.bundle), "backbone": spec.backbone,
-                    "unfreeze_stages": cfg.unfreeze_stages, "trainable_backbone_parameters": n_backbone,
-                    "decoder_parameters": n_decoder, "config": config_to_dict(cfg)}
+    summary = {"decoder": decoder.family, "source_bundle": str(cfg.bundle), "backbone": spec.backbone,
+               "unfreeze_stages": cfg.unfreeze_stages, "trainable_backbone_parameters": n_backbone,
+               "decoder_parameters": n_decoder}
 
-    def on_improvement(state: TrainState, metrics: dict) -> None:
-        save_bundle(training_run.best, decoder=decoder, tokenizer=tokenizer, features=finetuned,
+    def save_best(folder: Path, state: TrainState, metrics: dict, start: dict) -> None:
+        save_bundle(folder, decoder=decoder, tokenizer=tokenizer, features=finetuned,
                     backbone_state=core.backbone.state_dict(),
-                    training={**summary_base, "best_epoch": state.epoch + 1, "val": metrics, "start": start})
+                    training={**summary, "config": config_to_dict(cfg), "best_epoch": state.epoch + 1, "val": metrics,
+                              "start": start})
 
-    trainer = FinetuneTrainer(cfg, model, dataset, ctx=ctx, device=device, checkpoint_dir=training_run.last,
-                              validate=validator, on_improvement=on_improvement, on_epoch_end=training_run.log_epoch,
-                              checkpoint_module=core, label_smoothing=cfg.label_smoothing)
-    try:
-        state = training_run.train(trainer, "fine-tuning")
-    finally:
-        trainer.close()
-    summary_base.pop("config")
-    return training_run.finish(state, {**summary_base, **{f"start_{k}": v for k, v in start.items()}})
+    return run_training_stage(TrainingStage(
+        cfg=cfg, out_dir=out, entry=f"{__name__}:run", model=core, dataset=dataset, what="fine-tuning",
+        inputs={"bundle_sha256": tree_sha256(cfg.bundle), "manifest_sha256": files_sha256([Path(cfg.manifest)])},
+        validator=validator, save_best=save_best, summary=summary, start_metrics=True, compile=cfg.compile,
+        # unused parameters: the backbone during the frozen warm-up, stages after the last one read
+        find_unused_parameters=cfg.frozen_epochs > 0 or backbone.out_indices is not None,
+        trainer=FinetuneTrainer, trainer_options={"checkpoint_module": core, "label_smoothing": cfg.label_smoothing},
+    ), ctx, device)

@@ -28,7 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import MixConfig, config_to_dict
-from pipeline.data.manifest import ManifestRecord, read_manifest, rebased, write_manifest
+from pipeline.data.manifest import (
+    ManifestRecord,
+    read_manifest,
+    rebased,
+    write_manifest,
+)
 from pipeline.errors import UserError
 from pipeline.files import write_json
 

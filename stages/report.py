@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ReportConfig
-from pipeline.decoding import decoding_label
 from pipeline.errors import UserError
 from pipeline.files import write_text
+from pipeline.inference.decoding import decoding_label
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Outputs in ``cfg.out_dir``, like `train`: ``bundle/`` (best greedy CIDEr-D on va
 and feature spec as the input bundle), ``checkpoints/`` (resumable), ``metrics.json`` (with the
 starting bundle's scores as ``start_val_*``) and ``live/``.
 
-See :mod:`pipeline.scst` for the method.
+See :mod:`pipeline.training.scst` for the method.
 """
 
 from __future__ import annotations
@@ -20,23 +20,24 @@ from typing import Any
 import torch
 
 from cache import FeatureCache
-from pipeline.bundle import BACKBONE, BundleError, save_bundle
 from pipeline.config import ScstConfig, config_to_dict
+from pipeline.data.features import CachedImageDataset
+from pipeline.data.image_captions import ImageCaptionDataset, image_items
+from pipeline.data.manifest import subset
 from pipeline.distributed import DistContext, run_distributed
-from pipeline.finetune import ImageCaptionDataset, image_items, subset
-from pipeline.provenance import files_sha256, run_fingerprint, tree_sha256
-from pipeline.runs import (
+from pipeline.inference.bundle import BACKBONE, BundleError, save_bundle
+from pipeline.provenance import files_sha256, tree_sha256
+from pipeline.training.loop import TrainState, autocast_dtype
+from pipeline.training.runs import (
     CaptionValidator,
-    TrainingRun,
     digests_of,
     load_start_bundle,
     train_val_splits,
 )
-from pipeline.scst import CachedImageDataset, ScstPolicy, ScstTrainer, reward_corpus
-from pipeline.training import TrainState, autocast_dtype
+from pipeline.training.scst import ScstPolicy, ScstTrainer, reward_corpus
+from pipeline.training.stage import TrainingStage, run_training_stage
 
 log = logging.getLogger(__name__)
-
 
 
 def run(cfg: ScstConfig) -> dict[str, Any]:
@@ -89,36 +90,24 @@ def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, A
              "device %s, %d process(es)", decoder.family, cfg.bundle, len(dataset), len(train_all), cfg.num_samples,
              cfg.baseline, cfg.lr, where, device, ctx.world_size)
 
-    policy = ScstPolicy(decoder)
-    model: torch.nn.Module = policy
-    if ctx.is_distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    training_run = TrainingRun(out, ctx, run_fingerprint(config_to_dict(cfg), inputs, f"{__name__}:run"))
-    validator, start = None, {}
-    if ctx.is_main:
-        validator = CaptionValidator(val_records, tokenizer, encode_val, batch_size=max(cfg.batch_size, 32),
-                                     max_caption_length=cfg.max_caption_length, device=device, amp_dtype=amp_dtype)
-        start = training_run.start_metrics(lambda: {f"val_{k}": v for k, v in validator(decoder).items()})
+    def validator() -> CaptionValidator:
+        return CaptionValidator(val_records, tokenizer, encode_val, batch_size=max(cfg.batch_size, 32),
+                                max_caption_length=cfg.max_caption_length, device=device, amp_dtype=amp_dtype)
 
     backbone_file = Path(cfg.bundle) / BACKBONE if source.config.get("backbone_weights") else None
-    summary_base = {"decoder": decoder.family, "source_bundle": str(cfg.bundle), "feature_source": spec.source,
-                    "baseline": cfg.baseline, "num_samples": cfg.num_samples, "parameters": n_params}
+    summary = {"decoder": decoder.family, "source_bundle": str(cfg.bundle), "feature_source": spec.source,
+               "baseline": cfg.baseline, "num_samples": cfg.num_samples, "parameters": n_params}
 
-    def on_improvement(state: TrainState, metrics: dict) -> None:
-        save_bundle(training_run.best, decoder=decoder, tokenizer=tokenizer, features=spec,
-                    backbone_file=backbone_file,
-                    training={**summary_base, "config": config_to_dict(cfg), "method": "scst",
+    def save_best(folder: Path, state: TrainState, metrics: dict, start: dict) -> None:
+        save_bundle(folder, decoder=decoder, tokenizer=tokenizer, features=spec, backbone_file=backbone_file,
+                    training={**summary, "config": config_to_dict(cfg), "method": "scst",
                               "best_epoch": state.epoch + 1, "val": metrics, "start": start,
                               "base_training": source.config.get("training", {})})
 
-    trainer = ScstTrainer(cfg, model, dataset, reward=reward, tokenizer=tokenizer, encode=encode_batch,
-                          max_length=max_length, ctx=ctx, device=device, checkpoint_dir=training_run.last,
-                          validate=validator, on_improvement=on_improvement, on_epoch_end=training_run.log_epoch)
-    try:
-        state = training_run.train(trainer, "SCST")
-    finally:
-        close = getattr(dataset, "close", None)
-        if close:
-            close()
-    return training_run.finish(state, {**summary_base, **{f"start_{k}": v for k, v in start.items()}})
+    return run_training_stage(TrainingStage(
+        cfg=cfg, out_dir=out, entry=f"{__name__}:run", inputs=inputs, model=ScstPolicy(decoder), dataset=dataset,
+        validator=validator, save_best=save_best, summary=summary, what="SCST", start_metrics=True,
+        trainer=ScstTrainer, trainer_options={"reward": reward, "tokenizer": tokenizer, "encode": encode_batch,
+                                              "max_length": max_length},
+        close=getattr(dataset, "close", lambda: None),
+    ), ctx, device)

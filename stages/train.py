@@ -24,28 +24,26 @@ from typing import Any, Optional
 import torch
 
 from cache import FeatureCache, FeatureSpec
-from pipeline.data.features import CachedCaptionDataset
-from pipeline.data.features import select_features, token_layout
-from pipeline.bundle import BundleError, read_bundle_config, save_bundle
 from pipeline.config import TrainConfig, config_to_dict
+from pipeline.data.features import CachedCaptionDataset, select_features, token_layout
 from pipeline.data.manifest import ManifestRecord
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.errors import ConfigError
+from pipeline.inference.bundle import BundleError, read_bundle_config, save_bundle
 from pipeline.models.decoders import create_decoder
-from pipeline.provenance import files_sha256, run_fingerprint
-from pipeline.runs import (
+from pipeline.provenance import files_sha256
+from pipeline.text.glove import glove_word_embeddings
+from pipeline.text.tokenizers import CaptionTokenizer, load_tokenizer
+from pipeline.training.loop import TrainingForward, TrainState
+from pipeline.training.runs import (
     CaptionValidator,
     RunError,
-    TrainingRun,
     digests_of,
     train_val_splits,
 )
-from pipeline.text.glove import glove_word_embeddings
-from pipeline.text.tokenizers import CaptionTokenizer, load_tokenizer
-from pipeline.training import Trainer, TrainingForward, TrainState
+from pipeline.training.stage import TrainingStage, run_training_stage
 
 log = logging.getLogger(__name__)
-
 
 
 def caption_samples(records: list[ManifestRecord], tokenizer: CaptionTokenizer) -> list[tuple[str, list[int]]]:
@@ -139,41 +137,31 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
              [(t.name, t.tokens, t.channels) for t in spec.token_sets],
              " (image-blind control: zeros)" if cfg.blind else "", device, ctx.world_size)
 
-    model: torch.nn.Module = TrainingForward(decoder)
-    if cfg.compile:
-        model = torch.compile(model)
-    if ctx.is_distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
     inputs = {"features_sha256": cache.meta.content_sha256, "tokenizer": tokenizer.fingerprint(),
               "manifest_sha256": files_sha256([Path(cfg.manifest)])}
     if word_vectors is not None:
         inputs["glove_sha256"] = word_vectors["sha256"]
-    training_run = TrainingRun(out, ctx, run_fingerprint(config_to_dict(cfg), inputs, f"{__name__}:run"))
-    validator = None
-    if ctx.is_main:
+
+    def validator() -> CaptionValidator:
         def encode(image_ids: list[str]) -> torch.Tensor:
             feats = torch.from_numpy(select_features(cache.get_batch(image_ids), names)).float()
             return torch.zeros_like(feats) if cfg.blind else feats
 
         records = val_records[: cfg.val_max_images] if cfg.val_max_images else val_records
-        validator = CaptionValidator(records, tokenizer, encode, batch_size=cfg.batch_size,
-                                     max_caption_length=cfg.max_caption_length, device=device)
+        return CaptionValidator(records, tokenizer, encode, batch_size=cfg.batch_size,
+                                max_caption_length=cfg.max_caption_length, device=device)
 
-    summary_base = {"decoder": cfg.decoder, "parameters": n_params, "config": config_to_dict(cfg),
-                    "embeddings": word_vectors}
+    record = {"decoder": cfg.decoder, "parameters": n_params, "config": config_to_dict(cfg), "embeddings": word_vectors}
 
-    def on_improvement(state: TrainState, metrics: dict) -> None:
-        # The best model lives beside the resumable checkpoint (both persist across interruptions);
-        # it is exported to out/bundle when training ends.
-        save_bundle(training_run.best, decoder=decoder, tokenizer=tokenizer, features=spec, backbone_file=backbone_file,
-                    training={**summary_base, "best_epoch": state.epoch + 1, "val": metrics}, blind=cfg.blind)
+    def save_best(folder: Path, state: TrainState, metrics: dict, start: dict) -> None:
+        save_bundle(folder, decoder=decoder, tokenizer=tokenizer, features=spec, backbone_file=backbone_file,
+                    training={**record, "best_epoch": state.epoch + 1, "val": metrics}, blind=cfg.blind)
 
-    trainer = Trainer(cfg, model, dataset, ctx=ctx, device=device, checkpoint_dir=training_run.last,
-                      validate=validator, on_improvement=on_improvement, on_epoch_end=training_run.log_epoch,
-                      label_smoothing=cfg.label_smoothing,
-                      scheduled_sampling=(cfg.scheduled_sampling, cfg.scheduled_sampling_ramp_epochs))
-    state = training_run.train(trainer, cfg.decoder)
-    return training_run.finish(state, {"decoder": cfg.decoder, "blind": cfg.blind, "parameters": n_params,
-                                       "train_images": len(train_records), "train_captions": len(dataset)})
-
+    return run_training_stage(TrainingStage(
+        cfg=cfg, out_dir=out, entry=f"{__name__}:run", inputs=inputs, model=TrainingForward(decoder), dataset=dataset,
+        validator=validator, save_best=save_best, what=cfg.decoder, compile=cfg.compile,
+        summary={"decoder": cfg.decoder, "blind": cfg.blind, "parameters": n_params,
+                 "train_images": len(train_records), "train_captions": len(dataset)},
+        trainer_options={"label_smoothing": cfg.label_smoothing,
+                         "scheduled_sampling": (cfg.scheduled_sampling, cfg.scheduled_sampling_ramp_epochs)},
+    ), ctx, device)

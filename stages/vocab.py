@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pipeline.config import VocabConfig, config_to_dict
 from pipeline.data.manifest import read_manifest
-from pipeline.text.tokenizers import build_tokenizer, split_words, training_captions
 from pipeline.files import write_json
+from pipeline.text.tokenizers import build_tokenizer, split_words, training_captions
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ def tiny_decoder(family: str, tokenizer, *, feature_dim: int, num_tokens: int, m
 
 
 def build_tiny_bundle(directory: Path, family: str = "show_attend_tell", *, seed: int = 0) -> Path:
-    from pipeline.bundle import save_bundle
+    from pipeline.inference.bundle import save_bundle
     from pipeline.models.backbones import create_backbone
     from pipeline.text.tokenizers import build_word_vocab
 

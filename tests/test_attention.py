@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.attention_maps import attention_maps, attention_weights_json, describe_grids
-from pipeline.decoding import beam_search, greedy, sample
+from pipeline.inference.attention_maps import attention_maps, attention_weights_json, describe_grids
+from pipeline.inference.decoding import beam_search, greedy, sample
 from pipeline.models.decoders import DECODERS, create_decoder, families_with
 from pipeline.models.decoders import _gpt2_common, layers
 

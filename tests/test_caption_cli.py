@@ -1,6 +1,6 @@
 """`pipeline caption`: files, folders and globs; modes and explicit options; --json; one bad image among good ones.
 
-Then the library the CLI calls, tested directly: :mod:`pipeline.captioning` (input expansion, batching,
+Then the library the CLI calls, tested directly: :mod:`pipeline.inference.captioning` (input expansion, batching,
 per-image errors, output), :mod:`pipeline.threads` and :mod:`pipeline.models.convert`.
 """
 
@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.decoding import CAPTION_MODES
-from pipeline.serve.engine import CaptionEngine
+from pipeline.inference.decoding import CAPTION_MODES
+from pipeline.inference.engine import CaptionEngine
 from tests.conftest import write_png
 from tests.helpers_bundle import MAX_LENGTH, tiny_bundle, tiny_perceiver_bundle, tiny_transformer_bundle  # noqa: F401
 
@@ -161,7 +161,7 @@ def test_bf16_and_channels_last(folder, tiny_bundle):
 
 
 # --------------------------------------------------------------------------- the library, without the CLI
-from pipeline.captioning import (  # noqa: E402 - the library tests below
+from pipeline.inference.captioning import (  # noqa: E402 - the library tests below
     CaptionError,
     CaptionResult,
     caption_options,

@@ -78,7 +78,7 @@ def test_every_stage_option_is_listed_with_its_default(command):
 
 
 def test_caption_help_lists_the_decoding_options_from_the_model():
-    from pipeline.decoding import CAPTION_MODES, DecodingOptions
+    from pipeline.inference.decoding import CAPTION_MODES, DecodingOptions
 
     text = help_text("caption")
     check_layout(text)

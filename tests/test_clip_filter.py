@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import ClipTrainConfig, FilterConfig, MixConfig, load_config
 from pipeline.errors import ConfigError
-from pipeline.filtering import (
+from pipeline.data.filtering import (
     TABLE_THRESHOLDS,
     best_f1_threshold,
     fraction,
@@ -392,7 +392,7 @@ def test_embedding_cache_resumes_after_a_kill_and_grows(tmp_path, noisy_set, sav
     assert counter.images == 16 - 8  # the committed first batch is not recomputed
     # More images later: only the new ones are embedded.
     counter = _Counting(monkeypatch)
-    summary = filter_stage.run(cfg.model_copy(update={"manifest": manifest}))
+    filter_stage.run(cfg.model_copy(update={"manifest": manifest}))
     assert counter.images == len(records) - 16
 
 

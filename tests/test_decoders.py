@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.models.decoders as registry
-from pipeline.decoding import beam_search
+from pipeline.inference.decoding import beam_search
 from pipeline.models.decoders import (
     DECODERS,
     CaptionDecoder,
@@ -327,7 +327,7 @@ def test_memorises_a_tiny_batch(case):
 def test_scheduled_sampling_families_train_step_by_step(case):
     """What ``supports_scheduled_sampling`` promises: the step loop of training reproduces teacher forcing
     when it feeds the reference tokens, and trains (finite gradients) when it feeds the model's own."""
-    from pipeline.training import TrainingForward
+    from pipeline.training.loop import TrainingForward
 
     decoder = make(case).eval()
     features, tokens, real = batch()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.beam_search import TINY_SIZES
-from pipeline.decoding import (
+from pipeline.inference.decoding import (
     CAPTION_MODES,
     DecodingOptions,
     Hypothesis,

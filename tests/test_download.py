@@ -25,7 +25,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import download as dl
+from pipeline.data import download as dl
 from pipeline.cli import app
 from pipeline.config import PrepareConfig
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +114,6 @@ def test_a_setting_that_changes_no_byte_reruns_extract_alone(repo_copy):
 @pytest.mark.integration
 def test_changed_images_under_old_ids_are_re_extracted(repo_copy):
     """The stale-features scenario: another seed renders other pixels under the same ids, and more images."""
-    import numpy as np
 
     from cache import FeatureCache
 
@@ -177,7 +175,7 @@ def test_forced_reruns_leave_every_output_hash_unchanged(repo_copy):
 @pytest.mark.integration
 def test_a_code_edit_retrains_and_reverting_it_gives_the_original_bytes(repo_copy):
     """The reruns issue's scenario: a forced rerun of a finished training rewrites its outputs unchanged; an edit
-    to the learning-rate schedule (pipeline/optim.py, not a file any list names) retrains and changes the
+    to the learning-rate schedule (pipeline/training/optim.py, not a file any list names) retrains and changes the
     weights; reverting it retrains to the first bytes. The stage's own command by hand does the same."""
     stage, bundle = "train@show_tell", repo_copy / "models/show_tell/bundle"
     _dvc(repo_copy, "repro", stage)
@@ -187,7 +185,7 @@ def test_a_code_edit_retrains_and_reverting_it_gives_the_original_bytes(repo_cop
     assert "already trained: 2 epoch(s); outputs rewritten" in forced
     assert _tree_bytes(bundle) == original and _lock_outs(repo_copy, stage) == outs
 
-    optim = repo_copy / "pipeline/optim.py"
+    optim = repo_copy / "pipeline/training/optim.py"
     code = optim.read_text()
     edited = code.replace("return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))",
                           "return 0.5 * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))")
@@ -195,7 +193,7 @@ def test_a_code_edit_retrains_and_reverting_it_gives_the_original_bytes(repo_cop
     optim.write_text(edited)
     try:
         out = _dvc(repo_copy, "repro", stage)
-        assert f"Running stage '{stage}'" in out and "code.pipeline/optim.py" in out and "starting afresh" in out
+        assert f"Running stage '{stage}'" in out and "code.pipeline/training/optim.py" in out and "starting afresh" in out
         assert _tree_bytes(bundle) != original
     finally:
         optim.write_text(code)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from cache import CacheMeta, CacheWriter, TokenSet
 from cache import FeatureMismatchError, FeatureSpec
-from pipeline.bundle import save_bundle
+from pipeline.inference.bundle import save_bundle
 from pipeline.config import (
     ConfigError,
     EvaluateConfig,
@@ -30,7 +30,7 @@ from pipeline.config import (
     ReportConfig,
     load_config,
 )
-from pipeline.decoding import beam_search, greedy
+from pipeline.inference.decoding import beam_search, greedy
 from pipeline.text.tokenizers import build_tokenizer
 from tests.conftest import write_png
 from tests.helpers_bundle import tiny_decoder
@@ -327,7 +327,7 @@ def test_images_through_the_bundles_backbone_give_the_cached_captions(world, tmp
 
 # --------------------------------------------------------------------------- report
 def test_report_table_blind_row_and_curves(world, runs, monkeypatch):
-    from pipeline.runs import write_curves
+    from pipeline.training.runs import write_curves
     from stages.report import BLIND_MARK, ReportError, read_live_metrics, run
 
     root = world["root"]
@@ -372,7 +372,7 @@ def test_the_gallery_refuses_an_image_that_changed_after_prepare(tmp_path):
     """evaluate depends on the images through the manifest's sha256 of each (its DVC deps list the manifest):
     a gallery thumbnail is the recorded image or an error, never other pixels."""
     from pipeline.data.manifest import ManifestRecord
-    from pipeline.gallery import ChangedImageError, _recorded_image
+    from pipeline.evaluation.gallery import ChangedImageError, _recorded_image
     from tests.conftest import write_png
 
     write_png(tmp_path / "a.png", seed=1)

@@ -331,7 +331,7 @@ def test_the_cache_refuses_weights_that_changed_after_extraction(image_manifest,
 
 
 def test_a_manifest_older_than_its_images_is_refused(image_manifest, tmp_path):
-    from pipeline.encode import StaleManifestError
+    from pipeline.data.cache_fill import StaleManifestError
 
     rows = [json.loads(line) for line in image_manifest.read_text().splitlines()]
     rows[0]["sha256"] = "0" * 64

@@ -26,7 +26,7 @@ import torch
 
 from cache import FeatureCache
 from cache.format import CacheFormatError, FeatureMismatchError, file_sha256
-from pipeline.bundle import Captioner
+from pipeline.inference.bundle import Captioner
 from pipeline.config import EvaluateConfig, ExtractConfig, PrepareConfig, ScstConfig, SyntheticSource, TrainConfig, VocabConfig
 from stages import evaluate, extract, prepare, scst, train, vocab
 from tests.conftest import TINY_BACKBONE, TINY_TRANSFORMER, TinyPipeline

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.bundle import Captioner
+from pipeline.inference.bundle import Captioner
 from pipeline.cli import app
 from pipeline.config import (
     ConfigError,
@@ -32,20 +32,17 @@ from pipeline.config import (
 )
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import read_manifest
-from pipeline.finetune import (
-    Augmentation,
+from pipeline.data.image_captions import Augmentation, ImageCaptionDataset, flip_caption, image_items
+from pipeline.training.finetune import (
     FinetuneForward,
     FinetuneTrainer,
-    ImageCaptionDataset,
     backbone_stages,
-    flip_caption,
-    image_items,
     trainable_backbone_parameters,
     trainable_names,
 )
-from pipeline.metrics import CiderD, fallback_tokenize
+from pipeline.evaluation.metrics import CiderD, fallback_tokenize
 from pipeline.models.backbones import create_backbone
-from pipeline.scst import ScstPolicy, ScstTrainer, reward_corpus, scst_step_reward
+from pipeline.training.scst import ScstPolicy, ScstTrainer, reward_corpus, scst_step_reward
 from pipeline.text.tokenizers import load_tokenizer
 from stages import extract, finetune, scst
 from tests.conftest import REPO, TINY_TRANSFORMER, TinyPipeline
@@ -439,7 +436,7 @@ def test_one_scst_step_raises_the_reward_of_a_tiny_model_on_a_fixed_batch(pipe):
     reward = reward_corpus(records)
     from cache import FeatureCache
     from pipeline.distributed import DistContext
-    from pipeline.scst import CachedImageDataset
+    from pipeline.data.features import CachedImageDataset
 
     ds = CachedImageDataset(FeatureCache(pipe.features), [r.image_id for r in records[:8]], ["last"])
     batch = ds.__getitems__(range(8))

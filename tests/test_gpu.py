@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cache import FeatureCache
-from pipeline.bundle import Captioner
+from pipeline.inference.bundle import Captioner
 from pipeline.config import ExtractConfig, PrepareConfig, SyntheticSource, TrainConfig, VocabConfig
 from stages import extract, prepare, train, vocab
 

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import metrics
-from pipeline.metrics import (
+from pipeline.evaluation import metrics
+from pipeline.evaluation.metrics import (
     CiderD,
     MetricsWarning,
     bleu4_fast,

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from cache import FeatureCache
-from pipeline.bundle import Captioner
+from pipeline.inference.bundle import Captioner
 from pipeline.config import EvaluateConfig, ExtractConfig, TrainConfig, VocabConfig
 from pipeline.data.features import (
     concat_token_maps,

@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.bundle import Captioner
+from pipeline.inference.bundle import Captioner
 from pipeline.config import EvaluateConfig, ExtractConfig, PrepareConfig, ScstConfig, SyntheticSource, TrainConfig, VocabConfig
 from pipeline.text.tokenizers import load_tokenizer
 from stages import evaluate, extract, prepare, scst, train, vocab

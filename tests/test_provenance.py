@@ -87,10 +87,10 @@ def test_each_training_stage_fingerprints_every_module_its_command_runs(command)
     assert set(fingerprint["code"]) == expected
     for path, digest in fingerprint["code"].items():
         assert len(digest) == 64, path
-    assert {"pipeline/optim.py", "pipeline/config.py", "pipeline/files.py", "cache/format.py"} <= expected
+    assert {"pipeline/training/optim.py", "pipeline/config.py", "pipeline/files.py", "cache/format.py"} <= expected
     if command != "clip-train":
-        assert {"pipeline/data/features.py", "pipeline/text/tokenizers.py", "pipeline/decoding.py",
-                "pipeline/metrics.py", "pipeline/bundle.py", "pipeline/training.py",
+        assert {"pipeline/data/features.py", "pipeline/text/tokenizers.py", "pipeline/inference/decoding.py",
+                "pipeline/evaluation/metrics.py", "pipeline/inference/bundle.py", "pipeline/training/loop.py",
                 "pipeline/models/decoders/transformer.py"} <= expected
     assert {"python", "torch", "numpy"} <= set(fingerprint["environment"])
 
@@ -127,32 +127,32 @@ def test_the_static_closure_holds_every_module_a_training_run_imports(tiny_pipel
     inert = {f for f in loaded if f.endswith("__init__.py") and project.info(REPO / f).inert()}
     missed = loaded - closure - set(EXEMPT) - inert  # exempt: the CLI wrapper's own (e.g. pipeline.tracked)
     assert not missed, f"modules `pipeline train` ran that its fingerprint does not cover: {sorted(missed)}"
-    assert "pipeline/optim.py" in loaded and "pipeline/optim.py" in closure
+    assert "pipeline/training/optim.py" in loaded and "pipeline/training/optim.py" in closure
 
 
 def test_changes_are_named_by_section_and_key():
     old = {"config": {"lr": 1e-3, "epochs": 4}, "inputs": {"manifest_sha256": "a"},
-           "code": {"pipeline/optim.py": "x", "stages/train.py": "y"}, "environment": {"torch": "2.14.1"}}
+           "code": {"pipeline/training/optim.py": "x", "stages/train.py": "y"}, "environment": {"torch": "2.14.1"}}
     new = json.loads(json.dumps(old))
     new["config"]["lr"] = 2e-3
-    new["code"]["pipeline/optim.py"] = "z"
+    new["code"]["pipeline/training/optim.py"] = "z"
     new["code"]["pipeline/new.py"] = "w"
-    assert fingerprint_changes(old, new) == ["config.lr", "code.pipeline/new.py", "code.pipeline/optim.py"]
+    assert fingerprint_changes(old, new) == ["config.lr", "code.pipeline/new.py", "code.pipeline/training/optim.py"]
     assert fingerprint_changes(old, old) == []
     assert fingerprint_changes({"code_sha256": "old format"}, new) == ["the fingerprint's format"]
 
 
 def test_stale_checkpoints_are_discarded_with_one_line_naming_what_changed(tmp_path, caplog):
     folder = tmp_path / "checkpoints"
-    wanted = {"config": {"lr": 1.0}, "inputs": {}, "code": {"pipeline/optim.py": "a"}, "environment": {}}
+    wanted = {"config": {"lr": 1.0}, "inputs": {}, "code": {"pipeline/training/optim.py": "a"}, "environment": {}}
     discard_stale_checkpoints(folder, wanted)
     (folder / "last").mkdir()
     discard_stale_checkpoints(folder, wanted)  # same fingerprint: kept
     assert (folder / "last").is_dir()
-    changed = {**wanted, "code": {"pipeline/optim.py": "b"}}
+    changed = {**wanted, "code": {"pipeline/training/optim.py": "b"}}
     with caplog.at_level(logging.WARNING, logger="pipeline.provenance"):
         discard_stale_checkpoints(folder, changed)
     assert not (folder / "last").exists()
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "code.pipeline/optim.py" in lines[0] and "starting afresh" in lines[0]
+    assert len(lines) == 1 and "code.pipeline/training/optim.py" in lines[0] and "starting afresh" in lines[0]
     assert json.loads((folder / "fingerprint.json").read_text()) == changed

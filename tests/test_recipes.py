@@ -14,7 +14,7 @@ from pipeline.cli import app
 from pipeline.config import load_config, load_train_config
 from pipeline.errors import ConfigError
 from pipeline.models.decoders import DECODERS, create_decoder, decoder_config_class
-from pipeline.recipes import (
+from pipeline.recipes.presets import (
     GPT2_SPECIAL_ID,
     GPT2_VOCAB_SIZE,
     RECIPES,

@@ -6,7 +6,6 @@ filter.clip_threshold=...` reruns (read from DVC's own graph; nothing runs)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

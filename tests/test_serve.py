@@ -20,12 +20,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipeline.bundle import BundleError
-from pipeline.decoding import CAPTION_MODES
+from pipeline.inference.bundle import BundleError
+from pipeline.inference.decoding import CAPTION_MODES
 from pipeline.errors import ConfigError
 from pipeline.serve.app import create_app, decode_base64
 from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
-from pipeline.serve.engine import CaptionEngine
+from pipeline.inference.engine import CaptionEngine
 from pipeline.serve.settings import (
     SERVE_DEFAULTS, ServeSettings, check_allowed_hosts, check_api_key, is_loopback, open_access_warning,
 )

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from pipeline.serve.app import create_app
-from pipeline.serve.engine import CaptionEngine
+from pipeline.inference.engine import CaptionEngine
 from tests.helpers_bundle import image_bytes, serve_in_thread, tiny_bundle  # noqa: F401 - fixture
 
 CLIENTS = 8

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.serve.app import create_app
-from pipeline.serve.engine import CaptionEngine
+from pipeline.inference.engine import CaptionEngine
 from tests.helpers_bundle import MAX_LENGTH, image_bytes, serve_in_thread, tiny_bundle  # noqa: F401
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))

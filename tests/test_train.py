@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cache import FeatureCache
-from pipeline.bundle import BundleError, Captioner
+from pipeline.inference.bundle import BundleError, Captioner
 from pipeline.cli import app
 from pipeline.config import (
     TrainConfig,
@@ -34,8 +34,8 @@ from pipeline.config import (
 from pipeline.data.features import CachedCaptionDataset
 from pipeline.data.manifest import read_manifest
 from pipeline.text.tokenizers import load_tokenizer
-from pipeline.interrupts import TrainingInterrupted
-from pipeline.training import Trainer, TrainingForward
+from pipeline.training.interrupts import TrainingInterrupted
+from pipeline.training.loop import Trainer, TrainingForward
 from stages import train
 from tests.conftest import REPO, TinyPipeline
 from tests.helpers_bundle import free_port
@@ -303,7 +303,7 @@ def test_ctrl_c_in_pipeline_train_exits_130_with_its_step_saved(pipe, tmp_path):
             "--patience", "0"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = ""
-    while "pipeline.runs: epoch 1:" not in seen:  # the loop (and its handlers) are running
+    while "pipeline.training.runs: epoch 1:" not in seen:  # the loop (and its handlers) are running
         line = proc.stderr.readline()
         assert line, f"pipeline train ended early:\n{seen[-3000:]}"
         seen += line
@@ -665,7 +665,7 @@ def test_default_out_dir_follows_the_family_and_another_familys_bundle_is_kept(p
 
 
 def test_amp_auto_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
-    from pipeline import training
+    from pipeline.training import loop as training
     from pipeline.errors import ConfigError
 
     cpu = torch.device("cpu")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -146,3 +146,33 @@ def caption_collate(batch: CaptionBatch) -> CaptionBatch:
     if not isinstance(batch, CaptionBatch):
         raise TypeError(f"expected a CaptionBatch from CachedCaptionDataset.__getitems__, got {type(batch).__name__}")
     return batch
+
+
+@dataclass
+class FeatureBatch:
+    image_ids: list[str]
+    features: torch.Tensor  # (B, N, C)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+class CachedImageDataset:
+    """One entry per image: its cached features (float32)."""
+
+    def __init__(self, cache: FeatureCache, image_ids: Sequence[str], token_sets: Optional[Sequence[str]] = None):
+        self.cache, self.image_ids, self.token_sets = cache, list(image_ids), token_sets
+        missing = [i for i in self.image_ids if i not in cache]
+        if missing:
+            raise KeyError(f"{len(missing)} image(s) are not in the feature cache {cache.directory}, "
+                           f"e.g. {missing[:3]}")
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def features(self, image_ids: Sequence[str]) -> torch.Tensor:
+        return torch.from_numpy(select_features(self.cache.get_batch(list(image_ids)), self.token_sets)).float()
+
+    def __getitems__(self, indices: Sequence[int]) -> FeatureBatch:
+        ids = [self.image_ids[i] for i in indices]
+        return FeatureBatch(ids, self.features(ids))

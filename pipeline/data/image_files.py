@@ -12,7 +12,11 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.images import DEFAULT_MAX_FILE_BYTES, ImageDecodeError, read_image_file
+from pipeline.data.images import (
+    DEFAULT_MAX_FILE_BYTES,
+    ImageDecodeError,
+    read_image_file,
+)
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 
 

@@ -65,7 +65,11 @@ from PIL import Image
 
 from pipeline.config import DEFAULT_MAX_CAPTION_CHARS
 from pipeline.data.images import (
-    DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, check_image, read_image_file,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    check_image,
+    read_image_file,
 )
 from pipeline.data.manifest import SPLITS, ManifestRecord, RejectsReport
 from pipeline.errors import UserError

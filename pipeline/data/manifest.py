@@ -21,7 +21,7 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from pipeline.errors import UserError
 from pipeline.files import write_jsonl, write_text
@@ -197,3 +197,12 @@ def read_manifests(primary: Path, others: Iterable[Path] = ()) -> list[ManifestR
             seen[rec.image_id] = (other, path)
             records.append(rebased(rec, other, Path(primary).parent))
     return records
+
+
+def subset(records: list, n: Optional[int], seed: int) -> list:
+    """A seeded subset of ``n`` records in their original order (all when ``n`` is None or too large)."""
+    if n is None or n >= len(records):
+        return list(records)
+    import numpy as np
+    keep = sorted(np.random.default_rng(seed).choice(len(records), n, replace=False).tolist())
+    return [records[i] for i in keep]

@@ -7,8 +7,8 @@ read with ``weights_only=True``), or nothing (random init, recorded as such).
 
 from __future__ import annotations
 
-import functools
 import difflib
+import functools
 import logging
 import os
 from dataclasses import dataclass, field

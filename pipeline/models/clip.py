@@ -34,8 +34,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from PIL import Image
+from safetensors import SafetensorError
 
 from pipeline.errors import UserError
 from pipeline.files import write_json, write_safetensors
@@ -87,8 +87,6 @@ def arch_config(arch: str) -> dict[str, Any]:
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES
-
-
 
 
 # --------------------------------------------------------------------------- resolving weights

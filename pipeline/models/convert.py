@@ -15,7 +15,12 @@ from typing import Union
 import timm
 
 from pipeline.files import write_safetensors
-from pipeline.models.backbones import WeightsError, convert_by_order, load_weights, read_state_dict
+from pipeline.models.backbones import (
+    WeightsError,
+    convert_by_order,
+    load_weights,
+    read_state_dict,
+)
 
 __all__ = ["PACKAGE_PREFIX", "convert_weights", "packaged_weights", "weights_source"]
 

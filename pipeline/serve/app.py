@@ -6,7 +6,7 @@ Endpoints:
     The image as a ``multipart/form-data`` upload (file field ``image``; form fields ``caption_mode`` and
     ``attention``), as JSON ``{"image": "<base64 or data: URL>", "caption_mode": "...", "attention": false}``,
     or as a raw ``image/*`` body. ``caption_mode`` (also accepted as a query parameter) is one of
-    :data:`pipeline.decoding.CAPTION_MODES` (default ``consistent``); ``attention`` asks for per-word
+    :data:`pipeline.inference.decoding.CAPTION_MODES` (default ``consistent``); ``attention`` asks for per-word
     attention heatmaps (attention decoders only). Answers ``caption``, ``score``, ``alternatives``,
     ``mode``, ``timings`` (and ``attention``).
 ``GET /health``
@@ -70,13 +70,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.bundle import Captioner
 from pipeline.data.images import ImageDecodeError
-from pipeline.decoding import CAPTION_MODES
+from pipeline.inference.bundle import Captioner
+from pipeline.inference.decoding import CAPTION_MODES
+from pipeline.inference.engine import (
+    DEFAULT_MODE,
+    SERVE_FORMATS,
+    CaptionEngine,
+    mode_list,
+    unknown_mode_message,
+)
 from pipeline.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull
-from pipeline.serve.engine import DEFAULT_MODE, SERVE_FORMATS, CaptionEngine, mode_list, unknown_mode_message
 from pipeline.serve.settings import (  # noqa: F401 - ServeSettings re-exported
-    SERVE_DEFAULTS, AllowedHosts, ServeSettings, check_api_key, check_origins,
+    SERVE_DEFAULTS,
+    AllowedHosts,
+    ServeSettings,
+    check_api_key,
+    check_origins,
 )
 
 log = logging.getLogger(__name__)

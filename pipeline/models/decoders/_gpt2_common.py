@@ -57,7 +57,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from . import DecoderConfig, DecoderConfigError
 from .base import (
-    CaptionDecoder, DecoderOutput, StepOutput, cached_attention_state, reorder_cached_attention_state,
+    CaptionDecoder,
+    DecoderOutput,
+    StepOutput,
+    cached_attention_state,
+    reorder_cached_attention_state,
 )
 from .layers import TokenLayout, append_kv, attend_per_image, attention_weights
 

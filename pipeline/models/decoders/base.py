@@ -197,7 +197,7 @@ class CaptionDecoder(nn.Module):
       ``attention_source`` says what those weights are, ``no_attention_reason`` (families without) why there
       are none;
     * ``supports_scheduled_sampling``: training may feed the model's own previous token back
-      step by step (:class:`pipeline.training.TrainingForward`); meant for recurrent decoders, whose
+      step by step (:class:`pipeline.training.loop.TrainingForward`); meant for recurrent decoders, whose
       teacher forcing is a loop over :meth:`step` anyway;
     * ``word_embeddings``: a :class:`WordEmbeddings` for families that read the word tokenizer's ids
       through an embedding table of their own, which :meth:`load_word_embeddings` can initialise from

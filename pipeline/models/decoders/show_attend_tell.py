@@ -35,7 +35,14 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from . import DecoderConfig, register_decoder
-from .base import CaptionDecoder, DecoderOutput, RowImages, StepOutput, WordEmbeddings, reorder_per_image
+from .base import (
+    CaptionDecoder,
+    DecoderOutput,
+    RowImages,
+    StepOutput,
+    WordEmbeddings,
+    reorder_per_image,
+)
 from .layers import TokenLayout, VisualProjection
 
 

@@ -43,7 +43,12 @@ from torch import nn
 
 from . import DecoderConfig, register_decoder
 from .base import (
-    CaptionDecoder, DecoderOutput, RowImages, StepOutput, WordEmbeddings, cached_attention_state,
+    CaptionDecoder,
+    DecoderOutput,
+    RowImages,
+    StepOutput,
+    WordEmbeddings,
+    cached_attention_state,
     reorder_cached_attention_state,
 )
 from .layers import KV, MLP, Attention, TokenLayout, VisualEncoder, append_kv

@@ -2,9 +2,9 @@
 
 Each stage command resolves its config (defaults < its ``params.yaml`` section <
 command-line options) and calls its stage's ``run``; the tools resolve their options
-and call the library (:mod:`pipeline.captioning`, :mod:`pipeline.serve`,
+and call the library (:mod:`pipeline.inference.captioning`, :mod:`pipeline.serve`,
 :mod:`pipeline.models.convert`, :mod:`pipeline.threads`). Options are generated from
-the config models (:mod:`pipeline.cli_options`), so names, help and defaults are
+the config models (:mod:`pipeline.cli.options`), so names, help and defaults are
 stated once. Stage modules and the library are imported only when their command
 runs (``caption``'s options, which need torch, are built then too), so
 ``pipeline --help`` stays fast.
@@ -26,7 +26,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperCommand
 
-from pipeline.cli_options import (
+from pipeline.cli.options import (
     LazyGroup,
     config_options,
     context_parameter,
@@ -223,7 +223,12 @@ def show_recipes(
     ),
 ) -> None:
     """List the reference recipes with their parameter counts, or print one recipe's params YAML."""
-    from pipeline.recipes import RECIPES, count_parameters, get_recipe, recipe_params_yaml
+    from pipeline.recipes.presets import (
+        RECIPES,
+        count_parameters,
+        get_recipe,
+        recipe_params_yaml,
+    )
 
     def millions(n: int) -> str:
         return f"{n / 1e6:.2f}M"
@@ -294,7 +299,7 @@ def recipe_init_command(
 ) -> None:
     """Write a dataset recipe as a DVC project of its own (params.yaml, dvc.yaml, .dvc/): `dvc repro` in it runs
     the recipe from its weights to its evaluations, apart from the default project's pipeline."""
-    from pipeline.recipe_project import init_recipe_project
+    from pipeline.recipes.project import init_recipe_project
 
     try:
         dvc_yaml = init_recipe_project(name, directory, data)
@@ -325,7 +330,7 @@ def download_command(
 ) -> None:
     """Fetch a public dataset (COCO 2014/2017, Karpathy's splits, Flickr8k): resumable, verified, unpacked into
     the layout `prepare` reads; prints the `prepare` sources to paste. Offline: `--archives DIR`."""
-    from pipeline.download import download, format_catalogue, format_sources
+    from pipeline.data.download import download, format_catalogue, format_sources
 
     if list_datasets or name is None:
         typer.echo(format_catalogue())
@@ -375,10 +380,15 @@ def _caption_listed() -> None:
 
 def _caption_command() -> TyperCommand:
     """`pipeline caption`: its decoding options are DecodingOptions' fields (torch is imported to read them)."""
-    from pipeline.captioning import DEFAULT_BATCH_SIZE, CaptionError, caption_options, caption_paths
     from pipeline.data.images import DEFAULT_MAX_PIXELS
-    from pipeline.decoding import CAPTION_MODES, DecodingOptions
-    from pipeline.serve.engine import DEFAULT_MODE, CaptionEngine
+    from pipeline.inference.captioning import (
+        DEFAULT_BATCH_SIZE,
+        CaptionError,
+        caption_options,
+        caption_paths,
+    )
+    from pipeline.inference.decoding import CAPTION_MODES, DecodingOptions
+    from pipeline.inference.engine import DEFAULT_MODE, CaptionEngine
     from pipeline.threads import set_threads
 
     decoding, decoding_kinds = config_options(DecodingOptions, exclude=("description",), default_text="the --mode's")
@@ -476,10 +486,16 @@ def serve_command(ctx, model, api_key, cors_origin, allowed_host, model_workers,
     """Serve the captioning HTTP API (POST /caption, GET /health, /docs) and its web page at /."""
     import uvicorn
 
+    from pipeline.inference.engine import CaptionEngine
     from pipeline.serve.app import create_app
-    from pipeline.serve.engine import CaptionEngine
-    from pipeline.serve.settings import API_KEY_ENV, check_api_key, check_origins, open_access_warning
-    from pipeline.threads import model_workers as size_model_workers, set_threads
+    from pipeline.serve.settings import (
+        API_KEY_ENV,
+        check_api_key,
+        check_origins,
+        open_access_warning,
+    )
+    from pipeline.threads import model_workers as size_model_workers
+    from pipeline.threads import set_threads
 
     try:
         settings = ServeSettings.model_validate(parse_overrides(settings_values, _SERVE_KINDS, ctx))

@@ -9,7 +9,7 @@ as JSON (``--sources '[{"kind": "synthetic"}]'``) or, for lists of scalars, by
 repeating the option (``--out-indices 2 --out-indices 3``).
 
 Also here: :class:`LazyGroup`, a command group that builds a command whose options need a heavy
-import (``caption``'s come from :class:`pipeline.decoding.DecodingOptions`, which imports torch) only
+import (``caption``'s come from :class:`pipeline.inference.decoding.DecodingOptions`, which imports torch) only
 when that command runs or shows its ``--help``, so ``pipeline --help`` and the other commands stay fast.
 """
 

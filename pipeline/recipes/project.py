@@ -121,7 +121,6 @@ def init_recipe_project(name: str, directory: Path, data: Optional[Path] = None)
     project = _Project(directory, params_file)
     run = f"--params {PARAMS}"
     prepare, extract, vocab = config("prepare"), config("extract"), config("vocab")
-    manifest = prepare.out_dir / "manifest.jsonl"
     sources = [Path(v) for s in params["prepare"]["sources"] for k, v in s.items()
                if k in SOURCE_PATH_KEYS and isinstance(v, str)]
     package = extract.backbone.removeprefix("tf_")

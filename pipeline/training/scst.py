@@ -2,7 +2,7 @@
 
 Per batch of images: ``num_samples`` captions are sampled per image (seeded by ``(seed, epoch,
 batch, rank)``, so resuming is exact), each is rewarded with CIDEr-D against the image's training
-references (:class:`pipeline.metrics.CiderD`, document frequencies computed once from every
+references (:class:`pipeline.evaluation.metrics.CiderD`, document frequencies computed once from every
 training reference), and the baseline is either the reward of the greedy caption (the original
 method) or the mean reward of the image's *other* samples (the variant of most current systems,
 no greedy decode needed). The loss is ``-(reward - baseline) * sum(log p(sampled tokens))``,
@@ -18,24 +18,21 @@ captions is exactly the one whose log-probs are differentiated.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.features import pad_tokens, select_features
-from cache.reader import FeatureCache
-from pipeline.decoding import Hypothesis, greedy, sample
-from pipeline.metrics import CiderD, fallback_tokenize
+from pipeline.data.features import pad_tokens
+from pipeline.evaluation.metrics import CiderD, fallback_tokenize
+from pipeline.inference.decoding import Hypothesis, greedy, sample
 from pipeline.text.tokenizers import CaptionTokenizer
-from pipeline.training import Trainer
+from pipeline.training.loop import Trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ScstPolicy", "FeatureBatch", "CachedImageDataset", "ScstTrainer", "scst_loss", "sequence_log_probs",
-           "reward_corpus"]
+__all__ = ["ScstPolicy", "ScstTrainer", "scst_loss", "sequence_log_probs", "reward_corpus"]
 
 
 def reward_corpus(records: Sequence[Any]) -> CiderD:
@@ -58,36 +55,6 @@ class ScstPolicy(nn.Module):
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.decoder(features, tokens, lengths).logits
-
-
-@dataclass
-class FeatureBatch:
-    image_ids: list[str]
-    features: torch.Tensor  # (B, N, C)
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-
-class CachedImageDataset:
-    """One entry per image: its cached features (float32)."""
-
-    def __init__(self, cache: FeatureCache, image_ids: Sequence[str], token_sets: Optional[Sequence[str]] = None):
-        self.cache, self.image_ids, self.token_sets = cache, list(image_ids), token_sets
-        missing = [i for i in self.image_ids if i not in cache]
-        if missing:
-            raise KeyError(f"{len(missing)} image(s) are not in the feature cache {cache.directory}, "
-                           f"e.g. {missing[:3]}")
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def features(self, image_ids: Sequence[str]) -> torch.Tensor:
-        return torch.from_numpy(select_features(self.cache.get_batch(list(image_ids)), self.token_sets)).float()
-
-    def __getitems__(self, indices: Sequence[int]) -> FeatureBatch:
-        ids = [self.image_ids[i] for i in indices]
-        return FeatureBatch(ids, self.features(ids))
 
 
 def sequences(hyps: Sequence[Hypothesis], bos_id: int, eos_id: int) -> list[list[int]]:

@@ -34,11 +34,16 @@ from safetensors.torch import load_file, load_model, save_model
 
 from cache.format import CacheError, FeatureSpec, check_spec, file_sha256
 from pipeline.data.features import concat_token_maps, token_layout
-from pipeline.decoding import DecodingOptions, Hypothesis, generate, options_for_mode
 from pipeline.errors import UserError
+from pipeline.files import set_default_mode, swap_folder, write_json
+from pipeline.inference.decoding import (
+    DecodingOptions,
+    Hypothesis,
+    generate,
+    options_for_mode,
+)
 from pipeline.models.decoders import create_decoder
 from pipeline.text.tokenizers import CaptionTokenizer, load_tokenizer
-from pipeline.files import set_default_mode, swap_folder, write_json
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
-from pipeline.decoding import DecodingOptions
-from pipeline.serve.engine import CUSTOM_MODE, DEFAULT_MODE, CaptionEngine
+from pipeline.inference.decoding import DecodingOptions
+from pipeline.inference.engine import CUSTOM_MODE, DEFAULT_MODE, CaptionEngine
 
 __all__ = ["DEFAULT_BATCH_SIZE", "IMAGE_SUFFIXES", "CaptionError", "CaptionResult", "caption_options", "caption_paths",
            "expand_inputs"]

@@ -6,8 +6,8 @@ batches already done, so killed-and-resumed training ends with exactly the
 weights of an uninterrupted run (same seed, same device).
 
 :class:`Trainer` is also the loop of `finetune` (images through a partly unfrozen
-backbone, :mod:`pipeline.finetune`) and `scst` (self-critical training,
-:mod:`pipeline.scst`): they override its hooks — :meth:`Trainer.param_groups`,
+backbone, :mod:`pipeline.training.finetune`) and `scst` (self-critical training,
+:mod:`pipeline.training.scst`): they override its hooks — :meth:`Trainer.param_groups`,
 :meth:`Trainer.lr_lambdas`, :meth:`Trainer.fetch` (a batch from its indices and its
 ``(epoch, batch)`` position, for augmentations seeded by that position),
 :meth:`Trainer.begin_epoch` and :meth:`Trainer._forward` — and may checkpoint a module
@@ -27,14 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.features import CaptionBatch
-from pipeline.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from pipeline.config import LoopConfig
-from pipeline.errors import ConfigError
+from pipeline.data.features import CaptionBatch
 from pipeline.distributed import DistContext
-from pipeline.interrupts import StopRequests, TrainingInterrupted
-from pipeline.optim import decay_groups, warmup_cosine
+from pipeline.errors import ConfigError
 from pipeline.progress import progress
+from pipeline.training.checkpoint import (
+    checkpoint_exists,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pipeline.training.interrupts import StopRequests, TrainingInterrupted
+from pipeline.training.optim import decay_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +205,9 @@ class Trainer:
         """Every epoch trained, or stopped early."""
         return self.state.finished or self.state.epoch >= self.cfg.epochs
 
+    def close(self) -> None:
+        """Release what the loop holds beyond the model (threads, open datasets); nothing here."""
+
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> None:
         if self.ctx.is_main:
@@ -218,17 +225,25 @@ class Trainer:
         return True
 
     # -- one step -------------------------------------------------------------------------
-    def _forward(self, batch: CaptionBatch) -> torch.Tensor:
-        features = batch.features.to(self.device, non_blocking=True)
+    def model_inputs(self, batch: CaptionBatch) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+        """The model's arguments for ``batch``, on the device, and the caption tokens and lengths the loss reads
+        (fine-tuning passes pixels instead of features)."""
         tokens = batch.tokens.to(self.device, non_blocking=True)
         lengths = batch.lengths.to(self.device, non_blocking=True)
-        p = self.sampling_probability()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            logits, aux = self.model(features, tokens, lengths, p)
+        features = batch.features.to(self.device, non_blocking=True)
+        return (features, tokens, lengths, self.sampling_probability()), tokens, lengths
+
+    def autocast(self) -> torch.autocast:
+        """The loop's autocast context (a no-op without ``amp``)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+
+    def _forward(self, batch: Any) -> torch.Tensor:
+        """The batch's loss: caption cross-entropy, plus the model's auxiliary loss where it has one."""
+        args, tokens, lengths = self.model_inputs(batch)
+        with self.autocast():
+            logits, aux = self.model(*args)
             loss = caption_loss(logits, tokens, lengths, self.label_smoothing)
-        if aux is not None:
-            loss = loss + aux.float()
-        return loss
+        return loss if aux is None else loss + aux.float()
 
     def sampling_probability(self) -> float:
         if self.scheduled_sampling <= 0:

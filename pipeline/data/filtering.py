@@ -1,7 +1,7 @@
 """Caption filtering maths: which pairs a threshold (or a keep fraction) keeps, and how good that choice is.
 
 Pure functions of score arrays (numpy), no I/O and no model: the `filter` stage computes the
-scores, these choose and measure, :mod:`pipeline.plots` draws.
+scores, these choose and measure, :mod:`pipeline.evaluation.plots` draws.
 
 * :func:`select` — the kept mask and the threshold: ``score >= threshold``, or the top
   ``keep_fraction`` of the pairs (ties at the cut kept);

@@ -1,6 +1,6 @@
 """The model side of captioning for people, shared by `pipeline caption` and `pipeline serve`.
 
-:class:`CaptionEngine` wraps a loaded :class:`~pipeline.bundle.Captioner`:
+:class:`CaptionEngine` wraps a loaded :class:`~pipeline.inference.bundle.Captioner`:
 
 * :meth:`~CaptionEngine.decode` untrusted bytes -> RGB image (:class:`ImageDecodeError` with a stable
   ``reason`` otherwise; only common raster formats are tried);
@@ -11,12 +11,12 @@
   (the model: one thread at a time);
 * :meth:`~CaptionEngine.result` one image's captions -> the JSON-ready answer: ``caption``, ``score``,
   ``alternatives`` (the other distinct captions, best first, with scores) and, on request, per-word
-  attention: heatmaps (drawn by :mod:`pipeline.attention_maps`, as in the evaluation gallery; the server)
+  attention: heatmaps (drawn by :mod:`pipeline.inference.attention_maps`, as in the evaluation gallery; the server)
   or the raw weights (``pipeline caption --attention``). Every family with ``has_attention`` has them
   (``show_attend_tell``, ``transformer``, ``gpt2``); for the others the answer says why there are none
   (``attention_unavailable``: the decoder's ``no_attention_reason``, e.g. the Perceiver attends to latents).
 
-Caption modes are the named ones of :data:`pipeline.decoding.CAPTION_MODES`, with two serving
+Caption modes are the named ones of :data:`pipeline.inference.decoding.CAPTION_MODES`, with two serving
 adjustments: ``max_length`` is the bundle tokenizer's (the longest caption the model was trained on, as
 ``pipeline evaluate`` does) and beam search keeps every beam (``n_best = beam_size``) so the other beams
 become the alternatives — the best caption is the same either way (stopping early never changes it).
@@ -39,10 +39,15 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from pipeline.attention_maps import describe_grids
-from pipeline.bundle import Caption, Captioner
-from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_bytes, trim_for_eval
-from pipeline.decoding import CAPTION_MODES, DecodingOptions, options_for_mode
+from pipeline.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    decode_bytes,
+    trim_for_eval,
+)
+from pipeline.inference.attention_maps import describe_grids
+from pipeline.inference.bundle import Caption, Captioner
+from pipeline.inference.decoding import CAPTION_MODES, DecodingOptions, options_for_mode
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +242,9 @@ class CaptionEngine:
         return out
 
     def attention_weights(self, caption: Caption) -> Optional[dict[str, Any]]:
-        """The raw per-word attention of ``caption`` (see :func:`pipeline.attention_maps.attention_weights_json`)
+        """The raw per-word attention of ``caption`` (see :func:`pipeline.inference.attention_maps.attention_weights_json`)
         with what the weights are (``source``), or None (no attention, empty caption)."""
-        from pipeline.attention_maps import attention_weights_json
+        from pipeline.inference.attention_maps import attention_weights_json
 
         if caption.attention is None or not caption.tokens:
             return None
@@ -255,7 +260,11 @@ class CaptionEngine:
         """:meth:`heatmaps`, and why there are none (None when there are, or when nothing was returned)."""
         from PIL import Image
 
-        from pipeline.attention_maps import attention_maps, backbone_view, overlay
+        from pipeline.inference.attention_maps import (
+            attention_maps,
+            backbone_view,
+            overlay,
+        )
 
         if caption.attention is None or not caption.tokens:
             return None, None

@@ -1,5 +1,5 @@
-"""Attention heatmaps over the image, shared by the HTML gallery (:mod:`pipeline.gallery`) and the
-caption server (:mod:`pipeline.serve.engine`).
+"""Attention heatmaps over the image, shared by the HTML gallery (:mod:`pipeline.evaluation.gallery`) and the
+caption server (:mod:`pipeline.inference.engine`).
 
 * :func:`backbone_view`: the image framed as the backbone's eval transform frames it (resize and
   centre crop, or squash), so a map lines up with what the model saw;

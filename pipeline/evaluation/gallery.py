@@ -13,7 +13,7 @@ Heatmaps (every decoder family with ``has_attention``: ``show_attend_tell``'s ad
 last block's cross-attention of ``transformer`` and ``gpt2``; the page names which, and says why when a
 family has none): a caption's attention ``(T, N)`` (one row per generated word) becomes one map per word
 over the image as the backbone saw it, one colour scale per caption, drawn as one PNG sheet per
-caption: :mod:`pipeline.attention_maps` (shared with the caption server) does all of it; this
+caption: :mod:`pipeline.inference.attention_maps` (shared with the caption server) does all of it; this
 module only sizes the panels (:data:`HEATMAP_PANEL`) and links the sheets.
 """
 
@@ -31,10 +31,15 @@ from typing import Any
 
 import torch
 
-from pipeline.attention_maps import attention_maps, backbone_view, describe_grids, render_heatmap
 from pipeline.data.images import ImageDecodeError, read_image_file
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 from pipeline.errors import UserError
+from pipeline.inference.attention_maps import (
+    attention_maps,
+    backbone_view,
+    describe_grids,
+    render_heatmap,
+)
 
 log = logging.getLogger(__name__)
 

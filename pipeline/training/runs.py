@@ -3,7 +3,7 @@
 A run writes into one output folder::
 
     bundle/                   the best model (by the validation metric), exported when the run ends
-    checkpoints/last/         the resumable state of the last step saved (pipeline.checkpoint)
+    checkpoints/last/         the resumable state of the last step saved (pipeline.training.checkpoint)
     checkpoints/best/         the best bundle so far (persists across interruptions)
     checkpoints/fingerprint.json   what the checkpoints were computed from: config (minus what a
                               run may resume across), the content of every input, every file of the
@@ -14,7 +14,7 @@ A run writes into one output folder::
 
 Checkpoints of other settings, inputs, code or libraries are discarded, never resumed. Every output
 holds content only (no timings or dates), so the same inputs give the same bytes. Everything here is
-shared; a stage only loads its inputs, builds its model and calls :class:`pipeline.training.Trainer`.
+shared; a stage only loads its inputs, builds its model and calls :class:`pipeline.training.loop.Trainer`.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from torch import nn
 
 from pipeline.data.features import pad_tokens
 from pipeline.data.manifest import ManifestRecord, read_manifest
-from pipeline.decoding import greedy
 from pipeline.distributed import DistContext
 from pipeline.errors import UserError
-from pipeline.metrics import CiderD, bleu4_fast, fallback_tokenize
-from pipeline.text.tokenizers import CaptionTokenizer
-from pipeline.provenance import discard_stale_checkpoints
-from pipeline.training import Trainer, TrainState, caption_loss
+from pipeline.evaluation.metrics import CiderD, bleu4_fast, fallback_tokenize
 from pipeline.files import swap_folder, write_json, write_text
+from pipeline.inference.decoding import greedy
+from pipeline.provenance import discard_stale_checkpoints
+from pipeline.text.tokenizers import CaptionTokenizer
+from pipeline.training.loop import Trainer, TrainState, caption_loss
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def train_val_splits(manifest: Path) -> tuple[list[ManifestRecord], list[Manifes
 
 def load_start_bundle(bundle: Path, device: torch.device):
     """The bundle a run (finetune, scst) starts from, loaded on ``device``; an image-blind control is refused."""
-    from pipeline.bundle import BundleError, Captioner
+    from pipeline.inference.bundle import BundleError, Captioner
 
     source = Captioner.load(bundle, device)
     if source.config.get("blind"):
@@ -172,7 +172,7 @@ class TrainingRun:
 
     @property
     def best(self) -> Path:
-        """Where the best bundle so far lives (pass it to :func:`pipeline.bundle.save_bundle`)."""
+        """Where the best bundle so far lives (pass it to :func:`pipeline.inference.bundle.save_bundle`)."""
         return self.checkpoints / "best"
 
     @property

@@ -250,7 +250,9 @@ Patience = Annotated[int, Field(ge=0, description="Early stopping: epochs withou
 CheckpointEvery = Annotated[int, Field(ge=1, description="Save a resumable checkpoint every N steps (and each "
                                                           "epoch).")]
 LabelSmoothing = Annotated[float, Field(ge=0, lt=1, description="Label smoothing of the caption loss.")]
-Threads = Annotated[Optional[int], Field(ge=1, description="torch CPU threads; default: torch's choice.")]
+# One meaning everywhere (pipeline.threads.set_threads): N threads; 0: half the usable cores; None: torch's choice.
+Threads = Annotated[Optional[int], Field(ge=0, description="torch CPU threads (0: half the usable cores, at least 1); "
+                                                           "default: torch's choice.")]
 Compile = Annotated[bool, Field(description="torch.compile the model (CUDA).")]
 ImageWorkers = Annotated[int, Field(ge=1, description="Threads decoding (and augmenting) images.")]
 
@@ -444,8 +446,12 @@ class ClipTrainConfig(StageConfig):
                                   "words) added to each batch as negatives of every image.")
     val_max_images: int = Field(300, ge=0, description="Clean val images for the retrieval report (0: none).")
     seed: int = 0
-    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    threads: Threads = None
     device: str = Field("auto", description="auto, cpu, cuda, ...")
+
+
+# The cosine threshold of OpenAI's ViT-B/32 CLIP (the common choice for web captions), and that model.
+DEFAULT_CLIP_THRESHOLD = (0.27, "ViT-B-32")
 
 
 class FilterConfig(StageConfig):
@@ -460,7 +466,7 @@ class FilterConfig(StageConfig):
     """
 
     # The threshold when neither clip_threshold nor keep_fraction is set, and the model it was tuned for.
-    default_threshold: ClassVar[tuple[float, str]] = (0.27, "ViT-B-32")
+    default_threshold: ClassVar[tuple[float, str]] = DEFAULT_CLIP_THRESHOLD
     # A key given on the command line drops these keys of the params file (see load_config).
     paired: ClassVar[dict[str, tuple[str, ...]]] = {
         "clip_threshold": ("keep_fraction", "threshold_tuned_for"),
@@ -476,7 +482,8 @@ class FilterConfig(StageConfig):
     )
     clip_threshold: Optional[float] = Field(
         None, ge=-1, le=1, description="Keep pairs whose image-text cosine is at least this (a value tuned for one "
-        "CLIP model: name it in threshold_tuned_for). Unset, and no keep_fraction: 0.27, OpenAI's ViT-B/32's."
+        f"CLIP model: name it in threshold_tuned_for). Unset, and no keep_fraction: {DEFAULT_CLIP_THRESHOLD[0]}, "
+        f"OpenAI's {DEFAULT_CLIP_THRESHOLD[1]}'s."
     )
     threshold_tuned_for: Optional[str] = Field(
         None, description="The clip_model that clip_threshold was tuned for: a warning when clip_model is another."
@@ -490,7 +497,7 @@ class FilterConfig(StageConfig):
     batch_size: int = Field(64, ge=1, description="Images encoded together.")
     num_shards: int = Field(1, ge=1, description="Shards of the embedding cache.")
     workers: int = Field(0, ge=0, description="DataLoader processes decoding images.")
-    threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default: torch's choice.")
+    threads: Threads = None
     device: str = Field("auto", description="auto, cpu, cuda, ...")
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
     max_file_bytes: MaxFileBytes = DEFAULT_MAX_FILE_BYTES

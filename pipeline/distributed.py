@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from pipeline.errors import ConfigError
 from pipeline.files import output_lock
+from pipeline.threads import set_threads
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,9 @@ def cleanup_distributed() -> None:
 def run_distributed(body, cfg, device_spec: str, threads: int | None = None, *, lock: Path | None = None):
     """Run a stage's ``body(cfg, device, ctx)`` on this process's device inside the torchrun process group
     (a plain single process without torchrun), leaving the group afterwards; ``threads`` sets torch's CPU
-    threads first (None: torch's choice). ``lock``: the output folder the main process holds
+    threads first (:func:`pipeline.threads.set_threads`). ``lock``: the output folder the main process holds
     :func:`pipeline.files.output_lock` on for the whole run (a second run on it is refused)."""
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     device = resolve_device(device_spec, int(os.environ.get("LOCAL_RANK", "0")))
     ctx = init_distributed(device)
     try:

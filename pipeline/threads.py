@@ -9,6 +9,7 @@ concurrent model calls as fit in the rest.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 __all__ = ["usable_cores", "set_threads", "model_workers"]
 
@@ -18,10 +19,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def set_threads(threads: int) -> int:
-    """``torch.set_num_threads``; 0 (or less): half the usable cores (at least 1). Returns the number set."""
+def set_threads(threads: Optional[int]) -> int:
+    """torch's CPU threads, the one meaning of every ``threads`` option: N; 0 (or less): half the usable cores
+    (at least 1); None: torch's own choice, left alone. Returns the number torch uses."""
     import torch
 
+    if threads is None:
+        return torch.get_num_threads()
     if threads <= 0:
         threads = max(1, usable_cores() // 2)
     torch.set_num_threads(threads)

@@ -37,8 +37,9 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ from pipeline.files import output_lock, write_json
 from pipeline.models import clip as clip_lib
 from pipeline.progress import progress as progress_bar
 from pipeline.provenance import discard_stale_checkpoints, files_sha256, run_fingerprint
+from pipeline.threads import set_threads
 from pipeline.training.checkpoint import (
     checkpoint_exists,
     load_checkpoint,
@@ -185,8 +187,7 @@ def retrieval_report(model, tokenizer, pixels: torch.Tensor, captions: Sequence[
 
 
 def run(cfg: ClipTrainConfig) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.out_dir)
     with output_lock(out_dir):
@@ -225,14 +226,20 @@ class ClipRun:
         self.gen.set_state(torch.tensor(state["torch_generator"], dtype=torch.uint8))
 
 
-def _run(cfg: ClipTrainConfig, device: torch.device, out_dir: Path) -> dict:
-    model, _, eval_tf = clip_lib.create_untrained(cfg.arch, cfg.image_size, seed=cfg.seed)
-    import open_clip
+@dataclass
+class ClipData:
+    """The decoded training and val images (float16 in memory) with their captions, and the random-caption words."""
 
-    tokenizer = open_clip.get_tokenizer(cfg.arch)
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    records: list[ManifestRecord]
+    pixels: torch.Tensor
+    captions: list[list[str]]
+    rejected: list[dict]
+    val_records: list[ManifestRecord]
+    val_pixels: Optional[torch.Tensor]
+    words: list[str]
 
+
+def _load(cfg: ClipTrainConfig, eval_tf, tokenizer) -> ClipData:
     records = [r for r in read_manifest(cfg.manifest, cfg.split) if r.captions]
     if len(records) < 2:
         raise UserError(f"{cfg.manifest}: split {cfg.split!r} has {len(records)} captioned images; need at least 2")
@@ -242,42 +249,73 @@ def _run(cfg: ClipTrainConfig, device: torch.device, out_dir: Path) -> dict:
     val_pixels = _decode_all(val_records, cfg.manifest, eval_tf)[0] if val_records else None
     captions = [r.captions for r in records]
     words = word_list(tokenizer, {w for caps in captions for c in caps for w in c.lower().split()})
+    return ClipData(records, pixels, captions, bad, val_records, val_pixels, words)
+
+
+def _run(cfg: ClipTrainConfig, device: torch.device, out_dir: Path) -> dict:
+    model, _, eval_tf = clip_lib.create_untrained(cfg.arch, cfg.image_size, seed=cfg.seed)
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(cfg.arch)
+    model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    data = _load(cfg, eval_tf, tokenizer)
     log.info("clip-train: %s (%.2fM parameters) on %d images / %d captions of %s [%s], %d epochs on %s",
-             cfg.arch, n_params / 1e6, len(records), sum(map(len, captions)), cfg.manifest, cfg.split, cfg.epochs,
-             device)
+             cfg.arch, n_params / 1e6, len(data.records), sum(map(len, data.captions)), cfg.manifest, cfg.split,
+             cfg.epochs, device)
 
-    state = ClipRun(cfg, len(records))
-    total_steps = state.steps_per_epoch * cfg.epochs
+    state = ClipRun(cfg, len(data.records))
     opt = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    lr_factor = warmup_cosine(total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    loss_fn = ExtraNegativesClipLoss()
-
     checkpoints = out_dir / "checkpoints"
     discard_stale_checkpoints(checkpoints, run_fingerprint(
         config_to_dict(cfg), {"manifest_sha256": files_sha256([Path(cfg.manifest)])}, f"{__name__}:run"))
     last = checkpoints / "last"
-
-    def save() -> None:
-        save_checkpoint(last, model=model, optimizer=opt, scheduler=None, state=state.state())
-
     if checkpoint_exists(last):
         state.restore(load_checkpoint(last, model=model, optimizer=opt, scheduler=None, device=device))
         if state.done:
             log.info("clip-train already trained: %d epoch(s); outputs rewritten from %s", state.epoch, checkpoints)
         else:
             log.info("clip-train: resumed from %s: epoch %d, step %d", last, state.epoch + 1, state.step)
-    start = time.perf_counter()
-    stops = StopRequests()
+    _train(cfg, model, opt, tokenizer, data, state, last, device)
+
+    model.eval()
+    report = (retrieval_report(model, tokenizer, data.val_pixels, [r.captions for r in data.val_records], device)
+              if data.val_pixels is not None else {})
+    summary = {
+        "arch": cfg.arch, "parameters": n_params, "images": len(data.records),
+        "captions": sum(map(len, data.captions)), "rejected_images": data.rejected, "steps": state.step,
+        "history": state.history, "val": report, "config": config_to_dict(cfg),
+    }
+    model.to("cpu")
+    clip_lib.save_checkpoint(model, cfg.arch, out_dir, cfg.image_size,
+                             extra={"training": {k: summary[k] for k in ("images", "captions", "steps", "val")}})
+    write_json(out_dir / "train.json", summary)  # sorted: the same bytes from a restored history
+    log.info("clip-train: clean val image->text R@1 %s -> %s", report.get("image_to_text_r1"),
+             out_dir / clip_lib.CHECKPOINT_FILE)
+    return summary
+
+
+def _train(cfg: ClipTrainConfig, model, opt, tokenizer, data: ClipData, state: ClipRun, last: Path,
+           device: torch.device) -> None:
+    """Train from ``state`` to the last epoch, saving a checkpoint after every epoch; SIGINT/SIGTERM save the
+    step in progress and raise :class:`TrainingInterrupted`."""
+    total_steps = state.steps_per_epoch * cfg.epochs
+    lr_factor = warmup_cosine(total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    loss_fn = ExtraNegativesClipLoss()
+
+    def save() -> None:
+        save_checkpoint(last, model=model, optimizer=opt, scheduler=None, state=state.state())
+
+    start, stops = time.perf_counter(), StopRequests()
     with stops.installed(), progress_bar(total=total_steps, initial=state.step, desc="clip-train", unit="step") as bar:
         while not state.done:
             if state.batch_in_epoch == 0:
-                state.order, state.losses = state.rng.permutation(len(records)).tolist(), []
+                state.order, state.losses = state.rng.permutation(len(data.records)).tolist(), []
             model.train()
             for b in range(state.batch_in_epoch, state.steps_per_epoch):
                 idx = state.order[b * state.bs:(b + 1) * state.bs]
-                loss = _step(cfg, model, opt, loss_fn, tokenizer, pixels, captions, words, idx, state,
-                             cfg.lr * lr_factor(state.step), device)
-                state.losses.append(loss)
+                state.losses.append(_step(cfg, model, opt, loss_fn, tokenizer, data.pixels, data.captions, data.words,
+                                          idx, state, cfg.lr * lr_factor(state.step), device))
                 state.step += 1
                 state.batch_in_epoch = b + 1
                 bar.update(1)
@@ -294,22 +332,6 @@ def _run(cfg: ClipTrainConfig, device: torch.device, out_dir: Path) -> dict:
                 raise TrainingInterrupted(stops.signum, state.step, last)
     if state.step:
         log.info("clip-train: %d steps in %.1f s", state.step, time.perf_counter() - start)
-
-    model.eval()
-    report = (retrieval_report(model, tokenizer, val_pixels, [r.captions for r in val_records], device)
-              if val_pixels is not None else {})
-    summary = {
-        "arch": cfg.arch, "parameters": n_params, "images": len(records), "captions": sum(map(len, captions)),
-        "rejected_images": bad, "steps": state.step, "history": state.history, "val": report,
-        "config": config_to_dict(cfg),
-    }
-    model.to("cpu")
-    clip_lib.save_checkpoint(model, cfg.arch, out_dir, cfg.image_size,
-                             extra={"training": {k: summary[k] for k in ("images", "captions", "steps", "val")}})
-    write_json(out_dir / "train.json", summary)  # sorted: the same bytes from a restored history
-    log.info("clip-train: clean val image->text R@1 %s -> %s", report.get("image_to_text_r1"),
-             out_dir / clip_lib.CHECKPOINT_FILE)
-    return summary
 
 
 def _step(cfg: ClipTrainConfig, model, opt, loss_fn, tokenizer, pixels: torch.Tensor, captions, words,

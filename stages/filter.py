@@ -48,7 +48,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cache.format import CacheMeta, FeatureSpec, TokenSet
 from cache.reader import FeatureCache
@@ -75,6 +74,7 @@ from pipeline.evaluation.plots import score_histogram, threshold_curves
 from pipeline.files import write_json, write_jsonl, write_text
 from pipeline.models.clip import ClipModel, load_clip
 from pipeline.progress import progress as progress_bar
+from pipeline.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ def read_labels(path: Path) -> dict[tuple[str, int], dict]:
 
 def run(cfg: FilterConfig) -> dict:
     start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     # -- inputs ------------------------------------------------------------------------------
     device = resolve_device(cfg.device)
     clip = load_clip(cfg.clip_model, cfg.clip_pretrained, device)  # fails at once if the weights cannot be had

@@ -92,84 +92,114 @@ def fill_cache(
     pin_memory: bool = False, desc: str = "encode",
 ) -> FillStats:
     """Bring ``shards`` of ``writer``'s cache up to date with the images of ``records`` that belong to them."""
-    num_shards = writer.meta.num_shards
     by_shard: dict[int, list[ManifestRecord]] = {i: [] for i in shards}
     for rec in records:
-        s = shard_of(rec.image_id, num_shards)
+        s = shard_of(rec.image_id, writer.meta.num_shards)
         if s in by_shard:
             by_shard[s].append(rec)
-    digests = image_digests([r for recs in by_shard.values() for r in recs], manifest)
-    stats = FillStats()
-    open_shards: dict[int, ShardWriter] = {}
-    items: list[tuple[int, ManifestRecord]] = []
-    remaining: dict[int, int] = {}
+    fill = _Fill(writer, image_digests([r for recs in by_shard.values() for r in recs], manifest))
     try:
-        for i in shards:
-            wanted = {r.image_id: digests[r.image_id] for r in by_shard[i]}
-            sw = writer.shard(i)
+        items = fill.plan(by_shard)
+        if items:
+            start = time.perf_counter()
+            dataset = ImageFiles([r for _, r in items], manifest, transform, max_pixels, max_file_bytes)
+            fill.compute(items, dataset, encode, batch_size=batch_size, workers=workers, pin_memory=pin_memory,
+                         desc=desc)
+            fill.stats.seconds = time.perf_counter() - start
+            log.info("%s: %d images in %.1f s (%.1f images/s)", desc, len(items), fill.stats.seconds,
+                     len(items) / max(fill.stats.seconds, 1e-9))
+        return fill.stats
+    finally:
+        fill.close()
+
+
+class _Fill:
+    """One :func:`fill_cache` call: the shards it opened, what each still waits for, and what it did."""
+
+    def __init__(self, writer: CacheWriter, digests: dict[str, Optional[str]]) -> None:
+        self.writer, self.digests = writer, digests
+        self.stats = FillStats()
+        self.open_shards: dict[int, ShardWriter] = {}
+        self.remaining: dict[int, int] = {}  # records (or rejects) each open shard still waits for
+
+    def plan(self, by_shard: dict[int, list[ManifestRecord]]) -> list[tuple[int, ManifestRecord]]:
+        """Open every shard that does not cover its images yet; ``(shard, record)`` of each record to compute.
+        A shard with nothing to compute (only records dropped) is finished here."""
+        items: list[tuple[int, ManifestRecord]] = []
+        for i, recs in by_shard.items():
+            wanted = {r.image_id: self.digests[r.image_id] for r in recs}
+            sw = self.writer.shard(i)
             if sw.is_current(wanted):
-                stats.shards_current += 1
+                self.stats.shards_current += 1
                 continue
             plan = sw.open(wanted)
-            open_shards[i] = sw
-            stats.shards_updated += 1
-            stats.kept += plan.kept
-            stats.changed += plan.changed
-            stats.dropped += plan.dropped
-            stats.per_shard[i] = {"kept": plan.kept, "changed": plan.changed, "dropped": plan.dropped,
-                                  "computed": len(plan.todo)}
-            recs = {r.image_id: r for r in by_shard[i]}
-            items.extend((i, recs[image_id]) for image_id in plan.todo)
-            remaining[i] = len(plan.todo)
+            self.open_shards[i] = sw
+            self.stats.shards_updated += 1
+            self.stats.kept += plan.kept
+            self.stats.changed += plan.changed
+            self.stats.dropped += plan.dropped
+            self.stats.per_shard[i] = {"kept": plan.kept, "changed": plan.changed, "dropped": plan.dropped,
+                                       "computed": len(plan.todo)}
+            by_id = {r.image_id: r for r in recs}
+            items.extend((i, by_id[image_id]) for image_id in plan.todo)
+            self.remaining[i] = len(plan.todo)
             log.info("%s: %d record(s) kept, %d changed, %d dropped (no longer in the manifest), %d to compute",
                      sw.name, plan.kept, plan.changed, plan.dropped, len(plan.todo))
-        for i in [i for i, n in remaining.items() if n == 0]:
-            _finish(open_shards.pop(i))
-        if not items:
-            return stats
-        start = time.perf_counter()
+        for i in [i for i, n in self.remaining.items() if n == 0]:
+            _finish(self.open_shards.pop(i))
+        return items
+
+    def compute(self, items: list[tuple[int, ManifestRecord]], dataset: ImageFiles, encode: Encoder, *,
+                batch_size: int, workers: int, pin_memory: bool, desc: str) -> None:
+        """Encode ``items`` in batches of ``batch_size``; each batch's records commit in a background thread while
+        the next batch runs through the encoder."""
         batches = [list(range(k, min(k + batch_size, len(items)))) for k in range(0, len(items), batch_size)]
-        dataset = ImageFiles([r for _, r in items], manifest, transform, max_pixels, max_file_bytes)
         pending: Optional[Future] = None
         with _image_batches(dataset, batches, workers=workers, pin_memory=pin_memory) as loader, \
                 ThreadPoolExecutor(max_workers=1) as io, \
-                progress_bar(total=len(items), unit="img", desc=desc) as bar:  # writes overlap the next forward pass
+                progress_bar(total=len(items), unit="img", desc=desc) as bar:
             for idx, batch_digests, images, bad in loader:
-                values: dict[int, list[tuple[str, bytes]]] = {}
-                if images is not None:
-                    arrays = encode_padded(encode, images, batch_size)
-                    for j, (k, digest) in enumerate(zip(idx, batch_digests)):
-                        shard, rec = items[k]
-                        values.setdefault(shard, []).append(
-                            (rec.image_id, open_shards[shard].encode(digest, [a[j] for a in arrays])))
+                values = self._encode(items, idx, batch_digests, images, encode, batch_size)
                 if pending is not None:
                     pending.result()
-                for err in bad:  # appended before the batch's records commit, so a resumed run skips them too
-                    # keyed by the file's digest (hashed above even when it was refused unread, e.g. too
-                    # large), so an unchanged bad file is not retried on the next run, a fixed one is
-                    err["digest"] = err.get("digest") or digests.get(err["id"])
-                    shard = shard_of(err["id"], num_shards)
-                    open_shards[shard].add_rejects([err])
-                    log.warning("skipped %s: %s%s", err["file"], err["reason"],
-                                f" ({err['detail']})" if err["detail"] else "")
-                    remaining[shard] -= 1
+                self._reject(bad)
                 for shard, vals in values.items():
-                    remaining[shard] -= len(vals)
-                done_now = [s for s in open_shards if remaining[s] == 0]
-                pending = io.submit(_commit, dict(open_shards), values, done_now)
+                    self.remaining[shard] -= len(vals)
+                done_now = [s for s in self.open_shards if self.remaining[s] == 0]
+                pending = io.submit(_commit, dict(self.open_shards), values, done_now)
                 for s in done_now:
-                    open_shards.pop(s)
-                stats.computed += sum(len(v) for v in values.values())
-                stats.rejected += len(bad)
+                    self.open_shards.pop(s)
+                self.stats.computed += sum(len(v) for v in values.values())
+                self.stats.rejected += len(bad)
                 bar.update(len(idx) + len(bad))
             if pending is not None:
                 pending.result()
-        stats.seconds = time.perf_counter() - start
-        log.info("%s: %d images in %.1f s (%.1f images/s)", desc, len(items), stats.seconds,
-                 len(items) / max(stats.seconds, 1e-9))
-        return stats
-    finally:
-        for sw in open_shards.values():
+
+    def _encode(self, items, idx: list[int], digests: list[str], images: Optional[torch.Tensor], encode: Encoder,
+                batch_size: int) -> dict[int, list[tuple[str, bytes]]]:
+        """``{shard: [(image id, record value)]}`` of one batch's readable images."""
+        values: dict[int, list[tuple[str, bytes]]] = {}
+        if images is not None:
+            arrays = encode_padded(encode, images, batch_size)
+            for j, (k, digest) in enumerate(zip(idx, digests)):
+                shard, rec = items[k]
+                values.setdefault(shard, []).append(
+                    (rec.image_id, self.open_shards[shard].encode(digest, [a[j] for a in arrays])))
+        return values
+
+    def _reject(self, bad: list[dict]) -> None:
+        """Record a batch's unreadable images; appended before the batch's records commit, so a resumed run skips
+        them too. Each is keyed by the file's digest (hashed up front even when it was refused unread, e.g. too
+        large), so an unchanged bad file is not retried on the next run, a fixed one is."""
+        for err in bad:
+            err["digest"] = err.get("digest") or self.digests.get(err["id"])
+            shard = shard_of(err["id"], self.writer.meta.num_shards)
+            self.open_shards[shard].add_rejects([err])
+            log.warning("skipped %s: %s%s", err["file"], err["reason"], f" ({err['detail']})" if err["detail"] else "")
+            self.remaining[shard] -= 1
+
+    def close(self) -> None:
+        for sw in self.open_shards.values():
             sw.close()
 
 

@@ -199,8 +199,7 @@ def test_a_recipe_project_runs_its_recipe_apart_from_the_default_dag(tmp_path):
         assert params["prepare"]["sources"][0]["captions"] == str(data / "captions.txt")
         with Repo(str(project)) as repo:
             stages = {s.name: s for s in repo.index.stages}
-        assert set(stages) == {"backbone_weights", "prepare", "extract", "vocab", "train", "scst", "evaluate_train",
-                               "evaluate_scst"}
+        assert set(stages) == {"prepare", "extract", "vocab", "train", "scst", "evaluate_train", "evaluate_scst"}
         for name, stage in stages.items():
             deps = {os.path.normpath(os.path.join(project, d.def_path)) for d in stage.deps}
             command = next(a for a in shlex.split(stage.cmd)[1:] if not a.startswith("-"))

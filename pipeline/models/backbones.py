@@ -92,6 +92,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def weights_state_dict(weights: Path | str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file, or of ``package:NAME`` (weights a pip package ships, mapped onto
+    ``model``'s keys: see :func:`pipeline.models.convert.packaged_state_dict`)."""
+    from pipeline.models.convert import PACKAGE_PREFIX, packaged_state_dict
+
+    if str(weights).startswith(PACKAGE_PREFIX):
+        return packaged_state_dict(str(weights), model)
+    return read_state_dict(Path(weights))
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` strictly, except that classifier-head keys may be absent or extra."""
     own = model.state_dict()
@@ -258,7 +268,7 @@ def create_backbone(
     else:
         model = _create_model(name, size_kwargs)
     if weights is not None:
-        load_weights(model, read_state_dict(weights), source=str(weights))
+        load_weights(model, weights_state_dict(weights, model), source=str(weights))
         weights_info: dict[str, Any] = {"source": "file"}
     elif state_dict is not None:
         load_weights(model, state_dict, source=f"{name} state dict")

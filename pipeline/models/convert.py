@@ -22,7 +22,7 @@ from pipeline.models.backbones import (
     read_state_dict,
 )
 
-__all__ = ["PACKAGE_PREFIX", "convert_weights", "packaged_weights", "weights_source"]
+__all__ = ["PACKAGE_PREFIX", "convert_weights", "packaged_state_dict", "packaged_weights", "weights_source"]
 
 PACKAGE_PREFIX = "package:"  # ``package:NAME``: weights shipped by a pip package, see packaged_weights
 
@@ -56,19 +56,37 @@ def weights_source(source: Union[str, Path]) -> Path:
     return Path(source)
 
 
+def packaged_state_dict(source: str, model) -> dict:
+    """``package:NAME``'s weights mapped onto ``model``'s keys: the packages store the same tensors in the same
+    order under their own names (lukemelas' layout for timm's ``tf_efficientnet_liteN``), so they map by order,
+    every shape checked."""
+    path = weights_source(source)
+    return convert_by_order(read_state_dict(path), model, f"{source} ({path})")
+
+
 def convert_weights(source: Union[str, Path], dest: Union[str, Path], backbone: str, by_order: bool = False) -> int:
     """Write ``source``'s weights for timm model ``backbone`` to ``dest`` (safetensors); returns the tensor count.
 
-    ``by_order``: map the tensors onto the model's keys in order (shapes checked). A file that does not fit
-    the model is a :class:`~pipeline.models.backbones.WeightsError` naming the offending keys; nothing is
-    written then.
+    ``by_order``: map the tensors onto the model's keys in order (shapes checked); ``package:NAME`` is always
+    mapped so (its layout is known). A file that does not fit the model is a
+    :class:`~pipeline.models.backbones.WeightsError` naming the offending keys (and ``--by-order`` when the
+    tensor count is the model's); nothing is written then.
     """
-    path = weights_source(source)
-    state = read_state_dict(path)
     model = timm.create_model(backbone)
-    if by_order:
-        state = convert_by_order(state, model, str(path))
-    load_weights(model, state, str(path))
+    if isinstance(source, str) and source.startswith(PACKAGE_PREFIX):
+        path, state = weights_source(source), packaged_state_dict(source, model)
+    else:
+        path = weights_source(source)
+        state = read_state_dict(path)
+        if by_order:
+            state = convert_by_order(state, model, str(path))
+    try:
+        load_weights(model, state, str(path))
+    except WeightsError as e:
+        if by_order or len(state) != len(model.state_dict()):
+            raise
+        raise WeightsError(f"{e}; it holds as many tensors as the model: if they are the same tensors under other "
+                           "names, pass --by-order") from None
     write_safetensors(Path(dest), {k: v.contiguous() for k, v in state.items()},
                       metadata={"backbone": backbone, "source": path.name})
     return len(state)

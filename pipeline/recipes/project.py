@@ -2,8 +2,7 @@
 
 A recipe (``recipes/<NAME>.yaml``: a params file, e.g. ``flickr8k-cpu``) becomes a folder holding
 ``params.yaml`` (the recipe, its dataset paths pointed at ``--data``), ``dvc.yaml`` and ``.dvc/``.
-``cd DIR && dvc repro`` then runs convert-weights → prepare → extract → vocab → train → scst (→
-finetune) → evaluate, each a `pipeline` command with ``--params params.yaml``, and reruns only what
+``cd DIR && dvc repro`` then runs prepare → extract → vocab → train → scst (→ finetune) → evaluate, each a `pipeline` command with ``--params params.yaml``, and reruns only what
 a change reaches. It lives outside the default project's pipeline: the default project's
 ``dvc status`` never lists it (DVC leaves a folder with its own ``.dvc`` to that project).
 
@@ -95,7 +94,7 @@ def init_recipe_project(name: str, directory: Path, data: Optional[Path] = None)
     Returns the ``dvc.yaml`` written."""
     import yaml
 
-    from pipeline.models.convert import PACKAGED
+    from pipeline.models.convert import PACKAGE_PREFIX
 
     directory = Path(directory)
     if (directory / "dvc.yaml").exists():
@@ -123,15 +122,13 @@ def init_recipe_project(name: str, directory: Path, data: Optional[Path] = None)
     prepare, extract, vocab = config("prepare"), config("extract"), config("vocab")
     sources = [Path(v) for s in params["prepare"]["sources"] for k, v in s.items()
                if k in SOURCE_PATH_KEYS and isinstance(v, str)]
-    package = extract.backbone.removeprefix("tf_")
-    if extract.weights is not None and package in PACKAGED:
-        project.add("backbone_weights", f"pipeline convert-weights package:{package} {extract.weights} "
-                    f"--backbone {extract.backbone} --by-order", "pipeline.models.convert:convert_weights",
-                    deps=[], outs=[extract.weights])
+    weights = extract.weights
+    if weights is not None and str(weights).startswith(PACKAGE_PREFIX):
+        weights = None  # weights a pip package ships (requirements.lock pins it): read in place, no file to track
     project.add("prepare", f"pipeline prepare {run}", "stages.prepare:run", deps=sources, outs=[prepare.out_dir],
                 params=["prepare"])
     project.add("extract", f"pipeline extract {run}", "stages.extract:run",
-                deps=[extract.manifest, *sources, *([extract.weights] if extract.weights else [])],
+                deps=[extract.manifest, *sources, *([weights] if weights else [])],
                 outs=[extract.out_dir], persist=(extract.out_dir,), params=["extract"])
     project.add("vocab", f"pipeline vocab {run}", "stages.vocab:run", deps=[vocab.manifest], outs=[vocab.out_dir],
                 params=["vocab"])

@@ -323,10 +323,10 @@ class TrainConfig(LoopConfig):
             raise ValueError("freeze_embeddings keeps GloVe-initialised embeddings fixed: it needs glove (a GloVe "
                              "file)")
         if self.glove is not None:
-            from pipeline.models.decoders import DECODERS, families_with
+            from pipeline.models.decoders import FAMILIES, families_with
 
-            family = DECODERS.get(self.decoder)
-            if family is not None and family.word_embeddings is None:
+            family = FAMILIES.get(self.decoder)
+            if family is not None and not family.word_embeddings:
                 raise ValueError(f"decoder {self.decoder!r} cannot use glove: its token embedding is GPT-2's own "
                                  f"(wte, tied to the output layer, made for BPE tokens and pretrained GPT-2 "
                                  f"weights), not a word-embedding table; GloVe initialises the word-tokenizer "
@@ -680,12 +680,12 @@ class DecodersConfig(StageConfig):
     @model_validator(mode="before")
     @classmethod
     def _known_families(cls, data: Any) -> Any:
-        from pipeline.models.decoders import DECODERS
+        from pipeline.models.decoders import FAMILIES
 
         if isinstance(data, dict):
-            unknown = [k for k in data if k not in DECODERS]
+            unknown = [k for k in data if k not in FAMILIES]
             if unknown:
-                raise ValueError(f"unknown decoder family {_with_hint(unknown[0], DECODERS)}")
+                raise ValueError(f"unknown decoder family {_with_hint(unknown[0], FAMILIES)}")
             for family, entry in data.items():
                 DecoderSection.model_validate(entry or {})
         return data
@@ -797,11 +797,11 @@ def load_train_config(params: Path | None = DEFAULT_PARAMS, overrides: dict[str,
     entry = DecoderSection()
     if params is not None and Path(params).exists():
         decoders = read_params(Path(params)).get("decoders") or {}
-        from pipeline.models.decoders import DECODERS
+        from pipeline.models.decoders import FAMILIES
 
-        unknown = [k for k in decoders if k not in DECODERS]
+        unknown = [k for k in decoders if k not in FAMILIES]
         if unknown:
-            raise ConfigError(f"{params} [decoders]: unknown decoder family {_with_hint(unknown[0], DECODERS)}")
+            raise ConfigError(f"{params} [decoders]: unknown decoder family {_with_hint(unknown[0], FAMILIES)}")
         try:
             entry = DecoderSection.model_validate(decoders.get(family) or {})
         except ValidationError as e:

@@ -94,35 +94,53 @@ def test_every_family_has_a_case():
 
 
 def test_a_newly_registered_family_is_listed_last_with_its_capabilities(monkeypatch):
-    monkeypatch.setattr(registry, "DECODERS", dict(DECODERS))  # registered here only, for this test
+    from pipeline.models.decoders.options import Family
 
     class DummyConfig(DecoderConfig):
         pass
 
+    dummy = Family("dummy", __name__, DummyConfig, "A dummy family.", supports_scheduled_sampling=True)
+    monkeypatch.setattr(registry, "FAMILIES", {**registry.FAMILIES, "dummy": dummy})  # for this test only
+    monkeypatch.setattr(registry.options, "FAMILIES", registry.FAMILIES)
+    monkeypatch.setattr(registry, "_CLASSES", dict(registry._CLASSES))
+
     @registry.register_decoder("dummy")
     class Dummy(CaptionDecoder):
-        """A dummy family.
-
-        More text."""
-
-        config_class = DummyConfig
         supports_scheduled_sampling = True
 
     assert registry.list_decoders()[-1] == ("dummy", "A dummy family.")
-    assert Dummy.family == "dummy" and registry.decoder_config_class("dummy") is DummyConfig
+    assert Dummy.family == "dummy" and Dummy.config_class is DummyConfig
+    assert registry.decoder_config_class("dummy") is DummyConfig
     assert registry.families_with("supports_scheduled_sampling")[-1] == "dummy"
     assert "dummy" not in registry.families_with("has_attention")
     with pytest.raises(ValueError, match="already registered"):
-        registry.register_decoder("dummy")(type("Other", (CaptionDecoder,), {"config_class": DummyConfig}))
-    with pytest.raises(TypeError, match="config_class"):
-        registry.register_decoder("no_config")(type("NoConfig", (CaptionDecoder,), {}))
+        registry.register_decoder("dummy")(type("Other", (CaptionDecoder,), {"supports_scheduled_sampling": True}))
+    with pytest.raises(TypeError, match="has_attention disagree with the 'dummy' entry"):
+        registry.register_decoder("dummy")(type("Liar", (CaptionDecoder,), {"has_attention": True,
+                                                                           "supports_scheduled_sampling": True}))
+    with pytest.raises(DecoderConfigError, match="unknown decoder 'nobody'"):
+        registry.register_decoder("nobody")
 
 
-def test_families_with_reads_the_class_attributes():
-    for capability in ("has_attention", "supports_scheduled_sampling"):
+def test_the_light_table_and_the_classes_agree():
+    """`pipeline decoders` and the config checks read options.FAMILIES without torch; the classes it names
+    have the same capabilities (register_decoder refuses a class that does not)."""
+    for capability in registry.options.CAPABILITIES:
         assert families_with(capability) == tuple(n for n, cls in DECODERS.items() if getattr(cls, capability))
+    for name, cls in DECODERS.items():
+        assert cls.__module__ == registry.FAMILIES[name].module
     with pytest.raises(AttributeError, match="not a decoder capability"):
         families_with("supports_time_travel")
+
+
+def test_the_registry_reads_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipeline.models.decoders as d; d.list_decoders(); d.decoder_config_class('gpt2'); "
+            "d.families_with('has_attention'); print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 @pytest.mark.parametrize("family", list(DECODERS))

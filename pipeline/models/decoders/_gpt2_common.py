@@ -50,12 +50,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from pydantic import Field, model_validator
 from safetensors import SafetensorError
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from . import DecoderConfig, DecoderConfigError
 from .base import (
     CaptionDecoder,
     DecoderOutput,
@@ -64,6 +62,7 @@ from .base import (
     reorder_cached_attention_state,
 )
 from .layers import TokenLayout, append_kv, attend_per_image, attention_weights
+from .options import DecoderConfigError, GPT2Options
 
 SIZE_OPTIONS = ("n_layer", "n_head", "n_embd", "n_positions")
 """The options a pretrained checkpoint determines (its values are recorded; a disagreeing explicit one is refused)."""
@@ -74,31 +73,6 @@ ARCHITECTURE_FIELDS = (
     "n_inner", "activation_function", "layer_norm_epsilon", "scale_attn_weights",
     "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings",
 )
-
-
-class GPT2Options(DecoderConfig):
-    """GPT-2 options. On a built decoder (``decoder.config``) they describe the model it holds:
-    the sizes of a pretrained checkpoint, and ``pretrained_path`` None (see :func:`build_gpt2`)."""
-
-    n_layer: int = Field(6, ge=1, description="GPT-2 blocks (from scratch; GPT-2 small: 12).")
-    n_head: int = Field(8, ge=1, description="Attention heads (from scratch; GPT-2 small: 12).")
-    n_embd: int = Field(512, ge=1, description="Width (from scratch; GPT-2 small: 768).")
-    n_positions: int = Field(128, ge=2, description="Longest caption in tokens (from scratch; GPT-2 small: 1024).")
-    dropout: float = Field(0.1, ge=0, lt=1, description="GPT-2's resid/embd/attn dropout, also used by the visual side.")
-    pretrained_path: Optional[Path] = Field(
-        None,
-        description="Local directory of a pretrained GPT-2 (save_pretrained layout), used to initialise the "
-        "weights. Its size wins over n_layer/n_head/n_embd/n_positions (setting one that disagrees is an error) "
-        "and is what the built decoder records, with pretrained_path None; vocab must match.",
-    )
-    num_encoder_layers: int = Field(0, ge=0, description="Transformer encoder blocks over the visual tokens first.")
-    max_visual_tokens: int = Field(1024, ge=1, description="Most visual tokens N (size of their learned position table).")
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self):
-        if self.pretrained_path is None and self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        return self
 
 
 def _scratch_config(options: GPT2Options, vocab_size: int, bos_id: int, eos_id: int) -> GPT2Config:

@@ -26,20 +26,16 @@ from typing import ClassVar
 
 import torch
 
-from . import DecoderConfig, register_decoder
-from ._gpt2_common import GPT2CaptionDecoder, GPT2Options
+from . import register_decoder
+from ._gpt2_common import GPT2CaptionDecoder
 from .layers import VisualEncoder
-
-
-class GPT2DecoderConfig(GPT2Options):
-    pass  # the shared GPT-2 options, nothing more
+from .options import GPT2DecoderConfig
 
 
 @register_decoder("gpt2")
 class GPT2Decoder(GPT2CaptionDecoder):
     """GPT-2 (from scratch or pretrained) cross-attending to the projected visual tokens."""
 
-    config_class: ClassVar[type[DecoderConfig]] = GPT2DecoderConfig
     has_attention: ClassVar[bool] = True
     attention_source: ClassVar[str] = "cross-attention of the last GPT-2 block, mean over its heads"
 

@@ -24,22 +24,15 @@ the incremental state and its reordering are described in :mod:`._gpt2_common`.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from . import DecoderConfig, DecoderConfigError, register_decoder
-from ._gpt2_common import GPT2CaptionDecoder, GPT2Options
+from . import register_decoder
+from ._gpt2_common import GPT2CaptionDecoder
 from .layers import MLP, Attention, VisualEncoder
-
-
-class PerceiverGPT2Config(GPT2Options):
-    num_latents: int = Field(64, ge=1, description="Learned latents = visual states GPT-2 cross-attends to.")
-    resampler_depth: int = Field(2, ge=1, description="Resampler blocks (latent cross-attention + MLP).")
-    resampler_heads: Optional[int] = Field(None, ge=1, description="Resampler attention heads; default GPT-2's n_head.")
-    resampler_ff_mult: int = Field(4, ge=1, description="Resampler MLP width as a multiple of n_embd.")
+from .options import DecoderConfigError, PerceiverGPT2Config
 
 
 class ResamplerBlock(nn.Module):
@@ -80,7 +73,6 @@ class PerceiverResampler(nn.Module):
 class PerceiverGPT2Decoder(GPT2CaptionDecoder):
     """Perceiver resampler (learned latents) feeding GPT-2 cross-attention."""
 
-    config_class: ClassVar[type[DecoderConfig]] = PerceiverGPT2Config
     # GPT-2's cross-attention reads the resampler's latents, each a mix of every image token: its weights say
     # nothing about image regions, so there are no heatmaps (has_attention stays False) and the UI says why.
     no_attention_reason: ClassVar[str] = (

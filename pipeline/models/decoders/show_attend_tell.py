@@ -27,14 +27,13 @@ The word embeddings (``embed``, ``embed_dim`` wide) can start from GloVe: ``trai
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from . import DecoderConfig, register_decoder
+from . import register_decoder
 from .base import (
     CaptionDecoder,
     DecoderOutput,
@@ -44,27 +43,7 @@ from .base import (
     reorder_per_image,
 )
 from .layers import TokenLayout, VisualProjection
-
-
-class ShowAttendTellConfig(DecoderConfig):
-    embed_dim: int = Field(512, ge=1, description="Word-embedding size (GloVe 300d: 300 copies the vectors as they are).")
-    hidden_dim: int = Field(512, ge=1, description="Hidden size of the LSTM/GRU cell.")
-    attention_dim: int = Field(512, ge=1, description="Width of the additive attention's hidden layer.")
-    visual_dim: int = Field(512, ge=1, description="Width of the projected visual tokens (the attention context).")
-    dropout: float = Field(0.5, ge=0, lt=1, description="Dropout on the word embeddings and before the output layer.")
-    cell: Literal["lstm", "gru"] = Field("lstm", description="Recurrent cell.")
-    alpha_c: float = Field(1.0, ge=0, description="Weight of the doubly stochastic attention regulariser (0: off).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_removed_options(cls, options: Any) -> Any:
-        # Bundles written before `pretrained_embeddings` and `freeze_embeddings` were removed (they never did
-        # anything: GloVe is the `train` options `glove` / `freeze_embeddings`) record them with these values;
-        # they still load. Any other value is refused as an unknown option.
-        if isinstance(options, dict):
-            removed = {"pretrained_embeddings": None, "freeze_embeddings": False}
-            options = {k: v for k, v in options.items() if not (k in removed and v is removed[k])}
-        return options
+from .options import ShowAttendTellConfig
 
 
 class AdditiveAttention(nn.Module):
@@ -120,7 +99,6 @@ class AdditiveAttention(nn.Module):
 class ShowAttendTellDecoder(CaptionDecoder):
     """Show, Attend and Tell: LSTM/GRU with additive attention re-queried at every step."""
 
-    config_class: ClassVar[type[DecoderConfig]] = ShowAttendTellConfig
     has_attention: ClassVar[bool] = True  # always returned (the regulariser needs it): return_attention is ignored
     attention_source: ClassVar[str] = "the additive attention weights (alpha) of each step"
     supports_scheduled_sampling: ClassVar[bool] = True

@@ -20,26 +20,18 @@ from __future__ import annotations
 from typing import ClassVar, Optional
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from . import DecoderConfig, register_decoder
+from . import register_decoder
 from .base import CaptionDecoder, DecoderOutput, StepOutput, WordEmbeddings
 from .layers import TokenLayout, VisualProjection
-
-
-class ShowTellConfig(DecoderConfig):
-    embed_dim: int = Field(256, ge=1, description="Word-embedding size; the image is projected to it too.")
-    hidden_dim: int = Field(512, ge=1, description="LSTM hidden size.")
-    num_layers: int = Field(1, ge=1, description="Stacked LSTM layers.")
-    dropout: float = Field(0.5, ge=0, lt=1, description="Dropout on the inputs, between LSTM layers, before the output.")
+from .options import ShowTellConfig
 
 
 @register_decoder("show_tell")
 class ShowTellDecoder(CaptionDecoder):
     """Show and Tell: LSTM fed the mean-pooled image feature as its first input."""
 
-    config_class: ClassVar[type[DecoderConfig]] = ShowTellConfig
     supports_scheduled_sampling: ClassVar[bool] = True
     no_attention_reason: ClassVar[str] = "it reads the image once, as one pooled vector, and attends to no region"
     word_embeddings: ClassVar[WordEmbeddings] = WordEmbeddings("embed", "embed_dim")

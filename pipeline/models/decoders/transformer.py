@@ -35,13 +35,12 @@ logits, hence the captions, are the same bits with or without them.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from . import DecoderConfig, register_decoder
+from . import register_decoder
 from .base import (
     CaptionDecoder,
     DecoderOutput,
@@ -52,25 +51,7 @@ from .base import (
     reorder_cached_attention_state,
 )
 from .layers import KV, MLP, Attention, TokenLayout, VisualEncoder, append_kv
-
-
-class TransformerConfig(DecoderConfig):
-    d_model: int = Field(512, ge=1, description="Width of the token and visual streams.")
-    num_layers: int = Field(3, ge=1, description="Decoder blocks.")
-    num_heads: int = Field(8, ge=1, description="Attention heads (must divide d_model).")
-    ff_dim: Optional[int] = Field(None, ge=1, description="MLP hidden width; default 4 * d_model.")
-    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on embeddings, attention weights and residual branches.")
-    max_length: int = Field(64, ge=2, description="Longest caption in tokens (bos included); size of the position table.")
-    positions: Literal["learned", "sinusoidal"] = Field("learned", description="Token position embedding.")
-    num_encoder_layers: int = Field(0, ge=0, description="Transformer encoder blocks over the visual tokens first.")
-    max_visual_tokens: int = Field(1024, ge=1, description="Most visual tokens N (size of their learned position table).")
-    tie_embeddings: bool = Field(True, description="Share the token embedding with the output layer.")
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self):
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})")
-        return self
+from .options import TransformerConfig
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -139,7 +120,6 @@ class DecoderBlock(nn.Module):
 class TransformerDecoder(CaptionDecoder):
     """Transformer decoder (pre-norm, causal self-attention + cross-attention to visual tokens)."""
 
-    config_class: ClassVar[type[DecoderConfig]] = TransformerConfig
     has_attention: ClassVar[bool] = True
     attention_source: ClassVar[str] = "cross-attention of the last decoder block, mean over its heads"
     word_embeddings: ClassVar[WordEmbeddings] = WordEmbeddings("tok_emb", "d_model")

@@ -34,6 +34,7 @@ import random
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from pipeline.inference.bundle import Captioner
 from pipeline.inference.decoding import (
     DecodingOptions,
     decoding_label,
+    describe_options,
     options_for_mode,
 )
 from pipeline.progress import progress
@@ -75,19 +77,6 @@ def headline_options(cfg: EvaluateConfig, max_length: int) -> DecodingOptions:
                                max_length=max_length)
     # a caption mode; sampled modes keep one sample per image (the first, seeded)
     return options_for_mode(cfg.decoding, max_length=max_length, num_samples=1, n_best=1)
-
-
-def describe_options(opts: DecodingOptions) -> dict[str, Any]:
-    """The settings that matter for ``opts.method`` (what metrics.json records)."""
-    d: dict[str, Any] = {"method": opts.method, "max_length": opts.max_length}
-    if opts.method == "beam":
-        d.update(beam_size=opts.beam_size, length_penalty=opts.length_penalty)
-    if opts.method == "sample":
-        d.update(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
-    for k, default in (("min_length", 0), ("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
-        if getattr(opts, k) != default:
-            d[k] = getattr(opts, k)
-    return d
 
 
 def same_decoding(a: DecodingOptions, b: DecodingOptions) -> bool:
@@ -179,173 +168,235 @@ def select_gallery(scores: dict[str, float], all_ids: list[str], size: int, seed
 
 
 # --------------------------------------------------------------------------- the stage
-def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    device = resolve_device(cfg.device)
-    captioner = Captioner.load(cfg.model, device)
-    name, out = cfg.model_name, cfg.output_dir
-    blind = bool(captioner.config.get("blind", False))
-    family = captioner.config["decoder"]["family"]
+@dataclass
+class Evaluation:
+    """What one evaluation works with: its config, the loaded bundle, the feature source, the headline decoding
+    setting and the split's records (sorted by image id; ``records``: the same by id)."""
 
+    cfg: EvaluateConfig
+    captioner: Captioner
+    features: FeatureSource
+    headline: DecodingOptions
+    ids: list[str]
+    records: dict[str, ManifestRecord]
+    blind: bool
+
+
+@dataclass
+class HeadlineCaptions:
+    """The headline caption of each image, by id: its text exactly as emitted (what is scored), its tokens and,
+    when kept for the gallery's heatmaps, its attention ``(len(tokens), N)`` (float16, on the CPU)."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    attention: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Caption the split with the headline setting, score it, write the outputs (see the module docstring);
+    returns what metrics.json holds."""
+    device = resolve_device(cfg.device)
+    ev = _load_inputs(cfg, Captioner.load(cfg.model, device))
+    decoding = {"name": cfg.decoding, **describe_options(ev.headline)}
+    if ev.headline.method == "sample":
+        decoding["seed"] = cfg.seed
+    log.info("evaluate %s (%s%s) on %d %s images, %s decoding, device %s", cfg.model_name,
+             ev.captioner.config["decoder"]["family"], ", image-blind control: zeroed features" if ev.blind else "",
+             len(ev.ids), cfg.split, decoding_label(decoding), device)
+
+    t0 = time.perf_counter()
+    captions = _caption_split(ev)
+    t1 = time.perf_counter()
+    scores, references = _score(ev, captions)
+    t2 = time.perf_counter()
+    metrics = _metrics_record(ev, captions, scores, references, decoding)
+    _write_outputs(ev, captions, metrics, scores["per_image"])
+
+    gallery_dir = cfg.output_dir / "gallery"
+    shutil.rmtree(gallery_dir, ignore_errors=True)
+    if cfg.gallery_size > 0:
+        t3 = time.perf_counter()
+        _build_gallery(ev, captions, metrics, scores["per_image"])
+        log.info("gallery of %d images in %.1f s -> %s", cfg.gallery_size, time.perf_counter() - t3,
+                 gallery_dir / "index.html")
+    log.info("%s: BLEU-4 %.4f, CIDEr %.4f, METEOR %s (%s tokenizer; captioning %.1f s, scoring %.1f s) -> %s",
+             cfg.model_name, metrics["BLEU-4"], metrics["CIDEr"],
+             "n/a" if metrics["METEOR"] is None else f"{metrics['METEOR']:.4f}", metrics["tokenizer"], t1 - t0,
+             t2 - t1, cfg.output_dir)
+    return metrics
+
+
+def _load_inputs(cfg: EvaluateConfig, captioner: Captioner) -> Evaluation:
+    """The split's records and their feature source (checked against the bundle), and the headline setting."""
+    blind = bool(captioner.config.get("blind", False))
     records = sorted(read_manifest(cfg.manifest, cfg.split), key=lambda r: r.image_id)
     if not records:
         raise EvaluateError(f"{cfg.manifest}: no images in the {cfg.split!r} split")
     by_id = {r.image_id: r for r in records}
-    ids = [r.image_id for r in records]
-
     features = FeatureSource(cfg, captioner, by_id, blind)
+    headline = headline_options(cfg, cfg.max_length or captioner.tokenizer.max_length)
+    return Evaluation(cfg, captioner, features, headline, [r.image_id for r in records], by_id, blind)
 
-    max_length = cfg.max_length or captioner.tokenizer.max_length
-    opts = headline_options(cfg, max_length)
-    decoding = {"name": cfg.decoding, **describe_options(opts)}
-    if opts.method == "sample":
-        decoding["seed"] = cfg.seed
+
+def _caption_split(ev: Evaluation) -> HeadlineCaptions:
+    """Every image of the split captioned with the headline setting, in batches (sampling: one seeded generator)."""
+    cfg, captioner = ev.cfg, ev.captioner
     want_attention = bool(cfg.heatmaps and cfg.gallery_size > 0 and getattr(captioner.decoder, "has_attention", False)
-                          and not blind)
-    log.info("evaluate %s (%s%s) on %d %s images, %s decoding, device %s", name, family,
-             ", image-blind control: zeroed features" if blind else "", len(ids), cfg.split,
-             decoding_label(decoding), device)
-
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    texts: dict[str, str] = {}
-    tokens: dict[str, list[int]] = {}
-    attention: dict[str, torch.Tensor] = {}
-    with progress(total=len(ids), desc=f"evaluate {name}", unit="img") as bar:
-        for start in range(0, len(ids), cfg.batch_size):
-            chunk = ids[start : start + cfg.batch_size]
-            caps = captioner.caption_features(features(chunk), opts, spec=features.spec, generator=generator,
-                                              return_attention=want_attention)
+                          and not ev.blind)
+    generator = torch.Generator(device=captioner.device).manual_seed(cfg.seed)
+    out = HeadlineCaptions()
+    with progress(total=len(ev.ids), desc=f"evaluate {cfg.model_name}", unit="img") as bar:
+        for start in range(0, len(ev.ids), cfg.batch_size):
+            chunk = ev.ids[start : start + cfg.batch_size]
+            caps = captioner.caption_features(ev.features(chunk), ev.headline, spec=ev.features.spec,
+                                              generator=generator, return_attention=want_attention)
             for image_id, per_image in zip(chunk, caps):
                 c = per_image[0]
-                texts[image_id] = c.text
-                tokens[image_id] = c.tokens
+                out.texts[image_id] = c.text
+                out.tokens[image_id] = c.tokens
                 if c.attention is not None:
-                    attention[image_id] = c.attention.detach().to("cpu", torch.float16)
+                    out.attention[image_id] = c.attention.detach().to("cpu", torch.float16)
             bar.update(len(chunk))
+    return out
 
-    t1 = time.perf_counter()
-    references = {i: list(by_id[i].captions) for i in ids if by_id[i].captions}
+
+def _score(ev: Evaluation, captions: HeadlineCaptions) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The COCO metrics of the images that have reference captions, and those references."""
+    cfg = ev.cfg
+    references = {i: list(ev.records[i].captions) for i in ev.ids if ev.records[i].captions}
     if not references:
         raise EvaluateError(f"{cfg.manifest}: the {cfg.split!r} images have no reference captions to score against")
-    unreferenced = len(ids) - len(references)
+    unreferenced = len(ev.ids) - len(references)
     if unreferenced:
         log.warning("%d %s images have no reference captions: captioned but not scored", unreferenced, cfg.split)
-    scores = coco_caption_metrics({i: texts[i] for i in references}, references, spice=cfg.spice)
-    t2 = time.perf_counter()
-
+    scores = coco_caption_metrics({i: captions.texts[i] for i in references}, references, spice=cfg.spice)
     if not cfg.spice and scores["SPICE"] is None:
         scores["unavailable"]["SPICE"] = "not requested (evaluate --spice; needs Java and Stanford CoreNLP 3.6.0)"
-    out.mkdir(parents=True, exist_ok=True)
+    return scores, references
+
+
+def _metrics_record(ev: Evaluation, captions: HeadlineCaptions, scores: dict[str, Any],
+                    references: dict[str, list[str]], decoding: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: the scores, then what they were computed on and with."""
     metrics: dict[str, Any] = {k: scores[k] for k in METRIC_KEYS}
     metrics.update({
         "unavailable": scores["unavailable"],
         "tokenizer": scores["tokenizer"],
-        "num_images": len(ids),
+        "num_images": len(ev.ids),
         "scored_images": scores["num_images"],
         "decoding": decoding,
-        "model": name,
-        "decoder": family,
-        "blind": blind,
-        "parameters": sum(p.numel() for p in captioner.decoder.parameters()),
-        "caption_tokenizer": captioner.tokenizer.kind,
-        "bundle": str(cfg.model),
-        "split": cfg.split,
+        "model": ev.cfg.model_name,
+        "decoder": ev.captioner.config["decoder"]["family"],
+        "blind": ev.blind,
+        "parameters": sum(p.numel() for p in ev.captioner.decoder.parameters()),
+        "caption_tokenizer": ev.captioner.tokenizer.kind,
+        "bundle": str(ev.cfg.model),
+        "split": ev.cfg.split,
         # what was scored, by content: reports of the same sha256 scored the same images against the same
         # references (`report` compares only those)
         "references_sha256": hashlib.sha256(json.dumps(references, sort_keys=True).encode("utf-8")).hexdigest(),
-        "features": features.describe(),
-        "captions": caption_stats([texts[i] for i in ids]),
+        "features": ev.features.describe(),
+        "captions": caption_stats([captions.texts[i] for i in ev.ids]),
         "warnings": scores["warnings"],
     })
+    return metrics
+
+
+def _write_outputs(ev: Evaluation, captions: HeadlineCaptions, metrics: dict[str, Any],
+                   per_metric: dict[str, dict]) -> None:
+    """metrics.json, config.json, results.json and per_image.json."""
+    out = ev.cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "metrics.json", metrics)
-    _write_json(out / "config.json", config_to_dict(cfg))  # kept out of metrics.json: `dvc metrics show` stays narrow
-    _write_json(out / "results.json", [{"image_id": i, "caption": texts[i]} for i in ids])
-    per_metric = scores["per_image"]
+    _write_json(out / "config.json", config_to_dict(ev.cfg))  # kept out of metrics.json: `dvc metrics show` stays narrow
+    _write_json(out / "results.json", [{"image_id": i, "caption": captions.texts[i]} for i in ev.ids])
     per_image = []
-    for i in ids:
-        row: dict[str, Any] = {"image_id": i, "caption": texts[i], "references": by_id[i].captions}
+    for i in ev.ids:
+        row: dict[str, Any] = {"image_id": i, "caption": captions.texts[i], "references": ev.records[i].captions}
         for m in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L", "SPICE"):
             if m in per_metric:
                 row[m] = per_metric[m].get(i)
         per_image.append(row)
     _write_json(out / "per_image.json", per_image)
 
-    gallery_dir = out / "gallery"
-    shutil.rmtree(gallery_dir, ignore_errors=True)
-    if cfg.gallery_size > 0:
-        t3 = time.perf_counter()
-        _build_gallery(cfg, captioner, features, name, metrics, opts, by_id, texts, tokens, attention,
-                       per_metric, gallery_dir, blind, max_length)
-        log.info("gallery of %d images in %.1f s -> %s", cfg.gallery_size, time.perf_counter() - t3,
-                 gallery_dir / "index.html")
-    log.info("%s: BLEU-4 %.4f, CIDEr %.4f, METEOR %s (%s tokenizer; captioning %.1f s, scoring %.1f s) -> %s", name,
-             metrics["BLEU-4"], metrics["CIDEr"], "n/a" if metrics["METEOR"] is None else f"{metrics['METEOR']:.4f}",
-             metrics["tokenizer"], t1 - t0, t2 - t1, out)
-    return metrics
 
-
-def _build_gallery(
-    cfg: EvaluateConfig, captioner: Captioner, features: FeatureSource, name: str, metrics: dict[str, Any],
-    headline: DecodingOptions, by_id: dict[str, ManifestRecord], texts: dict[str, str],
-    tokens: dict[str, list[int]], attention: dict[str, torch.Tensor], per_metric: dict[str, dict],
-    gallery_dir: Path, blind: bool, max_length: int,
-) -> None:
+# --------------------------------------------------------------------------- the gallery
+def _build_gallery(ev: Evaluation, captions: HeadlineCaptions, metrics: dict[str, Any],
+                   per_metric: dict[str, dict]) -> None:
+    """``gallery/``: the best / worst / random cases by per-image CIDEr, each with its headline caption and the
+    comparison captions (:func:`_comparisons`)."""
     from pipeline.evaluation import gallery
 
-    ids = sorted(by_id)
-    cider = per_metric.get("CIDEr", {})
-    sections = select_gallery(cider, ids, cfg.gallery_size, cfg.seed)
-    shown = [i for part in sections.values() for i in part]
-
-    # The comparison captions of the shown images: greedy, beam 5, one seeded sample.
-    comparisons: list[tuple[str, DecodingOptions]] = [
-        ("greedy", DecodingOptions(method="greedy", max_length=max_length)),
-        ("beam 5", DecodingOptions(method="beam", beam_size=5, max_length=max_length)),
-        (f"sampled: {cfg.gallery_sample_mode}",
-         options_for_mode(cfg.gallery_sample_mode, max_length=max_length, num_samples=1)),
-    ]
+    cfg, headline = ev.cfg, ev.headline
+    sections = select_gallery(per_metric.get("CIDEr", {}), sorted(ev.records), cfg.gallery_size, cfg.seed)
+    comparisons = _comparisons(cfg, headline.max_length)
     head_label = f"headline: {decoding_label(describe_options(headline))}"
     rows_label: list[tuple[str, DecodingOptions | None]] = []
     if not any(same_decoding(headline, o) for _, o in comparisons):
         rows_label.append((head_label, None))
     rows_label += comparisons
-    generator = torch.Generator(device=captioner.device).manual_seed(cfg.seed)
-    alt: dict[str, dict[str, str]] = {i: {} for i in shown}
-    for start in range(0, len(shown), cfg.batch_size):
-        chunk = shown[start : start + cfg.batch_size]
-        feats = features(chunk)
-        for label, o in comparisons:
-            if same_decoding(headline, o):
-                continue  # the headline caption itself (exactly what was scored)
-            caps = captioner.caption_features(feats, o, spec=features.spec, generator=generator)
-            for image_id, per_image in zip(chunk, caps):
-                alt[image_id][label] = per_image[0].text
-
-    cases = []
-    for section, section_ids in sections.items():
-        for i in section_ids:
-            rows = []
-            for label, o in rows_label:
-                is_head = o is None or same_decoding(headline, o)
-                settings = describe_options(o if o is not None else headline)
-                rows.append({"label": label + (" ★" if is_head and o is not None else ""),
-                             "caption": texts[i] if is_head else alt[i][label], "headline": is_head,
-                             "title": ", ".join(f"{k} {v}" for k, v in settings.items())})
-            cases.append(gallery.Case(
-                section=section, image_id=i, record=by_id[i], manifest=cfg.manifest, rows=rows,
-                scores={m: per_metric[m].get(i) for m in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L") if m in per_metric},
-                tokens=tokens[i], attention=attention.get(i),
-            ))
-    heatmap_note = None
-    if not cfg.heatmaps:
-        heatmap_note = "attention heatmaps were not requested (heatmaps: false)"
-    elif blind:
-        heatmap_note = "no attention heatmaps: image-blind control (its features are zeros)"
-    elif not getattr(captioner.decoder, "has_attention", False):  # the family says why (e.g. it attends to latents)
-        reason = getattr(captioner.decoder, "no_attention_reason", "") or "it has no per-word visual attention"
-        heatmap_note = f"no attention heatmaps for the {metrics['decoder']} decoder: {reason}"
+    alt = _comparison_captions(ev, [i for part in sections.values() for i in part], comparisons)
+    cases = [gallery.Case(
+        section=section, image_id=i, record=ev.records[i], manifest=cfg.manifest,
+        rows=_caption_rows(headline, rows_label, captions.texts[i], alt[i]),
+        scores={m: per_metric[m].get(i) for m in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L") if m in per_metric},
+        tokens=captions.tokens[i], attention=captions.attention.get(i),
+    ) for section, section_ids in sections.items() for i in section_ids]
     gallery.write_gallery(
-        gallery_dir, cases, title=name, metrics=metrics, captioner=captioner,
-        headline_label=head_label, thumbnail_size=cfg.thumbnail_size, heatmap_note=heatmap_note,
+        cfg.output_dir / "gallery", cases, title=cfg.model_name, metrics=metrics, captioner=ev.captioner,
+        headline_label=head_label, thumbnail_size=cfg.thumbnail_size, heatmap_note=_heatmap_note(ev, metrics),
         sample_note=f"sampled captions: caption mode {cfg.gallery_sample_mode!r}, seed {cfg.seed}",
     )
+
+
+def _comparisons(cfg: EvaluateConfig, max_length: int) -> list[tuple[str, DecodingOptions]]:
+    """The comparison captions of the shown images: greedy, beam 5, one seeded sample."""
+    return [
+        ("greedy", DecodingOptions(method="greedy", max_length=max_length)),
+        ("beam 5", DecodingOptions(method="beam", beam_size=5, max_length=max_length)),
+        (f"sampled: {cfg.gallery_sample_mode}",
+         options_for_mode(cfg.gallery_sample_mode, max_length=max_length, num_samples=1)),
+    ]
+
+
+def _comparison_captions(ev: Evaluation, shown: list[str],
+                         comparisons: list[tuple[str, DecodingOptions]]) -> dict[str, dict[str, str]]:
+    """``{image_id: {label: caption}}`` of the comparisons other than the headline setting itself."""
+    generator = torch.Generator(device=ev.captioner.device).manual_seed(ev.cfg.seed)
+    alt: dict[str, dict[str, str]] = {i: {} for i in shown}
+    for start in range(0, len(shown), ev.cfg.batch_size):
+        chunk = shown[start : start + ev.cfg.batch_size]
+        feats = ev.features(chunk)
+        for label, o in comparisons:
+            if same_decoding(ev.headline, o):
+                continue  # the headline caption itself (exactly what was scored)
+            caps = ev.captioner.caption_features(feats, o, spec=ev.features.spec, generator=generator)
+            for image_id, per_image in zip(chunk, caps):
+                alt[image_id][label] = per_image[0].text
+    return alt
+
+
+def _caption_rows(headline: DecodingOptions, rows_label: list[tuple[str, DecodingOptions | None]], text: str,
+                  alt: dict[str, str]) -> list[dict[str, Any]]:
+    """One image's caption rows: ``{"label", "caption", "headline", "title"}``, the headline's marked ★ where a
+    comparison shares its setting."""
+    rows = []
+    for label, o in rows_label:
+        is_head = o is None or same_decoding(headline, o)
+        settings = describe_options(o if o is not None else headline)
+        rows.append({"label": label + (" ★" if is_head and o is not None else ""),
+                     "caption": text if is_head else alt[label], "headline": is_head,
+                     "title": ", ".join(f"{k} {v}" for k, v in settings.items())})
+    return rows
+
+
+def _heatmap_note(ev: Evaluation, metrics: dict[str, Any]) -> str | None:
+    """Why the gallery has no attention heatmaps (None: it has them)."""
+    if not ev.cfg.heatmaps:
+        return "attention heatmaps were not requested (heatmaps: false)"
+    if ev.blind:
+        return "no attention heatmaps: image-blind control (its features are zeros)"
+    if not getattr(ev.captioner.decoder, "has_attention", False):  # the family says why (e.g. it attends to latents)
+        reason = getattr(ev.captioner.decoder, "no_attention_reason", "") or "it has no per-word visual attention"
+        return f"no attention heatmaps for the {metrics['decoder']} decoder: {reason}"
+    return None

@@ -173,40 +173,17 @@ def _duplicates_summary(groups: list[dict], key: str, undecoded: int) -> dict:
 
 
 def run(cfg: PrepareConfig) -> dict:
-    from pipeline.data.importers import ImportLimits, import_source
+    from pipeline.data.importers import ImportLimits
 
     limits = ImportLimits(max_file_bytes=cfg.max_file_bytes, max_pixels=cfg.max_pixels,
                           max_caption_chars=cfg.max_caption_chars)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rejects = RejectsReport()
-    records: list[ManifestRecord] = []
-    noisy: list[ManifestRecord] = []
-    noisy_labels: list[dict] = []
-    for src in cfg.sources:
-        log.info("importing %s source %r", src.kind, src.name)
-        if isinstance(src, SyntheticSource):
-            clean, noisy_part, labels = _import_synthetic(src, out_dir)
-            records.extend(clean)
-            noisy.extend(noisy_part)
-            noisy_labels.extend(labels)
-        else:
-            records.extend(import_source(src, rejects, check_images=cfg.check_images, workers=cfg.workers,
-                                         limits=limits))
-
-    # Several sources merged: ids are prefixed by source name, so a clash means two sources share a name.
-    unique: dict[str, ManifestRecord] = {}
-    for rec in records:
-        if rec.image_id in unique:
-            rejects.add(rec.path, "duplicate id: image id already imported from another source", id=rec.image_id)
-            continue
-        unique[rec.image_id] = rec
-    records = sorted(unique.values(), key=lambda r: r.image_id)
+    records, noisy, noisy_labels = _import_sources(cfg, out_dir, rejects, limits)
+    records = _one_record_per_id(records, rejects)
     if not records:
-        rejects.write(out_dir / "rejects.jsonl")
-        reasons = ", ".join(f"{k}: {v}" for k, v in rejects.summary()["by_reason"].items())
-        why = f"all {len(rejects)} item(s) were rejected ({reasons})" if len(rejects) else "the sources hold no images"
-        raise PrepareError(f"no image imported: {why}; see {out_dir / 'rejects.jsonl'}")
+        raise _nothing_imported(out_dir, rejects)
 
     assign_splits(records, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     undecoded = record_digests(records, out_dir / "manifest.jsonl", cfg.workers, pixels=cfg.duplicates == "pixels",
@@ -221,14 +198,8 @@ def run(cfg: PrepareConfig) -> dict:
         "summary": duplicates,
         "groups": groups,
     })
-
     if noisy:
-        assign_splits(noisy, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
-        for rec in noisy:  # the noisy manifest lives one folder down; keep its paths relative to itself
-            if not Path(rec.path).is_absolute():
-                rec.path = f"../{rec.path}"
-        write_manifest(out_dir / "noisy" / "manifest.jsonl", noisy)
-        write_jsonl(out_dir / "noisy" / "labels.jsonl", noisy_labels, sort_keys=True)
+        _write_noisy(cfg, out_dir, noisy, noisy_labels)
 
     stats = {
         "manifest_version": MANIFEST_VERSION,
@@ -242,18 +213,75 @@ def run(cfg: PrepareConfig) -> dict:
         "config": config_to_dict(cfg),
     }
     write_json(out_dir / "stats.json", stats)
+    _log_summary(cfg, out_dir, stats, len(rejects))
+    return stats
+
+
+def _import_sources(cfg: PrepareConfig, out_dir: Path, rejects: RejectsReport,
+                    limits: ImportLimits) -> tuple[list[ManifestRecord], list[ManifestRecord], list[dict]]:
+    """Every source's records, in source order: the clean ones, the synthetic noisy ones and their labels."""
+    from pipeline.data.importers import import_source
+
+    records: list[ManifestRecord] = []
+    noisy: list[ManifestRecord] = []
+    noisy_labels: list[dict] = []
+    for src in cfg.sources:
+        log.info("importing %s source %r", src.kind, src.name)
+        if isinstance(src, SyntheticSource):
+            clean, noisy_part, labels = _import_synthetic(src, out_dir)
+            records.extend(clean)
+            noisy.extend(noisy_part)
+            noisy_labels.extend(labels)
+        else:
+            records.extend(import_source(src, rejects, check_images=cfg.check_images, workers=cfg.workers,
+                                         limits=limits))
+    return records, noisy, noisy_labels
+
+
+def _one_record_per_id(records: list[ManifestRecord], rejects: RejectsReport) -> list[ManifestRecord]:
+    """The records sorted by id, the first of each id kept. Several sources merged: ids are prefixed by source
+    name, so a clash means two sources share a name (the later ones are rejects)."""
+    unique: dict[str, ManifestRecord] = {}
+    for rec in records:
+        if rec.image_id in unique:
+            rejects.add(rec.path, "duplicate id: image id already imported from another source", id=rec.image_id)
+            continue
+        unique[rec.image_id] = rec
+    return sorted(unique.values(), key=lambda r: r.image_id)
+
+
+def _nothing_imported(out_dir: Path, rejects: RejectsReport) -> PrepareError:
+    """Writes ``rejects.jsonl`` alone and returns the error that says why nothing was imported."""
+    rejects.write(out_dir / "rejects.jsonl")
+    reasons = ", ".join(f"{k}: {v}" for k, v in rejects.summary()["by_reason"].items())
+    why = f"all {len(rejects)} item(s) were rejected ({reasons})" if len(rejects) else "the sources hold no images"
+    return PrepareError(f"no image imported: {why}; see {out_dir / 'rejects.jsonl'}")
+
+
+def _write_noisy(cfg: PrepareConfig, out_dir: Path, noisy: list[ManifestRecord], labels: list[dict]) -> None:
+    """``noisy/manifest.jsonl`` (seeded splits of its own) and ``noisy/labels.jsonl``."""
+    assign_splits(noisy, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    for rec in noisy:  # the noisy manifest lives one folder down; keep its paths relative to itself
+        if not Path(rec.path).is_absolute():
+            rec.path = f"../{rec.path}"
+    write_manifest(out_dir / "noisy" / "manifest.jsonl", noisy)
+    write_jsonl(out_dir / "noisy" / "labels.jsonl", labels, sort_keys=True)
+
+
+def _log_summary(cfg: PrepareConfig, out_dir: Path, stats: dict, rejected: int) -> None:
+    duplicates = stats["duplicates"]
     log.info(
         "prepare: %d images (%s), %d captions, %d rejected%s -> %s",
-        n, ", ".join(f"{k} {v}" for k, v in stats["by_split"].items()), stats["captions"], len(rejects),
-        f" ({', '.join(f'{k}: {v}' for k, v in stats['rejects']['by_reason'].items())})" if len(rejects) else "",
+        stats["images"], ", ".join(f"{k} {v}" for k, v in stats["by_split"].items()), stats["captions"], rejected,
+        f" ({', '.join(f'{k}: {v}' for k, v in stats['rejects']['by_reason'].items())})" if rejected else "",
         out_dir / "manifest.jsonl",
     )
     log.info(
         "prepare: %d group(s) of one image under several ids (%d images, %d groups across sources, compared by "
         "%s%s); %d image(s) moved to keep each group in one split -> %s",
         duplicates["groups"], duplicates["images"], duplicates["across_sources"], cfg.duplicates,
-        f"; {undecoded} undecodable, compared by bytes" if undecoded else "", duplicates["moved"],
-        out_dir / "duplicates.json",
+        f"; {duplicates['undecoded']} undecodable, compared by bytes" if duplicates["undecoded"] else "",
+        duplicates["moved"], out_dir / "duplicates.json",
     )
     if "train" not in stats["by_split"]:
         log.warning(
@@ -261,4 +289,3 @@ def run(cfg: PrepareConfig) -> dict:
             "source whose own split is val or test (a COCO captions_val*.json) for a seeded train/val/test split",
             out_dir / "manifest.jsonl",
         )
-    return stats

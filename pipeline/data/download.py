@@ -344,29 +344,60 @@ def _attempt(url: str, part: Path, size: int | None, digest: _Digest, timeout: f
              show_progress: bool) -> int:
     """One request, appending to ``part``; returns the file's full size. Raises :class:`_Retry` on a
     transient failure (the bytes received so far stay in ``part``)."""
-    meta = _sibling(part, ".json")
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset > size:  # longer than the file can be: not a prefix of it
         offset = 0
     if size is not None and offset == size:
         return size
+    response = _request(url, part, offset, digest, timeout)
+    if response is None:  # the server has nothing after the partial file's last byte: it is whole
+        return offset
+    with response:
+        offset, total, mode = _resume_point(response, url, part, offset, digest)
+        if size is not None and total is not None and total != size:
+            raise ChecksumError(f"{url}: the server offers {total} bytes, the catalogue records {size} for "
+                                f"{part.name[:-5]}: a different file (check --mirror); nothing was downloaded")
+        expected = size if size is not None else total
+        if expected is not None:
+            _check_free(part.parent, expected - offset, f"downloading {url}")
+        if mode == "ab":
+            digest.catch_up(part, offset, show_progress)
+        offset = _receive(response, url, part, mode, offset, expected, digest, show_progress)
+    if expected is not None and offset < expected:
+        raise _Retry(TransferInterruptedError(
+            f"{url}: connection closed after {offset} of {expected} bytes; the partial file {part} is kept: "
+            "rerun the same command to resume"))
+    return offset
+
+
+def _request_headers(url: str, part: Path, offset: int) -> dict[str, str]:
+    """No compression; from byte ``offset`` on (``Range``), if the file is still the one ``part`` began with
+    (``If-Range``: the validator recorded beside it, for this URL)."""
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
         try:
-            recorded = json.loads(meta.read_text(encoding="utf-8"))
+            recorded = json.loads(_sibling(part, ".json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             recorded = {}
         if recorded.get("url") == url and recorded.get("validator"):
             headers["If-Range"] = recorded["validator"]
+    return headers
+
+
+def _request(url: str, part: Path, offset: int, digest: _Digest, timeout: float):
+    """The response to a GET of ``url`` from byte ``offset``; None when the server has nothing after it (416, and
+    its size is ``offset``). A partial file longer than the server's is removed (:class:`_Retry`); HTTP errors
+    are :class:`HTTPDownloadError` (server failures: :class:`_Retry`); no connection: :class:`_Retry`."""
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        return urllib.request.urlopen(urllib.request.Request(url, headers=_request_headers(url, part, offset)),
+                                      timeout=timeout)
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 416 and offset:  # nothing after our last byte
             total = _content_range(e.headers.get("Content-Range"))[1]
             if total == offset:
-                return offset
+                return None
             part.unlink()  # longer than the server's file: start again
             digest.reset()
             raise _Retry(HTTPDownloadError(f"{url}: the partial file {part} does not fit the server's file")) \
@@ -384,52 +415,49 @@ def _attempt(url: str, part: Path, size: int | None, digest: _Digest, timeout: f
             f"cannot reach {urlsplit(url).netloc} ({url}): {reason}; check the connection (behind a proxy: set "
             "https_proxy / http_proxy) or use --mirror")) from None
 
-    with response:
-        if response.status == 206:
-            first, total = _content_range(response.headers.get("Content-Range"))
-            if first != offset:
-                part.unlink(missing_ok=True)
-                digest.reset()
-                raise _Retry(TransferInterruptedError(f"{url}: the server resumed at byte {first}, not {offset}"))
-            mode = "ab"
-        else:  # 200: the whole file (no Range support, or the file changed since the partial one began)
-            if offset:
-                log.warning("%s: the server sent the whole file (no resume support, or the file changed "
-                            "upstream): starting again", url)
-            offset, mode = 0, "wb"
+
+def _resume_point(response, url: str, part: Path, offset: int, digest: _Digest) -> tuple[int, int | None, str]:
+    """Where the response's bytes go: ``(offset, the file's total size or None, file mode)``. 206: appended at
+    ``offset`` (a server resuming elsewhere: :class:`_Retry`, from scratch); 200: the whole file, written from
+    byte 0, its validator recorded beside ``part`` for the next resume."""
+    if response.status == 206:
+        first, total = _content_range(response.headers.get("Content-Range"))
+        if first != offset:
+            part.unlink(missing_ok=True)
             digest.reset()
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            write_json(meta, {"url": url, "validator": _validator(response.headers)})
-        if size is not None and total is not None and total != size:
-            raise ChecksumError(f"{url}: the server offers {total} bytes, the catalogue records {size} for "
-                                f"{part.name[:-5]}: a different file (check --mirror); nothing was downloaded")
-        expected = size if size is not None else total
-        if expected is not None:
-            _check_free(part.parent, expected - offset, f"downloading {url}")
-        if mode == "ab":
-            digest.catch_up(part, offset, show_progress)
-        with open(part, mode) as out, progress(total=expected, initial=offset, unit="B", unit_scale=True,
-                                               unit_divisor=1024, desc=part.name[:-5],
-                                               disable=not show_progress) as bar:
-            while True:
-                try:
-                    block = response.read(CHUNK)
-                except (OSError, http.client.HTTPException) as e:
-                    raise _Retry(TransferInterruptedError(
-                        f"{url}: connection lost after {offset} of {expected or '?'} bytes ({e or type(e).__name__}); "
-                        f"the partial file {part} is kept: rerun the same command to resume")) from None
-                if not block:
-                    break
-                _write(out, block, part)
-                digest.update(block)
-                offset += len(block)
-                bar.update(len(block))
-    if expected is not None and offset < expected:
-        raise _Retry(TransferInterruptedError(
-            f"{url}: connection closed after {offset} of {expected} bytes; the partial file {part} is kept: "
-            "rerun the same command to resume"))
-    return offset
+            raise _Retry(TransferInterruptedError(f"{url}: the server resumed at byte {first}, not {offset}"))
+        return offset, total, "ab"
+    # 200: the whole file (no Range support, or the file changed since the partial one began)
+    if offset:
+        log.warning("%s: the server sent the whole file (no resume support, or the file changed "
+                    "upstream): starting again", url)
+    digest.reset()
+    length = response.headers.get("Content-Length")
+    total = int(length) if length and length.isdigit() else None
+    write_json(_sibling(part, ".json"), {"url": url, "validator": _validator(response.headers)})
+    return 0, total, "wb"
+
+
+def _receive(response, url: str, part: Path, mode: str, offset: int, expected: int | None, digest: _Digest,
+             show_progress: bool) -> int:
+    """The body written to ``part`` (``mode`` ``ab``: after its ``offset`` bytes, ``wb``: over it) and hashed as
+    it arrives; returns the offset reached. A connection lost midway: :class:`_Retry`, what arrived kept."""
+    with open(part, mode) as out, progress(total=expected, initial=offset, unit="B", unit_scale=True,
+                                           unit_divisor=1024, desc=part.name[:-5],
+                                           disable=not show_progress) as bar:
+        while True:
+            try:
+                block = response.read(CHUNK)
+            except (OSError, http.client.HTTPException) as e:
+                raise _Retry(TransferInterruptedError(
+                    f"{url}: connection lost after {offset} of {expected or '?'} bytes ({e or type(e).__name__}); "
+                    f"the partial file {part} is kept: rerun the same command to resume")) from None
+            if not block:
+                return offset
+            _write(out, block, part)
+            digest.update(block)
+            offset += len(block)
+            bar.update(len(block))
 
 
 def _set_aside(path: Path) -> Path:

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import logging
 import math
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch
 from pipeline.data.images import ImageDecodeError, read_image_file
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 from pipeline.errors import UserError
+from pipeline.files import write_bytes, write_text
 from pipeline.inference.attention_maps import (
     attention_maps,
     backbone_view,
@@ -198,63 +201,100 @@ def write_gallery(
     folder: Path, cases: Sequence[Case], *, title: str, metrics: dict[str, Any], captioner: Any,
     headline_label: str, thumbnail_size: int = 256, heatmap_note: str | None = None, sample_note: str = "",
 ) -> Path:
-    """Write ``folder/index.html`` with its images (and heatmaps); returns the page's path."""
-    from PIL import Image
-
+    """Write ``folder/index.html`` with its images (and heatmaps); returns the page's path. Every file is written
+    through :mod:`pipeline.files` (whole, atomically)."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    spec = captioner.features
-    size = spec.preprocessing.get("input_size") or [3, 224, 224]
-    scale = HEATMAP_PANEL / max(int(size[-2]), int(size[-1]))
-    hw = (max(1, round(int(size[-2]) * scale)), max(1, round(int(size[-1]) * scale)))  # panel size of the sheets
-    heatmaps_written = 0
-    heatmap_problems: set[str] = set()
     cards: dict[str, list[str]] = {s: [] for s in SECTIONS}
-    for case in cases:
-        name = safe_name(case.image_id)
-        image_src, problem, heatmap_src = None, "", None
-        try:
-            img = _recorded_image(case.record, case.manifest)
-        except ImageDecodeError as err:
-            img, problem = None, f"{err.reason}"
-            log.warning("gallery: %s", err)
-        if img is not None:
-            thumb = img.copy()
-            thumb.thumbnail((thumbnail_size, thumbnail_size), Image.BICUBIC)
-            thumb.save(folder / "images" / f"{name}.jpg", quality=88)
-            image_src = f"images/{name}.jpg"
-            if heatmap_note is None and case.attention is not None and case.tokens:
-                maps, why = attention_maps(case.attention, spec.token_sets, hw)
-                if maps is None:
-                    heatmap_problems.add(why)
-                else:
-                    words = [_word(captioner.tokenizer, t) for t in case.tokens]
-                    caption = next((r["caption"] for r in case.rows if r.get("headline")), "")
-                    render_heatmap(folder / "heatmaps" / f"{name}.png", backbone_view(img, spec.preprocessing),
-                                   maps, words, f"{case.image_id}: {caption}")
-                    heatmap_src = f"heatmaps/{name}.png"
-                    heatmaps_written += 1
-        cards.setdefault(case.section, []).append(_card(case, image_src, problem, heatmap_src))
+    with tempfile.TemporaryDirectory(prefix="gallery-") as scratch:
+        heatmaps = _HeatmapSheets(folder, captioner, Path(scratch))
+        for case in cases:
+            card = _write_case(folder, case, thumbnail_size, heatmaps if heatmap_note is None else None)
+            cards.setdefault(case.section, []).append(card)
+    notes = _notes(metrics, captioner, headline_label, sample_note, heatmap_note, heatmaps)
+    path = folder / "index.html"
+    write_text(path, _page(title, metrics, notes, cards))
+    return path
 
+
+class _HeatmapSheets:
+    """Draws the heatmap sheets of a gallery (``heatmaps/<name>.png``), counting them and why any could not be."""
+
+    def __init__(self, folder: Path, captioner: Any, scratch: Path) -> None:
+        self.folder, self.captioner, self.scratch = folder, captioner, scratch
+        self.spec = captioner.features
+        size = self.spec.preprocessing.get("input_size") or [3, 224, 224]
+        scale = HEATMAP_PANEL / max(int(size[-2]), int(size[-1]))
+        self.panel = (max(1, round(int(size[-2]) * scale)), max(1, round(int(size[-1]) * scale)))
+        self.written = 0
+        self.problems: set[str] = set()
+
+    def write(self, case: Case, img: Any) -> str | None:
+        """The sheet of ``case``'s headline caption over ``img``; its path in the gallery, None if not drawn."""
+        maps, why = attention_maps(case.attention, self.spec.token_sets, self.panel)
+        if maps is None:
+            self.problems.add(why)
+            return None
+        name = safe_name(case.image_id)
+        words = [_word(self.captioner.tokenizer, t) for t in case.tokens]
+        caption = next((r["caption"] for r in case.rows if r.get("headline")), "")
+        drawn = self.scratch / f"{name}.png"  # render_heatmap saves to a path: drawn aside, then written atomically
+        render_heatmap(drawn, backbone_view(img, self.spec.preprocessing), maps, words, f"{case.image_id}: {caption}")
+        write_bytes(self.folder / "heatmaps" / f"{name}.png", drawn.read_bytes())
+        self.written += 1
+        return f"heatmaps/{name}.png"
+
+
+def _write_case(folder: Path, case: Case, thumbnail_size: int, heatmaps: _HeatmapSheets | None) -> str:
+    """The case's thumbnail (``images/<name>.jpg``, longest side <= ``thumbnail_size``) and, with ``heatmaps``
+    and the headline caption's attention, its heatmap sheet; returns its card."""
+    from PIL import Image
+
+    try:
+        img = _recorded_image(case.record, case.manifest)
+    except ImageDecodeError as err:
+        log.warning("gallery: %s", err)
+        return _card(case, None, f"{err.reason}", None)
+    name = safe_name(case.image_id)
+    thumb = img.copy()
+    thumb.thumbnail((thumbnail_size, thumbnail_size), Image.BICUBIC)
+    jpeg = io.BytesIO()
+    thumb.save(jpeg, format="JPEG", quality=88)
+    write_bytes(folder / "images" / f"{name}.jpg", jpeg.getvalue())
+    heatmap_src = None
+    if heatmaps is not None and case.attention is not None and case.tokens:
+        heatmap_src = heatmaps.write(case, img)
+    return _card(case, f"images/{name}.jpg", "", heatmap_src)
+
+
+def _notes(metrics: dict[str, Any], captioner: Any, headline_label: str, sample_note: str, heatmap_note: str | None,
+           heatmaps: _HeatmapSheets) -> list[str]:
+    """The page's notes (HTML): what the numbers are, how the samples were drawn, what the heatmaps show."""
     e = html.escape
-    m = metrics
-    blind = '<span class="badge">image-blind control: zeroed features</span>' if m.get("blind") else ""
     notes = [
         (f"Headline numbers and per-image scores: <b>{e(headline_label)}</b> decoding (the ★ / bold caption, "
-         f"scored exactly as emitted); scorer tokenizer <b>{e(str(m.get('tokenizer')))}</b>."),
+         f"scored exactly as emitted); scorer tokenizer <b>{e(str(metrics.get('tokenizer')))}</b>."),
         "Per-image CIDEr is CIDEr-D with document frequencies from the references of every evaluated image.",
     ]
     if sample_note:
         notes.append(e(sample_note[:1].upper() + sample_note[1:]) + ".")
     if heatmap_note:
         notes.append(e(heatmap_note[:1].upper() + heatmap_note[1:]) + ".")
-    elif heatmaps_written:
+    elif heatmaps.written:
         source = getattr(captioner.decoder, "attention_source", "") or "the decoder's visual attention"
         notes.append("Attention heatmaps: one panel per generated word of the headline caption, over the image as the "
                      "backbone saw it (resized, centre-cropped); one colour scale per caption (red: its most attended "
-                     f"region). Maps: {e(source)}, over {e(describe_grids(spec.token_sets))}.")
-    if heatmap_problems:
-        notes.append("Heatmaps skipped: " + e("; ".join(sorted(heatmap_problems))) + ".")
+                     f"region). Maps: {e(source)}, over {e(describe_grids(captioner.features.token_sets))}.")
+    if heatmaps.problems:
+        notes.append("Heatmaps skipped: " + e("; ".join(sorted(heatmaps.problems))) + ".")
+    return notes
+
+
+def _page(title: str, metrics: dict[str, Any], notes: list[str], cards: dict[str, list[str]]) -> str:
+    """The whole page: header (model, metrics table, notes, navigation), then a section of cards per case kind."""
+    e = html.escape
+    m = metrics
+    blind = '<span class="badge">image-blind control: zeroed features</span>' if m.get("blind") else ""
     nav = " ".join(f'<a href="#{s}">{SECTIONS[s][0]} ({len(cards.get(s, []))})</a>' for s in SECTIONS if cards.get(s))
     sections_html = []
     for s, (heading, sub) in SECTIONS.items():
@@ -262,7 +302,7 @@ def write_gallery(
             continue
         sections_html.append(f'<section id="{s}" class="{s}"><h2>{heading}<small>{sub}</small></h2>'
                              f'<div class="grid">{"".join(cards[s])}</div></section>')
-    page = f"""<!doctype html>
+    return f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -287,6 +327,3 @@ def write_gallery(
 </body>
 </html>
 """
-    path = folder / "index.html"
-    path.write_text(page, encoding="utf-8")
-    return path

@@ -28,6 +28,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -322,12 +323,7 @@ def coco_caption_metrics(
     Metric values are on pycocoevalcap's scale (0..1, CIDEr 0..10). Everything skipped or
     degraded is also announced with a :class:`MetricsWarning`.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     ids = _check_inputs(results, references)
-    unavailable: dict[str, str] = {}
     notes: list[str] = []
 
     def warn(msg: str) -> None:
@@ -335,82 +331,114 @@ def coco_caption_metrics(
         warnings.warn(msg, MetricsWarning, stacklevel=3)
         log.warning(msg)
 
-    # tokenisation: one Java call for candidates and references together
+    java_ok = shutil.which("java") is not None
+    gts, res, tokenizer, fallback_note = _tokenize_for_coco(results, references, ids, java_ok, timeout)
+    if fallback_note is not None:
+        warn(fallback_note)
+    scores = _CocoScores(ids)
+    _bleu_scores(scores, gts, res)
+    _meteor_score(scores, gts, res, java_ok, timeout)
+    _rouge_and_cider_scores(scores, gts, res)
+    if len(ids) < 2:
+        warn("CIDEr over a single image is 0 by construction (its idf comes from the evaluated images)")
+    _spice_score(scores, gts, res, spice, java_ok, timeout)
+    for metric, reason in scores.unavailable.items():
+        if not (metric == "SPICE" and not spice):
+            warn(f"{metric} unavailable: {reason}")
+    return {**scores.values, "tokenizer": tokenizer, "num_images": len(ids), "unavailable": scores.unavailable,
+            "warnings": notes, "per_image": scores.per_image}
+
+
+@dataclass
+class _CocoScores:
+    """The metrics of :func:`coco_caption_metrics` as they are computed: values (None: unavailable, with the
+    reason in ``unavailable``) and per-image values by image id (``ids``, in the scorers' order)."""
+
+    ids: list
+    values: dict[str, Any] = field(default_factory=dict)
+    per_image: dict[str, dict[Hashable, float]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def add_per_image(self, metric: str, values: Sequence[float]) -> None:
+        self.per_image[metric] = {i: float(v) for i, v in zip(self.ids, values)}
+
+
+def _tokenize_for_coco(results: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], ids: list,
+                       java_ok: bool, timeout: float) -> tuple[dict, dict, str, Optional[str]]:
+    """References and results tokenized, keyed by position (``gts``, ``res``), with one Java call for both; the
+    tokenizer used (``ptb`` or ``fallback``) and, for the fallback, the warning that says so."""
     to_tokenize: dict[Hashable, list[str]] = {}
     for n, i in enumerate(ids):
         to_tokenize[("res", n)] = [results[i]]
         to_tokenize[("gts", n)] = list(references[i])
-    java_ok = shutil.which("java") is not None
-    tokenizer = "ptb"
+    tokenizer, note = "ptb", None
     try:
         tok = ptb_tokenize(to_tokenize, timeout=timeout)
     except JavaError as e:
         tokenizer = "fallback"
         tok = {k: [fallback_tokenize(c) for c in v] for k, v in to_tokenize.items()}
         skipped = "METEOR and SPICE are skipped" if not java_ok else "METEOR/SPICE are still attempted"
-        warn(
+        note = (
             f"PTB tokenizer unavailable ({e}); captions were tokenized with the pure-Python fallback "
             f"(lower-case, PTB-style punctuation removal), so BLEU/ROUGE-L/CIDEr are close to but not "
             f"exactly the official numbers; {skipped}"
         )
     res = {n: tok[("res", n)] for n in range(len(ids))}
     gts = {n: tok[("gts", n)] for n in range(len(ids))}
+    return gts, res, tokenizer, note
 
-    out: dict[str, Any] = {}
-    per_image: dict[str, dict[Hashable, float]] = {}
+
+def _bleu_scores(scores: _CocoScores, gts: dict, res: dict) -> None:
+    from pycocoevalcap.bleu.bleu import Bleu
 
     bleu, bleu_per = Bleu(4).compute_score(gts, res, verbose=0)
     for k in range(4):
-        out[f"BLEU-{k + 1}"] = float(bleu[k])
-    per_image["BLEU-4"] = {i: float(v) for i, v in zip(ids, bleu_per[3])}
+        scores.values[f"BLEU-{k + 1}"] = float(bleu[k])
+    scores.add_per_image("BLEU-4", bleu_per[3])
 
+
+def _meteor_score(scores: _CocoScores, gts: dict, res: dict, java_ok: bool, timeout: float) -> None:
+    scores.values["METEOR"] = None
     if not java_ok:
-        out["METEOR"] = None
-        unavailable["METEOR"] = "java was not found on PATH (METEOR 1.5 is a Java program)"
-    else:
-        try:
-            meteor, meteor_per = _meteor(gts, res, list(range(len(ids))), timeout)
-            out["METEOR"] = float(meteor)
-            per_image["METEOR"] = {i: float(v) for i, v in zip(ids, meteor_per)}
-        except JavaError as e:
-            out["METEOR"] = None
-            unavailable["METEOR"] = str(e)
+        scores.unavailable["METEOR"] = "java was not found on PATH (METEOR 1.5 is a Java program)"
+        return
+    try:
+        meteor, meteor_per = _meteor(gts, res, list(range(len(scores.ids))), timeout)
+    except JavaError as e:
+        scores.unavailable["METEOR"] = str(e)
+        return
+    scores.values["METEOR"] = float(meteor)
+    scores.add_per_image("METEOR", meteor_per)
+
+
+def _rouge_and_cider_scores(scores: _CocoScores, gts: dict, res: dict) -> None:
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
 
     rouge, rouge_per = Rouge().compute_score(gts, res)
-    out["ROUGE_L"] = float(rouge)
-    per_image["ROUGE_L"] = {i: float(v) for i, v in zip(ids, rouge_per)}
-
+    scores.values["ROUGE_L"] = float(rouge)
+    scores.add_per_image("ROUGE_L", rouge_per)
     cider, cider_per = Cider().compute_score(gts, res)
-    out["CIDEr"] = float(cider)
-    per_image["CIDEr"] = {i: float(v) for i, v in zip(ids, cider_per)}
-    if len(ids) < 2:
-        warn("CIDEr over a single image is 0 by construction (its idf comes from the evaluated images)")
+    scores.values["CIDEr"] = float(cider)
+    scores.add_per_image("CIDEr", cider_per)
 
-    out["SPICE"] = None
+
+def _spice_score(scores: _CocoScores, gts: dict, res: dict, spice: bool, java_ok: bool, timeout: float) -> None:
+    scores.values["SPICE"] = None
     if not spice:
-        unavailable["SPICE"] = "not requested (pass spice=True)"
+        scores.unavailable["SPICE"] = "not requested (pass spice=True)"
     elif not java_ok:
-        unavailable["SPICE"] = "java was not found on PATH (SPICE is a Java program)"
+        scores.unavailable["SPICE"] = "java was not found on PATH (SPICE is a Java program)"
     elif (why := _spice_missing()) is not None:
-        unavailable["SPICE"] = why
+        scores.unavailable["SPICE"] = why
     else:
         try:
-            sp, sp_per = _spice(gts, res, list(range(len(ids))), timeout)
-            out["SPICE"] = sp
-            per_image["SPICE"] = {i: v for i, v in zip(ids, sp_per)}
+            sp, sp_per = _spice(gts, res, list(range(len(scores.ids))), timeout)
         except JavaError as e:
-            unavailable["SPICE"] = str(e)
-
-    for metric, reason in unavailable.items():
-        if not (metric == "SPICE" and not spice):
-            warn(f"{metric} unavailable: {reason}")
-
-    out["tokenizer"] = tokenizer
-    out["num_images"] = len(ids)
-    out["unavailable"] = unavailable
-    out["warnings"] = notes
-    out["per_image"] = per_image
-    return out
+            scores.unavailable["SPICE"] = str(e)
+            return
+        scores.values["SPICE"] = sp
+        scores.per_image["SPICE"] = {i: v for i, v in zip(scores.ids, sp_per)}
 
 
 # --------------------------------------------------------------------------- CIDEr-D for SCST

@@ -46,9 +46,10 @@ hypotheses, by the order they were found in.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -63,6 +64,8 @@ __all__ = [
     "beam_search",
     "sample",
     "length_normaliser",
+    "describe_options",
+    "decoding_label",
 ]
 
 NEG_INF = float("-inf")
@@ -284,6 +287,60 @@ def _stepper(decoder: Any, return_attention: bool) -> Any:
 
 
 # --------------------------------------------------------------------------- greedy / sampling
+@dataclass
+class _LiveRows:
+    """The rows greedy decoding and sampling still extend, one token each per step: ``rows[i]`` is the
+    original row of live row ``i``, ``prev`` its last token, ``hist`` its tokens so far ``(R, t)``, ``sums``
+    its log-prob sum, ``attn`` its attention rows ``(R, t, N)`` when kept; ``state`` the decoder's state."""
+
+    state: Any
+    rows: list[int]
+    prev: torch.Tensor
+    hist: torch.Tensor
+    sums: torch.Tensor
+    attn: Optional[torch.Tensor] = None
+
+    @classmethod
+    def start(cls, decoder: Any, features: torch.Tensor, copies: int) -> "_LiveRows":
+        """``copies`` rows per image (``B -> B*copies``), each at bos."""
+        B = features.shape[0]
+        device = _device(decoder, features)
+        state = decoder.init_state(features)
+        if copies > 1:
+            state = decoder.reorder_state(state, torch.arange(B, device=device).repeat_interleave(copies))
+        R = B * copies
+        return cls(state=state, rows=list(range(R)), prev=_bos(decoder, R, device),
+                   hist=torch.empty((R, 0), dtype=torch.long, device=device),
+                   sums=torch.zeros(R, dtype=torch.float32, device=device))
+
+    def close(self, ended: torch.Tensor, is_eos: torch.Tensor, new_sums: torch.Tensor, length_penalty: float,
+              results: list[Optional[Hypothesis]]) -> None:
+        """The hypotheses of the rows that ended this step, into ``results`` at their original rows: finished
+        with eos, or cut off where no token was allowed (e.g. no eos at the last step)."""
+        ended_l, eos_l = ended.tolist(), is_eos.tolist()
+        new_sums_l, sums_l, hist_l = new_sums.tolist(), self.sums.tolist(), self.hist.tolist()
+        for i in (i for i, e in enumerate(ended_l) if e):
+            toks = hist_l[i]
+            if eos_l[i]:
+                lps, n, fin = new_sums_l[i], len(toks) + 1, True
+            else:  # nothing allowed: cut off here
+                lps, n, fin = sums_l[i], len(toks), False
+            att = self.attn[i].clone() if self.attn is not None else None
+            results[self.rows[i]] = Hypothesis(toks, _normalised(lps, n, length_penalty), lps, att, fin)
+
+    def advance(self, decoder: Any, tok: torch.Tensor, sums: torch.Tensor, attn: Optional[torch.Tensor],
+                keep: Optional[torch.Tensor]) -> None:
+        """Append each row's token; with ``keep``, only the rows it lists go on (``reorder_state``)."""
+        if keep is not None:
+            self.rows = [self.rows[i] for i in keep.tolist()]
+            self.state = decoder.reorder_state(self.state, keep)
+            tok, sums, self.hist = tok[keep], sums[keep], self.hist[keep]
+            if attn is not None:
+                attn = attn[keep]
+        self.hist = torch.cat([self.hist, tok.unsqueeze(1)], dim=1)
+        self.sums, self.attn, self.prev = sums, attn, tok
+
+
 def _decode_rows(
     decoder: Any,
     features: torch.Tensor,
@@ -303,71 +360,36 @@ def _decode_rows(
     B = features.shape[0]
     if B == 0:
         return []
-    device = _device(decoder, features)
     eos = int(decoder.eos_id)
     step = _stepper(decoder, return_attention)
-    state = decoder.init_state(features)
-    if copies > 1:
-        state = decoder.reorder_state(state, torch.arange(B, device=device).repeat_interleave(copies))
-    R = B * copies
-    rows = list(range(R))  # original row of each active row
-    prev = _bos(decoder, R, device)
-    hist = torch.empty((R, 0), dtype=torch.long, device=device)
-    sums = torch.zeros(R, dtype=torch.float32, device=device)
-    attn: Optional[torch.Tensor] = None
-    results: list[Optional[Hypothesis]] = [None] * R
+    log_probs = functools.partial(_log_probs, eos_id=eos, max_length=max_length, min_length=min_length,
+                                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    live = _LiveRows.start(decoder, features, copies)
+    results: list[Optional[Hypothesis]] = [None] * (B * copies)
 
     for t in range(max_length + 1):
-        out = step(prev, state)
-        state = out.state
-        lp = _log_probs(
-            out.logits,
-            hist,
-            t,
-            eos_id=eos,
-            max_length=max_length,
-            min_length=min_length,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
-        if return_attention and out.attention is not None and attn is None:
-            attn = out.attention.new_zeros((out.attention.shape[0], 0, out.attention.shape[1]), dtype=torch.float32)
+        out = step(live.prev, live.state)
+        live.state = out.state
+        lp = log_probs(out.logits, live.hist, t)
+        if return_attention and out.attention is not None and live.attn is None:
+            live.attn = out.attention.new_zeros((out.attention.shape[0], 0, out.attention.shape[1]),
+                                                dtype=torch.float32)
         alive = lp.amax(dim=1) > NEG_INF  # rows with at least one allowed token
         tok = choose(lp, alive)
-        tok_lp = lp.gather(1, tok.unsqueeze(1)).squeeze(1)
-        new_sums = sums + tok_lp
+        new_sums = live.sums + lp.gather(1, tok.unsqueeze(1)).squeeze(1)
         is_eos = (tok == eos) & alive
         ended = is_eos | ~alive
-        attn_new = torch.cat([attn, out.attention.float().unsqueeze(1)], dim=1) if attn is not None else None
+        new_attn = torch.cat([live.attn, out.attention.float().unsqueeze(1)], dim=1) if live.attn is not None else None
+        keep = None
         if bool(ended.any()):
-            ended_l, eos_l = ended.tolist(), is_eos.tolist()
-            new_sums_l, sums_l, hist_l = new_sums.tolist(), sums.tolist(), hist.tolist()
-            for i in (i for i, e in enumerate(ended_l) if e):
-                toks = hist_l[i]
-                if eos_l[i]:
-                    lps, n, fin = new_sums_l[i], len(toks) + 1, True
-                else:  # nothing allowed (e.g. no eos at the last step): cut off here
-                    lps, n, fin = sums_l[i], len(toks), False
-                att = attn[i].clone() if attn is not None else None
-                results[rows[i]] = Hypothesis(toks, _normalised(lps, n, length_penalty), lps, att, fin)
+            live.close(ended, is_eos, new_sums, length_penalty, results)
             keep = (~ended).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            rows = [rows[i] for i in keep.tolist()]
-            state = decoder.reorder_state(state, keep)
-            tok, new_sums, hist = tok[keep], new_sums[keep], hist[keep]
-            if attn_new is not None:
-                attn_new = attn_new[keep]
-        hist = torch.cat([hist, tok.unsqueeze(1)], dim=1)
-        sums = new_sums
-        attn = attn_new
-        prev = tok
+        live.advance(decoder, tok, new_sums, new_attn, keep)
     # every row ends by step max_length (only eos is allowed there, or nothing)
-    out_lists: list[list[Hypothesis]] = []
-    for b in range(B):
-        hyps = results[b * copies : (b + 1) * copies]
-        out_lists.append([h if h is not None else _empty_hypothesis() for h in hyps])
-    return out_lists
+    return [[h if h is not None else _empty_hypothesis() for h in results[b * copies : (b + 1) * copies]]
+            for b in range(B)]
 
 
 def _empty_hypothesis() -> Hypothesis:
@@ -479,15 +501,145 @@ def sample(
 
 # --------------------------------------------------------------------------- beam search
 @dataclass
-class _Found:
-    score: float
-    logprob: float
-    tokens: list[int]
-    attention: Optional[torch.Tensor]
-    finished: bool
+class _Beams:
+    """The live beams of a batched beam search: ``K`` rows per image still searching, block ``i`` of them
+    for image ``active[i]``. ``scores`` ``(A, K)``: their running log-prob sums (``-inf``: no beam there);
+    ``hist`` ``(A*K, t)``: their tokens; ``attn`` ``(A*K, t, N)``: their attention rows, when kept; ``prev``:
+    their last tokens; ``state``: the decoder's state of those rows."""
 
-    def hypothesis(self) -> Hypothesis:
-        return Hypothesis(self.tokens, self.score, self.logprob, self.attention, self.finished)
+    state: Any
+    active: list[int]
+    scores: torch.Tensor
+    hist: torch.Tensor
+    prev: torch.Tensor
+    device: torch.device
+    attn: Optional[torch.Tensor] = None
+
+    @classmethod
+    def start(cls, decoder: Any, features: torch.Tensor, K: int) -> "_Beams":
+        """``K`` rows per image at bos, one of them live (no duplicate hypotheses)."""
+        B = features.shape[0]
+        device = _device(decoder, features)
+        state = decoder.init_state(features)
+        state = decoder.reorder_state(state, torch.arange(B, device=device, dtype=torch.long).repeat_interleave(K))
+        scores = torch.full((B, K), NEG_INF, dtype=torch.float32, device=device)
+        scores[:, 0] = 0.0
+        return cls(state=state, active=list(range(B)), scores=scores, prev=_bos(decoder, B * K, device),
+                   hist=torch.empty((B * K, 0), dtype=torch.long, device=device), device=device)
+
+    def advance(self, decoder: Any, chosen: "_Candidates", keep: list[int], step_attn: Optional[torch.Tensor]) -> None:
+        """The chosen candidates become the beams of the images ``keep`` lists (blocks ``i``); the other
+        images are done, their rows dropped by the same ``reorder_state`` call (flat int64 row index)."""
+        A, K = self.scores.shape
+        src = chosen.new_beam + torch.arange(A, device=self.device, dtype=torch.long).unsqueeze(1) * K  # (A, K)
+        new_sums, new_tok = chosen.new_sums, chosen.new_tokens
+        if len(keep) < A:
+            keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
+            src, new_sums, new_tok = src[keep_t], new_sums[keep_t], new_tok[keep_t]
+            self.active = [self.active[i] for i in keep]
+        index = src.reshape(-1)
+        self.state = decoder.reorder_state(self.state, index)
+        self.hist = torch.cat([self.hist.index_select(0, index), new_tok.reshape(-1, 1)], dim=1)
+        if step_attn is not None and self.attn is not None:
+            self.attn = torch.cat([self.attn.index_select(0, index), step_attn.index_select(0, index).unsqueeze(1)],
+                                  dim=1)
+        self.scores = new_sums
+        self.prev = new_tok.reshape(-1)
+
+    def hypothesis(self, hist_l: list[list[int]], row: int, logprob: float, num_tokens: int, alpha: float,
+                   finished: bool) -> Hypothesis:
+        """Row ``row`` closed: its tokens (``hist_l``: ``hist.tolist()``, read once per step) and attention,
+        scored by the summed ``logprob`` of ``num_tokens`` scored tokens."""
+        att = self.attn[row].clone() if self.attn is not None else None
+        return Hypothesis(hist_l[row], _normalised(logprob, num_tokens, alpha), logprob, att, finished)
+
+
+class _Candidates(NamedTuple):
+    """One step's ``2K`` best continuations per image, best first, and the ``K`` that become the beams."""
+
+    sums: torch.Tensor  # (A, 2K) running log-prob sums
+    beam: torch.Tensor  # (A, 2K) int64: the beam each continues
+    is_eos: torch.Tensor  # (A, 2K) whether its token is eos
+    new_sums: torch.Tensor  # (A, K): the first K non-eos candidates, best first
+    new_beam: torch.Tensor  # (A, K)
+    new_tokens: torch.Tensor  # (A, K)
+
+
+def _rank_candidates(scores: torch.Tensor, lp: torch.Tensor, eos: int) -> _Candidates:
+    """Each image's ``K*V`` continuations ranked by running log-prob sum: the top ``2K`` (``topk``; then
+    ``beam = idx // V``, ``token = idx % V`` in int64), of which the first ``K`` non-eos become the beams."""
+    (A, K), V = scores.shape, lp.shape[1]
+    cand = (scores.reshape(A * K, 1) + lp).reshape(A, K * V)
+    top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # sorted, best first
+    beam_idx = torch.div(top_i, V, rounding_mode="floor")
+    token = top_i % V
+    is_eos = token == eos
+    # a stable sort keeps the ranking order; there are at least K non-eos since at most K of the 2K are eos
+    order = torch.argsort(is_eos.to(torch.int8), dim=1, stable=True)[:, :K]
+    return _Candidates(top_s, beam_idx, is_eos, top_s.gather(1, order), beam_idx.gather(1, order),
+                       token.gather(1, order))
+
+
+def _close_eos_candidates(beams: _Beams, chosen: _Candidates, t: int, alpha: float,
+                          found: list[list[Hypothesis]]) -> None:
+    """An eos ranked among an image's first ``K`` candidates closes a finished hypothesis of its beam."""
+    K = beams.scores.shape[1]
+    closing = chosen.is_eos[:, :K] & torch.isfinite(chosen.sums[:, :K])
+    if not bool(closing.any()):
+        return
+    closing_l, sums_l, beam_l = closing.tolist(), chosen.sums[:, :K].tolist(), chosen.beam[:, :K].tolist()
+    hist_l = beams.hist.tolist()
+    for i, image in enumerate(beams.active):
+        for j in (j for j in range(K) if closing_l[i][j]):
+            found[image].append(beams.hypothesis(hist_l, i * K + beam_l[i][j], sums_l[i][j], t + 1, alpha, True))
+
+
+def _close_live_beams(beams: _Beams, lp: torch.Tensor, eos: int, t: int, alpha: float,
+                      found: list[list[Hypothesis]]) -> None:
+    """The last step (``max_length`` tokens): every live beam ends, with eos, or cut off where eos is impossible."""
+    K = beams.scores.shape[1]
+    flat = beams.scores.reshape(-1)
+    with_eos_l, sums_l, hist_l = (flat + lp[:, eos]).tolist(), flat.tolist(), beams.hist.tolist()
+    for r in (r for r, s in enumerate(sums_l) if s != NEG_INF):
+        if with_eos_l[r] != NEG_INF:
+            hyp = beams.hypothesis(hist_l, r, with_eos_l[r], t + 1, alpha, True)
+        else:  # eos impossible: cut off
+            hyp = beams.hypothesis(hist_l, r, sums_l[r], t, alpha, False)
+        found[beams.active[r // K]].append(hyp)
+
+
+def _upper_bound(s: float, length: int, max_length: int, alpha: float) -> float:
+    """Bound on the normalised score of any continuation of a live beam with running sum ``s <= 0`` holding
+    ``length`` tokens: its final length n is in [length+1, max_length+1] and the score is monotone in n."""
+    if s == NEG_INF:
+        return NEG_INF
+    return max(_normalised(s, length + 1, alpha), _normalised(s, max_length + 1, alpha))
+
+
+def _images_done(beams: _Beams, chosen: _Candidates, found: list[list[Hypothesis]], t: int, n_best: int,
+                 max_length: int, alpha: float) -> list[bool]:
+    """Per active image: whether it holds ``n_best`` finished hypotheses no live beam can beat (or has no
+    live beam left)."""
+    best_live = chosen.new_sums[:, 0].tolist()  # new_sums is sorted best first
+    done = []
+    for i, image in enumerate(beams.active):
+        bound = _upper_bound(best_live[i], t + 1, max_length, alpha)
+        if bound == NEG_INF:
+            done.append(True)
+        elif len(found[image]) >= n_best:
+            done.append(sorted((h.score for h in found[image]), reverse=True)[n_best - 1] >= bound)
+        else:
+            done.append(False)
+    return done
+
+
+def _best_found(found: list[Hypothesis], n_best: int) -> list[Hypothesis]:
+    """Finished hypotheses best first (equal scores: in the order found), then unfinished ones if there are
+    fewer than ``n_best``; none at all: one empty unfinished hypothesis."""
+    best = sorted((h for h in found if h.finished), key=lambda h: -h.score)  # stable
+    if len(best) < n_best:
+        best += sorted((h for h in found if not h.finished), key=lambda h: -h.score)
+    return best[:n_best] or [_empty_hypothesis()]
 
 
 def beam_search(
@@ -528,128 +680,52 @@ def beam_search(
     B = features.shape[0]
     if B == 0:
         return []
-    K = beam_size
-    device = _device(decoder, features)
-    eos = int(decoder.eos_id)
-    alpha = float(length_penalty)
-
+    eos, alpha = int(decoder.eos_id), float(length_penalty)
     step = _stepper(decoder, return_attention)
+    log_probs = functools.partial(_log_probs, eos_id=eos, max_length=max_length, min_length=min_length,
+                                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    found: list[list[Hypothesis]] = [[] for _ in range(B)]  # per image, in the order found
+
     with torch.inference_mode():
-        state = decoder.init_state(features)
-        state = decoder.reorder_state(state, torch.arange(B, device=device, dtype=torch.long).repeat_interleave(K))
-        active = list(range(B))  # image of each active block of K rows
-        scores = torch.full((B, K), NEG_INF, dtype=torch.float32, device=device)
-        scores[:, 0] = 0.0  # one live beam at the start: no duplicate hypotheses
-        hist = torch.empty((B * K, 0), dtype=torch.long, device=device)
-        attn: Optional[torch.Tensor] = None  # (rows, t, N)
-        prev = _bos(decoder, B * K, device)
-        found: list[list[_Found]] = [[] for _ in range(B)]
-
-        # bound on the normalised score of any continuation of a live beam with running sum s <= 0
-        # holding l tokens: the final length n is in [l+1, max_length+1] and lp(n) is monotone in n
-        def bound(s: float, length: int) -> float:
-            if s == NEG_INF:
-                return NEG_INF
-            return max(_normalised(s, length + 1, alpha), _normalised(s, max_length + 1, alpha))
-
+        beams = _Beams.start(decoder, features, beam_size)
         for t in range(max_length + 1):
-            out = step(prev, state)
-            state = out.state
-            lp = _log_probs(
-                out.logits,
-                hist,
-                t,
-                eos_id=eos,
-                max_length=max_length,
-                min_length=min_length,
-                repetition_penalty=repetition_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size,
-            )
-            V = lp.shape[1]
-            if V < 2:
+            out = step(beams.prev, beams.state)
+            beams.state = out.state
+            lp = log_probs(out.logits, beams.hist, t)
+            if lp.shape[1] < 2:
                 raise ValueError("beam search needs a vocabulary of at least 2 tokens")
-            A = len(active)
             step_attn = out.attention.float() if (return_attention and out.attention is not None) else None
-            if step_attn is not None and attn is None:
-                attn = step_attn.new_zeros((step_attn.shape[0], 0, step_attn.shape[1]))
-
-            if t == max_length:  # last step: every live beam ends (with eos, or cut off)
-                flat = scores.reshape(-1)
-                eos_l = (flat + lp[:, eos]).tolist()
-                flat_l, hist_l = flat.tolist(), hist.tolist()
-                for r in (r for r, s in enumerate(flat_l) if s != NEG_INF):
-                    att = attn[r].clone() if attn is not None else None
-                    if eos_l[r] != NEG_INF:
-                        f = _Found(_normalised(eos_l[r], t + 1, alpha), eos_l[r], hist_l[r], att, True)
-                    else:  # eos impossible: cut off
-                        f = _Found(_normalised(flat_l[r], t, alpha), flat_l[r], hist_l[r], att, False)
-                    found[active[r // K]].append(f)
+            if step_attn is not None and beams.attn is None:
+                beams.attn = step_attn.new_zeros((step_attn.shape[0], 0, step_attn.shape[1]))
+            if t == max_length:
+                _close_live_beams(beams, lp, eos, t, alpha, found)
                 break
-
-            cand = (scores.reshape(A * K, 1) + lp).reshape(A, K * V)
-            top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # sorted, best first
-            beam_idx = torch.div(top_i, V, rounding_mode="floor")  # int64 beam of each candidate
-            token = top_i % V
-            is_eos = token == eos
-            # the first K non-eos candidates (a stable sort keeps their ranking order) become the
-            # beams; there are at least K since at most K of the 2K candidates are eos
-            order = torch.argsort(is_eos.to(torch.int8), dim=1, stable=True)[:, :K]
-            new_scores = top_s.gather(1, order)
-            new_beam = beam_idx.gather(1, order)
-            new_tok = token.gather(1, order)
-
-            # an eos ranked among the first K candidates closes a finished hypothesis
-            first_eos = is_eos[:, :K] & torch.isfinite(top_s[:, :K])
-            if bool(first_eos.any()):
-                fe = first_eos.tolist()
-                fs = top_s[:, :K].tolist()
-                fb = beam_idx[:, :K].tolist()
-                hist_l = hist.tolist()
-                for i in range(A):
-                    for j in (j for j in range(K) if fe[i][j]):
-                        r = i * K + fb[i][j]
-                        att = attn[r].clone() if attn is not None else None
-                        f = _Found(_normalised(fs[i][j], t + 1, alpha), fs[i][j], hist_l[r], att, True)
-                        found[active[i]].append(f)
-            done_imgs: list[bool] = [False] * A
-            best_live = new_scores[:, 0].tolist()  # new_scores is sorted best first
-            for i in range(A):
-                ub = bound(best_live[i], t + 1)
-                fin = found[active[i]]
-                if ub == NEG_INF:
-                    done_imgs[i] = True
-                elif len(fin) >= n_best:
-                    nth = sorted((f.score for f in fin), reverse=True)[n_best - 1]
-                    done_imgs[i] = nth >= ub
-
-            keep = [i for i in range(A) if not done_imgs[i]]
+            chosen = _rank_candidates(beams.scores, lp, eos)
+            _close_eos_candidates(beams, chosen, t, alpha, found)
+            done = _images_done(beams, chosen, found, t, n_best, max_length, alpha)
+            keep = [i for i, image_done in enumerate(done) if not image_done]
             if not keep:
                 break
-            src = new_beam + torch.arange(A, device=device, dtype=torch.long).unsqueeze(1) * K  # (A, K)
-            if len(keep) < A:
-                keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-                src, new_scores, new_tok = src[keep_t], new_scores[keep_t], new_tok[keep_t]
-                active = [active[i] for i in keep]
-            index = src.reshape(-1)  # flat int64 row index
-            state = decoder.reorder_state(state, index)
-            hist = torch.cat([hist.index_select(0, index), new_tok.reshape(-1, 1)], dim=1)
-            if step_attn is not None and attn is not None:
-                attn = torch.cat([attn.index_select(0, index), step_attn.index_select(0, index).unsqueeze(1)], dim=1)
-            scores = new_scores
-            prev = new_tok.reshape(-1)
+            beams.advance(decoder, chosen, keep, step_attn)
+    return [_best_found(f, n_best) for f in found]
 
-    results: list[list[Hypothesis]] = []
-    for b in range(B):
-        fin = sorted((f for f in found[b] if f.finished), key=lambda f: -f.score)  # stable
-        if len(fin) < n_best:
-            fin += sorted((f for f in found[b] if not f.finished), key=lambda f: -f.score)
-        hyps = [f.hypothesis() for f in fin[:n_best]]
-        results.append(hyps or [_empty_hypothesis()])
-    return results
+
+# --------------------------------------------------------------------------- describing a setting
+def describe_options(opts: DecodingOptions) -> dict[str, Any]:
+    """The settings that matter for ``opts.method`` (what evaluate's metrics.json records)."""
+    d: dict[str, Any] = {"method": opts.method, "max_length": opts.max_length}
+    if opts.method == "beam":
+        d.update(beam_size=opts.beam_size, length_penalty=opts.length_penalty)
+    if opts.method == "sample":
+        d.update(temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p)
+    for k, default in (("min_length", 0), ("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
+        if getattr(opts, k) != default:
+            d[k] = getattr(opts, k)
+    return d
 
 
 def decoding_label(d: dict[str, Any]) -> str:
-    """Short human label of :func:`stages.evaluate.describe_options` output: ``greedy``, ``beam 5 (α=0.6)``, ``sample T=0.8 p=0.9``."""
+    """Short human label of :func:`describe_options` output: ``greedy``, ``beam 5 (α=0.6)``, ``sample T=0.8 p=0.9``."""
     if d["method"] == "greedy":
         return "greedy"
     if d["method"] == "beam":

@@ -59,6 +59,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import anyio
 import anyio.lowlevel
+import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -88,6 +89,7 @@ from pipeline.serve.settings import (  # noqa: F401 - ServeSettings re-exported
     check_api_key,
     check_origins,
 )
+from pipeline.threads import model_workers as size_model_workers
 
 log = logging.getLogger(__name__)
 
@@ -282,37 +284,58 @@ def create_app(
     max_queue: int = SERVE_DEFAULTS.max_queue,
     cors_origin: Sequence[str] = (),
     allowed_hosts: Optional[AllowedHosts] = None,
-    model_workers: int = 1,
-    decode_threads: int = 4,
-    device: str = "cpu",
+    decode_threads: int = SERVE_DEFAULTS.decode_threads,
+    model_workers: int = SERVE_DEFAULTS.model_workers,
+    device: Optional[str] = None,
     warm_up: bool = True,
 ) -> FastAPI:
     """The captioning API for a bundle folder (or a loaded Captioner / CaptionEngine).
 
-    The limits default to :data:`pipeline.serve.settings.SERVE_DEFAULTS` (``pipeline serve``'s defaults too);
-    ``create_app(engine, **ServeSettings(...).app_limits())`` applies a whole settings object. ``api_key``:
-    None serves without one; an empty or blank key is a ``ConfigError``. ``cors_origin``: web origins
-    (``scheme://host[:port]``, or ``*``) whose pages may call the API besides this server's own.
-    ``allowed_hosts``: the host names the server answers to (``ServeSettings.allowed_hosts()``, as
-    ``pipeline serve`` passes); None checks no ``Host`` (an app embedded behind something that does).
+    The limits, batching and threads default to :data:`pipeline.serve.settings.SERVE_DEFAULTS` (``pipeline
+    serve``'s defaults too); ``create_app(engine, **ServeSettings(...).app_limits())`` applies a whole settings
+    object. ``model_workers`` 0: as many as :func:`pipeline.threads.model_workers` sizes for torch's threads
+    and the model's device (as ``pipeline serve`` does). ``device``: where a bundle folder is loaded (None:
+    :meth:`CaptionEngine.load`'s default). ``api_key``: None serves without one; an empty or blank key is a
+    ``ConfigError``. ``cors_origin``: web origins (``scheme://host[:port]``, or ``*``) whose pages may call
+    the API besides this server's own. ``allowed_hosts``: the host names the server answers to
+    (``ServeSettings.allowed_hosts()``, as ``pipeline serve`` passes); None checks no ``Host`` (an app
+    embedded behind something that does).
     """
     api_key = check_api_key(api_key)
     origins = check_origins(cors_origin)
     if max_request_bytes < 1 or max_pixels < 1 or max_aspect_ratio < 1 or body_timeout <= 0 or max_uploads < 1:
         raise ValueError("max_request_bytes, max_pixels, max_uploads and body_timeout must be positive, "
                          "max_aspect_ratio >= 1")
-    if isinstance(model, CaptionEngine):
-        engine = model
-    elif isinstance(model, Captioner):
-        engine = CaptionEngine(model)
-    else:
-        engine = CaptionEngine.load(model, device=device)
+    engine = _engine(model, device)
     if warm_up:
         engine.warm_up()
     state = _State(engine, api_key, max_request_bytes, max_pixels, max_aspect_ratio, decode_threads,
                    body_timeout=body_timeout, max_uploads=max_uploads)
+    workers = size_model_workers(model_workers, torch.get_num_threads(), engine.captioner.device.type)
     state.batcher = DynamicBatcher(state.run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                                   max_queue=max_queue, pending=lambda: state.pending, workers=model_workers)
+                                   max_queue=max_queue, pending=lambda: state.pending, workers=workers)
+
+    app = _new_app(state)
+    _install_error_handlers(app)
+    _add_guards(app, origins, allowed_hosts)
+    _add_page(app)
+    _add_docs(app)
+    _add_api(app, state)
+    return app
+
+
+def _engine(model: Union[str, Path, Captioner, CaptionEngine], device: Optional[str]) -> CaptionEngine:
+    """``model`` as an engine: as given, around a loaded Captioner, or loaded from a bundle folder."""
+    if isinstance(model, CaptionEngine):
+        return model
+    if isinstance(model, Captioner):
+        return CaptionEngine(model)
+    return CaptionEngine.load(model) if device is None else CaptionEngine.load(model, device=device)
+
+
+def _new_app(state: "_State") -> FastAPI:
+    """The FastAPI app, its description naming the model and the caption modes; it closes the batcher on exit."""
+    info = state.engine.info()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -322,21 +345,29 @@ def create_app(
     app = FastAPI(
         title="Image captioning API",
         version="1",
-        description=(f"Captions images with the model bundle `{engine.info()['bundle']}` "
-                     f"({engine.info()['decoder']} on {engine.info()['backbone']}). The page at [/](/) does "
+        description=(f"Captions images with the model bundle `{info['bundle']}` "
+                     f"({info['decoder']} on {info['backbone']}). The page at [/](/) does "
                      "it in a browser.\n\nCaption modes:\n\n"
                      + "\n".join(f"* `{m['name']}`: {m['description']}" for m in mode_list())
                      + "\n\nErrors are JSON `{\"error\": {\"code\": ..., \"message\": ...}}`."),
         docs_url=None, redoc_url=None, lifespan=lifespan,
     )
     app.state.captioning = state
-    _install_error_handlers(app)
+    return app
+
+
+def _add_guards(app: FastAPI, origins: list[str], allowed_hosts: Optional[AllowedHosts]) -> None:
+    """CORS for the allowed origins, the host check and the origin check (outermost last)."""
     if origins:  # preflights and Access-Control-* headers for the allowed origins (the guard refuses others)
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                            allow_headers=["content-type", "x-api-key", "authorization"], max_age=600)
     if allowed_hosts is not None:  # outside CORS (a preflight with a foreign Host is refused too), inside the
         app.add_middleware(HostGuard, allowed=allowed_hosts)  # origin guard (which adds nosniff to its 421)
     app.add_middleware(OriginGuard, allowed_origins=origins)
+
+
+def _add_page(app: FastAPI) -> None:
+    """The web page at ``/`` and its files under ``/static``."""
     static = resources.files("pipeline.serve") / "static"
 
     @app.get("/", include_in_schema=False)
@@ -348,7 +379,11 @@ def create_app(
         return Response(status_code=204)
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
-    _add_docs(app)
+
+
+def _add_api(app: FastAPI, state: "_State") -> None:
+    """``GET /health`` and ``POST /caption``, and the OpenAPI schema of the request bodies ``/caption`` takes."""
+    engine = state.engine
 
     @app.get("/health", summary="Liveness, model, caption modes, limits and batching statistics")
     async def health() -> dict[str, Any]:
@@ -404,7 +439,6 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return app
 
 
 class _State:

@@ -166,7 +166,8 @@ def check_api_key(key: Optional[str]) -> Optional[str]:
 
 
 class ServeSettings(BaseModel):
-    """Where the server listens, the request limits it enforces and how it batches requests."""
+    """Where the server listens, the request limits it enforces, how it batches requests and how many threads
+    decode uploads and run the model."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -185,6 +186,11 @@ class ServeSettings(BaseModel):
     max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more requests (only while "
                                                       "others are arriving).")
     max_queue: int = Field(256, ge=1, description="Requests waiting for the model before 503 busy.")
+    decode_threads: int = Field(4, ge=1, description="Threads reading, decoding and preparing uploads (never on "
+                                                     "the event loop).")
+    model_workers: int = Field(0, ge=0, description="Model calls that may run at once, each in its own thread; "
+                                                    "beyond the first, only for full batches (0: the usable cores / "
+                                                    "--threads, at least 1).")
 
     @property
     def loopback(self) -> bool:
@@ -197,7 +203,9 @@ class ServeSettings(BaseModel):
         return f"http://{host}:{self.port}/"
 
     def app_limits(self) -> dict[str, object]:
-        """The keyword arguments of ``create_app`` these settings give (all but host and port)."""
+        """The keyword arguments of ``create_app`` these settings give (all but host and port): the limits,
+        batching and threads (``model_workers`` 0 is resolved by ``create_app`` as by ``pipeline serve``:
+        :func:`pipeline.threads.model_workers`)."""
         return self.model_dump(exclude={"host", "port"})
 
     def allowed_hosts(self, extra: Sequence[str] = ()) -> AllowedHosts:

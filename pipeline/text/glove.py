@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Collection, Iterable
 
 import numpy as np
 import torch
@@ -73,10 +73,33 @@ def load_glove_embeddings(
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
     if not path.is_file():
         raise GloveError(f"{path}: GloVe file not found")
-    specials = set(special_tokens)
+    exact, lower, lookup_rows = _lookup_keys(tokens, set(special_tokens))
+    vectors, D, skipped = _read_vectors(path, exact.keys() | lower.keys(), dim, on_bad_line)
+    matrix, found_rows = _fill_rows(len(tokens), D, exact, lower, vectors, seed=seed, init_std=init_std)
     zeros = set(zero_tokens)
+    for i, tok in enumerate(tokens):
+        if tok in zeros:
+            matrix[i] = 0.0
 
-    # key -> rows wanting it, exact (stripped) keys first, then lower-cased fallbacks.
+    missing = [tokens[r] for r in lookup_rows if r not in found_rows]
+    total = len(lookup_rows)
+    report = {
+        "file": str(path),
+        "dim": D,
+        "found": len(found_rows),
+        "total": total,
+        "coverage": (len(found_rows) / total) if total else 0.0,
+        "missing_examples": missing[:max_missing_examples],
+        "specials": len(tokens) - total,
+        "skipped_lines": skipped,
+        "found_ids": sorted(found_rows),
+    }
+    return matrix, report
+
+
+def _lookup_keys(tokens: list[str], specials: set[str]) -> tuple[dict[str, list[int]], dict[str, list[int]], list[int]]:
+    """The rows wanting each key: by the token stripped of whitespace (exact), and by its lower-cased form
+    (the fallback); and the rows looked up at all (every token but the specials)."""
     exact: dict[str, list[int]] = {}
     lower: dict[str, list[int]] = {}
     lookup_rows: list[int] = []
@@ -89,7 +112,13 @@ def load_glove_embeddings(
             continue
         exact.setdefault(key, []).append(i)
         lower.setdefault(key.lower(), []).append(i)
+    return exact, lower, lookup_rows
 
+
+def _read_vectors(path: Path, wanted: Collection[str], dim: int | None,
+                  on_bad_line: str) -> tuple[dict[str, np.ndarray], int, int]:
+    """The vectors of the ``wanted`` words (the first occurrence of each), streamed from the file; their size
+    (``dim``, else the header's or the first row's) and the bad rows skipped (``on_bad_line="skip"``)."""
     vectors: dict[str, np.ndarray] = {}
     skipped = 0
     D = dim
@@ -116,7 +145,7 @@ def load_glove_embeddings(
                     continue
                 raise GloveError(f"{path}:{lineno}: expected a word and {D} values, found {n_values} values")
             word = line[: line.index(" ")]
-            if word not in exact and word not in lower:
+            if word not in wanted:
                 continue
             try:
                 vec = np.array(line.split(" ")[1:], dtype=np.float32)
@@ -128,39 +157,28 @@ def load_glove_embeddings(
             vectors.setdefault(word, vec)  # the first occurrence wins
     if D is None:
         raise GloveError(f"{path}: no vectors in file")
+    return vectors, D, skipped
 
+
+def _fill_rows(rows: int, D: int, exact: dict[str, list[int]], lower: dict[str, list[int]],
+               vectors: dict[str, np.ndarray], *, seed: int, init_std: float) -> tuple[torch.Tensor, set[int]]:
+    """The ``(rows, D)`` matrix drawn from the seed, then each row with a vector by its exact key, else by its
+    lower-cased key, set to it; and the rows so set."""
     gen = torch.Generator().manual_seed(seed)
-    matrix = torch.randn(len(tokens), D, generator=gen, dtype=torch.float32) * init_std
+    matrix = torch.randn(rows, D, generator=gen, dtype=torch.float32) * init_std
     found_rows: set[int] = set()
-    for key, rows in exact.items():
+    for key, key_rows in exact.items():
         if key in vectors:
-            for r in rows:
+            for r in key_rows:
                 matrix[r] = torch.from_numpy(vectors[key])
                 found_rows.add(r)
-    for key, rows in lower.items():
+    for key, key_rows in lower.items():
         if key in vectors:
-            for r in rows:
+            for r in key_rows:
                 if r not in found_rows:
                     matrix[r] = torch.from_numpy(vectors[key])
                     found_rows.add(r)
-    for i, tok in enumerate(tokens):
-        if tok in zeros:
-            matrix[i] = 0.0
-
-    missing = [tokens[r] for r in lookup_rows if r not in found_rows]
-    total = len(lookup_rows)
-    report = {
-        "file": str(path),
-        "dim": D,
-        "found": len(found_rows),
-        "total": total,
-        "coverage": (len(found_rows) / total) if total else 0.0,
-        "missing_examples": missing[:max_missing_examples],
-        "specials": len(tokens) - total,
-        "skipped_lines": skipped,
-        "found_ids": sorted(found_rows),
-    }
-    return matrix, report
+    return matrix, found_rows
 
 
 def fit_width(vectors: torch.Tensor, width: int, *, seed: int = 0) -> tuple[torch.Tensor, str]:

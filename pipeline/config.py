@@ -8,6 +8,7 @@ names the key and the file (with a suggestion when one is close).
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
@@ -725,6 +726,21 @@ def read_params(path: Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{path}: unknown section {_with_hint(unknown[0], SECTIONS)}")
     return data
+
+
+def params_here(section: str, params: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """What the params file in the current folder sets in ``section`` ({} when there is none, or it cannot be
+    read: the command that uses it says why), for help texts and listings that show the values a run here
+    would use."""
+    return dict(_read_params_once(str(params)).get(section) or {})
+
+
+@functools.lru_cache(maxsize=4)
+def _read_params_once(params: str) -> dict[str, Any]:
+    try:
+        return read_params(Path(params)) if Path(params).is_file() else {}
+    except ConfigError:
+        return {}
 
 
 def _with_hint(key: str, known) -> str:

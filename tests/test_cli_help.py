@@ -15,7 +15,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app, serve_command
+from pipeline.cli.commands import app, serve_command
 from pipeline.config import SECTIONS
 from tests.conftest import REPO
 

@@ -299,7 +299,7 @@ def test_cli_optional_numbers_still_parse(tmp_path, captured):
 
 
 def test_params_command_round_trips(tmp_path):
-    result = invoke("params")
+    result = invoke("params", "--defaults")
     assert result.exit_code == 0, result.output
     data = yaml.safe_load(result.output)
     assert list(data) == list(SECTIONS)
@@ -308,8 +308,29 @@ def test_params_command_round_trips(tmp_path):
         assert load_config(section, p) == model(), section
 
 
+def test_params_command_shows_the_values_a_run_here_uses(tmp_path, monkeypatch):
+    """Without --defaults: ./params.yaml's value where it sets one, marked, with the built-in default beside it."""
+    from pipeline.config import _read_params_once
+
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "params.yaml", yaml.safe_dump({"train": {"epochs": 4, "seed": 0}}))
+    _read_params_once.cache_clear()
+    try:
+        result = invoke("params", "train")
+        lines = result.output.splitlines()
+        assert "  epochs: 4  # params.yaml (default: 6)" in lines
+        assert "  seed: 0  # params.yaml" in lines  # set, to its default value
+        assert "  lr: 0.0004" in lines  # not set: the built-in default, unmarked
+        assert load_config("train", write(tmp_path / "t.yaml", result.output)) == load_config("train", tmp_path /
+                                                                                              "params.yaml")
+        help_text = invoke("train", "--help").output
+        assert "[params.yaml: 4]" in " ".join(help_text.split())
+    finally:
+        _read_params_once.cache_clear()
+
+
 def test_params_command_one_section(tmp_path):
-    result = invoke("params", "extract")
+    result = invoke("params", "--defaults", "extract")
     assert result.exit_code == 0
     assert list(yaml.safe_load(result.output)) == ["extract"]
     assert load_config("extract", write(tmp_path / "e.yaml", result.output)) == ExtractConfig()

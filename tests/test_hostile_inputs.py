@@ -158,7 +158,7 @@ def test_hostile_input_ends_in_one_error_line(case: Case, tiny_pipeline: TinyPip
 
 # --------------------------------------------------------------------------- the boundary itself
 def test_a_bug_keeps_its_traceback_and_says_it_is_one(monkeypatch, capsys):
-    from pipeline import cli
+    from pipeline.cli import commands as cli
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")

@@ -1,6 +1,6 @@
-"""The `pipeline` command: :mod:`pipeline.cli.app` (one subcommand per stage, plus tools) and
+"""The `pipeline` command: :mod:`pipeline.cli.commands` (one subcommand per stage, plus tools) and
 :mod:`pipeline.cli.options` (options generated from the config models). ``python -m pipeline.cli`` runs it."""
 
-from pipeline.cli.app import app, main
+from pipeline.cli.commands import app, main
 
 __all__ = ["app", "main"]

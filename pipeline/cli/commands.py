@@ -42,6 +42,7 @@ from pipeline.config import (
     config_to_dict,
     load_config,
     load_train_config,
+    params_here,
 )
 from pipeline.errors import BUG_REPORT, describe_failure, user_errors
 from pipeline.serve.settings import ServeSettings
@@ -103,12 +104,13 @@ def stage_command(name: str, section: str, target: str, help: str, loader=None) 
     """
     load = loader or (lambda params_file, overrides: load_config(section, params_file, overrides))
     model = SECTIONS[section]
-    params, option_kinds = config_options(model)
+    params, option_kinds = config_options(model, file_values=params_here(section), file_label=str(DEFAULT_PARAMS))
     params.append(
         inspect.Parameter(
             "params", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
             default=typer.Option(DEFAULT_PARAMS, "--params", help=f"Params file: its [{section}] section sets "
-                                 "the options left out; the defaults shown apply to keys it does not set."),
+                                 f"the options left out (what ./{DEFAULT_PARAMS} sets is shown as "
+                                 f"[{DEFAULT_PARAMS}: value]); the defaults shown apply to keys it does not set."),
         )
     )
     params.append(context_parameter())
@@ -196,7 +198,8 @@ stage_command(
 def list_decoder_families(
     name: Optional[str] = typer.Argument(None, help="Show one family's options."),
 ) -> None:
-    """List the decoder families, or one family's options with their defaults."""
+    """List the decoder families, or one family's options: the built-in default and, where ./params.yaml's
+    `decoders` section sets one, the value a run here uses."""
     from pipeline.models.decoders import decoder_config_class, list_decoders
 
     if name is None:
@@ -207,8 +210,10 @@ def list_decoder_families(
         model = decoder_config_class(name)
     except (KeyError, ValueError) as e:
         _fail(str(e).strip("'\""))
+    here = (params_here("decoders").get(name) or {}).get("options") or {}
     for field_name, field in model.model_fields.items():
-        typer.echo(f"{field_name:22s} {field.default!r:10} {field.description or ''}")
+        used = f"  [{DEFAULT_PARAMS}: {here[field_name]!r}]" if field_name in here else ""
+        typer.echo(f"{field_name:22s} {field.default!r:10} {field.description or ''}{used}")
 
 
 @app.command("recipes")
@@ -468,9 +473,7 @@ def _serve_params() -> tuple[list[inspect.Parameter], dict[str, str]]:
                     "proxy or a forwarded port uses; other names get 421 (this stops DNS rebinding). The "
                     "server's own names are its address (on 127.0.0.1: also localhost and [::1]) at its port; "
                     "on 0.0.0.0 any IP address. Repeat the option for several; '*' accepts any host.")),
-        *by_name.values(),
-        _param("model_workers", int, typer.Option(0, min=0, help="Model calls that may run at once, each in its own "
-               "thread; beyond the first, only for full batches (0: the usable cores / --threads, at least 1).")),
+        *by_name.values(),  # the limits, batching and threads (--model-workers, --decode-threads): ServeSettings
         *_engine_options("Torch CPU threads per model call (0: half the cores, at least 1).",
                          "bf16 autocast for the model (faster on CPUs with bf16 units, and batching pays more; "
                          "captions may differ slightly)."),
@@ -481,7 +484,7 @@ def _serve_params() -> tuple[list[inspect.Parameter], dict[str, str]]:
 _SERVE_PARAMS, _SERVE_KINDS = _serve_params()
 
 
-def serve_command(ctx, model, api_key, cors_origin, allowed_host, model_workers, device, threads, amp, channels_last,
+def serve_command(ctx, model, api_key, cors_origin, allowed_host, device, threads, amp, channels_last,
                   **settings_values) -> None:
     """Serve the captioning HTTP API (POST /caption, GET /health, /docs) and its web page at /."""
     import uvicorn
@@ -511,13 +514,13 @@ def serve_command(ctx, model, api_key, cors_origin, allowed_host, model_workers,
     except user_errors() as e:
         _fail(str(e))
     threads = set_threads(threads)
-    model_workers = size_model_workers(model_workers, threads, device)
+    model_workers = size_model_workers(settings.model_workers, threads, device)  # resolved here to print it
     if (warning := open_access_warning(settings.host, api_key)) is not None:
         log.warning("%s", warning)
     try:
         engine = CaptionEngine.load(model, device=device, amp=amp, channels_last=channels_last)
         application = create_app(engine, api_key=api_key, cors_origin=cors_origin, allowed_hosts=allowed_hosts,
-                                 model_workers=model_workers, **settings.app_limits())
+                                 **{**settings.app_limits(), "model_workers": model_workers})
     except user_errors() as e:
         sock.close()
         _fail(str(e))
@@ -533,16 +536,39 @@ app.command("serve")(with_signature(serve_command, _SERVE_PARAMS))
 
 
 @app.command("params")
-def show_params(section: Optional[str] = typer.Argument(None, help="One section; default: all.")) -> None:
-    """Print the default params (every stage's section) as YAML: a starting params.yaml."""
-    import yaml
-
+def show_params(
+    section: Optional[str] = typer.Argument(None, help="One section; default: all."),
+    defaults: bool = typer.Option(False, "--defaults", help="The built-in defaults alone (a starting params file)."),
+) -> None:
+    """Print every section's settings as YAML: the values a run here uses, i.e. ./params.yaml's where it sets
+    one (marked, with the built-in default beside it) and the built-in defaults elsewhere."""
     sections = [section] if section else list(SECTIONS)
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         _fail(f"unknown section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
-    data = {s: config_to_dict(SECTIONS[s]()) for s in sections}
-    typer.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    typer.echo("\n".join(_section_yaml(s, {} if defaults else params_here(s)) for s in sections).rstrip())
+
+
+def _section_yaml(section: str, file_values: dict) -> str:
+    """``section``'s settings as YAML, each key the params file sets followed by ``# params.yaml (default: ...)``."""
+    import yaml
+
+    def dump(value, flow=None) -> str:
+        text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True, default_flow_style=flow, width=10**6)
+        return text.strip().removesuffix("...").strip()
+
+    defaults = config_to_dict(SECTIONS[section]())
+    lines = [f"{section}:"]
+    for key in [*defaults, *(k for k in file_values if k not in defaults)]:
+        default = defaults.get(key)
+        value = file_values.get(key, default)
+        text = dump({key: value}, flow=False).splitlines()
+        if key in file_values and key in defaults and value != default:
+            text[0] += f"  # {DEFAULT_PARAMS} (default: {dump(default, flow=True)})"
+        elif key in file_values:
+            text[0] += f"  # {DEFAULT_PARAMS}"
+        lines += ["  " + line for line in text]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -89,13 +89,16 @@ def _cli_default(value: Any, cli_type: Any, is_json: bool) -> Any:
 
 
 def config_options(
-    model: type[BaseModel], exclude: tuple[str, ...] = (), *, default_text: Optional[str] = None
+    model: type[BaseModel], exclude: tuple[str, ...] = (), *, default_text: Optional[str] = None,
+    file_values: Optional[dict[str, Any]] = None, file_label: str = "params.yaml",
 ) -> tuple[list[inspect.Parameter], dict[str, str]]:
     """typer parameters for the model's fields, and for each field how its text is read ("json", "optional", "").
 
     Each option's default is the field's (``--help`` shows it). With ``default_text`` the options default to
     None instead and ``--help`` shows that text, for options whose value otherwise comes from elsewhere
-    (e.g. ``caption``'s decoding options, from ``--mode``). Parse the values with :func:`parse_overrides`.
+    (e.g. ``caption``'s decoding options, from ``--mode``). ``file_values``: what the params file sets, shown
+    beside the default as the value a run here uses (``[params.yaml: 4]``). Parse the values with
+    :func:`parse_overrides`.
     """
     params, kinds = [], {}
     for name, field in model.model_fields.items():
@@ -112,6 +115,8 @@ def config_options(
         help_text = (field.description or "") + (" ('none' clears it)" if optional else "")  # JSON: the metavar says
         if typing.get_origin(cli_type) is list:
             help_text += " (repeat the option for several)"
+        if file_values and name in file_values:
+            help_text += f" [{file_label}: {_shown(file_values[name])}]"
         has_default = field.default is not PydanticUndefined or field.default_factory is not None
         if default_text is not None:
             default, show_default = None, default_text
@@ -130,6 +135,12 @@ def config_options(
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[cli_type])
         )
     return params, kinds
+
+
+def _shown(value: Any) -> str:
+    """A params-file value as the help text shows it (JSON for lists and mappings, cut to a line)."""
+    text = value if isinstance(value, str) else json.dumps(to_jsonable_python(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def context_parameter() -> inspect.Parameter:

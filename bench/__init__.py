@@ -4,7 +4,9 @@ A benchmark is a module of this package with ``main(argv) -> dict`` and ``_parse
 (an ``argparse`` parser built with :func:`bench.common.base_parser`, so it takes
 ``--quick``, ``--results-dir``, ``--work-dir`` and ``--seed``). Each prints a markdown
 table (for the README) to stdout, progress to stderr, and writes
-``bench/results/<name>.json`` (git-ignored). ``--quick`` is a smoke run, not a measurement.
+``bench/results/<name>.json`` (git-ignored) through :class:`bench.common.BenchRun`, which
+puts the same envelope (benchmark, options, machine, load) around every benchmark's
+results. ``--quick`` is a smoke run, not a measurement.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from bench.common import base_parser, loadavg, log, machine_info, markdown_table, write_results
+from bench.common import BenchRun, base_parser, log, markdown_table
 
 NAME = "beam_search"
 REPO = Path(__file__).resolve().parents[1]
@@ -178,22 +178,20 @@ def main(argv: list[str] | None = None) -> dict:
         args.features = Path("/nonexistent")
     if args.threads:
         torch.set_num_threads(args.threads)
-    before = loadavg()
+    run = BenchRun(NAME, args)
     from pipeline.models.decoders import DECODERS
 
     work = Workload(args)
     rows = [row for f in (args.families or DECODERS) for row in _run_family(f, args.beam_size, work)]
-    result = {"name": NAME, "beam_sizes": args.beam_size, "batch_size": args.batch_size, "rows": rows,
-              "loadavg_before": before, "loadavg_after": loadavg(), "machine": machine_info(), "quick": args.quick}
-    write_results(args.results_dir, NAME, result)
-    print(markdown_table(
+    run.finish()
+    markdown = markdown_table(
         ["family", "beam", "batched img/s", "one-at-a-time img/s", "ratio", "ratio (CPU time)", "identical captions",
          "source"],
         [[r["family"], r["beam_size"], r["batched_images_per_s"], r["single_images_per_s"], f"{r['ratio']:.1f}x",
-          f"{r['cpu_ratio']:.1f}x", f"{r['identical_captions']}/{r['images']}", r["source"]] for r in rows]))
-    log(f"chunks of {args.batch_size} images, torch threads {torch.get_num_threads()}, load average (1 min) "
-        f"{before[0] if before else '?'} before, {result['loadavg_after'][0] if before else '?'} after: other "
-        "processes on the machine add noise; the ratio compares the two searches run side by side")
+          f"{r['cpu_ratio']:.1f}x", f"{r['identical_captions']}/{r['images']}", r["source"]] for r in rows])
+    result = run.publish({"beam_sizes": args.beam_size, "batch_size": args.batch_size, "rows": rows}, markdown)
+    log(f"chunks of {args.batch_size} images, torch threads {torch.get_num_threads()}: {run.load_note()} "
+        "The ratio compares the two searches run side by side.")
     return result
 
 

@@ -34,9 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (
-    base_parser, load_note, loadavg, log, machine_info, markdown_table, median, publish, work_folder,
-)
+from bench.common import BenchRun, base_parser, log, markdown_table, median
 
 NAME = "cache_read"
 TARGETS = {"lmdb_vs_memmap": 0.8, "lmdb_vs_npy_files": 2.5}
@@ -174,11 +172,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.records, args.batches, args.rounds = 256, 10, 1
     shape = (args.tokens, args.channels)
-    info = machine_info()
-    before = loadavg()
-    work, tmp = work_folder(args.work_dir, "bench-cache-")
-    shutil.rmtree(work / "layouts", ignore_errors=True)  # a kept work folder starts clean
-    try:
+    run = BenchRun(NAME, args)
+    with run.work_folder("bench-cache-") as work:
+        shutil.rmtree(work / "layouts", ignore_errors=True)  # a kept work folder starts clean
         root = work / "layouts"
         rec_kb = np.prod(shape) * 2 / 1024
         log(f"[cache_read] writing {args.records} records of {shape} float16 ({rec_kb:.0f} KB each, "
@@ -229,12 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     dt = _time_layout(getattr(r, name), batches)
                 times[name].append(dt)
                 log(f"[cache_read] round {rnd + 1}/{args.rounds} {name:>10}: "
-                    f"{args.batches * args.batch_size / dt:9,.0f} records/s  (load {loadavg()[:1]})")
+                    f"{args.batches * args.batch_size / dt:9,.0f} records/s", load=True)
         r.cache.close()
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    after = loadavg()
 
     total = args.batches * args.batch_size
     warm = {k: total / median(v) for k, v in times.items()}
@@ -276,24 +268,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"warm page cache, median of {args.rounds} round(s)"
         f"{' (QUICK smoke run: not a measurement)' if args.quick else ''}. "
         + ("Cold-ish: every record once after `posix_fadvise(DONTNEED)` on the files. " if cold else "")
-        + f"{info.get('processor')}, {info.get('cpus_usable')} cores. {load_note(before, after, info.get('cpus_usable'))}"
+        + run.machine_note()
     )
     markdown = f"### Cached feature reads\n\n{table}\n\n{caption}\n"
-    data = {
-        "benchmark": NAME,
-        "quick": args.quick,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": info,
-        "loadavg_before": before,
-        "loadavg_after": after,
+    return run.publish({
         "seconds": times,
         "warm_records_per_s": warm,
         "cold_records_per_s": cold,
         "ratios": ratios,
         "targets": TARGETS,
-        "markdown": markdown,
-    }
-    return publish(args.results_dir, NAME, data, markdown)
+    }, markdown)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    base_parser, load_note, loadavg, log, machine_info, markdown_table, median, publish, timed, work_folder,
-)
+from bench.common import BenchRun, base_parser, log, markdown_table, median, timed
 
 NAME = "extract"
 TARGET_RATIO = 0.9
@@ -237,8 +235,7 @@ def bench_size(args, manifest: Path, small_manifests: dict[str, Path], work: Pat
                 t = run_extract(int(key[1:]))
             times[key].append(t)
             rate = "" if key == "fixed" else f"{n / t:7.1f} img/s"
-            log(f"[extract {size}px] round {r + 1}/{args.rounds} {key:>7}: {t:6.2f} s  {rate}  "
-                f"(load {loadavg()[:1]})")
+            log(f"[extract {size}px] round {r + 1}/{args.rounds} {key:>7}: {t:6.2f} s  {rate}", load=True)
 
     def per_round(key: str, baseline: str = "decode") -> list[float]:
         return [b / e for b, e in zip(times[baseline], times[key])]
@@ -298,12 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from cache.format import shard_of
     from pipeline.data.manifest import read_manifest, write_manifest
 
-    info = machine_info()
+    run = BenchRun(NAME, args)
     if args.threads is not None:
-        info["torch_threads"] = args.threads
-    before = loadavg()
-    work, tmp = work_folder(args.work_dir, "bench-extract-")
-    try:
+        run.machine["torch_threads"] = args.threads
+    with run.work_folder("bench-extract-") as work:
         log(f"[extract] generating {args.images} {args.source_px}px {args.format.upper()} images in {work}")
         manifest = make_images(work / "data", args.images, args.source_px, args.format, args.seed)
         records = read_manifest(manifest)
@@ -313,10 +308,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_manifest(small["fixed"], [first_per_shard[k] for k in sorted(first_per_shard)])
         with _quiet(), _torch_threads(args.threads):
             rows = [bench_size(args, manifest, small, work, s) for s in args.sizes]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    after = loadavg()
 
     w, cw = args.workers, args.compare_workers
     compare = cw >= 0 and cw != w
@@ -338,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = markdown_table(header, table_rows)
     caption = (
         f"`stages.extract.run` ({args.backbone}, random init, batch {args.batch_size}, {args.num_shards} shards, "
-        f"fp16 cache, CPU, {info.get('torch_threads')} torch threads, workers={w}: "
+        f"fp16 cache, CPU, {run.machine.get('torch_threads')} torch threads, workers={w}: "
         f"{'the stage default here' if w == _default_workers() else 'set by --workers'}) on {args.images} "
         f"{args.source_px}px {args.format.upper()} images vs a bare loop over the same batches: the files decoded "
         f"by the same decoder and eval transform, then `backbone.tokens(x)` (decode + forward); also vs "
@@ -346,17 +337,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.rounds} round(s){' (QUICK smoke run: not a measurement)' if args.quick else ''}. "
         f"Fixed cost: a run over one image per shard (backbone build, weights hash, probe forward, decode worker "
         f"start, shard compaction and hashing), subtracted in the third ratio column; it amortises over larger "
-        f"sets. {info.get('processor')}, {info.get('cpus_usable')} cores. "
-        f"{load_note(before, after, info.get('cpus_usable'))}"
+        f"sets. {run.machine_note()}"
     )
     markdown = f"### Extraction throughput\n\n{table}\n\n{caption}\n"
-    data = {
-        "benchmark": NAME,
-        "quick": args.quick,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": info,
-        "loadavg_before": before,
-        "loadavg_after": after,
+    return run.publish({
         "results": rows,
         "ratios": {
             **{f"extract_vs_decode_forward_{r['image_size']}": r["ratio_extract_vs_decode_forward"] for r in rows},
@@ -365,9 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                if compare else {}),
         },
         "targets": {"extract_vs_decode_forward": TARGET_RATIO},
-        "markdown": markdown,
-    }
-    return publish(args.results_dir, NAME, data, markdown)
+    }, markdown)
 
 
 if __name__ == "__main__":

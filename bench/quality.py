@@ -36,15 +36,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import (
-    base_parser,
-    loadavg,
-    log,
-    machine_info,
-    markdown_table,
-    publish,
-    work_folder,
-)
+from bench.common import BenchRun, base_parser, log, markdown_table
 from pipeline.inference.decoding import decoding_label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,34 +231,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.dataset is None and not args.quick:
         raise SystemExit("bench.quality: give a Flickr8k-layout DATASET_DIR (or --quick for a smoke run)")
     recipe = yaml.safe_load(params.read_text(encoding="utf-8"))
-    work, tmp = work_folder(args.work_dir, "bench-quality-")
-    work = work.resolve()
-    before = loadavg()
-    try:
+    bench_run = BenchRun("quality", args)
+    with bench_run.work_folder("bench-quality-") as work:
+        work = work.resolve()
         dataset = make_quick_dataset(work / "dataset") if args.quick else args.dataset
         run = Run(work, params, args.quick)
         rows, val_rows = run_recipe(run, dataset, recipe, blind=args.blind, skip_scst=args.skip_scst)
         speeds = speed(run, args.results_dir) if args.speed else None
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     training = sum(s for label, s in run.seconds.items() if label.split()[0] in ("train", "scst", "finetune")
                    and label != "train blind")
+    markdown = "\n\n".join([
+        markdown_table(["model", "decoding (test split)", *METRICS], [
+            [r["model"], decoding_label(r["decoding"]), *(f"{r['scores'][m]:.3f}" for m in METRICS)] for r in rows]),
+        markdown_table(["decoding tried on val", *METRICS], [
+            [decoding_label(r["decoding"]), *(f"{r['scores'][m]:.3f}" for m in METRICS)] for r in val_rows]),
+        markdown_table(["stage", "seconds"], [[k, v] for k, v in run.seconds.items()]),
+        f"training (train + scst + finetune): {training / 60:.1f} min",
+    ])
     result = {
-        "benchmark": "quality", "recipe": args.recipe, "dataset": str(dataset), "quick": args.quick,
-        "machine": machine_info(), "loadavg": {"before": before, "after": loadavg()},
-        "stage_seconds": run.seconds, "training_seconds": round(training, 1), "rows": rows,
-        "decoding_choice": val_rows, "speed": speeds,
+        "recipe": args.recipe, "dataset": str(dataset), "stage_seconds": run.seconds,
+        "training_seconds": round(training, 1), "rows": rows, "decoding_choice": val_rows, "speed": speeds,
     }
-    print(markdown_table(["model", "decoding (test split)", *METRICS], [
-        [r["model"], decoding_label(r["decoding"]), *(f"{r['scores'][m]:.3f}" for m in METRICS)] for r in rows]))
-    print()
-    print(markdown_table(["decoding tried on val", *METRICS], [
-        [decoding_label(r["decoding"]), *(f"{r['scores'][m]:.3f}" for m in METRICS)] for r in val_rows]))
-    print()
-    print(markdown_table(["stage", "seconds"], [[k, v] for k, v in run.seconds.items()]))
-    print(f"\ntraining (train + scst + finetune): {training / 60:.1f} min")
-    return publish(args.results_dir, f"quality-{args.recipe}", result)
+    return bench_run.publish(result, markdown, file_name=f"quality-{args.recipe}")
 
 
 if __name__ == "__main__":

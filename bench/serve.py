@@ -63,7 +63,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from bench.common import base_parser, load_note, loadavg, log, machine_info, markdown_table, publish, work_folder
+from bench.common import BenchRun, base_parser, log, markdown_table
 
 NAME = "serve"
 TARGET_LATENCY_RATIO = 1.2
@@ -125,8 +125,8 @@ def build_random_bundle(directory: Path, *, quick: bool, seed: int = 0) -> Path:
     import torch
     import yaml
 
-    from pipeline.inference.bundle import save_bundle
     from pipeline.data.synthetic import describe, sample_scene
+    from pipeline.inference.bundle import save_bundle
     from pipeline.models.backbones import create_backbone
     from pipeline.models.decoders import create_decoder
     from pipeline.text.tokenizers import build_word_vocab
@@ -510,61 +510,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from pipeline.threads import set_threads
 
     set_threads(args.threads)
-    info = machine_info()
-    before = loadavg()
-    work, tmp = work_folder(args.work_dir, "bench-serve-")
+    run = BenchRun(NAME, args)
     proc = None
     latency = hostile = mixed = throughput = None
-    try:
-        bundle = args.model or (None if args.quick else find_trained_bundle())
-        model_note = "trained bundle" if bundle else "random weights (benchmark stand-in)"
-        if bundle is None:
-            log(f"[serve] no trained bundle: building a random {'tiny' if args.quick else 'realistic-size'} one")
-            bundle = build_random_bundle(work / "bundle", quick=args.quick, seed=args.seed)
-        engine = CaptionEngine.load(bundle, amp=not args.fp32, channels_last=not args.fp32)
-        engine.warm_up()
-        model = {**engine.info(), "path": str(bundle), "weights": model_note}
-        images = make_images(16, 224, args.seed)
-        log(f"[serve] starting the server on {bundle} ({model['decoder']} on {model['backbone']})")
-        proc, base = start_server(bundle, work / "server.log", args)
+    with run.work_folder("bench-serve-") as work:
+        try:
+            bundle = args.model or (None if args.quick else find_trained_bundle())
+            model_note = "trained bundle" if bundle else "random weights (benchmark stand-in)"
+            if bundle is None:
+                log(f"[serve] no trained bundle: building a random {'tiny' if args.quick else 'realistic-size'} one")
+                bundle = build_random_bundle(work / "bundle", quick=args.quick, seed=args.seed)
+            engine = CaptionEngine.load(bundle, amp=not args.fp32, channels_last=not args.fp32)
+            engine.warm_up()
+            model = {**engine.info(), "path": str(bundle), "weights": model_note}
+            images = make_images(16, 224, args.seed)
+            log(f"[serve] starting the server on {bundle} ({model['decoder']} on {model['backbone']})")
+            proc, base = start_server(bundle, work / "server.log", args)
 
-        if "latency" in phases:
-            log(f"[serve] latency: {args.latency_requests} requests, HTTP vs in-process")
-            latency = measure_latency(base, engine, images, args.latency_requests)
-        del engine
+            if "latency" in phases:
+                log(f"[serve] latency: {args.latency_requests} requests, HTTP vs in-process")
+                latency = measure_latency(base, engine, images, args.latency_requests)
+            del engine
 
-        if "throughput" in phases:
-            log(f"[serve] throughput: 1 vs {args.clients} clients, {args.seconds:.0f} s each, {args.rounds} round(s)")
-            throughput = throughput_runs(base, args, images)
+            if "throughput" in phases:
+                log(f"[serve] throughput: 1 vs {args.clients} clients, {args.seconds:.0f} s each, {args.rounds} round(s)")
+                throughput = throughput_runs(base, args, images)
 
-        if "hostile" in phases:
-            log(f"[serve] hostile: {args.hostile_requests} requests (strips, bombs, malformed, rebinding), "
-                f"{args.clients} clients, {args.slow_clients} slow-body clients, with /health probes")
-            hostile = hostile_run(base, proc.pid, args.clients, args.hostile_requests, args.hostile_seconds,
-                                  args.slow_clients)
+            if "hostile" in phases:
+                log(f"[serve] hostile: {args.hostile_requests} requests (strips, bombs, malformed, rebinding), "
+                    f"{args.clients} clients, {args.slow_clients} slow-body clients, with /health probes")
+                hostile = hostile_run(base, proc.pid, args.clients, args.hostile_requests, args.hostile_seconds,
+                                      args.slow_clients)
 
-        if "mixed" in phases:
-            log(f"[serve] mixed: {args.mixed_requests} requests, {args.malformed:.0%} malformed, {args.clients} "
-                "clients")
-            kinds = _mixed_kinds(args.mixed_requests, args.malformed, args.seed)
-            modes = list(CAPTION_MODES)
-            mixed = closed_loop(base, args.clients, args.mixed_seconds, args.mixed_requests,
-                                lambda i: (kinds[i], request_for(kinds[i], images, i, modes)))
-        health = httpx.get(base + "/health", timeout=30)
-        after_caption = httpx.post(base + "/caption", files={"image": ("x.jpg", images[0], "image/jpeg")}, timeout=60)
-        if mixed is not None:
-            mixed["healthy_after"] = health.status_code == 200 and after_caption.status_code == 200
-            mixed["five_xx"] = _five_xx(mixed)
-            mixed["unexpected"] = _errors(mixed, EXPECTED)
-            mixed["complete"] = mixed["requests"] == args.mixed_requests
-        batching = health.json()["batching"] if health.status_code == 200 else {}
-        model["model_workers"] = batching.get("model_workers")
-    finally:
-        if proc is not None:
-            stop_server(proc)
-        if tmp is not None:
-            tmp.cleanup()
-    after = loadavg()
+            if "mixed" in phases:
+                log(f"[serve] mixed: {args.mixed_requests} requests, {args.malformed:.0%} malformed, {args.clients} "
+                    "clients")
+                kinds = _mixed_kinds(args.mixed_requests, args.malformed, args.seed)
+                modes = list(CAPTION_MODES)
+                mixed = closed_loop(base, args.clients, args.mixed_seconds, args.mixed_requests,
+                                    lambda i: (kinds[i], request_for(kinds[i], images, i, modes)))
+            health = httpx.get(base + "/health", timeout=30)
+            after_caption = httpx.post(base + "/caption", files={"image": ("x.jpg", images[0], "image/jpeg")}, timeout=60)
+            if mixed is not None:
+                mixed["healthy_after"] = health.status_code == 200 and after_caption.status_code == 200
+                mixed["five_xx"] = _five_xx(mixed)
+                mixed["unexpected"] = _errors(mixed, EXPECTED)
+                mixed["complete"] = mixed["requests"] == args.mixed_requests
+            batching = health.json()["batching"] if health.status_code == 200 else {}
+            model["model_workers"] = batching.get("model_workers")
+        finally:
+            if proc is not None:
+                stop_server(proc)
 
     rows = []
     if latency is not None:
@@ -616,18 +612,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     caption = (
         f"`pipeline serve` ({model['decoder']} on {model['backbone']} at {model['input_size'][-1]} px, "
         f"{model['weights']}; {'fp32' if args.fp32 else 'bf16 autocast, channels_last'}; max batch {args.max_batch_size}, wait window {args.max_wait_ms:g} ms, "
-        f"{model.get('model_workers')} model worker(s); {info.get('torch_threads')} torch thread(s) per model call "
+        f"{model.get('model_workers')} model worker(s); {run.machine.get('torch_threads')} torch thread(s) per model call "
         f"in the server and in-process; body timeout {args.body_timeout:g} s) in a subprocess on 127.0.0.1, "
         f"httpx clients in this process; phases: {', '.join(phases)}; 224 px JPEG uploads, mode consistent (the "
         f"mixed run: all modes and request shapes; the hostile run: strips, bombs, malformed bodies and DNS-rebinding "
         f"requests while {args.slow_clients} slow-body clients stall, the server's --max-aspect-ratio "
         f"raised to {SERVER_MAX_ASPECT_RATIO:,} so that the strips are accepted and trimmed, RSS sampled every "
         f"10 ms).{throughput_note}{' (QUICK smoke run: not a measurement)' if args.quick else ''} "
-        f"{info.get('processor')}, "
-        f"{info.get('cpus_usable')} cores. {load_note(before, after, info.get('cpus_usable'))}"
+        f"{run.machine_note()}"
     )
     markdown = f"### Serving\n\n{table}\n\n{caption}\n"
-    print(markdown, flush=True)
     ratios, targets = {}, {}
     if latency is not None:
         ratios.update(latency_p50_http_vs_in_process=latency["ratio_p50"],
@@ -638,15 +632,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         targets["throughput_ratio_min"] = TARGET_THROUGHPUT_RATIO
     if hostile is not None:
         targets.update(hostile_rss_growth_mb_max=TARGET_HOSTILE_GROWTH_MB, health_p99_ms_max=TARGET_HEALTH_P99_MS)
-    data = {
-        "benchmark": NAME,
-        "quick": args.quick,
+    return run.publish({
         "phases": phases,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": info,
         "model": model,
-        "loadavg_before": before,
-        "loadavg_after": after,
         "latency": latency,
         "throughput": {"one_client": throughput["one"], "many_clients": throughput["many"]} if throughput else None,
         "mixed": mixed,
@@ -654,9 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "server_batching": batching,
         "ratios": ratios,
         "targets": targets,
-        "markdown": markdown,
-    }
-    return publish(args.results_dir, NAME, data)
+    }, markdown)
 
 
 def throughput_runs(base: str, args, images: list[bytes]) -> dict[str, Any]:

@@ -51,9 +51,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from bench.common import (
-    base_parser, load_note, loadavg, log, machine_info, markdown_table, median, publish, work_folder,
-)
+from bench.common import BenchRun, base_parser, jsonable, log, markdown_table, median
 
 NAME = "train_step"
 TARGET_RATIO = 0.95
@@ -83,7 +81,12 @@ def _parser():
 def build_tiny_world(root: Path, images: int) -> dict[str, Path]:
     """prepare (synthetic 64-px images) -> extract (timm's tiny random backbone) -> vocab (word), in ``root``."""
     from bench.extract import _quiet
-    from pipeline.config import ExtractConfig, PrepareConfig, SyntheticSource, VocabConfig
+    from pipeline.config import (
+        ExtractConfig,
+        PrepareConfig,
+        SyntheticSource,
+        VocabConfig,
+    )
     from stages import extract, prepare, vocab
 
     log(f"[{NAME}] generating a tiny world in {root}: {images} synthetic 64-px images, {TINY_BACKBONE} features")
@@ -144,8 +147,8 @@ class BareLoop:
     def __init__(self, model, dataset, cfg, device, amp_dtype, label_smoothing: float) -> None:
         import torch
 
-        from pipeline.training.optim import decay_groups
         from pipeline.training.loop import epoch_order
+        from pipeline.training.optim import decay_groups
 
         self.model, self.dataset, self.cfg, self.device = model, dataset, cfg, device
         self.amp_dtype, self.label_smoothing = amp_dtype, label_smoothing
@@ -234,7 +237,7 @@ def measure(trainer, bare_model, args) -> dict[str, Any]:
             wall, cpu = _timed_block(lambda s=side: sides[s](args.steps), device)
             rounds[side].append({"seconds": wall, "cpu_seconds": cpu})
             log(f"[{NAME}] round {r + 1}/{args.rounds} {side:>8}: {args.steps * cfg.batch_size / wall:8.1f} samples/s "
-                f"({wall / args.steps:.3f} s/step, {cpu / args.steps:.3f} CPU-s/step, load {loadavg()[:1]})")
+                f"({wall / args.steps:.3f} s/step, {cpu / args.steps:.3f} CPU-s/step)", load=True)
     assert bare.batch == st.batch_in_epoch, "the two sides drifted apart in the epoch's batches"
     bare_losses = [float(x) for x in bare.losses]
     pipeline_mean_loss = st.epoch_loss_sum / max(st.batch_in_epoch, 1)  # before _end_epoch resets the sums
@@ -281,11 +284,20 @@ def timed_trainer_class():
 
 
 def run_bench(cfg, args) -> dict[str, Any]:
+    """``stages.train.run(cfg)`` as the command runs it, its training stage given the bench's ``Trainer``."""
+    import dataclasses
+
     from stages import train
 
     cls = timed_trainer_class()
     cls.bench_args = args
-    with mock.patch.object(train, "Trainer", cls):
+    run_training_stage = train.run_training_stage
+
+    def with_bench_trainer(stage, ctx, device):
+        assert issubclass(cls, stage.trainer), f"the stage trains with {stage.trainer}, the bench with {cls}"
+        return run_training_stage(dataclasses.replace(stage, trainer=cls), ctx, device)
+
+    with mock.patch.object(train, "run_training_stage", with_bench_trainer):
         try:
             train.run(cfg)
         except _Measured as done:
@@ -320,7 +332,7 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render(args, info, before, after, workload, m, s) -> str:
+def render(args, run: BenchRun, workload, m, s) -> str:
     rows = []
     for side, label in (("pipeline", "`pipeline train` (Trainer.fit)"), ("bare", "bare PyTorch loop")):
         v = s[side]
@@ -346,14 +358,13 @@ def render(args, info, before, after, workload, m, s) -> str:
         f"Target >= {TARGET_RATIO}{quick}."
     )
     return (f"### Training step: `pipeline train` vs a bare loop\n\n{markdown_table(header, rows)}\n\n{caption}\n\n"
-            f"{info.get('processor')}, {info.get('cpus_usable')} cores, {info.get('torch_threads')} torch threads. "
-            f"{load_note(before, after, info.get('cpus_usable'))}\n")
+            f"{run.machine_note(torch_threads=True)}\n")
 
 
 def workload_of(cfg, source: str) -> dict[str, Any]:
     from cache import FeatureCache
-    from pipeline.training.runs import train_val_splits
     from pipeline.text.tokenizers import load_tokenizer
+    from pipeline.training.runs import train_val_splits
     from stages.train import build_decoder, caption_samples
 
     cache = FeatureCache(cfg.features)
@@ -381,45 +392,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    info = machine_info()
-    before = loadavg()
-    work, tmp = work_folder(args.work_dir, "bench-train-step-")
+    run = BenchRun(NAME, args)
     try:
-        import shutil
+        with run.work_folder("bench-train-step-") as work:
+            import shutil
 
-        for sub in ("run", "world"):  # a kept work folder starts clean
-            shutil.rmtree(work / sub, ignore_errors=True)
-        cfg, source = run_config(args, work)
-        cfg = cfg.model_copy(update={"seed": args.seed})
-        workload = workload_of(cfg, source)
-        log(f"[{NAME}] {workload['decoder']} {workload['decoder_options']} ({workload['parameters'] / 1e6:.2f}M), "
-            f"{workload['train_captions']:,} captions, features {workload['token_sets']}, batch {cfg.batch_size}, "
-            f"amp {cfg.amp}, from {source}")
-        m = run_bench(cfg, args)
+            for sub in ("run", "world"):  # a kept work folder starts clean
+                shutil.rmtree(work / sub, ignore_errors=True)
+            cfg, source = run_config(args, work)
+            cfg = cfg.model_copy(update={"seed": args.seed})
+            workload = workload_of(cfg, source)
+            log(f"[{NAME}] {workload['decoder']} {workload['decoder_options']} ({workload['parameters'] / 1e6:.2f}M), "
+                f"{workload['train_captions']:,} captions, features {workload['token_sets']}, batch {cfg.batch_size}, "
+                f"amp {cfg.amp}, from {source}")
+            m = run_bench(cfg, args)
     finally:
         torch.set_num_threads(threads)
-        if tmp is not None:
-            tmp.cleanup()
-    after = loadavg()
     s = summarise(m)
-    markdown = render(args, info, before, after, workload, m, s)
-    data = {
-        "benchmark": NAME,
-        "quick": args.quick,
-        "config": {k: (str(x) if isinstance(x, Path) else x) for k, x in vars(args).items()},
-        "train_config": {k: (str(x) if isinstance(x, Path) else x) for k, x in cfg.model_dump().items()},
-        "machine": info,
-        "loadavg_before": before,
-        "loadavg_after": after,
+    markdown = render(args, run, workload, m, s)
+    return run.publish({
+        "train_config": jsonable(cfg.model_dump()),
         "workload": workload,
         "measurement": m,
         "loops": {k: s[k] for k in ("pipeline", "bare")},
         "ratios": s["ratios"],
         "ratio_per_round": s["ratio_per_round"],
         "targets": {"pipeline_vs_bare": TARGET_RATIO},
-        "markdown": markdown,
-    }
-    return publish(args.results_dir, NAME, data, markdown)
+    }, markdown)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from bench.common import (
-    base_parser, load_note, loadavg, log, machine_info, markdown_table, median, publish, timed, work_folder,
-)
+from bench.common import BenchRun, base_parser, log, markdown_table, median, timed
 
 NAME = "train_throughput"
 TARGET_RATIO = 20.0
@@ -108,8 +106,8 @@ class Learner:
     def __init__(self, tc, decoder, extra_params: list | None = None, amp: bool = False) -> None:
         import torch
 
-        from pipeline.training.optim import warmup_cosine
         from pipeline.training.loop import TrainingForward
+        from pipeline.training.optim import warmup_cosine
 
         self.tc = tc
         self.amp = amp
@@ -379,7 +377,7 @@ def build_setup(args, work: Path) -> Setup:
         seconds, meta = timed(lambda: extract.run(cfg))
     assert meta is not None and meta.records == len(records), "extraction did not complete"
     cache_bytes = sum(p.stat().st_size for p in cache_dir.glob("shard-*.lmdb"))
-    log(f"[{NAME}] extraction: {seconds:.1f} s, {len(records) / seconds:.1f} img/s (load {loadavg()[:1]})")
+    log(f"[{NAME}] extraction: {seconds:.1f} s, {len(records) / seconds:.1f} img/s", load=True)
     extraction = {
         "seconds": seconds, "images": len(records), "images_per_s": len(records) / seconds,
         "cache_bytes": cache_bytes, "token_sets": [[t.name, t.tokens, t.channels] for t in meta.token_sets],
@@ -474,8 +472,8 @@ def bench_throughput(args, s: Setup) -> dict[str, Any]:
                 t = runners[v].run(args.cache_steps if v in ("cache", "trainer") else args.e2e_steps)
                 times[v].append(t)
                 log(f"[{NAME}] {key_amp} round {r + 1}/{args.rounds} {v:>14}: {t.samples / sum(t.total):8.1f} samples/s "
-                    f"({sum(t.total) / len(t.total):.3f} s/step, {1000 * t.cpu / t.samples:.0f} CPU-ms/sample, "
-                    f"load {loadavg()[:1]})")
+                    f"({sum(t.total) / len(t.total):.3f} s/step, {1000 * t.cpu / t.samples:.0f} CPU-ms/sample)",
+                    load=True)
         for v in variants:
             agg = StepTimes()
             for t in times[v]:
@@ -535,9 +533,9 @@ def deep_size(obj: Any, seen: set | None = None) -> int:
 
 def write_memory_cache(directory: Path, n: int, shape: tuple[int, int], seed: int, num_shards: int = 4) -> int:
     """``n`` float16 records (a pool of random arrays, reused) under ids ``mem/NNNNNNN``; returns file bytes."""
-    import numpy as np
-
     import hashlib
+
+    import numpy as np
 
     from cache.format import CacheMeta, FeatureSpec, TokenSet, shard_of
     from cache.writer import CacheWriter
@@ -719,8 +717,8 @@ def bench_memory(args, work: Path) -> list[dict[str, Any]]:
             raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         log(f"[{NAME}] memory {n}: peak RSS {row['ru_maxrss_bytes'] / 2**20:.0f} MiB, peak anon "
-            f"{row['peak_rss_anon_bytes'] / 2**20:.0f} MiB, peak file-backed {row['peak_rss_file_bytes'] / 2**20:.0f} MiB "
-            f"(load {loadavg()[:1]})")
+            f"{row['peak_rss_anon_bytes'] / 2**20:.0f} MiB, peak file-backed {row['peak_rss_file_bytes'] / 2**20:.0f} MiB",
+            load=True)
         rows.append(row)
         shutil.rmtree(d, ignore_errors=True)
     return rows
@@ -739,7 +737,7 @@ LABELS = {
 }
 
 
-def render(args, info, before, after, tp, extraction, memory) -> tuple[str, dict[str, Any]]:
+def render(args, run: BenchRun, tp, extraction, memory) -> tuple[str, dict[str, Any]]:
     v = tp["variants"]
     quick = " (QUICK smoke run: not a measurement)" if args.quick else ""
     parts = []
@@ -849,8 +847,7 @@ def render(args, info, before, after, tp, extraction, memory) -> tuple[str, dict
         )
         parts.append(f"### Training peak memory vs cache size\n\n{markdown_table(header, rows)}\n\n{caption}\n")
 
-    parts.append(f"{info.get('processor')}, {info.get('cpus_usable')} cores, {info.get('torch_threads')} torch threads. "
-                 f"{load_note(before, after, info.get('cpus_usable'))}\n")
+    parts.append(f"{run.machine_note(torch_threads=True)}\n")
     return "\n".join(parts), ext
 
 
@@ -869,29 +866,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.memory_records = [32, 64] if args.memory_records else []
         args.memory_batches = 3
 
-    info = machine_info()
-    before = loadavg()
-    work, tmp = work_folder(args.work_dir, "bench-train-")
-    for sub in ("data", "features"):  # a kept work folder starts clean
-        shutil.rmtree(work / sub, ignore_errors=True)
-    try:
+    run = BenchRun(NAME, args)
+    with run.work_folder("bench-train-") as work:
+        for sub in ("data", "features"):  # a kept work folder starts clean
+            shutil.rmtree(work / sub, ignore_errors=True)
         setup = build_setup(args, work)
         tp = bench_throughput(args, setup)
         memory = bench_memory(args, work) if args.memory_records else []
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    after = loadavg()
 
-    markdown, extraction = render(args, info, before, after, tp, setup.extraction, memory)
+    markdown, extraction = render(args, run, tp, setup.extraction, memory)
     v = tp["variants"]
-    data = {
-        "benchmark": NAME,
-        "quick": args.quick,
-        "config": {k: (str(x) if isinstance(x, Path) else x) for k, x in vars(args).items() if k != "memory_child"},
-        "machine": info,
-        "loadavg_before": before,
-        "loadavg_after": after,
+    return run.publish({
         "throughput": tp,
         "extraction": extraction,
         "memory": memory,
@@ -900,9 +885,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in v if name != "cache" for amp in ("fp32", "bf16")
         },
         "targets": {"cache_vs_e2e_frozen": TARGET_RATIO},
-        "markdown": markdown,
-    }
-    return publish(args.results_dir, NAME, data, markdown)
+    }, markdown, leave_out=("memory_child",))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,55 @@ import math
 import pytest
 
 from bench import BENCHMARKS
+from tests.conftest import torch_threads
 
 
 def _positive_numbers(d: dict) -> bool:
     return bool(d) and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in d.values())
+
+
+def _results(tmp_path, name: str, printed: str, file_name: str | None = None) -> dict:
+    """The results file of a quick run of ``name`` in ``tmp_path``, checked for the envelope every benchmark
+    writes (bench.common.BenchRun): which benchmark, its options, the machine, the load, the printed table."""
+    data = json.loads((tmp_path / f"{file_name or name}.json").read_text())
+    assert data["benchmark"] == name and data["quick"] is True
+    assert data["config"]["quick"] is True and data["config"]["results_dir"] == str(tmp_path)
+    assert data["machine"]["python"] and data["machine"]["cpu_count"] > 0
+    assert isinstance(data["loadavg_before"], list) and isinstance(data["loadavg_after"], list)
+    assert data["markdown"].strip() and data["markdown"] in printed  # the file holds the table that was printed
+    return data
+
+
+# Each benchmark `python -m bench` discovers, and the test of its quick mode.
+QUICK_TESTS = {
+    "beam_search": "test_python_m_bench_runs_a_benchmarks_quick_mode (and tests/test_bench_beam.py)",
+    "cache_read": "test_cache_read_quick_writes_ratios",
+    "extract": "test_extract_quick_writes_ratios",
+    "serve": "test_serve_quick_writes_results",
+    "train_step": "test_train_step_quick_writes_results",
+    "train_throughput": "test_train_throughput_quick_writes_results",
+}
+
+
+def test_every_benchmark_has_a_quick_mode_test():
+    assert set(BENCHMARKS) == set(QUICK_TESTS), "a benchmark without a test of its --quick run (add one here)"
+    assert all(t.split()[0] in globals() for t in QUICK_TESTS.values())
+
+
+def test_python_m_bench_runs_a_benchmarks_quick_mode(tmp_path, capsys):
+    """The runner of `python -m bench --quick` on one benchmark: it passes --quick and --results-dir on, and
+    hands back what the benchmark wrote."""
+    from bench.__main__ import main
+    from pipeline.models.decoders import DECODERS
+
+    with torch_threads(1):  # tiny random decoders: seconds on one thread, even on a busy machine
+        (returned,) = main(["--quick", "--only", "beam_search", "--results-dir", str(tmp_path)])
+    data = _results(tmp_path, "beam_search", capsys.readouterr().out)
+    assert returned == data
+    assert [r["family"] for r in data["rows"]] == list(DECODERS)
+    for row in data["rows"]:
+        assert row["images"] == 12 and row["beam_size"] == 3 and row["ratio"] > 0
+        assert row["identical_captions"] == row["images"]  # batched search gives the one-at-a-time captions
 
 
 def test_extract_quick_writes_ratios(tmp_path, capsys):
@@ -21,8 +66,8 @@ def test_extract_quick_writes_ratios(tmp_path, capsys):
     # backbone and threads are what `python -m bench.extract` measures.
     extract.main(["--quick", "--backbone", "test_efficientnet", "--threads", "1", "--results-dir", str(tmp_path),
                   "--work-dir", str(tmp_path / "work")])
-    data = json.loads((tmp_path / "extract.json").read_text())
-    assert data["benchmark"] == "extract" and data["quick"] is True
+    out = capsys.readouterr().out
+    data = _results(tmp_path, "extract", out)
     for size in (224, 160):
         for key in ("extract_vs_forward", "workers1_vs_workers0"):
             assert f"{key}_{size}" in data["ratios"]
@@ -30,29 +75,20 @@ def test_extract_quick_writes_ratios(tmp_path, capsys):
     for row in data["results"]:
         assert row["bare_forward_images_per_s"] > 0 and _positive_numbers(row["extract_images_per_s"])
         assert row["images"] == sum(row["batch_sizes"]) and row["fixed_cost_s"] > 0
-    assert "| 224 px |" in capsys.readouterr().out
+    assert "| 224 px |" in out
 
 
 def test_cache_read_quick_writes_ratios(tmp_path, capsys):
     from bench import cache_read
 
     cache_read.main(["--quick", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
-    data = json.loads((tmp_path / "cache_read.json").read_text())
-    assert data["benchmark"] == "cache_read" and data["quick"] is True
+    out = capsys.readouterr().out
+    data = _results(tmp_path, "cache_read", out)
     for key in ("lmdb_vs_memmap", "lmdb_vs_npy_files", "dataloader_vs_lmdb"):
         assert key in data["ratios"]
     assert _positive_numbers(data["ratios"])
     assert _positive_numbers(data["warm_records_per_s"])
-    assert "LMDB cache" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("name", BENCHMARKS)
-def test_every_benchmark_has_a_main_and_quick_flag(name):
-    import importlib
-
-    mod = importlib.import_module(f"bench.{name}")
-    assert callable(mod.main)
-    assert "--quick" in mod._parser().format_help()
+    assert "LMDB cache" in out
 
 
 def test_train_throughput_quick_writes_results(tmp_path, capsys):
@@ -62,8 +98,9 @@ def test_train_throughput_quick_writes_results(tmp_path, capsys):
     # (convnext_tiny at 224 px) is what `python -m bench.train_throughput` measures.
     train_throughput.main(["--quick", "--backbone", "test_convnext", "--threads", "1", "--results-dir", str(tmp_path),
                            "--work-dir", str(tmp_path / "work")])
-    data = json.loads((tmp_path / "train_throughput.json").read_text())
-    assert data["benchmark"] == "train_throughput" and data["quick"] is True
+    out = capsys.readouterr().out
+    data = _results(tmp_path, "train_throughput", out)
+    assert "memory_child" not in data["config"]  # an internal option, not one of the run's
     variants = data["throughput"]["variants"]
     assert set(variants) == {"cache", "trainer", "e2e_frozen", "e2e_last_stage"}
     for v in variants.values():
@@ -79,7 +116,6 @@ def test_train_throughput_quick_writes_results(tmp_path, capsys):
         for key in ("ru_maxrss_bytes", "peak_rss_anon_bytes", "python_heap_samples_bytes", "cache_bytes",
                     "distinct_records_read"):
             assert m[key] > 0, key
-    out = capsys.readouterr().out
     assert "feature cache vs end to end" in out and "peak memory" in out
 
 
@@ -89,8 +125,8 @@ def test_train_step_quick_writes_results(tmp_path, capsys):
     # A generated tiny world (timm's tiny test backbone, a 32-wide transformer) and one torch thread: seconds;
     # `python -m bench.train_step` measures the params file's (or a recipe's) real sizes.
     train_step.main(["--quick", "--threads", "1", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
-    data = json.loads((tmp_path / "train_step.json").read_text())
-    assert data["benchmark"] == "train_step" and data["quick"] is True
+    out = capsys.readouterr().out
+    data = _results(tmp_path, "train_step", out)
     assert set(data["ratios"]) == {"pipeline_vs_bare", "pipeline_vs_bare_with_epoch_and_checkpoint_costs",
                                    "pipeline_vs_bare_cpu"}
     assert _positive_numbers(data["ratios"]) and data["targets"] == {"pipeline_vs_bare": 0.95}
@@ -101,7 +137,7 @@ def test_train_step_quick_writes_results(tmp_path, capsys):
     assert m["checkpoint_save_seconds"] > 0 and m["end_of_epoch_seconds"] > 0
     assert m["pipeline_mean_loss"] > 0 and m["bare_mean_loss"] > 0  # the training losses of the timed steps
     assert data["workload"]["source"].startswith("generated tiny world")
-    assert "`pipeline train` vs a bare loop" in capsys.readouterr().out
+    assert "`pipeline train` vs a bare loop" in out
 
 
 def test_serve_quick_writes_results(tmp_path, capsys):
@@ -114,8 +150,8 @@ def test_serve_quick_writes_results(tmp_path, capsys):
         serve.main(["--quick", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
     finally:
         torch.set_num_threads(threads)
-    data = json.loads((tmp_path / "serve.json").read_text())
-    assert data["benchmark"] == "serve" and data["quick"] is True
+    out = capsys.readouterr().out
+    data = _results(tmp_path, "serve", out)
     assert set(data["ratios"]) == {"latency_p50_http_vs_in_process", "latency_p95_http_vs_in_process",
                                    "throughput_8_vs_1_clients"}
     assert _positive_numbers(data["ratios"])
@@ -128,7 +164,7 @@ def test_serve_quick_writes_results(tmp_path, capsys):
     assert set(hostile["statuses"]["rebinding"]) == {"421"}
     assert hostile["five_xx"] == 0 and hostile["unexpected"] == 0
     assert hostile["slow_unexpected"] == 0 and sum(hostile["slow_answers"].values()) >= hostile["slow_clients"] > 0
-    assert "### Serving" in capsys.readouterr().out
+    assert "### Serving" in out
 
 
 @pytest.mark.slow
@@ -137,8 +173,9 @@ def test_quality_quick_runs_the_recipe_through_every_stage(tmp_path, capsys):
     from bench import quality
 
     data = quality.main(["--quick", "--speed", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
-    saved = json.loads((tmp_path / "quality-flickr8k-cpu.json").read_text())
-    assert saved["rows"] == data["rows"] and data["quick"] is True
+    out = capsys.readouterr().out
+    saved = _results(tmp_path, "quality", out, file_name="quality-flickr8k-cpu")
+    assert saved == data and saved["recipe"] == "flickr8k-cpu"
     assert [(r["model"], r["split"], r["decoding"]["name"]) for r in data["rows"]] == [
         ("train", "test", "greedy"), ("train", "test", "beam"), ("scst", "test", "greedy"), ("scst", "test", "beam")]
     for row in data["rows"]:
@@ -152,7 +189,6 @@ def test_quality_quick_runs_the_recipe_through_every_stage(tmp_path, capsys):
     assert "evaluate scst val beam3" in data["stage_seconds"]
     assert {"pipeline_vs_bare"} <= set(data["speed"]["train_step"]["ratios"])
     assert {r["family"] for r in data["speed"]["beam_search"]} >= {"transformer", "show_attend_tell"}
-    out = capsys.readouterr().out
     assert "| scst | beam 3 |" in out and "decoding tried on val" in out
 
 

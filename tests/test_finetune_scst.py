@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.inference.bundle import Captioner
@@ -47,6 +46,7 @@ from pipeline.text.tokenizers import load_tokenizer
 from stages import extract, finetune, scst
 from tests.conftest import REPO, TINY_TRANSFORMER, TinyPipeline
 from tests.helpers_bundle import free_port
+from tests.helpers_training import assert_same_tensors, history, tensors
 
 BACKBONE = "test_efficientnet"
 DECODER = TINY_TRANSFORMER  # the options of the session pipeline's bundle
@@ -82,21 +82,6 @@ def finetuned(pipe) -> Path:
     out = pipe.root / "runs" / "ft"
     finetune.run(pipe.ft(out, bn="train"))
     return out
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    ta, tb = tensors(a), tensors(b)
-    assert ta.keys() == tb.keys()
-    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
-    assert not different, f"{len(different)} of {len(ta)} tensors differ, e.g. {different[:5]}"
-
-
-def history(out: Path) -> list[dict]:
-    return json.loads((out / "checkpoints" / "last" / "state.json").read_text())["state"]["history"]
 
 
 # --------------------------------------------------------------------------- 1. caption-safe flips

@@ -1,4 +1,7 @@
-"""`train --glove`: GloVe word vectors initialise every word-tokenizer family's embedding table.
+"""GloVe: reading a vectors file, and `train --glove` initialising every word-tokenizer family's embedding table.
+
+Reading (``load_glove_embeddings``): coverage of a vocabulary and the rows it gets, word2vec's header line,
+malformed rows named by file and line.
 
 A tiny GloVe text file is written at test time (no download), holding about two thirds of the
 session pipeline's word vocabulary plus words the vocabulary lacks. Each word family trains with
@@ -27,8 +30,13 @@ from pipeline.cli import app
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.models.decoders import create_decoder, families_with
-from pipeline.text.glove import GloveError, fit_width, glove_word_embeddings
-from pipeline.text.tokenizers import load_tokenizer
+from pipeline.text.glove import (
+    GloveError,
+    fit_width,
+    glove_word_embeddings,
+    load_glove_embeddings,
+)
+from pipeline.text.tokenizers import build_word_vocab, load_tokenizer
 from stages import train
 
 # Family -> (options, GloVe dimension) chosen so that the three width mappings are all trained.
@@ -73,6 +81,62 @@ def train_cfg(pipe, out: Path, family: str, **kw) -> TrainConfig:
 
 def table_of(bundle: Path, family: str) -> torch.Tensor:
     return load_file(str(bundle / "model.safetensors"))[f"{TABLE[family]}.weight"]
+
+
+# --------------------------------------------------------------------------- reading a GloVe file
+def glove_rows(path: Path, rows: list[str], header: str | None = None) -> Path:
+    """A vectors file of these text ``rows`` (after a word2vec ``header`` line, if given)."""
+    path.write_text(((header + "\n") if header else "") + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_glove_coverage_and_rows(tmp_path):
+    f = glove_rows(tmp_path / "glove.txt", ["the 0.1 0.2 0.3", "dog 1 2 3", "cat -1 -2 -3.5", "zebra 9 9 9"])
+    tokens = ["<pad>", "<bos>", "<eos>", "<unk>", "the", "Dog", "cat", "unicorn", " dog"]
+    m, rep = load_glove_embeddings(f, tokens, seed=3)
+    assert m.shape == (9, 3) and m.dtype == torch.float32
+    assert rep["found"] == 4 and rep["total"] == 5 and rep["coverage"] == pytest.approx(0.8)
+    assert rep["missing_examples"] == ["unicorn"]
+    assert rep["dim"] == 3 and rep["specials"] == 4
+    assert torch.equal(m[0], torch.zeros(3))  # <pad>
+    assert torch.allclose(m[4], torch.tensor([0.1, 0.2, 0.3]))
+    assert torch.equal(m[5], torch.tensor([1.0, 2.0, 3.0]))  # "Dog" found via lower-case
+    assert torch.equal(m[8], torch.tensor([1.0, 2.0, 3.0]))  # " dog" (byte-level readable form)
+    assert torch.equal(m[6], torch.tensor([-1.0, -2.0, -3.5]))
+    # missing and special (non-pad) rows: small seeded random init, reproducible
+    assert 0 < m[7].abs().max() < 1.0 and 0 < m[1].abs().max() < 1.0
+    m2, _ = load_glove_embeddings(f, tokens, seed=3)
+    assert torch.equal(m, m2)
+    m3, _ = load_glove_embeddings(f, tokens, seed=4)
+    assert not torch.equal(m[7], m3[7])
+
+
+def test_glove_header_and_dim_check(tmp_path):
+    f = glove_rows(tmp_path / "w2v.txt", ["dog 1 2", "cat 3 4"], header="2 2")
+    m, rep = load_glove_embeddings(f, ["dog", "cat"], dim=2)
+    assert rep["coverage"] == 1.0 and torch.equal(m, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    with pytest.raises(GloveError, match="header says dimension 2, expected 5"):
+        load_glove_embeddings(f, ["dog"], dim=5)
+
+
+def test_glove_malformed_row_names_file_and_line(tmp_path):
+    f = glove_rows(tmp_path / "bad.txt", ["the 0.1 0.2 0.3", "dog 1 2 3", "cat 1 2", "ant 1 2 3"])
+    with pytest.raises(GloveError, match=r"bad\.txt:3: expected a word and 3 values, found 2 values"):
+        load_glove_embeddings(f, ["dog"])
+    m, rep = load_glove_embeddings(f, ["dog", "cat", "ant"], on_bad_line="skip")
+    assert rep["skipped_lines"] == 1 and rep["found"] == 2 and rep["missing_examples"] == ["cat"]
+    g = glove_rows(tmp_path / "nan.txt", ["dog 1 x 3"])
+    with pytest.raises(GloveError, match=r"nan\.txt:1: values of 'dog' are not all numbers"):
+        load_glove_embeddings(g, ["dog"])
+
+
+def test_glove_with_word_tokenizer(tmp_path):
+    tok = build_word_vocab(["a dog on the grass", "the dog on a bench"], min_freq=2)  # <specials> a dog on the
+    f = glove_rows(tmp_path / "g.txt", ["a 1 1", "dog 2 2", "the 3 3"])
+    m, rep = load_glove_embeddings(f, tok.tokens())
+    assert m.shape == (tok.vocab_size, 2)
+    assert rep["total"] == 4 and rep["found"] == 3 and rep["missing_examples"] == ["on"]
+    assert torch.equal(m[tok.token_to_id("dog")], torch.tensor([2.0, 2.0]))
 
 
 # --------------------------------------------------------------------------- the width mapping

@@ -1,4 +1,4 @@
-"""Caption tokenizers (word, trained byte-level BPE, GPT-2) and GloVe initialisation."""
+"""Caption tokenizers (word, trained byte-level BPE, GPT-2). GloVe files: tests/test_glove.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipeline.data.manifest import ManifestRecord  # noqa: E402
-from pipeline.text.glove import GloveError, load_glove_embeddings  # noqa: E402
 from pipeline.text.tokenizers import (  # noqa: E402
     META_FILE,
     BPETokenizer,
@@ -347,58 +346,3 @@ def test_load_tokenizer_refuses_unknown_kind_and_version(tmp_path):
 def test_build_tokenizer_dispatch():
     assert isinstance(build_tokenizer("word", TRAIN, min_freq=2), WordTokenizer)
     assert build_tokenizer("gpt2", max_length=5).max_length == 5
-
-
-# --------------------------------------------------------------------------- GloVe
-def _write_glove(path: Path, rows: list[str], header: str | None = None) -> Path:
-    path.write_text(((header + "\n") if header else "") + "\n".join(rows) + "\n", encoding="utf-8")
-    return path
-
-
-def test_glove_coverage_and_rows(tmp_path):
-    f = _write_glove(tmp_path / "glove.txt", ["the 0.1 0.2 0.3", "dog 1 2 3", "cat -1 -2 -3.5", "zebra 9 9 9"])
-    tokens = ["<pad>", "<bos>", "<eos>", "<unk>", "the", "Dog", "cat", "unicorn", " dog"]
-    m, rep = load_glove_embeddings(f, tokens, seed=3)
-    assert m.shape == (9, 3) and m.dtype == torch.float32
-    assert rep["found"] == 4 and rep["total"] == 5 and rep["coverage"] == pytest.approx(0.8)
-    assert rep["missing_examples"] == ["unicorn"]
-    assert rep["dim"] == 3 and rep["specials"] == 4
-    assert torch.equal(m[0], torch.zeros(3))  # <pad>
-    assert torch.allclose(m[4], torch.tensor([0.1, 0.2, 0.3]))
-    assert torch.equal(m[5], torch.tensor([1.0, 2.0, 3.0]))  # "Dog" found via lower-case
-    assert torch.equal(m[8], torch.tensor([1.0, 2.0, 3.0]))  # " dog" (byte-level readable form)
-    assert torch.equal(m[6], torch.tensor([-1.0, -2.0, -3.5]))
-    # missing and special (non-pad) rows: small seeded random init, reproducible
-    assert 0 < m[7].abs().max() < 1.0 and 0 < m[1].abs().max() < 1.0
-    m2, _ = load_glove_embeddings(f, tokens, seed=3)
-    assert torch.equal(m, m2)
-    m3, _ = load_glove_embeddings(f, tokens, seed=4)
-    assert not torch.equal(m[7], m3[7])
-
-
-def test_glove_header_and_dim_check(tmp_path):
-    f = _write_glove(tmp_path / "w2v.txt", ["dog 1 2", "cat 3 4"], header="2 2")
-    m, rep = load_glove_embeddings(f, ["dog", "cat"], dim=2)
-    assert rep["coverage"] == 1.0 and torch.equal(m, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    with pytest.raises(GloveError, match="header says dimension 2, expected 5"):
-        load_glove_embeddings(f, ["dog"], dim=5)
-
-
-def test_glove_malformed_row_names_file_and_line(tmp_path):
-    f = _write_glove(tmp_path / "bad.txt", ["the 0.1 0.2 0.3", "dog 1 2 3", "cat 1 2", "ant 1 2 3"])
-    with pytest.raises(GloveError, match=r"bad\.txt:3: expected a word and 3 values, found 2 values"):
-        load_glove_embeddings(f, ["dog"])
-    m, rep = load_glove_embeddings(f, ["dog", "cat", "ant"], on_bad_line="skip")
-    assert rep["skipped_lines"] == 1 and rep["found"] == 2 and rep["missing_examples"] == ["cat"]
-    g = _write_glove(tmp_path / "nan.txt", ["dog 1 x 3"])
-    with pytest.raises(GloveError, match=r"nan\.txt:1: values of 'dog' are not all numbers"):
-        load_glove_embeddings(g, ["dog"])
-
-
-def test_glove_with_word_tokenizer(tmp_path):
-    tok = build_word_vocab(TRAIN, min_freq=2)  # <pad> <bos> <eos> <unk> a dog on the
-    f = _write_glove(tmp_path / "g.txt", ["a 1 1", "dog 2 2", "the 3 3"])
-    m, rep = load_glove_embeddings(f, tok.tokens())
-    assert m.shape == (tok.vocab_size, 2)
-    assert rep["total"] == 4 and rep["found"] == 3 and rep["missing_examples"] == ["on"]
-    assert torch.equal(m[tok.token_to_id("dog")], torch.tensor([2.0, 2.0]))

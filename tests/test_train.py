@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cache import FeatureCache
@@ -39,6 +38,7 @@ from pipeline.training.loop import Trainer, TrainingForward
 from stages import train
 from tests.conftest import REPO, TinyPipeline
 from tests.helpers_bundle import free_port
+from tests.helpers_training import assert_same_tensors, history, tensors
 
 BACKBONE = "test_efficientnet"
 
@@ -101,26 +101,11 @@ def trained(pipe):
     return get
 
 
-def history(out: Path) -> list[dict]:
-    return json.loads((out / "checkpoints" / "last" / "state.json").read_text())["state"]["history"]
-
-
 def curve_steps(out: Path, metric: str = "train/loss") -> list[int]:
     """The step column of a dvclive curve (``live/plots/metrics/<metric>.tsv``)."""
     lines = (out / "live" / "plots" / "metrics" / f"{metric}.tsv").read_text().splitlines()
     assert lines[0].split("\t")[0] == "step"
     return [int(line.split("\t")[0]) for line in lines[1:]]
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    ta, tb = tensors(a), tensors(b)
-    assert ta.keys() == tb.keys()
-    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
-    assert not different, f"{len(different)} of {len(ta)} tensors differ, e.g. {different[:5]}"
 
 
 # --------------------------------------------------------------------------- 1. every family trains

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock browser repro test test-all bench clean-venv
+.PHONY: install lock browser repro test test-all bench docs clean-venv
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,12 @@ test-all: install
 
 bench: install
 	$(BIN)/python -m bench
+
+## The documentation site (docs/, mkdocs.yml): built --strict (a broken link or anchor, or a page missing from the nav,
+## fails), into a folder outside the repository by default (make docs SITE_DIR=site to keep it here).
+SITE_DIR ?= $(or $(TMPDIR),/tmp)/captioning-pipeline-site
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE_DIR)
 
 clean-venv:
 	rm -rf $(VENV)

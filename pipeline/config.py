@@ -379,7 +379,7 @@ class EvaluateConfig(StageConfig):
 
     @model_validator(mode="after")
     def _known_decodings(self) -> "EvaluateConfig":
-        from pipeline.inference.decoding import CAPTION_MODES
+        from pipeline.inference.options import CAPTION_MODES
 
         known = (*HEADLINE_DECODINGS, *CAPTION_MODES)
         if self.decoding not in known:

@@ -27,7 +27,7 @@ from typing import Any
 from pipeline.config import ReportConfig
 from pipeline.errors import UserError
 from pipeline.files import write_text
-from pipeline.inference.decoding import decoding_label
+from pipeline.inference.options import decoding_label
 
 log = logging.getLogger(__name__)
 

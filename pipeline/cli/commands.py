@@ -392,7 +392,7 @@ def _caption_command() -> TyperCommand:
         caption_options,
         caption_paths,
     )
-    from pipeline.inference.decoding import CAPTION_MODES, DecodingOptions
+    from pipeline.inference.options import CAPTION_MODES, DecodingOptions
     from pipeline.inference.engine import DEFAULT_MODE, CaptionEngine
     from pipeline.threads import set_threads
 
@@ -487,10 +487,6 @@ _SERVE_PARAMS, _SERVE_KINDS = _serve_params()
 def serve_command(ctx, model, api_key, cors_origin, allowed_host, device, threads, amp, channels_last,
                   **settings_values) -> None:
     """Serve the captioning HTTP API (POST /caption, GET /health, /docs) and its web page at /."""
-    import uvicorn
-
-    from pipeline.inference.engine import CaptionEngine
-    from pipeline.serve.app import create_app
     from pipeline.serve.settings import (
         API_KEY_ENV,
         check_api_key,
@@ -513,6 +509,12 @@ def serve_command(ctx, model, api_key, cors_origin, allowed_host, device, thread
         sock = settings.listen_socket()  # before loading the model: a port in use fails at once
     except user_errors() as e:
         _fail(str(e))
+    # torch, the model and the web stack only now: a bad option or a port in use fails at once
+    import uvicorn
+
+    from pipeline.inference.engine import CaptionEngine
+    from pipeline.serve.app import create_app
+
     threads = set_threads(threads)
     model_workers = size_model_workers(settings.model_workers, threads, device)  # resolved here to print it
     if (warning := open_access_warning(settings.host, api_key)) is not None:

@@ -386,15 +386,12 @@ def _caption_listed() -> None:
 def _caption_command() -> TyperCommand:
     """`pipeline caption`: its decoding options are DecodingOptions' fields (torch is imported to read them)."""
     from pipeline.data.images import DEFAULT_MAX_PIXELS
-    from pipeline.inference.captioning import (
-        DEFAULT_BATCH_SIZE,
-        CaptionError,
-        caption_options,
-        caption_paths,
+    from pipeline.inference.options import (
+        CAPTION_MODES,
+        DEFAULT_CAPTION_BATCH,
+        DEFAULT_MODE,
+        DecodingOptions,
     )
-    from pipeline.inference.options import CAPTION_MODES, DecodingOptions
-    from pipeline.inference.engine import DEFAULT_MODE, CaptionEngine
-    from pipeline.threads import set_threads
 
     decoding, decoding_kinds = config_options(DecodingOptions, exclude=("description",), default_text="the --mode's")
     params = [
@@ -412,7 +409,7 @@ def _caption_command() -> TyperCommand:
                                                "`attention`, the caption's per-word attention weights over the "
                                                "visual tokens (attention decoders), or null and "
                                                "`attention_unavailable` saying why.")),
-        _param("batch_size", int, typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1,
+        _param("batch_size", int, typer.Option(DEFAULT_CAPTION_BATCH, "--batch-size", min=1,
                                                help="Images per model call.")),
         _param("max_pixels", int, typer.Option(DEFAULT_MAX_PIXELS, help="Refuse images with more pixels "
                                                                         "(decompression bombs).")),
@@ -428,6 +425,14 @@ def _caption_command() -> TyperCommand:
                 channels_last, **decoding_values) -> None:
         if attention and not json_output:
             _fail("--attention needs --json (the weights are printed as JSON)")
+        from pipeline.inference.captioning import (
+            CaptionError,
+            caption_options,
+            caption_paths,
+        )
+        from pipeline.inference.engine import CaptionEngine
+        from pipeline.threads import set_threads
+
         set_threads(threads)
         try:
             engine = CaptionEngine.load(model, device=device, seed=seed, amp=amp, channels_last=channels_last)

@@ -30,11 +30,12 @@ from typing import Any, Iterable, Iterator, Optional, Union
 from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 from pipeline.inference.decoding import DecodingOptions
 from pipeline.inference.engine import CUSTOM_MODE, DEFAULT_MODE, CaptionEngine
+from pipeline.inference.options import DEFAULT_CAPTION_BATCH
 
 __all__ = ["DEFAULT_BATCH_SIZE", "IMAGE_SUFFIXES", "CaptionError", "CaptionResult", "caption_options", "caption_paths",
            "expand_inputs"]
 
-DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCH_SIZE = DEFAULT_CAPTION_BATCH
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 

@@ -48,11 +48,10 @@ from pipeline.data.images import (
 from pipeline.inference.attention_maps import describe_grids
 from pipeline.inference.bundle import Caption, Captioner
 from pipeline.inference.decoding import CAPTION_MODES, DecodingOptions, options_for_mode
+from pipeline.inference.options import CUSTOM_MODE, DEFAULT_MODE  # noqa: F401 - re-exported (the server's too)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODE = "consistent"
-CUSTOM_MODE = "custom"  # the mode reported for explicit decoding options
 # PIL decoders tried on untrusted bytes: the common raster formats, nothing that shells out (EPS) or is exotic.
 SERVE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
 HEATMAP_MIN_SIDE = 192  # heatmaps of small backbone inputs are upscaled to at least this many pixels

@@ -13,7 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["CAPTION_MODES", "DecodingOptions", "decoding_label", "describe_options", "options_for_mode"]
+__all__ = ["CAPTION_MODES", "CUSTOM_MODE", "DEFAULT_MODE", "DecodingOptions", "decoding_label", "describe_options",
+           "options_for_mode"]
+
+DEFAULT_MODE = "consistent"  # the caption mode `pipeline caption` and the server use unless told otherwise
+DEFAULT_CAPTION_BATCH = 8  # images per model call of `pipeline caption`
+CUSTOM_MODE = "custom"  # the mode reported for explicit decoding options
 
 
 class DecodingOptions(BaseModel):

@@ -202,11 +202,29 @@ runner = CliRunner()
 
 
 def test_cli_lists_recipes_with_counts():
-    result = runner.invoke(app, ["recipes"], catch_exceptions=False)
+    result = runner.invoke(app, ["recipes", "--counts"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     for name in RECIPES:
         assert name in result.output
     assert "35.89M" in result.output and "195.49M" in result.output
+
+
+def test_cli_lists_the_dataset_recipes_and_the_presets_without_building_models():
+    """`pipeline recipes` means both kinds: the dataset recipes (params files) and the architecture presets;
+    the plain listing builds no model (it answers at once), `recipes NAME` prints a dataset recipe's file."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from pipeline.cli import app; "
+            "r = CliRunner().invoke(app, ['recipes']); print(r.output); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[-1] == "False"
+    dataset_part, preset_part = out.split("architecture presets")
+    assert all(f"  {name} " in dataset_part for name in ("flickr8k-cpu", "flickr8k-gpu", "photos-cpu"))
+    assert all(name in preset_part for name in RECIPES)
+    shown = runner.invoke(app, ["recipes", "photos-cpu"], catch_exceptions=False).output
+    assert shown.startswith("# ") and "prepare:" in shown and "runs/photos/transformer" in shown
 
 
 def test_cli_prints_params_yaml():

@@ -218,45 +218,52 @@ def list_decoder_families(
 
 @app.command("recipes")
 def show_recipes(
-    name: Optional[str] = typer.Argument(None, help="One recipe: print its params.yaml sections."),
+    name: Optional[str] = typer.Argument(None, help="One recipe: a dataset recipe's params file, or an "
+                                                    "architecture preset's params.yaml sections."),
     params_yaml: bool = typer.Option(
         True, "--params-yaml/--no-params-yaml",
-        help="With NAME: print the params sections (default); --no-params-yaml prints the recipe's details.",
+        help="With a preset's NAME: print the params sections (default); --no-params-yaml prints its details.",
     ),
-    counts: bool = typer.Option(
-        True, "--counts/--no-counts", help="Build the models (shapes only) to count their parameters."
+    counts: Optional[bool] = typer.Option(
+        None, "--counts/--no-counts", help="Build the presets' models (shapes only) to count their parameters "
+                                           "(default: for one preset, not for the list)."
     ),
 ) -> None:
-    """List the reference recipes with their parameter counts, or print one recipe's params YAML."""
-    from pipeline.recipes.presets import (
-        RECIPES,
-        count_parameters,
-        get_recipe,
-        recipe_params_yaml,
-    )
+    """List the recipes: dataset recipes (complete params files for real photos: `--params recipes/NAME.yaml`,
+    or `pipeline recipe init NAME DIR` for a DVC project of its own) and architecture presets (reference
+    models at their published sizes); or print one."""
+    from pipeline.recipes.presets import RECIPES, count_parameters, get_recipe, recipe_params_yaml
+    from pipeline.recipes.project import dataset_recipes, recipe_summary
 
     def millions(n: int) -> str:
         return f"{n / 1e6:.2f}M"
 
+    datasets = dataset_recipes()
     if name is None:
-        header = f"{'recipe':30s} {'backbone':>9s} {'decoder':>9s} {'total':>9s} {'trainable':>9s}  description"
-        typer.echo(header if counts else f"{'recipe':30s} description")
+        typer.echo("dataset recipes (--params recipes/NAME.yaml, or `pipeline recipe init NAME DIR`):")
+        for recipe_name, path in datasets.items():
+            typer.echo(f"  {recipe_name:28s} {recipe_summary(path)}")
+        typer.echo("\narchitecture presets (`pipeline recipes NAME` prints one's params.yaml sections):")
+        if counts:
+            typer.echo(f"  {'':28s} {'backbone':>9s} {'decoder':>9s} {'total':>9s} {'trainable':>9s}")
         for recipe in RECIPES.values():
+            sizes = ""
             if counts:
                 c = count_parameters(recipe)
                 sizes = " ".join(f"{millions(c[k]):>9s}" for k in ("backbone", "decoder", "total",
-                                                                      "trainable_frozen_backbone"))
-                typer.echo(f"{recipe.name:30s} {sizes}  {recipe.description}")
-            else:
-                typer.echo(f"{recipe.name:30s} {recipe.description}")
-        typer.echo("\ntrainable: the decoder (the backbone is frozen: training reads cached features). "
-                   "`pipeline recipes NAME` prints a recipe's params.yaml sections.")
+                                                                      "trainable_frozen_backbone")) + "  "
+            typer.echo(f"  {recipe.name:28s} {sizes}{recipe.description}")
+        if counts:
+            typer.echo("\ntrainable: the decoder (the backbone is frozen: training reads cached features).")
+        return
+    if name in datasets:
+        typer.echo(f"# {datasets[name]}\n" + datasets[name].read_text(encoding="utf-8"), nl=False)
         return
     try:
         recipe = get_recipe(name)
     except ConfigError as e:
-        _fail(str(e))
-    c = count_parameters(recipe) if counts else None
+        _fail(f"{e} (dataset recipes: {', '.join(datasets) or 'none'})")
+    c = count_parameters(recipe) if counts is not False else None
     if params_yaml:
         typer.echo(recipe_params_yaml(recipe, counts=c), nl=False)
         return

@@ -35,6 +35,14 @@ def dataset_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
 
 
+def recipe_summary(path: Path) -> str:
+    """A dataset recipe's one-line summary: its first comment line."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").rstrip()
+    return ""
+
+
 def recipe_file(name: str) -> Path:
     recipes = dataset_recipes()
     if name not in recipes:

@@ -220,16 +220,22 @@ def plot_comparison(path: Path, curves: dict[str, dict[str, Any]], blind: dict[s
     if not keys:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.4), dpi=90, squeeze=False)
+    names = sorted(curves)
+    # one colour per model (tab20 has 20 distinct ones; beyond, the colour map is sampled evenly)
+    cmap = plt.get_cmap("tab20" if len(names) <= 20 else "turbo")
+    colours = {n: cmap(i if len(names) <= 20 else i / max(1, len(names) - 1)) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys) + 2.6, 3.4), dpi=90, squeeze=False)
     for ax, k in zip(axes.flat, keys):
-        for name, series in sorted(curves.items()):
+        for name in names:
+            series = curves[name]
             if k in series:
                 steps, values = series[k]
-                ax.plot([s + 1 for s in steps], values, marker="o", markersize=3,
+                ax.plot([s + 1 for s in steps], values, marker="o", markersize=3, color=colours[name],
                         linestyle="--" if blind.get(name) else "-", label=name + (" (blind)" if blind.get(name) else ""))
         _style_axis(ax, k, [v for series in curves.values() if k in series for v in series[k][1]])
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / (4.4 * len(keys) + 2.6), 1))
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)  # beside the plots, not on them
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     plt.close(fig)

@@ -134,8 +134,9 @@ def test_each_family_trains_and_writes_its_outputs(trained, family):
     assert metrics["val_loss"] == min(e["val_loss"] for e in h if e["epoch"] == metrics["best_epoch"])
     # the curves, in dvclive's layout (step = epoch index); outputs hold content only: no throughput anywhere
     assert curve_steps(out, "val/cider") == [0, 1, 2] and curve_steps(out, "lr") == [0, 1, 2]
+    regulariser = ["plots/metrics/train/regulariser.tsv"] if family == "show_attend_tell" else []  # in train/loss
     assert sorted(p.relative_to(out / "live").as_posix() for p in (out / "live").rglob("*.tsv")) == [
-        "plots/metrics/lr.tsv", "plots/metrics/train/loss.tsv", "plots/metrics/val/bleu4.tsv",
+        "plots/metrics/lr.tsv", "plots/metrics/train/loss.tsv", *regulariser, "plots/metrics/val/bleu4.tsv",
         "plots/metrics/val/cider.tsv", "plots/metrics/val/loss.tsv"]
     assert "samples_per_s" not in json.dumps([h, metrics, config])
 

@@ -73,7 +73,14 @@ def _main(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if int(os.environ.get("RANK", "0")) > 0 and not verbose:
+        level = logging.WARNING  # under torchrun the main process speaks for all: every line once, not once a rank
+    # The project's own loggers at that level; third-party libraries (open_clip, timm, dvc...) say only warnings
+    # unless --verbose, so their INFO chatter stays out of the user's log.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("pipeline", "stages", "cache"):
+        logging.getLogger(name).setLevel(level)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -432,14 +439,13 @@ def _caption_command() -> TyperCommand:
                 channels_last, **decoding_values) -> None:
         if attention and not json_output:
             _fail("--attention needs --json (the weights are printed as JSON)")
-        from pipeline.inference.captioning import (
-            CaptionError,
-            caption_options,
-            caption_paths,
-        )
+        from pipeline.inference.captioning import CaptionError, caption_options, caption_paths, expand_inputs
         from pipeline.inference.engine import CaptionEngine
         from pipeline.threads import set_threads
 
+        found = expand_inputs(images)
+        if all(problem is not None for _, problem in found):  # nothing at all to caption: the input is the problem
+            _fail("nothing to caption: " + "; ".join(f"{path}: {problem}" for path, problem in found))
         set_threads(threads)
         try:
             engine = CaptionEngine.load(model, device=device, seed=seed, amp=amp, channels_last=channels_last)

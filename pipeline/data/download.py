@@ -98,6 +98,10 @@ class DestinationError(DownloadError):
     """The destination folder cannot be created or written."""
 
 
+class ArchivesAtHandError(DownloadError):
+    """``--archives DIR`` names a folder that does not hold the archives."""
+
+
 # --------------------------------------------------------------------------- catalogue
 @dataclass(frozen=True)
 class RemoteFile:
@@ -654,6 +658,20 @@ def _unpacked(marker: Path, file: RemoteFile, root: Path) -> bool:
     return all((root / p).exists() for p in file.provides)
 
 
+def _check_at_hand(local: Path, files: Sequence[RemoteFile]) -> None:
+    """``--archives DIR`` means the archives are at hand: a missing folder, or one without some of the files, is
+    an :class:`ArchivesAtHandError` naming the folder and the file names looked for (never a download attempt)."""
+    if not local.is_dir():
+        raise ArchivesAtHandError(f"--archives {local}: no such folder; put the archives there "
+                               f"({', '.join(f.name for f in files)}), or leave out --archives to download them")
+    missing = [f.name for f in files if not (local / f.name).is_file()]
+    if missing:
+        present = sorted(p.name for p in local.iterdir() if p.is_file())[:8]
+        raise ArchivesAtHandError(f"--archives {local}: {', '.join(missing)} not found there (it holds "
+                               f"{', '.join(present) if present else 'no files'}); put them there under these "
+                               "names, or leave out --archives to download them")
+
+
 def mirror_url(file: RemoteFile, mirror: str | None) -> str:
     """The file's URL, or its name under ``mirror`` (a base URL serving the same file names)."""
     return f"{mirror.rstrip('/')}/{file.name}" if mirror else file.url
@@ -671,6 +689,8 @@ def download(name: str, to: Path, *, only: Sequence[str] | None = None, mirror: 
     the folder now supports (:attr:`DownloadResult.sources`)."""
     dataset = get_dataset(name, catalogue)
     files = _select(dataset, only)
+    if local is not None:
+        _check_at_hand(Path(local), files)
     root = Path(to)
     _ensure_writable(root)
     archives = root / ARCHIVES

@@ -60,6 +60,18 @@ def _size_kwargs(name: str, size: Optional[int]) -> dict[str, Any]:
     return {"img_size": size} if cfg is not None and cfg.fixed_input_size else {}
 
 
+def _warn_below_native_size(name: str, image_size: int) -> None:
+    """One warning line when a backbone is asked for smaller images than it was made for (its ImageNet weights
+    were trained at its own size: smaller inputs keep less detail, e.g. the synthetic DAG's 160 px for speed)."""
+    try:
+        native = int(timm.get_pretrained_cfg(name.split(".")[0]).input_size[-1])
+    except (AttributeError, RuntimeError, TypeError, KeyError):
+        return
+    if image_size < native:
+        log.warning("%s at %d px, below its own %d px (what its weights were trained at): the features keep less "
+                    "detail; --image-size %d for photos", name, image_size, native, native)
+
+
 def _create_model(name: str, size_kwargs: dict[str, Any], **kwargs) -> nn.Module:
     try:
         return timm.create_model(name, **kwargs, **size_kwargs)
@@ -250,6 +262,8 @@ def create_backbone(
                                                                " (timm.list_models() lists them)"))
     size = int(preprocessing["input_size"][-1]) if preprocessing is not None else image_size
     size_kwargs = _size_kwargs(name, size)
+    if image_size is not None and preprocessing is None:
+        _warn_below_native_size(name, image_size)
     if not pretrained and weights is None and state_dict is None:
         torch.manual_seed(init_seed)  # random init is reproducible, so reruns write identical caches
     if state_dict is not None:

@@ -173,6 +173,10 @@ class Trainer:
             )
         self.batches_per_epoch = math.ceil(len(epoch_order(len(dataset), cfg.seed, 0, ctx)) / cfg.batch_size)
         self.total_steps = self.batches_per_epoch * cfg.epochs
+        if cfg.schedule == "cosine" and cfg.warmup_steps > self.total_steps and ctx.is_main:
+            log.warning("the warm-up (%d steps) is longer than the run (%d steps of %d epoch(s)): the learning rate "
+                        "never reaches lr; lower --warmup-steps (e.g. %d)", cfg.warmup_steps, self.total_steps,
+                        cfg.epochs, max(1, self.total_steps // 10))
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, betas=(0.9, 0.98))
         if cfg.schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambdas())
@@ -243,7 +247,12 @@ class Trainer:
         with self.autocast():
             logits, aux = self.model(*args)
             loss = caption_loss(logits, tokens, lengths, self.label_smoothing)
-        return loss if aux is None else loss + aux.float()
+        if aux is None:
+            return loss
+        # a regulariser (show_attend_tell's attention penalty) is part of the loss minimised: reported as its own
+        # train_regulariser beside train_loss, which includes it
+        self.state.epoch_sums["regulariser"] = self.state.epoch_sums.get("regulariser", 0.0) + float(aux.detach())
+        return loss + aux.float()
 
     def sampling_probability(self) -> float:
         if self.scheduled_sampling <= 0:
@@ -294,7 +303,7 @@ class Trainer:
         metrics.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups[1:]
                         if "name" in g and not g["name"].endswith("no_decay")})
         if seen and self.ctx.is_main:  # timings go to the log only: outputs hold content, the same on every run
-            log.info("epoch %d: %d samples in %.1f s (%.0f samples/s)", st.epoch + 1, seen * self.ctx.world_size,
+            log.info("epoch %d trained: %d samples in %.1f s (%.0f samples/s)", st.epoch + 1, seen * self.ctx.world_size,
                      seconds, seen * self.ctx.world_size / max(seconds, 1e-9))
         if self.ctx.is_main:
             self.model.eval()
@@ -346,6 +355,10 @@ class Trainer:
         cfg, st = self.cfg, self.state
         value = metrics[f"val_{cfg.val_metric}"]
         better = st.best_metric is None or (value < st.best_metric if cfg.val_metric == "loss" else value > st.best_metric)
+        if not better and value == st.best_metric and cfg.val_metric != "loss":
+            # a tie (e.g. CIDEr still 0 early on): the later epoch, if its validation loss is lower
+            kept = next(h for h in st.history if h["epoch"] == st.best_epoch)
+            better = metrics.get("val_loss", math.inf) < kept.get("val_loss", math.inf)
         if cfg.schedule == "plateau":
             self.scheduler.step(value)
         if better:

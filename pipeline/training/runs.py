@@ -196,7 +196,10 @@ class TrainingRun:
         if not self.ctx.is_main:
             return
         write_curves(self.live, state.history)
-        log.info("epoch %d: %s", metrics["epoch"], format_metrics({k: v for k, v in metrics.items() if k != "epoch"}))
+        shown = {k: v for k, v in metrics.items() if k != "epoch"}
+        if "train_regulariser" in shown:  # say what the training loss is made of
+            shown = {("train_loss (caption + regulariser)" if k == "train_loss" else k): v for k, v in shown.items()}
+        log.info("epoch %d: %s", metrics["epoch"], format_metrics(shown))
 
     def train(self, trainer: Trainer, what: str) -> TrainState:
         """Resume ``trainer`` from its last checkpoint if there is one, and train to the end; a run that finds
@@ -206,7 +209,7 @@ class TrainingRun:
                      self.checkpoints)
         return trainer.fit()
 
-    def finish(self, state: TrainState, summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, state: TrainState, summary: dict[str, Any], metric: str = "cider") -> dict[str, Any]:
         """Export the best bundle to ``bundle/``, write ``metrics.json`` (``summary`` + the best epoch's
         validation scores) and the curves; returns what was written."""
         if not self.ctx.is_main:
@@ -222,6 +225,8 @@ class TrainingRun:
             **{k: v for k, v in best.items() if k.startswith("val_")},
         }
         write_json(self.out / "metrics.json", summary)
+        log.info("%s: the model of epoch %d of %d, the best by validation %s (%s)", self.out / "bundle",
+                 state.best_epoch, state.epoch, metric, format_metrics({metric: best.get(f"val_{metric}")}))
         return summary
 
 

@@ -92,7 +92,8 @@ def run_training_stage(stage: TrainingStage, ctx: DistContext, device: torch.dev
     finally:
         trainer.close()
         stage.close()
-    return run.finish(state, {**stage.summary, **{f"start_{k}": v for k, v in start.items()}})
+    return run.finish(state, {**stage.summary, **{f"start_{k}": v for k, v in start.items()}},
+                      metric=stage.cfg.val_metric)
 
 
 def _score(model: nn.Module, validate: Validator) -> dict[str, float]:

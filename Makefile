@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock browser repro test test-all bench docs clean-venv
+.PHONY: install lock lint browser repro test test-all bench docs clean-venv
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ test-all: install
 
 bench: install
 	$(BIN)/python -m bench
+
+## ruff (pyproject.toml's [tool.ruff]: pycodestyle, pyflakes, import order, bugbear) over the whole tree.
+lint: install
+	$(BIN)/ruff check .
 
 ## The documentation site (docs/, mkdocs.yml): built --strict (a broken link or anchor, or a page missing from the nav,
 ## fails), into a folder outside the repository by default (make docs SITE_DIR=site to keep it here).

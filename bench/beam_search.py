@@ -146,9 +146,10 @@ def _run_family(family: str, beam_sizes: list[int], work: Workload) -> list[dict
         batched, single = [], []
         for i in range(0, len(feats), work.args.batch_size):
             chunk = feats[i : i + work.args.batch_size]
-            for mode, search in (("batched", lambda: batched.extend(beam_search(decoder, chunk, **kw))),
-                                 ("single", lambda: single.extend(beam_search(decoder, chunk[j : j + 1], **kw)[0]
-                                                                  for j in range(len(chunk))))):
+            # each search runs at once, in this iteration (B023 warns of lambdas kept past their loop)
+            for mode, search in (("batched", lambda: batched.extend(beam_search(decoder, chunk, **kw))),  # noqa: B023
+                                 ("single", lambda: single.extend(beam_search(decoder, chunk[j : j + 1], **kw)[0]  # noqa: B023
+                                                                  for j in range(len(chunk))))):  # noqa: B023
                 t, c = time.perf_counter(), time.process_time()
                 search()
                 wall[mode] += time.perf_counter() - t

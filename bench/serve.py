@@ -611,7 +611,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        if throughput is not None else "")
     caption = (
         f"`pipeline serve` ({model['decoder']} on {model['backbone']} at {model['input_size'][-1]} px, "
-        f"{model['weights']}; {'fp32' if args.fp32 else 'bf16 autocast, channels_last'}; max batch {args.max_batch_size}, wait window {args.max_wait_ms:g} ms, "
+        f"{model['weights']}; {'fp32' if args.fp32 else 'bf16 autocast, channels_last'}; "
+        f"max batch {args.max_batch_size}, wait window {args.max_wait_ms:g} ms, "
         f"{model.get('model_workers')} model worker(s); {run.machine.get('torch_threads')} torch thread(s) per model call "
         f"in the server and in-process; body timeout {args.body_timeout:g} s) in a subprocess on 127.0.0.1, "
         f"httpx clients in this process; phases: {', '.join(phases)}; 224 px JPEG uploads, mode consistent (the "

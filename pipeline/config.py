@@ -428,7 +428,8 @@ class ClipTrainConfig(StageConfig):
     """Train a small domain CLIP (open_clip classes and ClipLoss) on clean captions, for offline filtering."""
 
     manifest: Path = Field(MANIFEST, description="Clean manifest; its `split` images train the CLIP.")
-    split: Literal["train", "val", "test"] = Field("train", description="Manifest split to train on (val is used for the report).")
+    split: Literal["train", "val", "test"] = Field("train", description="Manifest split to train on (val is used for "
+                                                                        "the report).")
     out_dir: Path = Field(Path("models/clip/synthetic-clip-tiny"), description="Writes open_clip_model.safetensors, "
                           "open_clip_config.json, train.json.")
     arch: str = Field("synthetic-clip-tiny", description="open_clip architecture (the package's own configs included).")
@@ -552,7 +553,8 @@ class MixConfig(StageConfig):
     paired: ClassVar[dict[str, tuple[str, ...]]] = {"clean_train": ("ratio",)}
 
     clean: Path = Field(MANIFEST, description="Clean manifest; its val/test pass unchanged.")
-    filtered: Path = Field(Path("data/filtered/manifest.jsonl"), description="Filtered manifest; only its train split is mixed in.")
+    filtered: Path = Field(Path("data/filtered/manifest.jsonl"),
+                           description="Filtered manifest; only its train split is mixed in.")
     out_dir: Path = Field(Path("data/mixed"), description="Writes manifest.jsonl and stats.json.")
     ratio: Optional[float] = Field(
         None, ge=0, description="filtered:clean train ratio, counted in `unit`; the larger side is subsampled "
@@ -687,7 +689,7 @@ class DecodersConfig(StageConfig):
             unknown = [k for k in data if k not in FAMILIES]
             if unknown:
                 raise ValueError(f"unknown decoder family {_with_hint(unknown[0], FAMILIES)}")
-            for family, entry in data.items():
+            for entry in data.values():
                 DecoderSection.model_validate(entry or {})
         return data
 

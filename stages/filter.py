@@ -103,7 +103,8 @@ def image_embeddings(clip: ClipModel, records: list[ManifestRecord], cfg: Filter
     writer.remove_foreign_files()
     fill = fill_cache(writer, records, cfg.manifest, list(range(cfg.num_shards)),
                       transform=clip.preprocess, encode=lambda images: [clip.encode_images(images).numpy()[:, None]],
-                      batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels, max_file_bytes=cfg.max_file_bytes, desc="clip images")
+                      batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels,
+                      max_file_bytes=cfg.max_file_bytes, desc="clip images")
     # what this run reused or computed goes to the log only: retention.json holds what was selected, the same
     # bytes however many embeddings a run found cached
     log.info("filter: image embeddings of %d images: %d computed%s, %d rejected, %d reused -> %s", len(records),

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.inference.attention_maps import attention_maps, attention_weights_json, describe_grids
 from pipeline.inference.decoding import beam_search, greedy, sample
-from pipeline.models.decoders import DECODERS, create_decoder, families_with
-from pipeline.models.decoders import _gpt2_common, layers
+from pipeline.models.decoders import DECODERS, _gpt2_common, create_decoder, families_with, layers
 
 B, N, C, V = 3, 9, 12, 23
 PAD, BOS, EOS = 0, 1, 2

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache import CacheFormatError, CacheMeta, CacheWriter, FeatureCache, TokenSet
-from pipeline.data.features import CachedCaptionDataset, caption_collate
 from cache.format import FeatureMismatchError, FeatureSpec, shard_of
+from pipeline.data.features import CachedCaptionDataset, caption_collate
 
 SPEC = FeatureSpec(backbone="fake", weights={"source": "random-init", "sha256": "a" * 64},
                    preprocessing={"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5]},

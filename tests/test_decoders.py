@@ -33,7 +33,8 @@ LENGTHS = torch.tensor([7, 5, 3])
 # (test_every_family_has_a_case), so a new family gets every test of "every family" below.
 CASES = {
     "show_tell": ("show_tell", dict(embed_dim=16, hidden_dim=24, num_layers=2, dropout=0.0)),
-    "show_attend_tell_lstm": ("show_attend_tell", dict(embed_dim=16, hidden_dim=24, attention_dim=12, visual_dim=20, dropout=0.1)),
+    "show_attend_tell_lstm": ("show_attend_tell", dict(embed_dim=16, hidden_dim=24, attention_dim=12, visual_dim=20,
+                                                       dropout=0.1)),
     "show_attend_tell_gru": ("show_attend_tell", dict(embed_dim=16, hidden_dim=24, attention_dim=12, cell="gru", dropout=0.1)),
     "transformer": ("transformer", dict(d_model=16, num_layers=2, num_heads=2, num_encoder_layers=1, max_length=16)),
     "transformer_sinusoidal": (

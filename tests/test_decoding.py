@@ -343,7 +343,7 @@ def test_sampling_temperature_spreads_distribution():
 # --------------------------------------------------------------------------- modes as data
 def test_modes_are_data_and_generate_dispatches():
     assert {"consistent", "safe_diverse", "balanced_diverse", "creative_diverse"} <= set(CAPTION_MODES)
-    for name, opts in CAPTION_MODES.items():
+    for opts in CAPTION_MODES.values():
         assert isinstance(opts, DecodingOptions) and opts.description
     assert CAPTION_MODES["consistent"].method == "beam" and CAPTION_MODES["consistent"].beam_size == 5
     temps = [CAPTION_MODES[m].temperature for m in ("safe_diverse", "balanced_diverse", "creative_diverse")]

@@ -269,10 +269,10 @@ def _config_problems(name: str, command: Any, ctx: Any, rest: list[str], argv: l
     """For a stage command: its options resolved as the CLI resolves them (params file, then the command line,
     validated by the stage's config model), and its outputs checked against what DVC tracks for *another*
     command (:mod:`pipeline.tracked`): a hand-run example that would be refused is a wrong example."""
+    from pipeline import tracked
     from pipeline.cli.options import config_options, parse_overrides
     from pipeline.config import SECTIONS, load_config, load_train_config
     from pipeline.errors import UserError
-    from pipeline import tracked
 
     section = name.replace("-", "_")
     if section not in SECTIONS or section == "decoders":

@@ -25,9 +25,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.data import download as dl
 from pipeline.cli import app
 from pipeline.config import PrepareConfig
+from pipeline.data import download as dl
 
 runner = CliRunner()
 

@@ -20,9 +20,9 @@ import inspect
 import os
 import shlex
 from functools import cache
+from pathlib import Path, PurePosixPath
 
 import pytest
-from pathlib import Path, PurePosixPath
 
 from pipeline.provenance import Project, Root  # the same function that fingerprints training runs
 from tests.conftest import REPO

@@ -20,9 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cache import CacheMeta, CacheWriter, TokenSet
-from cache import FeatureMismatchError, FeatureSpec
-from pipeline.inference.bundle import save_bundle
+from cache import CacheMeta, CacheWriter, FeatureMismatchError, FeatureSpec, TokenSet
 from pipeline.config import (
     ConfigError,
     EvaluateConfig,
@@ -30,6 +28,7 @@ from pipeline.config import (
     ReportConfig,
     load_config,
 )
+from pipeline.inference.bundle import save_bundle
 from pipeline.inference.decoding import beam_search, greedy
 from pipeline.text.tokenizers import build_tokenizer
 from tests.conftest import write_png

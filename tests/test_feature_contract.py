@@ -26,8 +26,8 @@ import torch
 
 from cache import FeatureCache
 from cache.format import CacheFormatError, FeatureMismatchError, file_sha256
-from pipeline.inference.bundle import Captioner
 from pipeline.config import EvaluateConfig, ExtractConfig, PrepareConfig, ScstConfig, SyntheticSource, TrainConfig, VocabConfig
+from pipeline.inference.bundle import Captioner
 from stages import evaluate, extract, prepare, scst, train, vocab
 from tests.conftest import TINY_BACKBONE, TINY_TRANSFORMER, TinyPipeline
 

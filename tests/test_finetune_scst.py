@@ -20,7 +20,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.inference.bundle import Captioner
 from pipeline.cli import app
 from pipeline.config import (
     ConfigError,
@@ -29,9 +28,13 @@ from pipeline.config import (
     ScstConfig,
     load_config,
 )
+from pipeline.data.image_captions import Augmentation, ImageCaptionDataset, flip_caption, image_items
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import read_manifest
-from pipeline.data.image_captions import Augmentation, ImageCaptionDataset, flip_caption, image_items
+from pipeline.evaluation.metrics import CiderD, fallback_tokenize
+from pipeline.inference.bundle import Captioner
+from pipeline.models.backbones import create_backbone
+from pipeline.text.tokenizers import load_tokenizer
 from pipeline.training.finetune import (
     FinetuneForward,
     FinetuneTrainer,
@@ -39,10 +42,7 @@ from pipeline.training.finetune import (
     trainable_backbone_parameters,
     trainable_names,
 )
-from pipeline.evaluation.metrics import CiderD, fallback_tokenize
-from pipeline.models.backbones import create_backbone
 from pipeline.training.scst import ScstPolicy, ScstTrainer, reward_corpus, scst_step_reward
-from pipeline.text.tokenizers import load_tokenizer
 from stages import extract, finetune, scst
 from tests.conftest import REPO, TINY_TRANSFORMER, TinyPipeline
 from tests.helpers_bundle import free_port
@@ -420,8 +420,8 @@ def test_one_scst_step_raises_the_reward_of_a_tiny_model_on_a_fixed_batch(pipe):
     records = [r for r in read_manifest(pipe.manifest) if r.split == "train"]
     reward = reward_corpus(records)
     from cache import FeatureCache
-    from pipeline.distributed import DistContext
     from pipeline.data.features import CachedImageDataset
+    from pipeline.distributed import DistContext
 
     ds = CachedImageDataset(FeatureCache(pipe.features), [r.image_id for r in records[:8]], ["last"])
     batch = ds.__getitems__(range(8))

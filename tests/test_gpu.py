@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cache import FeatureCache
-from pipeline.inference.bundle import Captioner
 from pipeline.config import ExtractConfig, PrepareConfig, SyntheticSource, TrainConfig, VocabConfig
+from pipeline.inference.bundle import Captioner
 from stages import extract, prepare, train, vocab
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -125,7 +125,8 @@ def test_missing_java_falls_back(no_java):
 
 
 def test_identical_corpus_bleu_is_one(no_java):
-    refs = {i: [c, "something else entirely here"] for i, c in enumerate(["a dog runs on the grass", "two cats sleep on a red sofa", "a man rides a horse on a beach"])}
+    captions = ["a dog runs on the grass", "two cats sleep on a red sofa", "a man rides a horse on a beach"]
+    refs = {i: [c, "something else entirely here"] for i, c in enumerate(captions)}
     res = {i: r[0] for i, r in refs.items()}
     with pytest.warns(MetricsWarning):
         m = coco_caption_metrics(res, refs)

@@ -20,7 +20,6 @@ import torch
 from typer.testing import CliRunner
 
 from cache import FeatureCache
-from pipeline.inference.bundle import Captioner
 from pipeline.config import EvaluateConfig, ExtractConfig, TrainConfig, VocabConfig
 from pipeline.data.features import (
     concat_token_maps,
@@ -28,6 +27,7 @@ from pipeline.data.features import (
     token_layout,
 )
 from pipeline.data.manifest import read_manifest
+from pipeline.inference.bundle import Captioner
 from pipeline.models.decoders import DECODERS, create_decoder
 from pipeline.models.decoders.layers import VisualProjection
 from tests.conftest import make_image_manifest

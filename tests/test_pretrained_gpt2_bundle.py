@@ -20,8 +20,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.inference.bundle import Captioner
 from pipeline.config import EvaluateConfig, ExtractConfig, PrepareConfig, ScstConfig, SyntheticSource, TrainConfig, VocabConfig
+from pipeline.inference.bundle import Captioner
 from pipeline.text.tokenizers import load_tokenizer
 from stages import evaluate, extract, prepare, scst, train, vocab
 

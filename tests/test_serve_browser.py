@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.serve.app import create_app
 from pipeline.inference.engine import CaptionEngine
+from pipeline.serve.app import create_app
 from tests.helpers_bundle import MAX_LENGTH, image_bytes, serve_in_thread, tiny_bundle  # noqa: F401
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))

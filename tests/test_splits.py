@@ -199,7 +199,7 @@ def test_undecodable_images_are_compared_by_bytes(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(photo(7, size=(64, 64))).save(buf, "JPEG", quality=95)
     cut = buf.getvalue()[: len(buf.getvalue()) // 2]
-    for folder, split in (("a", "train"), ("b", "test")):
+    for folder, _split in (("a", "train"), ("b", "test")):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "cut.jpg").write_bytes(cut)
         (tmp_path / folder / "t.csv").write_text("image,caption\ncut.jpg,half a photo\n")

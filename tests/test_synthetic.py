@@ -87,7 +87,7 @@ def test_prefix_property_image_i_depends_only_on_seed_and_i(tmp_path):
     assert [r.to_json() for r in small.records] == [r.to_json() for r in big.records[:9]]
     assert [r.to_json() for r in small.noisy_records] == [r.to_json() for r in big.noisy_records[:3]]
     small_ids = {r.image_id for r in small.noisy_records}
-    assert small.noisy_labels == [l for l in big.noisy_labels if l["image_id"] in small_ids]
+    assert small.noisy_labels == [lab for lab in big.noisy_labels if lab["image_id"] in small_ids]
     for rec in small.records + small.noisy_records:
         assert (tmp_path / "small" / rec.path).read_bytes() == (tmp_path / "big" / rec.path).read_bytes()
 
@@ -360,23 +360,23 @@ def test_noisy_labels_align_with_captions(dataset):
     assert set(by_image) == {r.image_id for r in res.noisy_records}
     for rec in res.noisy_records:
         labs = by_image[rec.image_id]
-        assert [l["caption_index"] for l in labs] == list(range(len(rec.captions)))
+        assert [lab["caption_index"] for lab in labs] == list(range(len(rec.captions)))
         assert 3 <= len(rec.captions) <= 5
-        assert {l["match"] for l in labs} == {True, False}  # a mix in every image
+        assert {lab["match"] for lab in labs} == {True, False}  # a mix in every image
         for lab in labs:
             assert lab["match"] == (lab["kind"] in ("clean", "decorated"))
         # the label is kept apart from the manifest row
         assert "match" not in rec.to_json() and "kind" not in rec.extra
-    frac = np.mean([l["match"] for l in res.noisy_labels])
+    frac = np.mean([lab["match"] for lab in res.noisy_labels])
     assert 0.3 <= frac <= 0.7
-    kinds = Counter(l["kind"] for l in res.noisy_labels)
+    kinds = Counter(lab["kind"] for lab in res.noisy_labels)
     assert set(kinds) == {"clean", "decorated", "unrelated", "mismatched"}
     assert min(kinds.values()) >= 0.1 * len(res.noisy_labels)
 
 
 def test_noisy_captions_are_true_or_false_as_labelled(dataset):
     _, res = dataset
-    labels = {(l["image_id"], l["caption_index"]): l for l in res.noisy_labels}
+    labels = {(lab["image_id"], lab["caption_index"]): lab for lab in res.noisy_labels}
     for rec in res.noisy_records:
         scene = scene_of(rec)
         present = {(o.colour, o.shape) for o in scene.objects}

@@ -332,7 +332,8 @@ def test_load_tokenizer_refuses_unknown_kind_and_version(tmp_path):
     tok.save(tmp_path)
     meta = json.loads((tmp_path / META_FILE).read_text())
     (tmp_path / META_FILE).write_text(json.dumps({**meta, "kind": "sentencepiece"}))
-    with pytest.raises(TokenizerError, match=r"caption_tokenizer\.json: unknown tokenizer kind 'sentencepiece' \(expected one of word, bpe, gpt2\)"):
+    with pytest.raises(TokenizerError, match=r"caption_tokenizer\.json: unknown tokenizer kind 'sentencepiece' "
+                                             r"\(expected one of word, bpe, gpt2\)"):
         load_tokenizer(tmp_path)
     (tmp_path / META_FILE).write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(TokenizerError, match="format_version 99 is not supported"):

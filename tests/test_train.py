@@ -25,13 +25,13 @@ import torch
 from typer.testing import CliRunner
 
 from cache import FeatureCache
-from pipeline.inference.bundle import BundleError, Captioner
 from pipeline.cli import app
 from pipeline.config import (
     TrainConfig,
 )
 from pipeline.data.features import CachedCaptionDataset
 from pipeline.data.manifest import read_manifest
+from pipeline.inference.bundle import BundleError, Captioner
 from pipeline.text.tokenizers import load_tokenizer
 from pipeline.training.interrupts import TrainingInterrupted
 from pipeline.training.loop import Trainer, TrainingForward
@@ -651,8 +651,8 @@ def test_default_out_dir_follows_the_family_and_another_familys_bundle_is_kept(p
 
 
 def test_amp_auto_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
-    from pipeline.training import loop as training
     from pipeline.errors import ConfigError
+    from pipeline.training import loop as training
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)

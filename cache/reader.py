@@ -199,10 +199,6 @@ class FeatureCache:
                 for key in txn.cursor().iternext(keys=True, values=False):
                     yield bytes(key).decode("utf-8")
 
-    @property
-    def token_shapes(self) -> dict[str, tuple[int, int]]:
-        return {t.name: t.shape for t in self.meta.token_sets}
-
     def get_batch(self, image_ids: Sequence[str], *, raw: bool = False) -> dict[str, np.ndarray]:
         """Features of ``image_ids`` as ``{token_set: (B, tokens, channels)}``, read one transaction per shard.
 

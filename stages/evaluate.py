@@ -47,7 +47,7 @@ from pipeline.data.features import select_features
 from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
 from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
-from pipeline.evaluation.metrics import coco_caption_metrics
+from pipeline.evaluation.metrics import METRIC_KEYS, PER_IMAGE_METRICS, coco_caption_metrics
 from pipeline.files import write_json
 from pipeline.inference.bundle import Captioner
 from pipeline.inference.decoding import (
@@ -60,7 +60,6 @@ from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
 class EvaluateError(UserError, ValueError):
@@ -313,7 +312,7 @@ def _write_outputs(ev: Evaluation, captions: HeadlineCaptions, metrics: dict[str
     per_image = []
     for i in ev.ids:
         row: dict[str, Any] = {"image_id": i, "caption": captions.texts[i], "references": ev.records[i].captions}
-        for m in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L", "SPICE"):
+        for m in PER_IMAGE_METRICS:
             if m in per_metric:
                 row[m] = per_metric[m].get(i)
         per_image.append(row)
@@ -339,7 +338,7 @@ def _build_gallery(ev: Evaluation, captions: HeadlineCaptions, metrics: dict[str
     cases = [gallery.Case(
         section=section, image_id=i, record=ev.records[i], manifest=cfg.manifest,
         rows=_caption_rows(headline, rows_label, captions.texts[i], alt[i]),
-        scores={m: per_metric[m].get(i) for m in ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L") if m in per_metric},
+        scores={m: per_metric[m].get(i) for m in PER_IMAGE_METRICS if m in per_metric},
         tokens=captions.tokens[i], attention=captions.attention.get(i),
     ) for section, section_ids in sections.items() for i in section_ids]
     gallery.write_gallery(

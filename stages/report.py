@@ -26,13 +26,13 @@ from typing import Any
 
 from pipeline.config import ReportConfig
 from pipeline.errors import UserError
+from pipeline.evaluation.metrics import METRICS
 from pipeline.files import write_text
 from pipeline.inference.options import decoding_label
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (("BLEU-1", "BLEU-1"), ("BLEU-2", "BLEU-2"), ("BLEU-3", "BLEU-3"), ("BLEU-4", "BLEU-4"),
-           ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"), ("CIDEr", "CIDEr"), ("SPICE", "SPICE"))
+COLUMNS = METRICS  # every COCO caption metric, with its label
 BLIND_MARK = "⚠ image-blind control"
 
 

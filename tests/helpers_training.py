@@ -24,3 +24,23 @@ def assert_same_tensors(a: Path, b: Path) -> None:
     assert ta.keys() == tb.keys()
     different = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not different, f"{len(different)} of {len(ta)} tensors differ, e.g. {different[:5]}"
+
+
+def trainable_names(model) -> list[str]:
+    """The parameters of ``model`` that train (``requires_grad``)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def scst_step_reward(decoder, features, image_ids, reward, tokenizer, *, num_samples: int, max_length: int,
+                     seed: int = 0) -> float:
+    """Mean CIDEr-D reward of ``num_samples`` captions sampled per image (a fixed generator): a Monte-Carlo
+    estimate of the policy's expected reward, to compare a decoder before and after SCST."""
+    import torch
+
+    from pipeline.evaluation.metrics import fallback_tokenize
+    from pipeline.inference.decoding import sample
+
+    hyps = sample(decoder, features, num_samples=num_samples, max_length=max_length,
+                  generator=torch.Generator().manual_seed(seed))
+    texts = [fallback_tokenize(tokenizer.decode(h.tokens)) for per in hyps for h in per]
+    return float(reward.score(texts, [i for i in image_ids for _ in range(num_samples)]).mean())

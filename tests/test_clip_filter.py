@@ -36,6 +36,12 @@ from stages import filter as filter_stage
 ARCH = clip_lib.TINY_ARCH
 
 
+def pair_cosines(clip, images, texts) -> np.ndarray:
+    """The cosine of each (image, text) pair, through the model's own preprocessing and encoders."""
+    pixels = torch.stack([clip.preprocess(im) for im in images])
+    return (clip.encode_images(pixels) * clip.encode_texts(texts)).sum(-1).numpy()
+
+
 # --------------------------------------------------------------------------- selection semantics
 def test_threshold_keeps_scores_at_or_above():
     scores = np.array([0.10, 0.27, 0.30, 0.2699, 0.9, -0.5])
@@ -219,7 +225,7 @@ def test_saved_local_checkpoint_reproduces_the_same_scores(saved_tiny):
     want = (want_img * want_txt).sum(-1).numpy()
     for pretrained in (folder / clip_lib.CHECKPOINT_FILE, folder):  # the file, or the local-dir folder
         clip = load_clip(ARCH, str(pretrained))
-        got = clip_lib.cosine_scores(clip.encode_images(clip.preprocess_images(images)), clip.encode_texts(texts))
+        got = pair_cosines(clip, images, texts)
         np.testing.assert_allclose(got, want, atol=1e-5)
         assert clip.model.logit_scale.item() == pytest.approx(2.5)
         assert clip.key.startswith(f"{ARCH}-64px-")
@@ -517,7 +523,7 @@ def test_trained_tiny_clip_separates_matching_from_other_captions(tmp_path):
             texts.append(cap)
     match = np.array([row["match"] for row in res.noisy_labels])
     kinds = np.array([row["kind"] for row in res.noisy_labels])
-    scores = clip_lib.cosine_scores(clip.encode_images(clip.preprocess_images(images)), clip.encode_texts(texts))
+    scores = pair_cosines(clip, images, texts)
     pos, neg = scores[match], scores[~match]
     auc = (pos[:, None] > neg[None, :]).mean()  # P(a matching pair outscores a non-matching one)
     assert auc > 0.9, f"matching vs other captions AUC {auc:.3f}"

@@ -3,6 +3,7 @@ and its params.yaml sections load through the pipeline's own config loaders."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from pipeline.config import load_config, load_train_config
 from pipeline.errors import ConfigError
 from pipeline.models.decoders import DECODERS, create_decoder, decoder_config_class
 from pipeline.recipes.presets import (
+    BACKBONE_STRIDE,
     GPT2_SPECIAL_ID,
     GPT2_VOCAB_SIZE,
     RECIPES,
@@ -70,8 +72,9 @@ def test_features_reach_the_decoder(built):
         side = recipe.image_size
         fmap = meta_backbone.forward_features(torch.empty(1, 3, side, side, device="meta"))
         assert fmap.shape == (1, backbone.num_features, *(2 * [-(-side // 32)]))
-        assert fmap.shape[2] * fmap.shape[3] == recipe.num_visual_tokens
-        features = torch.randn(1, recipe.num_visual_tokens, backbone.num_features)
+        tokens = math.ceil(recipe.image_size / BACKBONE_STRIDE) ** 2  # one token per 32x32 patch of the input
+        assert fmap.shape[2] * fmap.shape[3] == tokens
+        features = torch.randn(1, tokens, backbone.num_features)
         tokens = torch.tensor([[recipe.special_ids["bos_id"], 5, 6, 7]])
         logits = decoder(features, tokens, torch.tensor([4])).logits
     assert logits.shape == (1, 4, recipe.vocab_size)

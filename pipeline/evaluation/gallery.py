@@ -36,6 +36,7 @@ import torch
 from pipeline.data.images import ImageDecodeError, read_image_file
 from pipeline.data.manifest import ManifestRecord, resolve_image_path
 from pipeline.errors import UserError
+from pipeline.evaluation.metrics import METRIC_LABELS, METRICS, PER_IMAGE_METRICS
 from pipeline.files import write_bytes, write_text
 from pipeline.inference.attention_maps import (
     attention_maps,
@@ -53,8 +54,7 @@ SECTIONS = {
     "worst": ("Worst cases", "lowest per-image CIDEr"),
     "random": ("Random cases", "picked at random (seeded) among the others"),
 }
-METRIC_LABELS = (("BLEU-1", "BLEU-1"), ("BLEU-2", "BLEU-2"), ("BLEU-3", "BLEU-3"), ("BLEU-4", "BLEU-4"),
-                 ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"), ("CIDEr", "CIDEr"), ("SPICE", "SPICE"))
+
 
 
 @dataclass
@@ -139,7 +139,7 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 def _metrics_table(metrics: dict[str, Any]) -> str:
     head, cells = [], []
     unavailable = metrics.get("unavailable", {})
-    for key, label in METRIC_LABELS:
+    for key, label in METRICS:
         head.append(f"<th>{label}</th>")
         v = metrics.get(key)
         if v is None:
@@ -157,7 +157,8 @@ def _card(case: Case, image_src: str | None, image_problem: str, heatmap_src: st
     else:
         pic = f'<div class="missing">image not available: {e(image_problem)}</div>'
     score_bits = []
-    for key, label in (("CIDEr", "CIDEr"), ("BLEU-4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L")):
+    for key in PER_IMAGE_METRICS:
+        label = METRIC_LABELS[key]
         if key in case.scores:
             cls = ' class="cider"' if key == "CIDEr" else ""
             score_bits.append(f"{label} <b{cls}>{_fmt(case.scores[key])}</b>")

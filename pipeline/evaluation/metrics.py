@@ -45,7 +45,21 @@ __all__ = [
     "MetricsWarning",
     "JavaError",
     "PTB_PUNCTUATIONS",
+    "METRICS",
+    "METRIC_KEYS",
+    "METRIC_LABELS",
+    "PER_IMAGE_METRICS",
 ]
+
+# The COCO caption metrics in the order every table shows them, with their display labels: the one list
+# evaluate's metrics.json, the gallery, `report` and bench.quality all follow.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("BLEU-1", "BLEU-1"), ("BLEU-2", "BLEU-2"), ("BLEU-3", "BLEU-3"), ("BLEU-4", "BLEU-4"),
+    ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"), ("CIDEr", "CIDEr"), ("SPICE", "SPICE"),
+)
+METRIC_KEYS = tuple(key for key, _ in METRICS)
+METRIC_LABELS = dict(METRICS)
+PER_IMAGE_METRICS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE_L", "SPICE")  # scored per image as well (SPICE: if run)
 
 # Exactly pycocoevalcap's list (its tokenizer lower-cases first, so "-lrb-" & co. stay).
 PTB_PUNCTUATIONS = ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]

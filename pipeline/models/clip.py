@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -190,9 +189,6 @@ class ClipModel:
             size = str(size[0]) if len(set(size)) == 1 else "x".join(str(s) for s in size)
         return f"{safe_name(self.arch)}-{size}px-{self.weights['sha256'][:16]}"
 
-    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.preprocess(im) for im in images])
-
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (float32, on the CPU) of preprocessed images."""
@@ -332,10 +328,3 @@ def save_checkpoint(model: torch.nn.Module, arch: str, out_dir: Path, image_size
     config = {"arch": arch, "model_cfg": model_cfg, "preprocess_cfg": pcfg, **(extra or {})}
     write_json(out_dir / CONFIG_FILE, config)
     return ckpt
-
-
-def cosine_scores(image_emb: np.ndarray | torch.Tensor, text_emb: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Row-wise cosine of paired (normalised or not) image and text embeddings."""
-    a = torch.as_tensor(np.asarray(image_emb, dtype=np.float32))
-    b = torch.as_tensor(np.asarray(text_emb, dtype=np.float32))
-    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).numpy()

@@ -23,7 +23,6 @@ timm are imported when a model is built.
 from __future__ import annotations
 
 import difflib
-import math
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,11 +68,6 @@ class Recipe(BaseModel):
         if self.tokenizer == "gpt2":
             return {"pad_id": GPT2_SPECIAL_ID, "bos_id": GPT2_SPECIAL_ID, "eos_id": GPT2_SPECIAL_ID}
         return dict(WORD_SPECIAL_IDS)
-
-    @property
-    def num_visual_tokens(self) -> int:
-        """Tokens of the last feature map at ``image_size`` (one token set, out_indices None)."""
-        return math.ceil(self.image_size / BACKBONE_STRIDE) ** 2
 
 
 _GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}

@@ -162,10 +162,6 @@ class FinetuneForward(nn.Module):
         return out.logits, out.aux_loss
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 # --------------------------------------------------------------------------- the trainer
 class FinetuneTrainer(Trainer):
     """:class:`Trainer` over image batches, with a decoder and a backbone learning rate and the frozen warm-up.

@@ -144,13 +144,3 @@ class ScstTrainer(Trainer):
                      *((("entropy", float(entropy.detach())),) if entropy is not None else ())):
             sums[k] = sums.get(k, 0.0) + v
         return loss
-
-
-def scst_step_reward(decoder: nn.Module, features: torch.Tensor, image_ids: Sequence[str], reward: CiderD,
-                     tokenizer: CaptionTokenizer, *, num_samples: int, max_length: int, seed: int = 0) -> float:
-    """Mean CIDEr-D reward of ``num_samples`` captions sampled per image (a fixed generator): a Monte-Carlo
-    estimate of the policy's expected reward, for checks and diagnostics."""
-    hyps = sample(decoder, features, num_samples=num_samples, max_length=max_length,
-                  generator=torch.Generator().manual_seed(seed))
-    texts = [fallback_tokenize(tokenizer.decode(h.tokens)) for per in hyps for h in per]
-    return float(reward.score(texts, [i for i in image_ids for _ in range(num_samples)]).mean())

@@ -44,3 +44,19 @@ def scst_step_reward(decoder, features, image_ids, reward, tokenizer, *, num_sam
                   generator=torch.Generator().manual_seed(seed))
     texts = [fallback_tokenize(tokenizer.decode(h.tokens)) for per in hyps for h in per]
     return float(reward.score(texts, [i for i in image_ids for _ in range(num_samples)]).mean())
+
+
+def torchrun(command: str, params, *, nproc: int = 2, timeout: int = 300):
+    """``pipeline COMMAND --params PARAMS`` under ``torchrun`` with ``nproc`` CPU processes (gloo), one thread each;
+    returns the finished process (its stderr holds the log)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.helpers_bundle import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", "pipeline.cli", command, "--params", str(params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)

@@ -19,23 +19,27 @@ from tests.conftest import REPO, copy_repo
 
 REAL_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 
-TINY_PARAMS = {
+def _merged(base: dict, overrides: dict) -> dict:
+    """params.yaml with the overrides laid over it, section by section (dvc.yaml interpolates the real keys)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+# The real params.yaml, sized down: the default backbone with its real converted weights at 64 px, two
+# decoder families, the default DAG's own tiny CLIP filtering (its threshold tuned for it), one epoch each.
+TINY_PARAMS = _merged(REAL_PARAMS, {
     "prepare": {"sources": [{"kind": "synthetic", "num_images": 40, "noisy_images": 8, "image_size": 64}],
-                "out_dir": "data/prepared",  # dvc.yaml wires every later stage to it
                 "val_fraction": 0.2, "test_fraction": 0.2},
-    "extract": {"backbone": "test_efficientnet", "weights": None, "image_size": 64, "num_shards": 2,
-                "batch_size": 16, "workers": 0},
+    "extract": {"image_size": 64, "num_shards": 2, "batch_size": 16, "workers": 0},
     "vocab": {"kinds": ["word"], "min_freq": 1},
     "train": {"epochs": 1, "batch_size": 16, "warmup_steps": 2, "amp": "none", "val_max_images": 8},
     "decoders": {"transformer": {"options": {"d_model": 32, "num_layers": 1, "num_heads": 2}},
                  "show_tell": {"options": {"embed_dim": 32, "hidden_dim": 32}, "train": {"epochs": 2}}},
-    # the default DAG's CLIP filtering (its own tiny CLIP, the threshold tuned for it), sized down
-    "clip_train": {**REAL_PARAMS["clip_train"], "epochs": 1, "batch_size": 8, "val_max_images": 4},
-    "filter": {**REAL_PARAMS["filter"], "batch_size": 8},
-    # dvc.yaml names these stages' paths from params (not run here)
-    "finetune": {"bundle": "models/transformer/bundle", "out_dir": "models/transformer-finetuned"},
-    "scst": {"bundle": "models/transformer/bundle", "out_dir": "models/transformer-scst"},
-}
+    "clip_train": {"epochs": 1, "batch_size": 8, "val_max_images": 4},
+    "filter": {"batch_size": 8},
+})
 
 
 def _env(repo: Path) -> dict[str, str]:
@@ -69,7 +73,7 @@ def test_repro_builds_then_noop_then_reruns_only_what_changed(repo_copy):
     assert len(manifest) == 40
     meta = json.loads((repo_copy / "data/features/meta.json").read_text())
     # the 40 images and the noisy variant's 8 (extracted too: the recovery experiment trains on them)
-    assert meta["records"] == 48 and meta["spec"]["backbone"] == "test_efficientnet"
+    assert meta["records"] == 48 and meta["spec"]["backbone"] == REAL_PARAMS["extract"]["backbone"]
     assert (repo_copy / "models/transformer/bundle/config.json").exists()
     assert json.loads((repo_copy / "models/transformer/metrics.json").read_text())["epochs_run"] == 1
 

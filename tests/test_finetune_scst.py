@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +40,8 @@ from pipeline.training.finetune import (
 )
 from pipeline.training.scst import ScstPolicy, ScstTrainer, reward_corpus
 from stages import extract, finetune, scst
-from tests.conftest import REPO, TINY_TRANSFORMER, TinyPipeline
-from tests.helpers_bundle import free_port
-from tests.helpers_training import assert_same_tensors, history, scst_step_reward, tensors, trainable_names
+from tests.conftest import TINY_TRANSFORMER, TinyPipeline
+from tests.helpers_training import assert_same_tensors, history, scst_step_reward, tensors, torchrun, trainable_names
 
 BACKBONE = "test_efficientnet"
 DECODER = TINY_TRANSFORMER  # the options of the session pipeline's bundle
@@ -527,10 +523,7 @@ def test_torchrun_two_processes_finetune_one_model(pipe, tmp_path):
         "bundle": str(pipe.bundle), "manifest": str(pipe.manifest), "out_dir": str(out), "epochs": 2,
         "frozen_epochs": 1, "batch_size": 8, "max_train_images": 32, "val_max_images": 4, "device": "cpu",
         "workers": 1}}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "pipeline.cli", "finetune", "--params", str(params)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    res = torchrun("finetune", params, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "2 process(es)" in res.stderr
     m = json.loads((out / "metrics.json").read_text())

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,19 @@ class Result:
     peak_mb: float = 0.0  # the subprocess's peak resident memory (the kernel's ru_maxrss)
 
 
+# The kernel's peak RSS of a process counts the memory of the process it was forked from until its exec (Python's
+# subprocess forks with vfork, sharing the parent's memory): a child of this test process would report the test
+# process's own peak, gigabytes late in the suite. A small fresh interpreter starts the command instead and
+# reports its child's peak, which then starts from that interpreter's few megabytes.
+_MEASURED = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 @pytest.fixture
 def cli(tmp_path):
     """``cli(*args)``: ``pipeline ARGS`` as a user runs it (a subprocess, through the CLI's error boundary) in an
@@ -38,18 +50,13 @@ def cli(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def run(*args) -> Result:
-        with tempfile.TemporaryFile() as out:
-            proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=tmp_path, env=env,
-                                    stdout=out, stderr=subprocess.STDOUT)
-            watchdog = threading.Timer(300, proc.kill)
-            watchdog.start()
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's so far
-            finally:
-                watchdog.cancel()
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            out.seek(0)
-            return Result(proc.returncode, out.read().decode(errors="replace"), usage.ru_maxrss / 1024)
+        with tempfile.TemporaryDirectory() as scratch:
+            out, peak = Path(scratch) / "output", Path(scratch) / "peak_kb"
+            with out.open("wb") as sink:
+                proc = subprocess.run([sys.executable, "-c", _MEASURED, str(peak), sys.executable, "-m", "pipeline.cli",
+                                       *map(str, args)], cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                      timeout=300)
+            return Result(proc.returncode, out.read_text(errors="replace"), int(peak.read_text()) / 1024)
 
     return run
 

@@ -36,9 +36,8 @@ from pipeline.text.tokenizers import load_tokenizer
 from pipeline.training.interrupts import TrainingInterrupted
 from pipeline.training.loop import Trainer, TrainingForward
 from stages import train
-from tests.conftest import REPO, TinyPipeline
-from tests.helpers_bundle import free_port
-from tests.helpers_training import assert_same_tensors, history, tensors
+from tests.conftest import TinyPipeline
+from tests.helpers_training import assert_same_tensors, history, tensors, torchrun
 
 BACKBONE = "test_efficientnet"
 
@@ -353,10 +352,7 @@ def test_torchrun_two_processes_train_one_model(pipe, tmp_path, trained):
     out = tmp_path / "ddp"
     params = pipe.params_file(tmp_path / "p.yaml", {"decoder": "transformer", "decoder_options": OPTIONS["transformer"],
                                                     "epochs": 3, "out_dir": str(out)})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "pipeline.cli", "train", "--params", str(params)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    res = torchrun("train", params, timeout=240)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "2 process(es)" in res.stderr
     # One writer: a single bundle, metrics and checkpoint, no leftovers of a second rank.

@@ -77,8 +77,9 @@ def _main(
         level = logging.WARNING  # under torchrun the main process speaks for all: every line once, not once a rank
     # The project's own loggers at that level; third-party libraries (open_clip, timm, dvc...) say only warnings
     # unless --verbose, so their INFO chatter stays out of the user's log.
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    others = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=others, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(others)  # also when a handler already exists (basicConfig then does nothing)
     for name in ("pipeline", "stages", "cache"):
         logging.getLogger(name).setLevel(level)
 

@@ -86,7 +86,8 @@ class Run:
 def _parser() -> argparse.ArgumentParser:
     p = base_parser("quality", __doc__.split("\n\n")[0])
     p.add_argument("dataset", type=Path, nargs="?", help="A Flickr8k-layout folder (not needed with --quick).")
-    p.add_argument("--recipe", default="flickr8k-cpu", help=f"A params preset in {RECIPES} (name without .yaml).")
+    p.add_argument("--recipe", default="flickr8k-cpu", help=f"A params preset in {RECIPES} (name without .yaml), or "
+                                                            "the path of a params file (ending .yaml).")
     p.add_argument("--blind", action="store_true", help="Also train and evaluate the image-blind control.")
     p.add_argument("--skip-scst", action="store_true", help="Stop after train (no self-critical stage).")
     p.add_argument("--speed", action="store_true", help="Also measure the speed ratios on the real workload "
@@ -225,7 +226,7 @@ def speed(run: Run, results_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
-    params = RECIPES / f"{args.recipe}.yaml"
+    params = Path(args.recipe) if args.recipe.endswith((".yaml", ".yml")) else RECIPES / f"{args.recipe}.yaml"
     if not params.is_file():
         known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise SystemExit(f"bench.quality: no recipe {args.recipe!r} in {RECIPES} (known: {known})")
@@ -250,10 +251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"training (train + scst + finetune): {training / 60:.1f} min",
     ])
     result = {
-        "recipe": args.recipe, "dataset": str(dataset), "stage_seconds": run.seconds,
+        "recipe": params.stem, "dataset": str(dataset), "stage_seconds": run.seconds,
         "training_seconds": round(training, 1), "rows": rows, "decoding_choice": val_rows, "speed": speeds,
     }
-    return bench_run.publish(result, markdown, file_name=f"quality-{args.recipe}")
+    return bench_run.publish(result, markdown, file_name=f"quality-{params.stem}")
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def check_spec(have: FeatureSpec, want: FeatureSpec, *, have_label: str, want_la
 class CacheMeta:
     """``meta.json``: the features' spec, how they are stored, and a content hash of every record.
 
-    ``identity()`` — spec, shard count, format version and ``computed_with`` — is what must match for a
+    ``identity()`` — spec, shard count, format version, ``computed_with`` and ``views`` — is what must match for a
     cache folder to be reused. ``computed_with`` holds what else a record's bytes depend on besides the
     spec: the batch the encoder ran at (kernels differ with the batch's size: the encoder always runs at
     that size, a short last batch padded, so *which* batch a record lands in does not matter), the device
@@ -261,6 +261,9 @@ class CacheMeta:
     record_layout: str = "sha256(image file) [32 bytes], then each token set's (tokens, channels) array"
     extra: dict[str, Any] = field(default_factory=dict)  # what a producer records beside (e.g. a CLIP model key)
     computed_with: dict[str, Any] = field(default_factory=dict)  # batch size, device type, autocast, memory format
+    # Augmented views of the training images beside their plain records (`extract --views K`; see
+    # pipeline.data.views): their count, seed and augmentation. None (not written): plain records only.
+    views: Optional[dict[str, Any]] = None
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
 
@@ -299,13 +302,18 @@ class CacheMeta:
         return DIGEST_BYTES + self.feature_nbytes
 
     def identity(self) -> dict[str, Any]:
-        return {**self.spec.identity(), "num_shards": self.num_shards, "version": self.version,
-                "extra": self.extra, "computed_with": self.computed_with}
+        identity = {**self.spec.identity(), "num_shards": self.num_shards, "version": self.version,
+                    "extra": self.extra, "computed_with": self.computed_with}
+        if self.views is not None:
+            identity["views"] = self.views
+        return identity
 
     # -- files --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["spec"] = self.spec.to_dict()
+        if d["views"] is None:
+            del d["views"]  # a cache without views reads as it always did
         return d
 
     def write(self, directory: Path) -> None:

@@ -181,6 +181,24 @@ class PrepareConfig(StageConfig):
         return self
 
 
+class ImageAugmentation(StageConfig):
+    """Caption-safe augmentation of a training image (:class:`pipeline.data.image_captions.Augmentation`): what
+    `finetune` applies per batch and `extract --views` stores in the cache."""
+
+    crop_scale: float = Field(0.85, gt=0, le=1, description="Random resized crop: smallest fraction of the image area "
+                              "kept (1.0: no crop).")
+    rotation: float = Field(8.0, ge=0, le=45, description="Random rotation, +- degrees.")
+    brightness: float = Field(0.2, ge=0, lt=1, description="Colour jitter: brightness factor range 1 +- this.")
+    contrast: float = Field(0.2, ge=0, lt=1, description="Colour jitter: contrast factor range 1 +- this.")
+    saturation: float = Field(0.2, ge=0, lt=1, description="Colour jitter: saturation factor range 1 +- this.")
+    hue: float = Field(0.0, ge=0, le=0.5, description="Colour jitter: hue shift +- this (keep 0 when captions name "
+                       "colours).")
+    hflip: Literal["swap", "off"] = Field(
+        "swap", description="Horizontal flips (half the images): `swap` flips and swaps left/right words in the "
+                            "captions; `off` never flips."
+    )
+
+
 class ExtractConfig(StageConfig):
     # `--backbone` on the command line without `--weights`: the params file's weights belong to its own backbone.
     paired: ClassVar[dict[str, tuple[str, ...]]] = {"backbone": ("weights",)}
@@ -213,6 +231,12 @@ class ExtractConfig(StageConfig):
     channels_last: bool = False
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
     max_file_bytes: MaxFileBytes = DEFAULT_MAX_FILE_BYTES
+    views: int = Field(0, ge=0, description="Augmented views of each training image stored beside its plain record "
+                       "(`train` and `scst` draw one view per image per epoch); 0: plain records only.")
+    view_augmentation: ImageAugmentation = Field(
+        default_factory=ImageAugmentation, description="How the views are drawn (JSON: crop_scale, rotation, "
+        "brightness, contrast, saturation, hue, hflip; hflip `swap` mirrors and swaps left/right in the captions).")
+    seed: int = Field(0, description="Seed of the augmented views (each drawn from seed, view and image id).")
 
     @model_validator(mode="after")
     def _shard_index_below_num_shards(self) -> "ExtractConfig":
@@ -256,6 +280,10 @@ Threads = Annotated[Optional[int], Field(ge=0, description="torch CPU threads (0
                                                            "default: torch's choice.")]
 Compile = Annotated[bool, Field(description="torch.compile the model (CUDA).")]
 ImageWorkers = Annotated[int, Field(ge=1, description="Threads decoding (and augmenting) images.")]
+Views = Annotated[Optional[int], Field(ge=0, description="Augmented views to train on (the cache's, from `extract "
+                                                         "--views`): each epoch reads one view of each training image, "
+                                                         "the plain one or one of these; default: all the cache holds; "
+                                                         "0: plain features only.")]
 
 
 class LoopConfig(StageConfig):
@@ -274,6 +302,9 @@ class LoopConfig(StageConfig):
     val_metric: Literal["cider", "bleu4", "loss"] = Field("cider", description="Validation metric that picks the "
                                                           "best epoch (and early stopping).")
     val_max_images: ValMaxImages = None
+    ema: Optional[float] = Field(None, gt=0, lt=1, description="Exponential moving average of the weights, this decay "
+                                 "per step (e.g. 0.999): validated beside the raw weights (val_raw_*) each epoch; the "
+                                 "averaged weights are the ones selected and kept. Default: off.")
     max_caption_length: int = Field(24, ge=1, description="Greedy captions at validation stop here.")
     patience: Patience = 4
     checkpoint_every: CheckpointEvery = 200
@@ -305,6 +336,7 @@ class TrainConfig(LoopConfig):
     decoder_options: dict[str, Any] = Field(default_factory=dict, description="Overrides of the family's options.")
     token_sets: Optional[list[str]] = Field(None, description="Cached token sets to use; default: all (concatenated).")
     blind: bool = Field(False, description="Image-blind control: replace the visual features by zeros.")
+    views: Views = None
     threads: Threads = None
     label_smoothing: LabelSmoothing = 0.1
     scheduled_sampling: float = Field(
@@ -573,8 +605,9 @@ class MixConfig(StageConfig):
         return self
 
 
-class FinetuneConfig(LoopConfig):
-    """End-to-end fine-tuning of a trained bundle's backbone and decoder, from images (not the cache)."""
+class FinetuneConfig(ImageAugmentation, LoopConfig):
+    """End-to-end fine-tuning of a trained bundle's backbone and decoder, from images (not the cache); the
+    augmentation of its training images is :class:`ImageAugmentation`'s."""
 
     bundle: Path = Field(Path("models/transformer/bundle"), description="Bundle to start from (written by `train`); "
                          "its decoder family is the one fine-tuned.")
@@ -598,18 +631,6 @@ class FinetuneConfig(LoopConfig):
                                       "when it is unfrozen), then cosine decay to `min_lr_ratio` of it.")
     schedule: Literal["cosine"] = "cosine"
     label_smoothing: LabelSmoothing = 0.1
-    crop_scale: float = Field(0.85, gt=0, le=1, description="Random resized crop: smallest fraction of the image area "
-                              "kept (1.0: no crop).")
-    rotation: float = Field(8.0, ge=0, le=45, description="Random rotation, +- degrees.")
-    brightness: float = Field(0.2, ge=0, lt=1, description="Colour jitter: brightness factor range 1 +- this.")
-    contrast: float = Field(0.2, ge=0, lt=1, description="Colour jitter: contrast factor range 1 +- this.")
-    saturation: float = Field(0.2, ge=0, lt=1, description="Colour jitter: saturation factor range 1 +- this.")
-    hue: float = Field(0.0, ge=0, le=0.5, description="Colour jitter: hue shift +- this (keep 0 when captions name "
-                       "colours).")
-    hflip: Literal["swap", "off"] = Field(
-        "swap", description="Horizontal flips (half the images): `swap` flips and swaps left/right words in the "
-                            "captions; `off` never flips."
-    )
     bn: Literal["train", "frozen"] = Field(
         "frozen", description="Batch norm of the unfrozen stages: `frozen` keeps their running statistics (their "
                               "affine parameters still train), `train` updates them from each batch (frozen stages "
@@ -644,6 +665,7 @@ class ScstConfig(LoopConfig):
     weight_decay: WeightDecay = 0.0
     epochs: Epochs = 2
     batch_size: BatchSize = Field(32, description="Images per step (each with num_samples captions).")
+    views: Views = None
     max_train_images: Optional[int] = Field(None, ge=1, description="Train on this many training images (a seeded "
                                             "subset); the reward's statistics always use every training reference.")
     warmup_steps: WarmupSteps = 10

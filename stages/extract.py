@@ -20,6 +20,9 @@ shard done writes ``meta.json``. Killed at any point, a rerun resumes each shard
 from its last committed batch. A second run on the same folder while one is writing it is
 refused (``.<folder>.lock`` beside it; ``--shard-index`` runs share it with each other).
 An extraction that encodes no image at all writes its rejects but no ``meta.json``.
+
+``--views K`` also stores K augmented views of every training image (:mod:`pipeline.data.views`), each a pure
+function of ``(seed, image, view)``; ``meta.json`` records them, and val/test images keep their plain record only.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from cache.format import WEIGHTS_FILE, CacheMeta, file_sha256
 from cache.writer import CacheWriter
 from pipeline.config import ExtractConfig
+from pipeline.data.augment import Augmentation
 from pipeline.data.cache_fill import fill_cache
 from pipeline.data.manifest import ManifestRecord, read_manifests
+from pipeline.data.views import CachedViews, ViewRenderer
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.errors import UserError
 from pipeline.files import output_lock, write_bytes
@@ -56,15 +62,24 @@ def default_workers(device: torch.device) -> int:
     return 0 if device.type == "cpu" and cores <= 2 else 1
 
 
+def cached_views(cfg: ExtractConfig) -> Optional[CachedViews]:
+    """The augmented views ``cfg`` asks for (None: plain records only)."""
+    if cfg.views == 0:
+        return None
+    return CachedViews(cfg.views, cfg.seed, Augmentation.from_config(cfg.view_augmentation))
+
+
 def build_meta(backbone: Backbone, cfg: ExtractConfig, weights: bytes, device: torch.device) -> CacheMeta:
-    """The cache's metadata: the features' spec, with the weights identified by the sha256 of ``weights``, and
-    how the records are computed on ``device``."""
+    """The cache's metadata: the features' spec, with the weights identified by the sha256 of ``weights``, how
+    the records are computed on ``device``, and the augmented views it holds."""
     info = {k: v for k, v in backbone.weights_info.items()}
     info["sha256"] = hashlib.sha256(weights).hexdigest()
     spec = backbone.feature_spec(weights=info, dtype=cfg.dtype)
     computed_with = {"batch_size": cfg.batch_size, "device": device.type, "amp": "bf16" if cfg.amp else None,
                      "channels_last": cfg.channels_last}
-    return CacheMeta(spec=spec, num_shards=cfg.num_shards, weights_file=WEIGHTS_FILE, computed_with=computed_with)
+    views = cached_views(cfg)
+    return CacheMeta(spec=spec, num_shards=cfg.num_shards, weights_file=WEIGHTS_FILE, computed_with=computed_with,
+                     views=views.to_dict() if views is not None else None)
 
 
 def store_weights(directory: Path, weights: bytes, sha256: str) -> None:
@@ -127,9 +142,16 @@ def _extract(cfg: ExtractConfig, records: list[ManifestRecord], device: torch.de
         return [t.float().cpu().numpy() for t in token_sets]
 
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
+    views = cached_views(cfg)
+    if views is not None:
+        view_records = views.records(records)
+        log.info("extract: %d augmented view(s) of each of the %d training images (%d view records)", views.count,
+                 len(view_records) // views.count, len(view_records))
+        records = records + view_records
     stats = fill_cache(writer, records, cfg.manifest, mine, transform=backbone.eval_transform(), encode=encode,
                        batch_size=cfg.batch_size, workers=workers, max_pixels=cfg.max_pixels, max_file_bytes=cfg.max_file_bytes,
-                       pin_memory=device.type == "cuda", desc=f"extract[{ctx.rank}]")
+                       pin_memory=device.type == "cuda", desc=f"extract[{ctx.rank}]",
+                       views=ViewRenderer(views, backbone.data_config) if views is not None else None)
     log.info("extract: %d shard(s) already up to date, %d updated: %d record(s) kept, %d re-extracted (image "
              "changed), %d dropped (no longer in the manifest), %d computed, %d rejected",
              stats.shards_current, stats.shards_updated, stats.kept, stats.changed, stats.dropped, stats.computed,

@@ -28,7 +28,8 @@ import torch
 
 from cache import FeatureSpec
 from pipeline.config import FinetuneConfig, config_to_dict
-from pipeline.data.image_captions import Augmentation, ImageCaptionDataset, image_items
+from pipeline.data.augment import Augmentation
+from pipeline.data.image_captions import ImageCaptionDataset, image_items
 from pipeline.data.manifest import subset
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.inference.bundle import BundleError, save_bundle

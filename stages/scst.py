@@ -24,7 +24,9 @@ from pipeline.config import ScstConfig, config_to_dict
 from pipeline.data.features import CachedImageDataset
 from pipeline.data.image_captions import ImageCaptionDataset, image_items
 from pipeline.data.manifest import subset
+from pipeline.data.views import ViewSchedule
 from pipeline.distributed import DistContext, run_distributed
+from pipeline.errors import ConfigError
 from pipeline.inference.bundle import BACKBONE, BundleError, save_bundle
 from pipeline.provenance import files_sha256, tree_sha256
 from pipeline.training.loop import TrainState, autocast_dtype
@@ -34,7 +36,7 @@ from pipeline.training.runs import (
     load_start_bundle,
     train_val_splits,
 )
-from pipeline.training.scst import ScstPolicy, ScstTrainer, reward_corpus
+from pipeline.training.scst import ScstPolicy, ScstTrainer, mirrored_references, reward_corpus
 from pipeline.training.stage import TrainingStage, run_training_stage
 
 log = logging.getLogger(__name__)
@@ -58,18 +60,25 @@ def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, A
     amp_dtype = autocast_dtype(cfg.amp, device)
 
     inputs = {"bundle_sha256": tree_sha256(cfg.bundle), "manifest_sha256": files_sha256([Path(cfg.manifest)])}
+    extra: dict[str, Any] = {}  # the trainer's options that depend on the feature source
     if spec.source == "cache":
         cache = FeatureCache(cfg.features)
         source.check_spec(cache.spec, f"the cache {cache.directory}")
         cache.require(digests_of(train_records + val_records), f"the manifest {cfg.manifest}")
         names = [t.name for t in spec.token_sets]
-        dataset: Any = CachedImageDataset(cache, [r.image_id for r in train_records], names)
+        views = ViewSchedule.of_cache(cache, cfg.views, cfg.seed, digests_of(train_records))
+        if views is not None:
+            extra["mirrored"] = mirrored_references(train_records)
+        dataset: Any = CachedImageDataset(cache, [r.image_id for r in train_records], names, views=views)
         val_data = CachedImageDataset(cache, [r.image_id for r in val_records], names)
         encode_batch = lambda batch: batch.features  # noqa: E731 (a one-line adapter)
         encode_val = val_data.features
         inputs["features_sha256"] = cache.meta.content_sha256
         where = f"cached features {cfg.features}"
     elif spec.source == "finetuned":
+        if cfg.views:
+            raise ConfigError(f"--views {cfg.views}: {cfg.bundle} was fine-tuned end to end, so SCST reads its images, "
+                              "not cached views; leave --views out")
         kw = dict(pad_id=tokenizer.pad_id, data_config=source.backbone.data_config,
                   eval_transform=source.backbone.eval_transform(), workers=cfg.workers, max_pixels=cfg.max_pixels)
         dataset = ImageCaptionDataset(image_items(train_records, cfg.manifest, tokenizer), **kw)
@@ -108,6 +117,6 @@ def _run(cfg: ScstConfig, device: torch.device, ctx: DistContext) -> dict[str, A
         cfg=cfg, out_dir=out, entry=f"{__name__}:run", inputs=inputs, model=ScstPolicy(decoder), dataset=dataset,
         validator=validator, save_best=save_best, summary=summary, what="SCST", start_metrics=True,
         trainer=ScstTrainer, trainer_options={"reward": reward, "tokenizer": tokenizer, "encode": encode_batch,
-                                              "max_length": max_length},
+                                              "max_length": max_length, **extra},
         close=getattr(dataset, "close", lambda: None),
     ), ctx, device)

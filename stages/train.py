@@ -25,8 +25,10 @@ import torch
 
 from cache import FeatureCache, FeatureSpec
 from pipeline.config import TrainConfig, config_to_dict
+from pipeline.data.augment import flip_caption
 from pipeline.data.features import CachedCaptionDataset, select_features, token_layout
 from pipeline.data.manifest import ManifestRecord
+from pipeline.data.views import ViewSchedule
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.errors import ConfigError
 from pipeline.inference.bundle import BundleError, read_bundle_config, save_bundle
@@ -46,11 +48,14 @@ from pipeline.training.stage import TrainingStage, run_training_stage
 log = logging.getLogger(__name__)
 
 
-def caption_samples(records: list[ManifestRecord], tokenizer: CaptionTokenizer) -> list[tuple[str, list[int]]]:
-    """One (image id, token ids) sample per caption."""
+def caption_samples(records: list[ManifestRecord], tokenizer: CaptionTokenizer,
+                    mirrored: bool = False) -> list[tuple[str, list[int]]]:
+    """One (image id, token ids) sample per caption (``mirrored``: the caption of the mirrored image, left and
+    right swapped)."""
     samples = []
     for rec in records:
-        for ids in tokenizer.encode_captions(rec.captions):
+        captions = [flip_caption(c) for c in rec.captions] if mirrored else rec.captions
+        for ids in tokenizer.encode_captions(captions):
             samples.append((rec.image_id, ids))
     return samples
 
@@ -126,15 +131,18 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
                            f"rejected {len(skipped)} image(s), leaving {len(train_records)} train, {len(val_records)} "
                            f"val (see {cache.directory / 'rejects.jsonl'})")
     names = [t.name for t in spec.token_sets]
+    views = ViewSchedule.of_cache(cache, cfg.views, cfg.seed, digests_of(train_records))
+    flipped = [t for _, t in caption_samples(train_records, tokenizer, mirrored=True)] if views else None
     dataset = CachedCaptionDataset(cache, caption_samples(train_records, tokenizer), pad_id=tokenizer.pad_id,
-                                   token_sets=names, zero_features=cfg.blind)
+                                   token_sets=names, zero_features=cfg.blind, views=views, flipped=flipped)
     decoder = build_decoder(cfg, spec, tokenizer)
     word_vectors = init_word_vectors(cfg, decoder, tokenizer)
     decoder = decoder.to(device)
     n_params = sum(p.numel() for p in decoder.parameters())
-    log.info("train %s (%.2fM parameters) on %d captions of %d images, %s features %s%s, device %s, %d process(es)",
+    log.info("train %s (%.2fM parameters) on %d captions of %d images, %s features %s%s%s, device %s, %d process(es)",
              cfg.decoder, n_params / 1e6, len(dataset), len(train_records), spec.backbone,
              [(t.name, t.tokens, t.channels) for t in spec.token_sets],
+             f", each epoch one of {views.count + 1} views per image" if views else "",
              " (image-blind control: zeros)" if cfg.blind else "", device, ctx.world_size)
 
     inputs = {"features_sha256": cache.meta.content_sha256, "tokenizer": tokenizer.fingerprint(),

@@ -25,7 +25,8 @@ from pipeline.config import (
     ScstConfig,
     load_config,
 )
-from pipeline.data.image_captions import Augmentation, ImageCaptionDataset, flip_caption, image_items
+from pipeline.data.augment import Augmentation, flip_caption
+from pipeline.data.image_captions import ImageCaptionDataset, image_items
 from pipeline.data.images import load_rgb
 from pipeline.data.manifest import read_manifest
 from pipeline.evaluation.metrics import CiderD, fallback_tokenize

@@ -50,16 +50,18 @@ def image_digests(records: list[ManifestRecord], manifest: Path) -> dict[str, Op
     A manifest that records digests (``prepare`` does) must agree with the files: otherwise the
     images changed after ``prepare`` and the manifest's other facts may be stale too."""
 
-    def one(rec: ManifestRecord) -> Optional[str]:
+    def one(path: Path) -> Optional[str]:
         try:
-            return image_sha256(resolve_image_path(rec, manifest))
+            return image_sha256(path)
         except OSError:
             return None
 
+    paths = [resolve_image_path(r, manifest) for r in records]
+    unique = list(dict.fromkeys(paths))  # each file once (an image's augmented views share its file)
     with ThreadPoolExecutor(2) as pool:
-        digests = list(progress_bar(pool.map(one, records), total=len(records), unit="img", desc="hash images",
-                                    disable=len(records) < 2000))
-    out = dict(zip((r.image_id for r in records), digests))
+        by_path = dict(zip(unique, progress_bar(pool.map(one, unique), total=len(unique), unit="img",
+                                                desc="hash images", disable=len(unique) < 2000)))
+    out = {r.image_id: by_path[p] for r, p in zip(records, paths)}
     stale = [r.image_id for r in records if r.sha256 and out[r.image_id] and r.sha256 != out[r.image_id]]
     if stale:
         raise StaleManifestError(
@@ -89,9 +91,10 @@ Encoder = Callable[[torch.Tensor], list[np.ndarray]]  # a batch of preprocessed 
 def fill_cache(
     writer: CacheWriter, records: list[ManifestRecord], manifest: Path, shards: list[int], *, transform: Callable,
     encode: Encoder, batch_size: int, workers: int = 0, max_pixels: int, max_file_bytes: int,
-    pin_memory: bool = False, desc: str = "encode",
+    pin_memory: bool = False, desc: str = "encode", views: Optional[Callable] = None,
 ) -> FillStats:
-    """Bring ``shards`` of ``writer``'s cache up to date with the images of ``records`` that belong to them."""
+    """Bring ``shards`` of ``writer``'s cache up to date with the images of ``records`` that belong to them
+    (``views``: how view records are rendered, :class:`pipeline.data.views.ViewRenderer`)."""
     by_shard: dict[int, list[ManifestRecord]] = {i: [] for i in shards}
     for rec in records:
         s = shard_of(rec.image_id, writer.meta.num_shards)
@@ -102,7 +105,7 @@ def fill_cache(
         items = fill.plan(by_shard)
         if items:
             start = time.perf_counter()
-            dataset = ImageFiles([r for _, r in items], manifest, transform, max_pixels, max_file_bytes)
+            dataset = ImageFiles([r for _, r in items], manifest, transform, max_pixels, max_file_bytes, views=views)
             fill.compute(items, dataset, encode, batch_size=batch_size, workers=workers, pin_memory=pin_memory,
                          desc=desc)
             fill.stats.seconds = time.perf_counter() - start

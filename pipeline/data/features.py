@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch.utils.data import Dataset
 
 from cache.format import TokenSet
 from cache.reader import FeatureCache
+
+if TYPE_CHECKING:
+    from pipeline.data.views import ViewSchedule
 
 
 @dataclass
@@ -104,7 +107,11 @@ def pad_tokens(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
 
 
 class CachedCaptionDataset(Dataset):
-    """``samples[i] = (image_id, token_ids)``: one entry per caption; token ids include bos and eos."""
+    """``samples[i] = (image_id, token_ids)``: one entry per caption; token ids include bos and eos.
+
+    With ``views`` (a :class:`pipeline.data.views.ViewSchedule`), each image is read under the augmented view its
+    epoch draws (:meth:`set_epoch`, as with ``DistributedSampler``), and a mirrored view's caption is
+    ``flipped[i]``, sample ``i``'s caption with left and right swapped."""
 
     def __init__(
         self,
@@ -114,15 +121,23 @@ class CachedCaptionDataset(Dataset):
         pad_id: int,
         token_sets: Sequence[str] | None = None,
         zero_features: bool = False,
+        views: Optional[ViewSchedule] = None,
+        flipped: Optional[Sequence[Sequence[int]]] = None,
     ) -> None:
         self.cache = cache
         self.samples = list(samples)
         self.pad_id = pad_id
         self.token_sets = token_sets
         self.zero_features = zero_features  # the image-blind control: same shapes, no visual information
+        if views is not None and (flipped is None or len(flipped) != len(self.samples)):
+            raise ValueError("views need the mirrored caption of every sample (flipped)")
+        self.views, self.flipped, self.epoch = views, flipped, 0
         missing = [image_id for image_id, _ in self.samples[:1] if image_id not in cache]
         if missing:
             raise KeyError(f"image {missing[0]!r} is not in the feature cache {cache.directory}")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -133,11 +148,16 @@ class CachedCaptionDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> CaptionBatch:
         picked = [self.samples[i] for i in indices]
         image_ids = [image_id for image_id, _ in picked]
-        features = features_tensor(select_features(self.cache.get_batch(image_ids, raw=True), self.token_sets),
+        keys, captions = image_ids, [t for _, t in picked]
+        if self.views is not None:
+            views = [self.views.pick(image_id, self.epoch) for image_id in image_ids]
+            keys = [key for key, _ in views]
+            captions = [self.flipped[i] if mirrored else t for i, t, (_, mirrored) in zip(indices, captions, views)]
+        features = features_tensor(select_features(self.cache.get_batch(keys, raw=True), self.token_sets),
                                    self.cache.meta.dtype)
         if self.zero_features:
             features = torch.zeros_like(features)
-        tokens, lengths = pad_tokens([t for _, t in picked], self.pad_id)
+        tokens, lengths = pad_tokens(captions, self.pad_id)
         return CaptionBatch(image_ids, features, tokens, lengths)
 
 
@@ -152,27 +172,37 @@ def caption_collate(batch: CaptionBatch) -> CaptionBatch:
 class FeatureBatch:
     image_ids: list[str]
     features: torch.Tensor  # (B, N, C)
+    flipped: Optional[list[bool]] = None  # each image's view mirrored (its references then have left/right swapped)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
 
 class CachedImageDataset:
-    """One entry per image: its cached features (float32)."""
+    """One entry per image: its cached features (float32); with ``views``, the view each epoch draws
+    (:meth:`set_epoch`) and whether it is mirrored."""
 
-    def __init__(self, cache: FeatureCache, image_ids: Sequence[str], token_sets: Optional[Sequence[str]] = None):
+    def __init__(self, cache: FeatureCache, image_ids: Sequence[str], token_sets: Optional[Sequence[str]] = None,
+                 views: Optional[ViewSchedule] = None):
         self.cache, self.image_ids, self.token_sets = cache, list(image_ids), token_sets
+        self.views, self.epoch = views, 0
         missing = [i for i in self.image_ids if i not in cache]
         if missing:
             raise KeyError(f"{len(missing)} image(s) are not in the feature cache {cache.directory}, "
                            f"e.g. {missing[:3]}")
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def features(self, image_ids: Sequence[str]) -> torch.Tensor:
-        return torch.from_numpy(select_features(self.cache.get_batch(list(image_ids)), self.token_sets)).float()
+    def features(self, keys: Sequence[str]) -> torch.Tensor:
+        return torch.from_numpy(select_features(self.cache.get_batch(list(keys)), self.token_sets)).float()
 
     def __getitems__(self, indices: Sequence[int]) -> FeatureBatch:
         ids = [self.image_ids[i] for i in indices]
-        return FeatureBatch(ids, self.features(ids))
+        if self.views is None:
+            return FeatureBatch(ids, self.features(ids))
+        views = [self.views.pick(image_id, self.epoch) for image_id in ids]
+        return FeatureBatch(ids, self.features([key for key, _ in views]), [mirrored for _, mirrored in views])

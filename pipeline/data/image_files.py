@@ -7,7 +7,7 @@ feature is keyed by), or the reason it could not be used — a bad image never s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -22,15 +22,22 @@ from pipeline.data.manifest import ManifestRecord, resolve_image_path
 
 class ImageFiles(Dataset):
     """``(index, digest, tensor, None)`` per image, or ``(index, digest or None, None, reject)`` for a bad one
-    (among them files over ``max_file_bytes``, refused by their size before they are read)."""
+    (among them files over ``max_file_bytes``, refused by their size before they are read). With ``views``
+    (:class:`pipeline.data.views.ViewRenderer`), a view record's tensor is its augmented view."""
 
     def __init__(self, records: list[ManifestRecord], manifest: Path, transform: Callable, max_pixels: int,
-                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
+                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                 views: Optional[Callable[[Any, str], Optional[torch.Tensor]]] = None) -> None:
         self.records = records
         self.manifest = manifest
         self.transform = transform
         self.max_pixels = max_pixels
         self.max_file_bytes = max_file_bytes
+        self.views = views  # (image, record id) -> an augmented view's tensor, or None: ``transform`` applies
+
+    def _tensor(self, image, image_id: str) -> torch.Tensor:
+        view = self.views(image, image_id) if self.views is not None else None
+        return self.transform(image) if view is None else view
 
     def __len__(self) -> int:
         return len(self.records)
@@ -39,7 +46,7 @@ class ImageFiles(Dataset):
         path = resolve_image_path(self.records[i], self.manifest)
         try:
             digest, image = read_image_file(path, self.max_pixels, self.max_file_bytes)
-            return i, digest, self.transform(image), None
+            return i, digest, self._tensor(image, self.records[i].image_id), None
         except ImageDecodeError as e:
             reject = {"file": str(path), "id": self.records[i].image_id, "digest": e.digest, "reason": e.reason,
                       "detail": e.detail}

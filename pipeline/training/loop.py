@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +141,9 @@ class Trainer:
     metrics)`` saves the best model; ``on_epoch_end(state, metrics)`` logs.
     ``label_smoothing`` and ``scheduled_sampling`` (final probability, ramp epochs; only for decoders
     whose class sets ``supports_scheduled_sampling``, the recurrent ones) shape the caption loss of
-    the default :meth:`_forward`.
+    the default :meth:`_forward`. With ``cfg.ema``, an exponential moving average of the trained weights is
+    updated after every step (``torch.optim.swa_utils.AveragedModel``), checkpointed beside them, validated
+    beside them, and is what ``on_improvement`` saves (:meth:`kept_weights`).
     """
 
     def __init__(
@@ -160,8 +163,16 @@ class Trainer:
         self.on_improvement = on_improvement
         self.on_epoch_end = on_epoch_end
         self.decoder = getattr(model, "module", model).decoder
-        # What checkpoints hold (strictly restored on resume): the decoder, or e.g. backbone + decoder.
-        self.checkpoint_module = checkpoint_module if checkpoint_module is not None else self.decoder
+        # What is trained (the decoder, or e.g. backbone + decoder) and, with `ema`, averaged.
+        self.trained = checkpoint_module if checkpoint_module is not None else self.decoder
+        self.ema = None
+        if getattr(cfg, "ema", None):
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.trained, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        # What checkpoints hold (strictly restored on resume): the trained weights, and their average.
+        self.checkpoint_module = self.trained if self.ema is None else nn.ModuleDict({"raw": self.trained,
+                                                                                       "ema": self.ema})
         self.label_smoothing = label_smoothing
         self.scheduled_sampling, self.scheduled_sampling_ramp_epochs = scheduled_sampling
         if self.scheduled_sampling > 0 and not self.decoder.supports_scheduled_sampling:
@@ -211,6 +222,20 @@ class Trainer:
 
     def close(self) -> None:
         """Release what the loop holds beyond the model (threads, open datasets); nothing here."""
+
+    @contextmanager
+    def kept_weights(self) -> Iterator[None]:
+        """The weights a run keeps, in place of the trained ones for the ``with`` block: the moving average with
+        ``ema``, the trained weights themselves without."""
+        if self.ema is None:
+            yield
+            return
+        trained = {k: v.detach().clone() for k, v in self.trained.state_dict().items()}
+        self.trained.load_state_dict(self.ema.module.state_dict())
+        try:
+            yield
+        finally:
+            self.trained.load_state_dict(trained)
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> None:
@@ -276,6 +301,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         order = epoch_order(len(self.dataset), cfg.seed, st.epoch, self.ctx)
         self.model.train()
+        if hasattr(self.dataset, "set_epoch"):  # the augmented views an epoch reads (pipeline.data.views)
+            self.dataset.set_epoch(st.epoch)
         self.begin_epoch(st.epoch)
         start, seen, first_step = time.perf_counter(), 0, st.global_step
         with progress(total=self.batches_per_epoch, initial=st.batch_in_epoch, unit="batch",
@@ -307,7 +334,10 @@ class Trainer:
                      seconds, seen * self.ctx.world_size / max(seconds, 1e-9))
         if self.ctx.is_main:
             self.model.eval()
-            metrics.update({f"val_{k}": v for k, v in self.validate(self.decoder).items()})
+            if self.ema is not None:
+                metrics.update({f"val_raw_{k}": v for k, v in self.validate(self.decoder).items()})
+            with self.kept_weights():
+                metrics.update({f"val_{k}": v for k, v in self.validate(self.decoder).items()})
         metrics = self._broadcast(metrics)
         self._end_epoch(metrics)
         self._stop_if_asked(stops)
@@ -325,6 +355,8 @@ class Trainer:
         self.scaler.update()
         if cfg.schedule == "cosine":
             self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.trained)
         st.epoch_loss_sum += float(loss.detach())
 
     def _stop_if_asked(self, stops: StopRequests) -> None:
@@ -364,7 +396,8 @@ class Trainer:
         if better:
             st.best_metric, st.best_epoch, st.epochs_without_improvement = value, st.epoch + 1, 0
             if self.ctx.is_main:
-                self.on_improvement(st, metrics)
+                with self.kept_weights():
+                    self.on_improvement(st, metrics)
         else:
             st.epochs_without_improvement += 1
         st.history.append(metrics)

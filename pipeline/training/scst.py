@@ -18,12 +18,13 @@ captions is exactly the one whose log-probs are differentiated.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.augment import flip_caption
 from pipeline.data.features import pad_tokens
 from pipeline.evaluation.metrics import CiderD, fallback_tokenize
 from pipeline.inference.decoding import Hypothesis, greedy, sample
@@ -32,13 +33,18 @@ from pipeline.training.loop import Trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ScstPolicy", "ScstTrainer", "scst_loss", "sequence_log_probs", "reward_corpus"]
+__all__ = ["ScstPolicy", "ScstTrainer", "mirrored_references", "reward_corpus", "scst_loss", "sequence_log_probs"]
 
 
 def reward_corpus(records: Sequence[Any]) -> CiderD:
     """CIDEr-D whose document frequencies come from every reference of ``records`` (fallback-tokenised),
     keyed by image id."""
     return CiderD({r.image_id: [fallback_tokenize(c) for c in r.captions] for r in records})
+
+
+def mirrored_references(records: Sequence[Any]) -> dict[str, list[str]]:
+    """Each image's references with left and right swapped (fallback-tokenised): what a mirrored view of it shows."""
+    return {r.image_id: [fallback_tokenize(flip_caption(c)) for c in r.captions] for r in records}
 
 
 class ScstPolicy(nn.Module):
@@ -85,8 +91,10 @@ class ScstTrainer(Trainer):
     references keyed by image id."""
 
     def __init__(self, cfg, model: nn.Module, dataset: Any, *, reward: CiderD, tokenizer: CaptionTokenizer,
-                 encode: Callable[[Any], torch.Tensor], max_length: int, **kw) -> None:
+                 encode: Callable[[Any], torch.Tensor], max_length: int,
+                 mirrored: Optional[dict[str, list[str]]] = None, **kw) -> None:
         self.reward = reward
+        self.mirrored = mirrored or {}  # image id -> its references with left/right swapped, for mirrored views
         self.tokenizer = tokenizer
         self.encode = encode
         self.max_length = max_length
@@ -102,9 +110,15 @@ class ScstTrainer(Trainer):
         seed = int(np.random.default_rng([self.cfg.seed, epoch, b, self.ctx.rank]).integers(0, 2**62))
         return torch.Generator().manual_seed(seed)
 
-    def rewards(self, hyps: Sequence[Hypothesis], image_ids: Sequence[str]) -> np.ndarray:
+    def references(self, batch: Any) -> list:
+        """What each image's captions are scored against: its references (by image id), or for a mirrored view
+        (``batch.flipped``) the mirrored references (idf still from the training corpus)."""
+        flipped = getattr(batch, "flipped", None) or [False] * len(batch.image_ids)
+        return [self.mirrored[i] if f else i for i, f in zip(batch.image_ids, flipped)]
+
+    def rewards(self, hyps: Sequence[Hypothesis], references: Sequence[Any]) -> np.ndarray:
         texts = [fallback_tokenize(self.tokenizer.decode(h.tokens)) for h in hyps]
-        r = self.reward.score(texts, list(image_ids))
+        r = self.reward.score(texts, list(references))
         if self.cfg.length_weight:
             r = r + self.cfg.length_weight * np.array([len(h.tokens) for h in hyps], dtype=np.float64)
         return r
@@ -119,10 +133,10 @@ class ScstTrainer(Trainer):
                              generator=self.generator())
             base_hyps = greedy(dec, feats, max_length=self.max_length) if cfg.baseline == "greedy" else None
         flat = [h for per_image in samples for h in per_image]
-        ids = [i for i in batch.image_ids for _ in range(n)]
-        r = self.rewards(flat, ids)
+        references = self.references(batch)
+        r = self.rewards(flat, [ref for ref in references for _ in range(n)])
         if base_hyps is not None:
-            base = np.repeat(self.rewards(base_hyps, batch.image_ids), n)
+            base = np.repeat(self.rewards(base_hyps, references), n)
         else:
             rr = r.reshape(-1, n)
             base = ((rr.sum(1, keepdims=True) - rr) / (n - 1)).reshape(-1)

@@ -39,7 +39,7 @@ def write(path: Path, text: str) -> Path:
 def captured(monkeypatch):
     """Stand-ins for the stage modules: a CLI run records its resolved config instead of running the stage."""
     seen: dict[str, object] = {}
-    for name in ("prepare", "extract"):
+    for name in ("prepare", "extract", "vocab"):
         fake = types.ModuleType(f"stages.{name}")
         fake.run = lambda cfg, _name=name: seen.__setitem__(_name, cfg)
         monkeypatch.setitem(sys.modules, f"stages.{name}", fake)
@@ -285,6 +285,14 @@ def test_cli_none_clears_optional_options(tmp_path, captured):
     cfg = captured["extract"]
     assert (cfg.weights, cfg.image_size, cfg.crop_pct, cfg.out_indices, cfg.shard_index) == (None,) * 5
     assert cfg.backbone == "tf_efficientnet_lite0"
+
+
+def test_cli_a_list_of_choices_is_given_by_repeating_the_option(tmp_path, captured):
+    p = write(tmp_path / "p.yaml", "{}\n")
+    assert invoke("vocab", "--params", str(p), "--kinds", "word", "--kinds", "bpe").exit_code == 0
+    assert captured["vocab"].kinds == ["word", "bpe"]
+    assert "--kinds [word|bpe|gpt2]" in invoke("vocab", "--help").output
+    assert_clean_error(invoke("vocab", "--params", str(p), "--kinds", "words"), "kinds", "word", "bpe", "gpt2")
 
 
 def test_cli_optional_numbers_still_parse(tmp_path, captured):

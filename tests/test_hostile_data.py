@@ -515,7 +515,7 @@ def test_train_with_every_val_image_rejected_by_extraction_is_one_error_line(tmp
     for i in (1, 4):
         (tmp_path / "data" / "img" / f"{i:03d}.png").write_bytes(b"not an image")
     assert cli("extract", "--manifest", manifest, "--out-dir", tmp_path / "feat", *EXTRACT).exit_code == 0
-    assert cli("vocab", "--manifest", manifest, "--out-dir", tmp_path / "tok", "--kinds", '["word"]',
+    assert cli("vocab", "--manifest", manifest, "--out-dir", tmp_path / "tok", "--kinds", "word",
                "--min-freq", 1).exit_code == 0
     result = cli("train", "--manifest", manifest, "--features", tmp_path / "feat", "--tokenizer", tmp_path / "tok/word",
                  "--out-dir", tmp_path / "run", "--device", "cpu")

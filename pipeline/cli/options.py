@@ -6,7 +6,7 @@ option left out keeps the value from the params file (or the default); one given
 on the command line overrides it: :func:`parse_overrides` with typer's (click) context
 keeps only the options the command line gave. Lists and nested settings are taken
 as JSON (``--sources '[{"kind": "synthetic"}]'``) or, for lists of scalars, by
-repeating the option (``--out-indices 2 --out-indices 3``).
+repeating the option (``--out-indices 2 --out-indices 3``, ``--kinds word --kinds bpe``).
 
 Also here: :class:`LazyGroup`, a command group that builds a command whose options need a heavy
 import (``caption``'s come from :class:`pipeline.inference.decoding.DecodingOptions`, which imports torch) only
@@ -51,6 +51,8 @@ def _cli_type(tp: Any) -> tuple[Any, bool]:
         return str, False  # e.g. int | Literal["all"]: the text as given, converted by the model ("2" -> 2)
     if typing.get_origin(tp) is list and _strip_optional(typing.get_args(tp)[0]) in (str, int, float, Path):
         return list[_strip_optional(typing.get_args(tp)[0])], False
+    if typing.get_origin(tp) is list and typing.get_origin(typing.get_args(tp)[0]) is Literal:
+        return list[str], False  # --kinds word --kinds bpe: each value checked against the choices by the model
     return str, True
 
 

@@ -290,6 +290,21 @@ def test_frozen_warm_up_leaves_the_backbone_alone_then_only_the_last_stage_moves
     assert all("lr_backbone" in e for e in history(finetuned))  # logged beside the decoder's
 
 
+def test_finetune_with_ema_averages_backbone_and_decoder_and_keeps_the_average(pipe, tmp_path):
+    """--ema in finetune averages everything it trains (backbone and decoder): the bundle's backbone and decoder are
+    the average's, validated as val_*, with the trained weights' scores beside them as val_raw_*."""
+    out = tmp_path / "ema"
+    finetune.run(pipe.ft(out, epochs=1, ema=0.5))
+    assert {"val_cider", "val_raw_cider"} <= set(history(out)[0])
+    last = tensors(out / "checkpoints" / "last" / "model.safetensors")
+    assert last["ema.n_averaged"].item() == 2  # 32 images in batches of 16
+    for name, value in tensors(out / "bundle" / "backbone.safetensors").items():
+        assert torch.equal(value, last[f"ema.module.backbone.{name}"]), name
+    trained = {k.removeprefix("raw.backbone."): v for k, v in last.items() if k.startswith("raw.backbone.")}
+    bundle = tensors(out / "bundle" / "backbone.safetensors")
+    assert any(not torch.equal(bundle[k], trained[k]) for k in trained)
+
+
 # --------------------------------------------------------------------------- 4. the fine-tuned bundle
 def test_the_finetuned_bundle_captions_with_its_own_backbone(pipe, finetuned):
     cfg = json.loads((finetuned / "bundle" / "config.json").read_text())

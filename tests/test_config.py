@@ -291,6 +291,8 @@ def test_cli_a_list_of_choices_is_given_by_repeating_the_option(tmp_path, captur
     p = write(tmp_path / "p.yaml", "{}\n")
     assert invoke("vocab", "--params", str(p), "--kinds", "word", "--kinds", "bpe").exit_code == 0
     assert captured["vocab"].kinds == ["word", "bpe"]
+    assert invoke("vocab", "--params", str(p), "--kinds", '["gpt2", "word"]').exit_code == 0  # the JSON form too
+    assert captured["vocab"].kinds == ["gpt2", "word"]
     assert "--kinds [word|bpe|gpt2]" in invoke("vocab", "--help").output
     assert_clean_error(invoke("vocab", "--params", str(p), "--kinds", "words"), "kinds", "word", "bpe", "gpt2")
 

@@ -6,7 +6,8 @@ option left out keeps the value from the params file (or the default); one given
 on the command line overrides it: :func:`parse_overrides` with typer's (click) context
 keeps only the options the command line gave. Lists and nested settings are taken
 as JSON (``--sources '[{"kind": "synthetic"}]'``) or, for lists of scalars, by
-repeating the option (``--out-indices 2 --out-indices 3``, ``--kinds word --kinds bpe``).
+repeating the option (``--out-indices 2 --out-indices 3``, ``--kinds word --kinds bpe``; a list of strings also
+as JSON, ``--kinds '["word", "bpe"]'``).
 
 Also here: :class:`LazyGroup`, a command group that builds a command whose options need a heavy
 import (``caption``'s come from :class:`pipeline.inference.decoding.DecodingOptions`, which imports torch) only
@@ -177,8 +178,20 @@ def parse_overrides(
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise typer.BadParameter(f"--{name.replace('_', '-')}: not valid JSON: {e}") from None
+        elif isinstance(value, list) and len(value) == 1 and isinstance(text, str) and text.lstrip().startswith("["):
+            value = _json_list(name, text)  # --kinds '["word", "bpe"]': the whole list as JSON, as in params files
         out[name] = value
     return out
+
+
+def _json_list(name: str, text: str) -> list:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"--{name.replace('_', '-')}: not a JSON list: {e}") from None
+    if not isinstance(value, list):
+        raise typer.BadParameter(f"--{name.replace('_', '-')}: not a JSON list: {text}")
+    return value
 
 
 def with_signature(fn: Callable, params: list[inspect.Parameter]) -> Callable:

@@ -149,8 +149,21 @@ class TableSource(StageConfig):
         return self
 
 
+class Img2DatasetSource(StageConfig):
+    """img2dataset's `webdataset` output (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json per shard): images are
+    read inside the shards, failed downloads become rejects with img2dataset's reason."""
+
+    kind: Literal["img2dataset"] = "img2dataset"
+    name: str = "web"
+    path: str = Field(description="img2dataset's output folder (every *.tar in it), one .tar shard, or a brace "
+                      "pattern such as shards/{00000..00331}.tar.")
+    split: SourceSplit = Field("auto", description="img2dataset has no splits: auto and seeded give prepare's "
+                               "seeded split; train / val / test put every image there.")
+
+
 Source = Annotated[
-    Union[SyntheticSource, CocoSource, KarpathySource, Flickr8kSource, Flickr30kSource, TableSource],
+    Union[SyntheticSource, CocoSource, KarpathySource, Flickr8kSource, Flickr30kSource, TableSource,
+          Img2DatasetSource],
     Field(discriminator="kind"),
 ]
 

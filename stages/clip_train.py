@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from pipeline.config import ClipTrainConfig, config_to_dict
 from pipeline.data.images import ImageDecodeError, load_rgb
-from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
+from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image
 from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.files import output_lock, write_json
@@ -134,7 +134,7 @@ def _decode_all(records: list[ManifestRecord], manifest: Path, preprocess, worke
     """Preprocess every image once (float16 tensors kept in memory); bad images are skipped and returned."""
     def one(rec: ManifestRecord):
         try:
-            return preprocess(load_rgb(resolve_image_path(rec, manifest))).half(), None
+            return preprocess(load_rgb(resolve_image(rec, manifest))).half(), None
         except ImageDecodeError as e:
             return None, {"id": rec.image_id, "reason": e.reason}
 

@@ -44,7 +44,7 @@ import torch
 from cache import FeatureCache
 from pipeline.config import EvaluateConfig, config_to_dict
 from pipeline.data.features import select_features
-from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image_path
+from pipeline.data.manifest import ManifestRecord, read_manifest, resolve_image
 from pipeline.distributed import resolve_device
 from pipeline.errors import UserError
 from pipeline.evaluation.metrics import METRIC_KEYS, PER_IMAGE_METRICS, coco_caption_metrics
@@ -130,7 +130,7 @@ class FeatureSource:
         images = []
         for i in image_ids:
             try:
-                images.append(load_rgb(resolve_image_path(self.records[i], self.manifest)))
+                images.append(load_rgb(resolve_image(self.records[i], self.manifest)))
             except ImageDecodeError as e:
                 raise EvaluateError(f"image {i!r} cannot be captioned: {e}") from None
         return self.captioner.encode_images(images).float().cpu()

@@ -65,6 +65,7 @@ from pipeline.data.filtering import (
 from pipeline.data.manifest import (
     ManifestRecord,
     read_manifest,
+    resolve_image,
     resolve_image_path,
     write_manifest,
 )
@@ -153,13 +154,9 @@ def run(cfg: FilterConfig) -> dict:
     cache, emb_stats = image_embeddings(clip, records, cfg)
     unreadable = {r["id"]: r for r in cache.rejects()}
     usable = [r for r in records if r.image_id not in unreadable]
-    image_emb = {}
-    for ids, batch in cache.iter_batches([r.image_id for r in usable], 1024):
-        for i, v in zip(ids, batch["image"][:, 0]):
-            image_emb[i] = v
-    cache.close()
     pairs = [(rec, j, cap) for rec in usable for j, cap in enumerate(rec.captions)]
-    scores = pair_scores(clip, pairs, image_emb)
+    scores = pair_scores(clip, pairs, cache)
+    cache.close()
     kept, threshold = select(scores, cfg.threshold, cfg.keep_fraction)
 
     # -- outputs -------------------------------------------------------------------------------
@@ -194,19 +191,26 @@ CURVES = (("pairs_kept", "pairs kept"), ("images_kept", "images kept"), ("precis
           ("recall", "recall"))  # the lines of retention_curve.png (those present in the rows)
 
 
-def pair_scores(clip: ClipModel, pairs: list[tuple[ManifestRecord, int, str]], image_emb: dict) -> np.ndarray:
-    """The image-caption cosine of every pair (float32): captions encoded here, images from ``image_emb``."""
-    if not pairs:
-        return np.zeros(0, np.float32)
-    texts = [cap for _, _, cap in pairs]
-    chunks = []
-    with progress_bar(total=len(texts), unit="caption", desc="clip captions") as bar:
-        for i in range(0, len(texts), 1024):
-            chunks.append(clip.encode_texts(texts[i:i + 1024]).numpy())
-            bar.update(len(texts[i:i + 1024]))
-    text_emb = np.concatenate(chunks)
-    img = np.stack([image_emb[rec.image_id] for rec, _, _ in pairs]).astype(np.float32)
-    return (img * text_emb).sum(1)
+SCORE_CHUNK = 4096  # pairs scored at a time: their caption and image embeddings are all that is held
+
+
+def pair_scores(clip: ClipModel, pairs: list[tuple[ManifestRecord, int, str]], image_emb: FeatureCache) -> np.ndarray:
+    """The image-caption cosine of every pair (float32): a chunk of pairs at a time, captions encoded here and
+    the chunk's images read from the embedding cache, so memory holds one chunk's embeddings (not the
+    pool's) and the scores, 4 bytes a pair."""
+    scores = np.zeros(len(pairs), np.float32)
+    with progress_bar(total=len(pairs), unit="pair", desc="clip scores") as bar:
+        for start in range(0, len(pairs), SCORE_CHUNK):
+            chunk = pairs[start:start + SCORE_CHUNK]
+            text = np.concatenate([clip.encode_texts([cap for _, _, cap in chunk[i:i + 1024]]).numpy()
+                                   for i in range(0, len(chunk), 1024)])
+            ids = [rec.image_id for rec, _, _ in chunk]
+            unique = list(dict.fromkeys(ids))
+            row = {image_id: k for k, image_id in enumerate(unique)}
+            images = image_emb.get_batch(unique)["image"][:, 0].astype(np.float32)
+            scores[start:start + len(chunk)] = (images[[row[i] for i in ids]] * text).sum(1)
+            bar.update(len(chunk))
+    return scores
 
 
 def pair_labels(labels: dict, pairs: list[tuple[ManifestRecord, int, str]], where) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +240,7 @@ def _kept_records(cfg: FilterConfig, out_dir: Path, records, unreadable, pairs, 
             continue
         ks = kept_by_image.get(rec.image_id, [])
         if not ks:
-            rejects.append({"id": rec.image_id, "file": str(resolve_image_path(rec, cfg.manifest)),
+            rejects.append({"id": rec.image_id, "file": str(resolve_image(rec, cfg.manifest)),
                             "reason": REASON_NO_CAPTION})
             continue
         path = resolve_image_path(rec, cfg.manifest)
@@ -245,7 +249,8 @@ def _kept_records(cfg: FilterConfig, out_dir: Path, records, unreadable, pairs, 
         extra["clip_filter"] = {"caption_indices": [pairs[k][1] for k in ks],
                                 "scores": [round(float(scores[k]), 4) for k in ks]}
         out_records.append(ManifestRecord(image_id=rec.image_id, path=str(rel), captions=[pairs[k][2] for k in ks],
-                                          split=rec.split, source=rec.source, extra=extra))
+                                          split=rec.split, source=rec.source, extra=extra,
+                                          member=rec.member))
     for k, (rec, j, cap) in enumerate(pairs):
         if not kept[k]:
             rejects.append({"id": rec.image_id, "caption_index": j, "caption": cap, "score": round(float(scores[k]), 6),

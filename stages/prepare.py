@@ -36,7 +36,7 @@ from pipeline.data.manifest import (
     SPLITS,
     ManifestRecord,
     RejectsReport,
-    resolve_image_path,
+    resolve_image,
     write_manifest,
 )
 from pipeline.errors import UserError
@@ -102,7 +102,7 @@ def record_digests(records: list[ManifestRecord], manifest: Path, workers: int, 
     limits = limits or ImportLimits()
 
     def digests(rec: ManifestRecord) -> tuple[str, str | None]:
-        path = resolve_image_path(rec, manifest)
+        path = resolve_image(rec, manifest)
         if not pixels:
             return image_sha256(path), None
         try:

@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 from cache.format import shard_of
 from cache.writer import CacheWriter, ShardWriter
 from pipeline.data.image_files import ImageFiles, collate_image_files
-from pipeline.data.images import image_sha256
-from pipeline.data.manifest import ManifestRecord, resolve_image_path
+from pipeline.data.images import ImageDecodeError, ImageLocation, image_sha256
+from pipeline.data.manifest import ManifestRecord, resolve_image
 from pipeline.errors import UserError
 from pipeline.progress import progress as progress_bar
 
@@ -50,13 +50,13 @@ def image_digests(records: list[ManifestRecord], manifest: Path) -> dict[str, Op
     A manifest that records digests (``prepare`` does) must agree with the files: otherwise the
     images changed after ``prepare`` and the manifest's other facts may be stale too."""
 
-    def one(path: Path) -> Optional[str]:
+    def one(path: ImageLocation) -> Optional[str]:
         try:
             return image_sha256(path)
-        except OSError:
+        except (OSError, ImageDecodeError):
             return None
 
-    paths = [resolve_image_path(r, manifest) for r in records]
+    paths = [resolve_image(r, manifest) for r in records]
     unique = list(dict.fromkeys(paths))  # each file once (an image's augmented views share its file)
     with ThreadPoolExecutor(2) as pool:
         by_path = dict(zip(unique, progress_bar(pool.map(one, unique), total=len(unique), unit="img",

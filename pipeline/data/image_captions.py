@@ -20,8 +20,8 @@ import torch
 
 from pipeline.data.augment import Augmentation, AugmentDraws, augment, flip_caption
 from pipeline.data.features import pad_tokens
-from pipeline.data.images import DEFAULT_MAX_PIXELS, load_rgb
-from pipeline.data.manifest import ManifestRecord, resolve_image_path
+from pipeline.data.images import DEFAULT_MAX_PIXELS, ImageLocation, load_rgb
+from pipeline.data.manifest import ManifestRecord, resolve_image
 from pipeline.text.tokenizers import CaptionTokenizer
 
 __all__ = ["ImageCaptionBatch", "ImageCaptionDataset", "ImageItem", "image_items"]
@@ -31,7 +31,7 @@ __all__ = ["ImageCaptionBatch", "ImageCaptionDataset", "ImageItem", "image_items
 @dataclass
 class ImageItem:
     image_id: str
-    path: Path
+    path: ImageLocation  # a file, or a member of a tar shard
     captions: list[list[int]]  # token ids (bos ... eos) of each caption
     flipped: list[list[int]]  # the same captions with left/right swapped (for mirrored images)
 
@@ -54,7 +54,7 @@ def image_items(records: Sequence[ManifestRecord], manifest: Path, tokenizer: Ca
     tokenised as written and mirrored."""
     items = []
     for r in records:
-        items.append(ImageItem(r.image_id, resolve_image_path(r, manifest), tokenizer.encode_captions(r.captions),
+        items.append(ImageItem(r.image_id, resolve_image(r, manifest), tokenizer.encode_captions(r.captions),
                                tokenizer.encode_captions([flip_caption(c) for c in r.captions])))
     return items
 

@@ -17,7 +17,7 @@ from pipeline.data.images import (
     ImageDecodeError,
     read_image_file,
 )
-from pipeline.data.manifest import ManifestRecord, resolve_image_path
+from pipeline.data.manifest import ManifestRecord, resolve_image
 
 
 class ImageFiles(Dataset):
@@ -43,7 +43,7 @@ class ImageFiles(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int):
-        path = resolve_image_path(self.records[i], self.manifest)
+        path = resolve_image(self.records[i], self.manifest)
         try:
             digest, image = read_image_file(path, self.max_pixels, self.max_file_bytes)
             return i, digest, self._tensor(image, self.records[i].image_id), None

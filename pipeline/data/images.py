@@ -23,8 +23,9 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -156,25 +157,70 @@ def _decode(fp, source: str, max_pixels: int, full: bool, formats=None,
     return _to_rgb(img)
 
 
-def _open_image_file(path: Path, max_file_bytes: int):
-    """The file open for reading, once it is known to be a non-empty file of at most ``max_file_bytes``
-    bytes (judged by its size, before anything is read); else :class:`ImageDecodeError`."""
-    if not path.is_file():
-        raise ImageDecodeError(str(path), "missing image file")
-    f = open(path, "rb")
+@dataclass(frozen=True)
+class ShardMember:
+    """An image stored inside an uncompressed tar shard (img2dataset's `webdataset` output): the ``size``
+    bytes from byte ``offset`` of the file ``path``, the tar member ``name``. Read with one seek and one
+    read, never unpacked into a folder. Wherever an image file's path is accepted, so is a ShardMember;
+    messages name it ``shard.tar:member``."""
+
+    path: Path
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.name}"
+
+
+ImageLocation = Union[str, Path, ShardMember]  # where an image's bytes are: a file, or a member of a tar shard
+
+
+def as_location(where: ImageLocation) -> Union[Path, ShardMember]:
+    return where if isinstance(where, ShardMember) else Path(where)
+
+
+def _open_image_file(where: ImageLocation, max_file_bytes: int) -> BinaryIO:
+    """The image's bytes open for reading, once they are known to be non-empty and at most
+    ``max_file_bytes`` (judged by the size, before anything is read); else :class:`ImageDecodeError`.
+    A :class:`ShardMember` is read in one seek and one read (at most ``max_file_bytes``) from its shard."""
+    where = as_location(where)
+    if isinstance(where, ShardMember):
+        return _read_member(where, max_file_bytes)
+    if not where.is_file():
+        raise ImageDecodeError(str(where), "missing image file")
+    f = open(where, "rb")
     size = os.fstat(f.fileno()).st_size  # of the file opened: no swap between the check and the read
     if size == 0 or size > max_file_bytes:
         f.close()
-        if size == 0:
-            raise ImageDecodeError(str(path), "empty file", "zero bytes")
-        raise ImageDecodeError(str(path), "file too large", f"{size:,} bytes > max_file_bytes {max_file_bytes:,}")
+        raise _bad_size(str(where), size, max_file_bytes)
     return f
 
 
-def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+def _bad_size(source: str, size: int, max_file_bytes: int) -> ImageDecodeError:
+    if size == 0:
+        return ImageDecodeError(source, "empty file", "zero bytes")
+    return ImageDecodeError(source, "file too large", f"{size:,} bytes > max_file_bytes {max_file_bytes:,}")
+
+
+def _read_member(member: ShardMember, max_file_bytes: int) -> io.BytesIO:
+    if not member.path.is_file():
+        raise ImageDecodeError(str(member), "missing image file", f"shard {member.path} not found")
+    if member.size <= 0 or member.size > max_file_bytes:
+        raise _bad_size(str(member), member.size, max_file_bytes)
+    with open(member.path, "rb") as f:
+        f.seek(member.offset)
+        data = f.read(member.size)
+    if len(data) != member.size:
+        raise ImageDecodeError(str(member), "truncated image",
+                               f"the shard ends {member.size - len(data):,} bytes into the member's {member.size:,}")
+    return io.BytesIO(data)
+
+
+def load_rgb(path: ImageLocation, max_pixels: int = DEFAULT_MAX_PIXELS,
              max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Image.Image:
-    """Decode an image file fully into upright 8-bit RGB, or raise :class:`ImageDecodeError`."""
-    path = Path(path)
+    """Decode an image (a file, or a :class:`ShardMember`) fully into upright 8-bit RGB, or raise
+    :class:`ImageDecodeError`."""
     with _open_image_file(path, max_file_bytes) as f:
         return _decode(f, str(path), max_pixels, full=True)
 
@@ -230,7 +276,7 @@ def trim_for_eval(img: Image.Image, preprocessing: Mapping[str, Any]) -> Image.I
     return img.crop((start, 0, start + keep, h) if w > h else (0, start, w, start + keep))
 
 
-def check_image(path: str | Path, mode: str = "full", max_pixels: int = DEFAULT_MAX_PIXELS,
+def check_image(path: ImageLocation, mode: str = "full", max_pixels: int = DEFAULT_MAX_PIXELS,
                 max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
     """Raise :class:`ImageDecodeError` if ``path`` is not a usable image.
 
@@ -240,19 +286,21 @@ def check_image(path: str | Path, mode: str = "full", max_pixels: int = DEFAULT_
     """
     if mode not in ("full", "header", "none"):
         raise ValueError(f"check mode must be full, header or none, not {mode!r}")
-    path = Path(path)
     with _open_image_file(path, max_file_bytes) as f:
         if mode != "none":
             _decode(f, str(path), max_pixels, full=(mode == "full"))
 
 
-def image_sha256(path: str | Path) -> str:
+def image_sha256(path: ImageLocation) -> str:
     """The digest that identifies an image file's content: sha256 of its bytes (manifests record it, the
-    feature cache keys its records by it)."""
-    return file_sha256(Path(path))
+    feature cache keys its records by it); of a :class:`ShardMember`, the member's bytes."""
+    where = as_location(path)
+    if isinstance(where, ShardMember):
+        return hashlib.sha256(_read_member(where, where.size).getbuffer()).hexdigest()
+    return file_sha256(where)
 
 
-def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+def read_image_file(path: ImageLocation, max_pixels: int = DEFAULT_MAX_PIXELS,
                     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[str, Image.Image]:
     """``(sha256 of the file's bytes, the decoded image)``, through one file handle: a file over
     ``max_file_bytes`` is refused by its size before it is read; the digest is streamed, and the image
@@ -260,7 +308,6 @@ def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
 
     The digest is what identifies the pixels a feature was computed from (the feature cache keys
     its records by it); raises :class:`ImageDecodeError` (with ``digest`` set when the bytes were read)."""
-    path = Path(path)
     with _open_image_file(path, max_file_bytes) as f:
         h = hashlib.sha256()
         while block := f.read(1 << 22):

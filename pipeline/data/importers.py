@@ -1,10 +1,10 @@
 """Importers: one per source annotation format, each producing manifest records.
 
 :func:`import_source` dispatches on ``source_cfg.kind`` to :func:`import_coco`,
-:func:`import_karpathy`, :func:`import_flickr8k`, :func:`import_flickr30k` or
-:func:`import_table`. Every importer returns :class:`ManifestRecord` objects sorted
-by ``image_id`` (``f"{cfg.name}/{native_id}"``), with absolute image paths and
-captions in file order, stripped and whitespace-collapsed but otherwise untouched.
+:func:`import_karpathy`, :func:`import_flickr8k`, :func:`import_flickr30k`,
+:func:`import_table` or :func:`pipeline.data.img2dataset.import_img2dataset` (web shards). Every
+importer returns :class:`ManifestRecord` objects sorted by ``image_id`` (``f"{cfg.name}/{native_id}"``),
+with absolute image paths and captions in file order, stripped and whitespace-collapsed but otherwise untouched.
 
 Bad input is never dropped silently and never crashes the import:
 
@@ -68,6 +68,8 @@ from pipeline.data.images import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
+    ImageLocation,
+    ShardMember,
     check_image,
     read_image_file,
 )
@@ -269,13 +271,20 @@ class _Item:
     """One image being assembled from annotation rows."""
 
     native_id: str
-    path: str  # absolute
+    path: str  # absolute: the image file, or the tar shard holding it (then ``member`` says where)
     split: Optional[str]  # one of SPLITS, or None: needs a seeded split
     line: Optional[int] = None  # first line mentioning it (line-based formats)
     name: str = ""  # the image path as written in the annotations (Flickr: detects id collisions)
     captions: list[str] = field(default_factory=list)
     rejected: int = 0  # captions rejected
     extra: dict = field(default_factory=dict)
+    member: Optional[dict] = None  # {"name", "offset", "size"} of the image inside the tar shard ``path``
+    file: Optional[str] = None  # where its captions were read, when not the job's annotation file (a shard)
+
+    def location(self) -> ImageLocation:
+        if self.member is None:
+            return self.path
+        return ShardMember(Path(self.path), self.member["name"], self.member["offset"], self.member["size"])
 
 
 class _Job:
@@ -320,7 +329,7 @@ class _Job:
             item.rejected += 1
             if detail:
                 reason = f"{reason}: {detail}" if ":" not in reason else f"{reason} ({detail})"
-            self.reject(reason, line=line, id=self.image_id(item.native_id))
+            self.reject(reason, line=line, id=self.image_id(item.native_id), file=item.file)
         else:
             item.captions.append(caption)
 
@@ -343,7 +352,7 @@ class _Checked(NamedTuple):
     pixels: Optional[str] = None  # pixels_sha256 of the decoded image (full check only)
 
 
-def _check_one(path: str, mode: str, limits: ImportLimits) -> _Checked:
+def _check_one(path: ImageLocation, mode: str, limits: ImportLimits) -> _Checked:
     try:
         if mode == "full":  # the one read and decode also gives both digests
             digest, img = read_image_file(path, limits.max_pixels, limits.max_file_bytes)
@@ -358,7 +367,7 @@ def _check_one(path: str, mode: str, limits: ImportLimits) -> _Checked:
     return _Checked(None)
 
 
-def _check_all(paths: list[str], mode: str, workers: int, limits: ImportLimits) -> list[_Checked]:
+def _check_all(paths: list[ImageLocation], mode: str, workers: int, limits: ImportLimits) -> list[_Checked]:
     """The check of each path, in order; each unique path is checked once."""
     unique = list(dict.fromkeys(paths))
     if workers <= 1 or len(unique) <= 1:
@@ -397,7 +406,8 @@ def _finish(job: _Job, items: Iterable[_Item], rejects: RejectsReport, check_ima
             job.reject(outside, line=item.line, id=job.image_id(item.native_id))
         elif not item.captions:
             detail = f"all {item.rejected} captions rejected" if item.rejected else "no captions"
-            job.reject(f"{NO_VALID_CAPTIONS}: {detail}", line=item.line, id=job.image_id(item.native_id))
+            job.reject(f"{NO_VALID_CAPTIONS}: {detail}", line=item.line, id=job.image_id(item.native_id),
+                       file=item.file)
         elif _SURROGATE.search(item.path) or _SURROGATE.search(item.native_id):
             job.reject(f"{MALFORMED_ROW}: image name is not valid UTF-8", line=item.line, id=job.image_id(item.native_id))
         elif _CONTROL.search(item.path):
@@ -405,12 +415,12 @@ def _finish(job: _Job, items: Iterable[_Item], rejects: RejectsReport, check_ima
                        id=job.image_id(item.native_id))
         else:
             ready.append(item)
-    checks = _check_all([it.path for it in ready], check_images, workers, job.limits)
+    checks = _check_all([it.location() for it in ready], check_images, workers, job.limits)
     records = []
     for item, checked in zip(ready, checks):
         image_id = job.image_id(item.native_id)
         if checked.problem is not None:
-            job.reject(checked.problem, id=image_id, file=item.path)
+            job.reject(checked.problem, id=image_id, file=str(item.location()))
             continue
         extra = {"native_id": item.native_id, **item.extra}
         split = resolve_split(choice, item.split)
@@ -420,7 +430,7 @@ def _finish(job: _Job, items: Iterable[_Item], rejects: RejectsReport, check_ima
         assert split in SPLITS
         records.append(ManifestRecord(image_id=image_id, path=item.path, captions=item.captions,
                                       split=split, source=job.name, extra=extra, sha256=checked.sha256,
-                                      pixels_sha256=checked.pixels))
+                                      pixels_sha256=checked.pixels, member=item.member))
     rejects.extend(job.rejects)
     return records
 
@@ -930,12 +940,19 @@ def import_table(cfg, rejects: RejectsReport, *, check_images: str = "full", wor
 
 
 # --------------------------------------------------------------------------- dispatch
+def _import_img2dataset(cfg, rejects: RejectsReport, **kwargs) -> list[ManifestRecord]:
+    from pipeline.data.img2dataset import import_img2dataset  # it builds on this module's helpers
+
+    return import_img2dataset(cfg, rejects, **kwargs)
+
+
 IMPORTERS: dict[str, Callable[..., list[ManifestRecord]]] = {
     "coco": import_coco,
     "karpathy": import_karpathy,
     "flickr8k": import_flickr8k,
     "flickr30k": import_flickr30k,
     "table": import_table,
+    "img2dataset": _import_img2dataset,
 }
 
 

@@ -6,7 +6,10 @@ A manifest is a JSON Lines file, one image per line::
      "captions": ["A woman stands in the dining area ..."], "split": "train",
      "source": "coco"}
 
-``path`` is absolute, or relative to the directory holding the manifest.
+``path`` is absolute, or relative to the directory holding the manifest. An image stored inside a tar
+shard (img2dataset's `webdataset` output) has ``path`` the shard and ``member`` where in it the image's bytes
+are: ``{"name": "000000012.jpg", "offset": 1536, "size": 23456}`` (read with one seek; see
+:func:`resolve_image`).
 ``image_id`` is unique within a manifest. ``split`` is one of :data:`SPLITS`.
 Extra keys a source carries (labels, native ids) live under ``extra``.
 
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+from pipeline.data.images import ShardMember
 from pipeline.errors import UserError
 from pipeline.files import write_jsonl, write_text
 
@@ -43,6 +47,7 @@ class ManifestRecord:
     source: str
     extra: dict = field(default_factory=dict)
     sha256: str | None = None  # of the image file, as `prepare` read it (what cached features are keyed by)
+    member: dict | None = None  # the image inside the tar shard ``path``: {"name", "offset", "size"}
     # Of the decoded RGB pixels (see pipeline.data.importers.pixels_sha256), when an import decoded them: how
     # `prepare` finds one photo under two ids. Never written to a manifest.
     pixels_sha256: str | None = field(default=None, repr=False)
@@ -54,6 +59,8 @@ class ManifestRecord:
             del row["extra"]
         if row["sha256"] is None:
             del row["sha256"]
+        if row["member"] is None:
+            del row["member"]
         return json.dumps(row, ensure_ascii=False, sort_keys=False)
 
     @classmethod
@@ -61,7 +68,7 @@ class ManifestRecord:
         missing = [k for k in ("image_id", "path", "captions", "split", "source") if k not in row]
         if missing:
             raise ValueError(f"missing keys {missing}")
-        unknown = set(row) - {"image_id", "path", "captions", "split", "source", "extra", "sha256"}
+        unknown = set(row) - {"image_id", "path", "captions", "split", "source", "extra", "sha256", "member"}
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}")
         if row["split"] not in SPLITS:
@@ -76,13 +83,43 @@ class ManifestRecord:
             source=str(row["source"]),
             extra=dict(row.get("extra") or {}),
             sha256=None if row.get("sha256") is None else str(row["sha256"]),
+            member=_member(row.get("member")),
         )
 
 
+def _member(value) -> dict | None:
+    """A manifest row's ``member`` checked: None, or ``{"name": str, "offset": int >= 0, "size": int > 0}``."""
+    if value is None:
+        return None
+    ok = (isinstance(value, dict) and set(value) == {"name", "offset", "size"} and isinstance(value["name"], str)
+          and all(isinstance(value[k], int) and not isinstance(value[k], bool) for k in ("offset", "size"))
+          and value["offset"] >= 0 and value["size"] > 0)
+    if not ok:
+        raise ValueError("member must be {\"name\": str, \"offset\": int >= 0, \"size\": int > 0}")
+    return dict(value)
+
+
 def resolve_image_path(record: ManifestRecord, manifest_path: Path) -> Path:
-    """The image file of ``record``: absolute paths as they are, others relative to the manifest."""
+    """The file of ``record`` (the image, or the tar shard holding it): absolute paths as they are, others
+    relative to the manifest."""
     p = Path(record.path)
     return p if p.is_absolute() else Path(manifest_path).parent / p
+
+
+def resolve_image(record: ManifestRecord, manifest_path: Path) -> Path | ShardMember:
+    """Where ``record``'s image bytes are: its file, or its member of a tar shard. What every stage that
+    reads images passes to :mod:`pipeline.data.images`."""
+    path = resolve_image_path(record, manifest_path)
+    if record.member is None:
+        return path
+    m = record.member
+    return ShardMember(path, m["name"], m["offset"], m["size"])
+
+
+def _same_image_key(record: ManifestRecord, manifest_path: Path) -> str:
+    """What identifies ``record``'s image across manifests: its resolved file (``shard.tar:member``)."""
+    path = resolve_image_path(record, manifest_path).resolve()
+    return str(path) if record.member is None else f"{path}:{record.member['name']}"
 
 
 def write_manifest(path: Path, records: Iterable[ManifestRecord]) -> int:
@@ -184,10 +221,10 @@ def read_manifests(primary: Path, others: Iterable[Path] = ()) -> list[ManifestR
     An id in two manifests must name the same image file (it is then listed once); an id naming two
     different files is a :class:`ManifestError` naming both manifests."""
     records = read_manifest(primary)
-    seen = {r.image_id: (primary, resolve_image_path(r, primary).resolve()) for r in records}
+    seen = {r.image_id: (primary, _same_image_key(r, primary)) for r in records}
     for other in others:
         for rec in read_manifest(other):
-            path = resolve_image_path(rec, other).resolve()
+            path = _same_image_key(rec, other)
             if rec.image_id in seen:
                 first, first_path = seen[rec.image_id]
                 if first_path != path:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from pipeline.data.images import ImageDecodeError, read_image_file
-from pipeline.data.manifest import ManifestRecord, resolve_image_path
+from pipeline.data.manifest import ManifestRecord, resolve_image
 from pipeline.errors import UserError
 from pipeline.evaluation.metrics import METRIC_LABELS, METRICS, PER_IMAGE_METRICS
 from pipeline.files import write_bytes, write_text
@@ -189,7 +189,7 @@ def _recorded_image(record: ManifestRecord, manifest: Path):
     """The image of ``record``, refused unless its bytes are the ones the manifest records (sha256): the gallery
     shows the pixels the features were computed from, and the stage depends on the images through the
     manifest's digests alone (evaluate's DVC deps list the manifest, not the images folder)."""
-    path = resolve_image_path(record, manifest)
+    path = resolve_image(record, manifest)
     digest, img = read_image_file(path)
     if record.sha256 and digest != record.sha256:
         raise ChangedImageError(f"{path}: the image changed after `pipeline prepare` (sha256 {digest[:12]}… against "

@@ -199,3 +199,26 @@ def test_quality_needs_a_dataset_or_quick(tmp_path):
         quality.main(["--results-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="no recipe 'nope'.*known: .*flickr8k-cpu"):
         quality.main(["--recipe", "nope", str(tmp_path)])
+
+
+def test_scale_quick_runs_every_stage_on_img2dataset_shards_at_two_sizes(tmp_path, capsys):
+    """bench.scale (not in `python -m bench`: a size takes minutes to an hour) on its two quick sizes: every
+    stage ran as its `pipeline` command on shards it wrote, with a time, a peak RSS of its own process (not
+    the benchmark's: a torch-holding parent would report over 500 MB for `vocab`) and bytes written."""
+    from bench import scale
+
+    scale.main(["--quick", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    data = _results(tmp_path, "scale", capsys.readouterr().out)
+    assert [s["samples"] for s in data["sizes"]] == [300, 600]
+    for size in data["sizes"]:
+        n = size["samples"]
+        assert size["data"]["rows"] == n and 0 < size["data"]["failed"] < n // 10
+        assert size["imported"] == n - size["data"]["failed"]  # every downloaded sample has a caption
+        assert list(size["stages"]) == list(scale.STAGES)
+        for stage in size["stages"].values():
+            assert stage["seconds"] > 0 and stage["bytes_per_sample"] > 0 and 20 < stage["peak_rss_mb"]
+        assert size["stages"]["vocab"]["peak_rss_mb"] < 400
+        assert 0 < size["dvc_status_s"]
+    assert set(data["growth"]) == set(scale.STAGES) and _positive_numbers(
+        {f"{k}.{m}": v for k, r in data["growth"].items() for m, v in r.items()})
+    assert not (tmp_path / "work" / "n300").exists()  # each size's data removed unless --keep

@@ -15,9 +15,9 @@ import pkgutil
 from pathlib import Path
 
 _FIRST = ("extract", "cache_read")  # run first, in this order; any other benchmark module follows by name
-# quality needs a dataset (`python -m bench.quality DIR`); scale takes minutes to an hour a size
-# (`python -m bench.scale --samples 10000 100000`)
-_NOT_BENCHMARKS = {"common", "__main__", "quality", "scale"}
+# quality and photo_recovery need a dataset (`python -m bench.quality DIR`); scale takes minutes to an hour a
+# size (`python -m bench.scale --samples 10000 100000`)
+_NOT_BENCHMARKS = {"common", "__main__", "quality", "photo_recovery", "scale"}
 
 
 def _discover() -> tuple[str, ...]:

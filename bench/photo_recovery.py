@@ -141,6 +141,8 @@ def run_experiment(args, work: Path, dataset: Path) -> dict[str, Any]:
 
     step = Steps(work)
     quick = args.quick
+    if quick and not args.keep_fraction:
+        args.keep_fraction = 0.6  # a toy val split is too small to choose a threshold on
     captions, splits = read_flickr8k(dataset)
     train = sorted(p for p, s in splits.items() if s == "train")
     clean_half, noisy_half = halves(train, args.seed)
@@ -165,7 +167,7 @@ def run_experiment(args, work: Path, dataset: Path) -> dict[str, Any]:
            ["--image-size", "224", "--batch-size", "32", "--num-shards", "4"]
     weights = [] if quick else ["--weights", "package:efficientnet_lite0"]
     step("extract", "extract", "--manifest", "clean/manifest.jsonl", "--extra-manifests",
-         json.dumps(["social/manifest.jsonl"]), "--out-dir", "features",
+         "social/manifest.jsonl", "--out-dir", "features",
          "--backbone", "test_efficientnet" if quick else "tf_efficientnet_lite0", *weights, *size)
     clip_quick = ["--epochs", "1", "--batch-size", "16", "--val-max-images", "4"] if quick else []
     step("clip-train", "clip-train", "--manifest", "clean/manifest.jsonl", "--out-dir", "clip", *clip_quick)

@@ -222,3 +222,25 @@ def test_scale_quick_runs_every_stage_on_img2dataset_shards_at_two_sizes(tmp_pat
     assert set(data["growth"]) == set(scale.STAGES) and _positive_numbers(
         {f"{k}.{m}": v for k, r in data["growth"].items() for m, v in r.items()})
     assert not (tmp_path / "work" / "n300").exists()  # each size's data removed unless --keep
+
+
+def test_photo_recovery_quick_converts_photos_to_noisy_shards_and_runs_every_cell(tmp_path, capsys):
+    """bench.photo_recovery on its toy Flickr8k-layout folder: the noisy half becomes img2dataset shards whose
+    labels say which captions were replaced, and the four cells train on what the filter and mix made of them."""
+    from bench import photo_recovery
+
+    data = photo_recovery.main(["--quick", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    assert data == _results(tmp_path, "photo_recovery", capsys.readouterr().out)
+    conv = data["conversion"]
+    assert conv["photos"] == 16 and conv["samples"] == 16 * 5 and sum(conv["kinds"].values()) == conv["samples"]
+    assert conv["kinds"]["mismatched"] > 0 and conv["kinds"]["social"] > 0 and conv["kinds"]["match"] > 0
+    labels = [json.loads(line) for line in (tmp_path / "work" / "shards" / "labels.jsonl").read_text().splitlines()]
+    assert [r["match"] for r in labels] == [r["kind"] == "match" for r in labels] and len(labels) == 80
+    assert list(data["cells"]) == ["noisy", "filtered", "mixed", "clean"]
+    cells = data["cells"]
+    assert cells["clean"]["train_images"] == 16  # the clean half of the 32 training photos
+    # the noisy cell trains on the shards' train split; the filtered one on fewer captions; mixed on both sides
+    assert cells["filtered"]["train_captions"] < cells["noisy"]["train_captions"]
+    assert cells["mixed"]["train_images"] == cells["filtered"]["train_images"] + cells["clean"]["train_images"]
+    assert all(c["scores"]["CIDEr"] >= 0 for c in cells.values())
+    assert 0 <= data["filter"]["at_threshold"]["precision"] <= 1

@@ -293,6 +293,9 @@ def test_cli_a_list_of_choices_is_given_by_repeating_the_option(tmp_path, captur
     assert captured["vocab"].kinds == ["word", "bpe"]
     assert invoke("vocab", "--params", str(p), "--kinds", '["gpt2", "word"]').exit_code == 0  # the JSON form too
     assert captured["vocab"].kinds == ["gpt2", "word"]
+    # a list of paths too (typer hands it over as a Path)
+    assert invoke("extract", "--params", str(p), "--extra-manifests", '["a/m.jsonl", "b/m.jsonl"]').exit_code == 0
+    assert captured["extract"].extra_manifests == [Path("a/m.jsonl"), Path("b/m.jsonl")]
     assert "--kinds [word|bpe|gpt2]" in invoke("vocab", "--help").output
     assert_clean_error(invoke("vocab", "--params", str(p), "--kinds", "words"), "kinds", "word", "bpe", "gpt2")
 

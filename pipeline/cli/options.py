@@ -178,8 +178,10 @@ def parse_overrides(
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise typer.BadParameter(f"--{name.replace('_', '-')}: not valid JSON: {e}") from None
-        elif isinstance(value, list) and len(value) == 1 and isinstance(text, str) and text.lstrip().startswith("["):
-            value = _json_list(name, text)  # --kinds '["word", "bpe"]': the whole list as JSON, as in params files
+        elif isinstance(value, list) and len(value) == 1 and isinstance(text, (str, Path)) \
+                and str(text).lstrip().startswith("["):
+            # --kinds '["word", "bpe"]', --extra-manifests '["a.jsonl"]': the whole list as JSON, as in params files
+            value = _json_list(name, str(text))
         out[name] = value
     return out
 

@@ -52,6 +52,8 @@ def _parser():
     p.add_argument("--noise", type=float, default=0.5, help="share of the noisy half's captions replaced")
     p.add_argument("--shards-only", action="store_true", help="write the shards and labels, run nothing")
     p.add_argument("--epochs", type=int, default=6, help="training epochs of each cell")
+    p.add_argument("--warmup-steps", type=int, default=100,
+                   help="warm-up of each cell (the recipe's 400 suit 2,000 photos, not the half of them)")
     p.add_argument("--keep-fraction", type=float, default=None,
                    help="filter by keeping this top fraction of pairs (default: the clip threshold chosen on the "
                         "filter's own val labels, as the synthetic experiment does)")
@@ -81,9 +83,10 @@ def halves(train: list[str], seed: int) -> tuple[list[str], list[str]]:
 
 
 def write_noisy_shards(dataset: Path, photos: list[str], captions: dict[str, list[str]], out: Path, noise: float,
-                       seed: int, per_shard: int = 1000) -> dict[str, Any]:
+                       seed: int, per_shard: int = 1000, name: str = SOURCE_NAME) -> dict[str, Any]:
     """img2dataset shards of ``photos`` (one sample per photo and caption) with a share ``noise`` of the captions
-    replaced, and ``labels.jsonl`` (image_id as `prepare` will name it, caption_index 0, match, kind)."""
+    replaced, and ``labels.jsonl`` (image_id as `prepare` will name it for a source called ``name``,
+    caption_index 0, match, kind)."""
     from pipeline.data.img2dataset import sample_key, write_shard
 
     rng = np.random.default_rng(seed + 1)
@@ -101,7 +104,7 @@ def write_noisy_shards(dataset: Path, photos: list[str], captions: dict[str, lis
                 cap, kind = CHATTER[int(rng.integers(len(CHATTER)))], "social"
         kinds[kind] += 1
         shard, index = divmod(k, per_shard)
-        labels.append({"image_id": f"{SOURCE_NAME}/{sample_key(index, shard, per_shard)}", "caption_index": 0,
+        labels.append({"image_id": f"{name}/{sample_key(index, shard, per_shard)}", "caption_index": 0,
                        "match": kind == "match", "kind": kind, "photo": photo, "caption": cap})
         data = (dataset / "images" / photo).read_bytes()
         rows.append({"url": f"https://social.example.com/{photo}?post={j}", "caption": cap, "image": data,
@@ -147,9 +150,19 @@ def run_experiment(args, work: Path, dataset: Path) -> dict[str, Any]:
     train = sorted(p for p, s in splits.items() if s == "train")
     clean_half, noisy_half = halves(train, args.seed)
     shards = work / "shards"
-    conversion = write_noisy_shards(dataset, noisy_half, captions, shards, args.noise, args.seed,
-                                    per_shard=40 if quick else 1000)
-    log(f"[{NAME}] {conversion['samples']} samples of {conversion['photos']} photos -> {shards} ({conversion['kinds']})")
+    # the noisy half is the training side; the val photos, made noisy the same way, are the filter's val split
+    # (the best-F1 threshold is chosen on their labels); the cells' val and test images stay the clean ones
+    val = sorted(p for p, s in splits.items() if s == "val")
+    per_shard = 40 if quick else 1000
+    conversion = write_noisy_shards(dataset, noisy_half, captions, shards / "train", args.noise, args.seed, per_shard)
+    held = write_noisy_shards(dataset, val, captions, shards / "val", args.noise, args.seed + 7, per_shard,
+                              name=f"{SOURCE_NAME}-val")
+    with open(shards / "labels.jsonl", "w", encoding="utf-8") as f:
+        for part in ("train", "val"):
+            f.write((shards / part / "labels.jsonl").read_text(encoding="utf-8"))
+    conversion["val"] = held
+    log(f"[{NAME}] {conversion['samples']} samples of {conversion['photos']} photos -> {shards / 'train'} "
+        f"({conversion['kinds']}); {held['samples']} of the {held['photos']} val photos -> {shards / 'val'}")
     if args.shards_only:
         return {"conversion": conversion}
 
@@ -161,7 +174,9 @@ def run_experiment(args, work: Path, dataset: Path) -> dict[str, Any]:
                if r.split != "train" or Path(r.path).name in keep]
     write_manifest(work / "clean/manifest.jsonl", [_rebase(r, work / "photos", work / "clean") for r in records])
     step("prepare shards", "prepare", "--sources",
-         json.dumps([{"kind": "img2dataset", "path": str(shards), "name": SOURCE_NAME}]),
+         json.dumps([{"kind": "img2dataset", "path": str(shards / "train"), "name": SOURCE_NAME, "split": "train"},
+                     {"kind": "img2dataset", "path": str(shards / "val"), "name": f"{SOURCE_NAME}-val",
+                      "split": "val"}]),
          "--out-dir", "social", "--duplicates", "bytes")
     size = ["--image-size", "64", "--batch-size", "16", "--num-shards", "1"] if quick else \
            ["--image-size", "224", "--batch-size", "32", "--num-shards", "4"]
@@ -171,8 +186,8 @@ def run_experiment(args, work: Path, dataset: Path) -> dict[str, Any]:
          "--backbone", "test_efficientnet" if quick else "tf_efficientnet_lite0", *weights, *size)
     clip_quick = ["--epochs", "1", "--batch-size", "16", "--val-max-images", "4"] if quick else []
     step("clip-train", "clip-train", "--manifest", "clean/manifest.jsonl", "--out-dir", "clip", *clip_quick)
-    # the shards get prepare's seeded split (a photo's five samples stay together): only their train split is
-    # trained on, and the threshold is the best F1 on their val split's labels, as in the synthetic experiment
+    # only the shards' train split is trained on; the threshold is the best F1 on their val split's labels, as in
+    # the synthetic experiment
     select = ["--keep-fraction", str(args.keep_fraction)] if args.keep_fraction else []
     step("filter", "filter", "--manifest", "social/manifest.jsonl", "--labels", str(shards / "labels.jsonl"),
          "--clip-model", "synthetic-clip-tiny", "--clip-pretrained", "clip/open_clip_model.safetensors",
@@ -197,7 +212,7 @@ def run_experiment(args, work: Path, dataset: Path) -> dict[str, Any]:
                       "mixed": "cells/mixed/manifest.jsonl", "clean": "clean/manifest.jsonl"}
     train_opts = (["--epochs", "1", "--batch-size", "32", "--val-max-images", "4", "--decoder-options",
                    json.dumps({"d_model": 32, "num_layers": 1, "num_heads": 2, "ff_dim": 64})] if quick else
-                  ["--params", str(RECIPE), "--epochs", str(args.epochs)])
+                  ["--params", str(RECIPE), "--epochs", str(args.epochs), "--warmup-steps", str(args.warmup_steps)])
     cells = {}
     for cell, manifest in cell_manifests.items():
         step(f"train {cell}", "train", "--manifest", manifest, "--features", "features", "--tokenizer",

@@ -234,11 +234,13 @@ def test_photo_recovery_quick_converts_photos_to_noisy_shards_and_runs_every_cel
     conv = data["conversion"]
     assert conv["photos"] == 16 and conv["samples"] == 16 * 5 and sum(conv["kinds"].values()) == conv["samples"]
     assert conv["kinds"]["mismatched"] > 0 and conv["kinds"]["social"] > 0 and conv["kinds"]["match"] > 0
+    assert data["conversion"]["val"]["photos"] == 8  # the val photos, noisy too: the filter's val labels
     labels = [json.loads(line) for line in (tmp_path / "work" / "shards" / "labels.jsonl").read_text().splitlines()]
-    assert [r["match"] for r in labels] == [r["kind"] == "match" for r in labels] and len(labels) == 80
+    assert [r["match"] for r in labels] == [r["kind"] == "match" for r in labels] and len(labels) == 80 + 40
     assert list(data["cells"]) == ["noisy", "filtered", "mixed", "clean"]
     cells = data["cells"]
     assert cells["clean"]["train_images"] == 16  # the clean half of the 32 training photos
+    assert cells["noisy"]["train_images"] == cells["noisy"]["train_captions"] == 80  # all of the noisy half
     # the noisy cell trains on the shards' train split; the filtered one on fewer captions; mixed on both sides
     assert cells["filtered"]["train_captions"] < cells["noisy"]["train_captions"]
     assert cells["mixed"]["train_images"] == cells["filtered"]["train_images"] + cells["clean"]["train_images"]

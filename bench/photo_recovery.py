@@ -104,7 +104,7 @@ def write_noisy_shards(dataset: Path, photos: list[str], captions: dict[str, lis
                 cap, kind = CHATTER[int(rng.integers(len(CHATTER)))], "social"
         kinds[kind] += 1
         shard, index = divmod(k, per_shard)
-        labels.append({"image_id": f"{name}/{sample_key(index, shard, per_shard)}", "caption_index": 0,
+        labels.append({"image_id": f"{name}/{shard:05d}/{sample_key(index, shard, per_shard)}", "caption_index": 0,
                        "match": kind == "match", "kind": kind, "photo": photo, "caption": cap})
         data = (dataset / "images" / photo).read_bytes()
         rows.append({"url": f"https://social.example.com/{photo}?post={j}", "caption": cap, "image": data,

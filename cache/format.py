@@ -54,8 +54,26 @@ def shard_name(index: int, num_shards: int) -> str:
     return f"shard-{index:05d}-of-{num_shards:05d}"
 
 
-def shard_of(image_id: str, num_shards: int) -> int:
-    """Which shard holds ``image_id``: crc32 of its UTF-8 bytes modulo the shard count (stable everywhere)."""
+# How records are spread over shards (``CacheMeta.sharding``). By image: a hash of the id, so shards are even
+# whatever the ids. By input shard: every record of one input shard (an img2dataset tar, whose images have ids
+# ``<source>/<input shard>/<key>``) goes to the same cache shard — input shard ``n`` (a numbered one, as
+# img2dataset's are) to cache shard ``n % num_shards`` — so the process that writes a cache shard reads whole
+# input shards, and ranks given cache shards round-robin read disjoint sets of input shards.
+SHARD_BY_IMAGE = "crc32(utf8(image_id)) % num_shards"
+SHARD_BY_INPUT_SHARD = ("input shard: image id <source>/<input shard>/<key>; int(<input shard>) % num_shards when "
+                        "it is a number, else crc32(utf8(<source>/<input shard>)) % num_shards")
+SHARDINGS = (SHARD_BY_IMAGE, SHARD_BY_INPUT_SHARD)
+
+
+def shard_of(image_id: str, num_shards: int, sharding: str = SHARD_BY_IMAGE) -> int:
+    """Which shard holds ``image_id`` (stable everywhere): by default crc32 of its UTF-8 bytes modulo the shard
+    count; with :data:`SHARD_BY_INPUT_SHARD` the cache shard of the input shard the id names."""
+    if sharding == SHARD_BY_INPUT_SHARD:
+        group = image_id.rpartition("/")[0]
+        number = group.rpartition("/")[2]
+        if number.isdigit() and number.isascii():
+            return int(number) % num_shards
+        image_id = group
     return zlib.crc32(image_id.encode("utf-8")) % num_shards
 
 
@@ -257,7 +275,7 @@ class CacheMeta:
     records: int = 0
     content_sha256: str = ""
     weights_file: Optional[str] = None  # WEIGHTS_FILE when the cache carries its backbone's weights
-    sharding: str = "crc32(utf8(image_id)) % num_shards"
+    sharding: str = SHARD_BY_IMAGE  # or SHARD_BY_INPUT_SHARD (see shard_of)
     record_layout: str = "sha256(image file) [32 bytes], then each token set's (tokens, channels) array"
     extra: dict[str, Any] = field(default_factory=dict)  # what a producer records beside (e.g. a CLIP model key)
     computed_with: dict[str, Any] = field(default_factory=dict)  # batch size, device type, autocast, memory format
@@ -301,9 +319,15 @@ class CacheMeta:
     def record_nbytes(self) -> int:
         return DIGEST_BYTES + self.feature_nbytes
 
+    def shard_of(self, image_id: str) -> int:
+        """The shard that holds ``image_id`` in this cache."""
+        return shard_of(image_id, self.num_shards, self.sharding)
+
     def identity(self) -> dict[str, Any]:
         identity = {**self.spec.identity(), "num_shards": self.num_shards, "version": self.version,
                     "extra": self.extra, "computed_with": self.computed_with}
+        if self.sharding != SHARD_BY_IMAGE:  # a cache sharded by image keeps the identity it always had
+            identity["sharding"] = self.sharding
         if self.views is not None:
             identity["views"] = self.views
         return identity
@@ -333,6 +357,8 @@ class CacheMeta:
         d["spec"] = FeatureSpec.from_dict(d["spec"], where=f"{source}: spec")
         if d["spec"].dtype not in DTYPES:
             raise CacheFormatError(f"{source}: unsupported dtype {d['spec'].dtype!r}")
+        if d.get("sharding", SHARD_BY_IMAGE) not in SHARDINGS:
+            raise CacheFormatError(f"{source}: unknown sharding {d['sharding']!r}; re-extract with `pipeline extract`")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -19,7 +19,6 @@ from cache.format import (
     file_sha256,
     from_bfloat16_words,
     shard_name,
-    shard_of,
 )
 from cache.writer import read_rejects
 
@@ -116,7 +115,7 @@ class FeatureCache:
         out: dict[str, str | None] = {}
         by_shard: dict[int, list[str]] = {}
         for image_id in image_ids:
-            by_shard.setdefault(shard_of(image_id, self.meta.num_shards), []).append(image_id)
+            by_shard.setdefault(self.meta.shard_of(image_id), []).append(image_id)
         envs = self._environments()
         for shard, ids in by_shard.items():
             with envs[shard].begin(buffers=True) as txn:
@@ -189,7 +188,7 @@ class FeatureCache:
         return self.meta.records
 
     def __contains__(self, image_id: str) -> bool:
-        env = self._environments()[shard_of(image_id, self.meta.num_shards)]
+        env = self._environments()[self.meta.shard_of(image_id)]
         with env.begin(buffers=True) as txn:
             return txn.get(image_id.encode("utf-8")) is not None
 
@@ -218,7 +217,7 @@ class FeatureCache:
         flat = buffer.reshape(-1).data  # 1-D uint8 memoryview of the buffer
         by_shard: dict[int, list[int]] = {}
         for row, image_id in enumerate(image_ids):
-            by_shard.setdefault(shard_of(image_id, meta.num_shards), []).append(row)
+            by_shard.setdefault(meta.shard_of(image_id), []).append(row)
         envs = self._environments()
         for shard, rows in by_shard.items():
             with envs[shard].begin(buffers=True) as txn:

@@ -252,11 +252,16 @@ class ExtractConfig(StageConfig):
     seed: int = Field(0, description="Seed of the augmented views (each drawn from seed, view and image id).")
 
     @model_validator(mode="after")
-    def _shard_index_below_num_shards(self) -> "ExtractConfig":
-        if self.shard_index is not None and self.shard_index >= self.num_shards:
-            raise ValueError(f"shard_index {self.shard_index} must be below num_shards {self.num_shards} "
-                             f"(shards are numbered 0..{self.num_shards - 1})")
-        return self
+    def _shard_index_below_num_shards(self):
+        return _check_shard_index(self)
+
+
+def _check_shard_index(cfg):
+    """A ``shard_index`` names one of the ``num_shards`` shards."""
+    if cfg.shard_index is not None and cfg.shard_index >= cfg.num_shards:
+        raise ValueError(f"shard_index {cfg.shard_index} must be below num_shards {cfg.num_shards} "
+                         f"(shards are numbered 0..{cfg.num_shards - 1})")
+    return cfg
 
 
 class VocabConfig(StageConfig):
@@ -542,12 +547,18 @@ class FilterConfig(StageConfig):
     labels: Optional[Path] = Field(None, description="Ground-truth labels (JSONL image_id, caption_index, match), "
                                    "e.g. the synthetic noisy labels.jsonl: adds precision/recall to retention.json.")
     batch_size: int = Field(64, ge=1, description="Images encoded together.")
-    num_shards: int = Field(1, ge=1, description="Shards of the embedding cache.")
+    num_shards: int = Field(1, ge=1, description="Shards of the embedding cache (torchrun ranks split them).")
+    shard_index: Optional[int] = Field(None, ge=0, description="Only compute this shard's image embeddings, and "
+                                       "score nothing (for separate machines; a run without it then scores).")
     workers: int = Field(0, ge=0, description="DataLoader processes decoding images.")
     threads: Threads = None
     device: str = Field("auto", description="auto, cpu, cuda, ...")
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS
     max_file_bytes: MaxFileBytes = DEFAULT_MAX_FILE_BYTES
+
+    @model_validator(mode="after")
+    def _shard_index_below_num_shards(self):
+        return _check_shard_index(self)
 
     @model_validator(mode="after")
     def _one_way_to_the_threshold(self) -> "FilterConfig":

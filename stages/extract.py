@@ -36,11 +36,11 @@ from typing import Optional
 
 import torch
 
-from cache.format import WEIGHTS_FILE, CacheMeta, file_sha256
+from cache.format import SHARD_BY_IMAGE, WEIGHTS_FILE, CacheMeta, file_sha256
 from cache.writer import CacheWriter
 from pipeline.config import ExtractConfig
 from pipeline.data.augment import Augmentation
-from pipeline.data.cache_fill import fill_cache
+from pipeline.data.cache_fill import cache_sharding, fill_cache, log_input_shards, shards_for
 from pipeline.data.manifest import ManifestRecord, read_manifests
 from pipeline.data.views import CachedViews, ViewRenderer
 from pipeline.distributed import DistContext, run_distributed
@@ -69,9 +69,10 @@ def cached_views(cfg: ExtractConfig) -> Optional[CachedViews]:
     return CachedViews(cfg.views, cfg.seed, Augmentation.from_config(cfg.view_augmentation))
 
 
-def build_meta(backbone: Backbone, cfg: ExtractConfig, weights: bytes, device: torch.device) -> CacheMeta:
+def build_meta(backbone: Backbone, cfg: ExtractConfig, weights: bytes, device: torch.device,
+               sharding: str = SHARD_BY_IMAGE) -> CacheMeta:
     """The cache's metadata: the features' spec, with the weights identified by the sha256 of ``weights``, how
-    the records are computed on ``device``, and the augmented views it holds."""
+    the records are computed on ``device``, the augmented views it holds and its ``sharding``."""
     info = {k: v for k, v in backbone.weights_info.items()}
     info["sha256"] = hashlib.sha256(weights).hexdigest()
     spec = backbone.feature_spec(weights=info, dtype=cfg.dtype)
@@ -79,7 +80,7 @@ def build_meta(backbone: Backbone, cfg: ExtractConfig, weights: bytes, device: t
                      "channels_last": cfg.channels_last}
     views = cached_views(cfg)
     return CacheMeta(spec=spec, num_shards=cfg.num_shards, weights_file=WEIGHTS_FILE, computed_with=computed_with,
-                     views=views.to_dict() if views is not None else None)
+                     views=views.to_dict() if views is not None else None, sharding=sharding)
 
 
 def store_weights(directory: Path, weights: bytes, sha256: str) -> None:
@@ -115,7 +116,7 @@ def _extract(cfg: ExtractConfig, records: list[ManifestRecord], device: torch.de
     backbone.model.to(device)
     if cfg.channels_last:
         backbone.model.to(memory_format=torch.channels_last)
-    meta = build_meta(backbone, cfg, weights, device)
+    meta = build_meta(backbone, cfg, weights, device, cache_sharding(records))
     writer = CacheWriter(cfg.out_dir, meta)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main or cfg.shard_index is not None:
@@ -124,13 +125,11 @@ def _extract(cfg: ExtractConfig, records: list[ManifestRecord], device: torch.de
         writer.remove_foreign_files()
     ctx.barrier()
 
-    if cfg.shard_index is not None:
-        mine = [cfg.shard_index]
-    else:
-        mine = [i for i in range(cfg.num_shards) if i % ctx.world_size == ctx.rank]
+    mine = shards_for(cfg.num_shards, ctx, cfg.shard_index)
     log.info("extract: %s (%s weights, sha256 %s) -> %s, token sets %s, %d shard(s) for rank %d/%d on %s",
              cfg.backbone, meta.spec.weights["source"], meta.spec.weights["sha256"][:12], cfg.out_dir,
              [(t.name, t.shape) for t in meta.token_sets], len(mine), ctx.rank, ctx.world_size, device)
+    log_input_shards(meta, records, mine)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
     def encode(images: torch.Tensor) -> list:

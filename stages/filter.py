@@ -53,7 +53,7 @@ from cache.format import CacheMeta, FeatureSpec, TokenSet
 from cache.reader import FeatureCache
 from cache.writer import CacheWriter
 from pipeline.config import FilterConfig, config_to_dict
-from pipeline.data.cache_fill import fill_cache
+from pipeline.data.cache_fill import cache_sharding, fill_cache, log_input_shards, shards_for
 from pipeline.data.filtering import (
     fraction,
     label_report,
@@ -69,13 +69,12 @@ from pipeline.data.manifest import (
     resolve_image_path,
     write_manifest,
 )
-from pipeline.distributed import resolve_device
+from pipeline.distributed import DistContext, run_distributed
 from pipeline.errors import UserError
 from pipeline.evaluation.plots import score_histogram, threshold_curves
 from pipeline.files import write_json, write_jsonl, write_text
 from pipeline.models.clip import ClipModel, load_clip
 from pipeline.progress import progress as progress_bar
-from pipeline.threads import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +83,33 @@ REASON_NO_CAPTION = "no caption above threshold"
 
 
 # --------------------------------------------------------------------------- the embedding cache
-def _cache_meta(clip: ClipModel, cfg: FilterConfig) -> CacheMeta:
+def _cache_meta(clip: ClipModel, cfg: FilterConfig, sharding: str) -> CacheMeta:
     weights = {k: v for k, v in clip.weights.items() if k != "path"}  # where the file lies is not what it is
     spec = FeatureSpec(backbone=clip.arch, weights=weights, preprocessing=clip.preprocessing,
                        token_sets=(TokenSet("image", 1, clip.embed_dim),), dtype="float32")
     computed_with = {"batch_size": cfg.batch_size, "device": clip.device.type}
-    return CacheMeta(spec=spec, num_shards=cfg.num_shards, extra={"model_key": clip.key}, computed_with=computed_with)
+    return CacheMeta(spec=spec, num_shards=cfg.num_shards, extra={"model_key": clip.key}, computed_with=computed_with,
+                     sharding=sharding)
 
 
-def image_embeddings(clip: ClipModel, records: list[ManifestRecord], cfg: FilterConfig) -> tuple[FeatureCache, dict]:
+def image_embeddings(clip: ClipModel, records: list[ManifestRecord], cfg: FilterConfig,
+                     ctx: DistContext = DistContext()) -> tuple[FeatureCache | None, dict]:
     """The finished embedding cache holding every readable image of ``records``, and what this run computed.
 
     Embeddings are computed once per image file (by content) and CLIP model: another threshold reuses
-    them all; a changed manifest computes only its new and changed images (:func:`pipeline.data.cache_fill.fill_cache`)."""
+    them all; a changed manifest computes only its new and changed images (:func:`pipeline.data.cache_fill.fill_cache`).
+    Under torchrun each rank computes every ``world_size``-th shard and only rank 0 gets the cache (the others
+    None); with ``cfg.shard_index`` this process computes that shard alone and gets None."""
     cache_dir = Path(cfg.embeddings_dir) / clip.key
-    meta = _cache_meta(clip, cfg)
+    meta = _cache_meta(clip, cfg, cache_sharding(records))
     writer = CacheWriter(cache_dir, meta)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    writer.remove_foreign_files()
-    fill = fill_cache(writer, records, cfg.manifest, list(range(cfg.num_shards)),
+    if ctx.is_main and cfg.shard_index is None:
+        writer.remove_foreign_files()
+    ctx.barrier()
+    mine = shards_for(cfg.num_shards, ctx, cfg.shard_index)
+    log_input_shards(meta, records, mine)
+    fill = fill_cache(writer, records, cfg.manifest, mine,
                       transform=clip.preprocess, encode=lambda images: [clip.encode_images(images).numpy()[:, None]],
                       batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels,
                       max_file_bytes=cfg.max_file_bytes, desc="clip images")
@@ -111,6 +118,15 @@ def image_embeddings(clip: ClipModel, records: list[ManifestRecord], cfg: Filter
     log.info("filter: image embeddings of %d images: %d computed%s, %d rejected, %d reused -> %s", len(records),
              fill.computed, f" in {fill.seconds:.1f} s" if fill.computed else "", fill.rejected,
              len(records) - fill.computed - fill.rejected, cache_dir)
+    ctx.barrier()
+    if cfg.shard_index is not None:
+        pending = writer.pending_shards()
+        log.info("filter: embeddings of shard %d written to %s; %s", cfg.shard_index, cache_dir,
+                 f"shard(s) {pending} still to compute" if pending else
+                 "every shard is there: run `pipeline filter` without --shard-index to score the pairs")
+        return None, {}
+    if not ctx.is_main:
+        return None, {}
     meta = writer.finalize()
     if meta is None:  # pragma: no cover - every shard was just written
         raise UserError(f"{cache_dir}: embedding cache incomplete; rerun `pipeline filter` (it resumes)")
@@ -136,11 +152,15 @@ def read_labels(path: Path) -> dict[tuple[str, int], dict]:
     return labels
 
 
-def run(cfg: FilterConfig) -> dict:
+def run(cfg: FilterConfig) -> dict | None:
+    """Filter ``cfg.manifest``; the summary written to retention.json (None: a process that only computed image
+    embeddings, a torchrun rank other than 0 or a ``--shard-index`` run)."""
+    return run_distributed(_run, cfg, cfg.device, cfg.threads)
+
+
+def _run(cfg: FilterConfig, device, ctx: DistContext) -> dict | None:
     start = time.perf_counter()
-    set_threads(cfg.threads)
     # -- inputs ------------------------------------------------------------------------------
-    device = resolve_device(cfg.device)
     clip = load_clip(cfg.clip_model, cfg.clip_pretrained, device)  # fails at once if the weights cannot be had
     warning = cfg.threshold_warning(clip.arch)
     if warning:
@@ -151,7 +171,9 @@ def run(cfg: FilterConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # -- embeddings, scores, selection ---------------------------------------------------------
-    cache, emb_stats = image_embeddings(clip, records, cfg)
+    cache, emb_stats = image_embeddings(clip, records, cfg, ctx)
+    if cache is None:
+        return None
     unreadable = {r["id"]: r for r in cache.rejects()}
     usable = [r for r in records if r.image_id not in unreadable]
     pairs = [(rec, j, cap) for rec in usable for j, cap in enumerate(rec.captions)]

@@ -5,69 +5,19 @@ evaluate, and finetune -> evaluate of the fine-tuned bundle, runs on the shards.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from pipeline.config import Img2DatasetSource, PrepareConfig
 from pipeline.data.images import ShardMember, image_sha256, load_rgb
-from pipeline.data.img2dataset import sample_key, shard_files, write_shard
+from pipeline.data.img2dataset import sample_key, shard_files
 from pipeline.data.importers import AnnotationFileError
 from pipeline.data.manifest import RejectsReport, read_manifest, resolve_image
 from tests.conftest import TINY_BACKBONE, TINY_TRANSFORMER, torch_threads
-
-WORDS = ["dog", "cat", "red", "ball", "grass", "runs", "sits", "on", "the", "a", "blue", "car"]
-
-
-def jpeg(seed: int, size=(48, 64)) -> bytes:
-    """A small JPEG whose colour follows the seed (so captions can say something about it)."""
-    rng = np.random.default_rng(seed)
-    base = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220]][seed % 3], dtype=np.int16)
-    pixels = np.clip(base + rng.integers(-30, 30, (*size, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def caption(seed: int, j: int) -> str:
-    colour = ["red", "green", "blue"][seed % 3]
-    rng = np.random.default_rng(seed * 31 + j)
-    return f"a {colour} " + " ".join(rng.choice(WORDS, 4))
-
-
-def make_shards(folder: Path, shards: int = 2, per_shard: int = 8, *, failures: bool = True) -> dict:
-    """``shards`` img2dataset shards of ``per_shard`` rows each; with ``failures`` row 2 failed to download,
-    row 3 failed to resize and row 5 has an empty caption. Returns what was written, by key."""
-    written = {}
-    for s in range(shards):
-        rows = []
-        for i in range(per_shard):
-            seed = s * 100 + i
-            url = f"https://example.com/{s}/{i}.jpg"
-            if failures and i == 2:
-                rows.append({"url": url, "caption": "lost", "status": "failed_to_download",
-                             "error_message": "HTTP Error 404: Not Found"})
-            elif failures and i == 3:
-                rows.append({"url": url, "caption": "odd", "status": "failed_to_resize",
-                             "error_message": "image decoding error"})
-            else:
-                text = "" if failures and i == 5 else caption(seed, 0)
-                rows.append({"url": url, "caption": text, "image": jpeg(seed), "width": 64, "height": 48})
-            written[sample_key(i, s)] = rows[-1]
-        write_shard(folder, s, rows)
-    return written
-
-
-def prepare_shards(source_path, out: Path, **kw):
-    from stages import prepare
-
-    return prepare.run(PrepareConfig(sources=[Img2DatasetSource(path=str(source_path))], out_dir=out,
-                                     val_fraction=0.25, test_fraction=0.25, **kw))
+from tests.helpers_img2dataset import make_shards, prepare_shards
 
 
 def test_the_shards_written_have_img2datasets_file_names_members_and_fields(tmp_path):
@@ -103,9 +53,10 @@ def test_prepare_addresses_each_image_inside_its_shard_and_rejects_img2datasets_
     assert stats["images"] == len(records) == 10
     assert not list((tmp_path / "prepared").rglob("*.jpg"))  # nothing unpacked
     for rec in records:
-        key = rec.image_id.split("/", 1)[1]
+        source, shard, key = rec.image_id.split("/")  # the id names the input shard
+        assert source == "web" and shard == key[:5]
         where = resolve_image(rec, tmp_path / "prepared" / "manifest.jsonl")
-        assert isinstance(where, ShardMember) and where.path.name == f"{key[:5]}.tar"
+        assert isinstance(where, ShardMember) and where.path.name == f"{shard}.tar"
         assert rec.member["name"] == f"{key}.jpg"
         with open(where.path, "rb") as f:  # one seek, the exact bytes img2dataset stored
             f.seek(rec.member["offset"])
@@ -118,13 +69,13 @@ def test_prepare_addresses_each_image_inside_its_shard_and_rejects_img2datasets_
     by_id = {}
     for r in rejects:
         by_id.setdefault(r["id"], []).append(r)
-    assert by_id["web/000000002"] == [{"file": str((tmp_path / "shards/00000.parquet").resolve()),
+    assert by_id["web/00000/000000002"] == [{"file": str((tmp_path / "shards/00000.parquet").resolve()),
                                        "reason": "failed_to_download: HTTP Error 404: Not Found",
-                                       "id": "web/000000002"}]
-    assert by_id["web/000010003"][0]["reason"] == "failed_to_resize: image decoding error"
-    empty = [r["reason"] for r in by_id["web/000000005"]]
+                                       "id": "web/00000/000000002"}]
+    assert by_id["web/00001/000010003"][0]["reason"] == "failed_to_resize: image decoding error"
+    empty = [r["reason"] for r in by_id["web/00000/000000005"]]
     assert empty == ["empty caption: 000000005.txt", "no valid captions: all 1 captions rejected"]
-    assert by_id["web/000000005"][0]["file"] == str((tmp_path / "shards/00000.tar").resolve())
+    assert by_id["web/00000/000000005"][0]["file"] == str((tmp_path / "shards/00000.tar").resolve())
     assert stats["rejects"]["by_reason"] == {"empty caption": 2, "failed_to_download": 2, "failed_to_resize": 2,
                                              "no valid captions": 2}
 
@@ -155,12 +106,12 @@ def test_a_shard_cut_short_imports_what_precedes_the_cut_and_says_so(tmp_path, c
     with caplog.at_level("WARNING"):
         stats = prepare_shards(tmp_path / "shards", tmp_path / "prepared")
     ids = [r.image_id for r in read_manifest(tmp_path / "prepared" / "manifest.jsonl")]
-    assert ids == [f"web/{sample_key(i, 0)}" for i in range(6)] + ["web/000010000", "web/000010001"]
+    assert ids == [f"web/00000/{sample_key(i, 0)}" for i in range(6)] + ["web/00001/000010000", "web/00001/000010001"]
     rejects = RejectsReport.read(tmp_path / "prepared" / "rejects.jsonl")
     reasons = {(r.get("id"), r["reason"].split(":")[0]) for r in rejects}
     # the image cut in two, the rows the parquet lists as downloaded but the tar no longer holds, the shard
-    assert reasons == {("web/000010002", "truncated image"), ("web/000010003", "missing image file"),
-                       ("web/000010004", "missing image file"), ("web/000010005", "missing image file"),
+    assert reasons == {("web/00001/000010002", "truncated image"), ("web/00001/000010003", "missing image file"),
+                       ("web/00001/000010004", "missing image file"), ("web/00001/000010005", "missing image file"),
                        (None, "truncated shard")}
     assert stats["rejects"]["by_reason"] == {"missing image file": 3, "truncated image": 1, "truncated shard": 1}
     assert any("00001.tar: the shard is cut short" in m and "rerun img2dataset" in m for m in caplog.messages)

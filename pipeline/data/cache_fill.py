@@ -29,15 +29,46 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cache.format import shard_of
+from cache.format import SHARD_BY_IMAGE, SHARD_BY_INPUT_SHARD, CacheMeta
 from cache.writer import CacheWriter, ShardWriter
 from pipeline.data.image_files import ImageFiles, collate_image_files
 from pipeline.data.images import ImageDecodeError, ImageLocation, image_sha256
 from pipeline.data.manifest import ManifestRecord, resolve_image
+from pipeline.distributed import DistContext
 from pipeline.errors import UserError
 from pipeline.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
+
+
+def cache_sharding(records: list[ManifestRecord]) -> str:
+    """How a cache of ``records``' images is sharded: by input shard when every image lies in one (img2dataset),
+    so that each process reads whole input shards, else by image id (:func:`cache.format.shard_of`)."""
+    if records and all(r.member is not None for r in records):
+        return SHARD_BY_INPUT_SHARD
+    return SHARD_BY_IMAGE
+
+
+def shards_for(num_shards: int, ctx: DistContext, shard_index: Optional[int]) -> list[int]:
+    """The cache shards this process writes: ``shard_index`` alone (separate machines), else every
+    ``world_size``-th from its rank (torchrun; all of them in a single process)."""
+    if shard_index is not None:
+        return [shard_index]
+    return [i for i in range(num_shards) if i % ctx.world_size == ctx.rank]
+
+
+def log_input_shards(meta: CacheMeta, records: list[ManifestRecord], shards: list[int]) -> None:
+    """Say which input shards the cache ``shards`` read, when the cache is sharded by input shard."""
+    if meta.sharding != SHARD_BY_INPUT_SHARD:
+        return
+    mine = set(shards)
+    files = sorted({r.path for r in records if meta.shard_of(r.image_id) in mine})
+    log.info("cache sharded by input shard: cache shard(s) %s read %d whole input shard(s) (%s)",
+             _ranges(sorted(mine)), len(files), ", ".join(Path(f).name for f in files[:4]) + (" ..." if len(files) > 4 else ""))
+
+
+def _ranges(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:8])) + (f" ... ({len(numbers)})" if len(numbers) > 8 else "")
 
 
 class StaleManifestError(UserError, ValueError):
@@ -97,7 +128,7 @@ def fill_cache(
     (``views``: how view records are rendered, :class:`pipeline.data.views.ViewRenderer`)."""
     by_shard: dict[int, list[ManifestRecord]] = {i: [] for i in shards}
     for rec in records:
-        s = shard_of(rec.image_id, writer.meta.num_shards)
+        s = writer.meta.shard_of(rec.image_id)
         if s in by_shard:
             by_shard[s].append(rec)
     fill = _Fill(writer, image_digests([r for recs in by_shard.values() for r in recs], manifest))
@@ -196,7 +227,7 @@ class _Fill:
         large), so an unchanged bad file is not retried on the next run, a fixed one is."""
         for err in bad:
             err["digest"] = err.get("digest") or self.digests.get(err["id"])
-            shard = shard_of(err["id"], self.writer.meta.num_shards)
+            shard = self.writer.meta.shard_of(err["id"])
             self.open_shards[shard].add_rejects([err])
             log.warning("skipped %s: %s%s", err["file"], err["reason"], f" ({err['detail']})" if err["detail"] else "")
             self.remaining[shard] -= 1

@@ -13,6 +13,8 @@ per shard ``NNNNN``:
 * ``NNNNN_stats.json``: count, successes, failed_to_download, failed_to_resize, ``status_dict`` (how many
   times each error message occurred) and timings.
 
+A sample's image id is ``<source>/<shard>/<key>`` (``cc3m/00001/000010005``): it names its input shard, so
+a cache can keep each input shard's images together (:data:`cache.format.SHARD_BY_INPUT_SHARD`).
 Images are never unpacked: each record's ``path`` is its shard and ``member`` the image's name, byte offset
 and size in it (:class:`pipeline.data.images.ShardMember`), so a stage reads one image with one seek.
 Captions come from the ``.txt`` members. What is refused is a reject, never a crash:
@@ -140,7 +142,7 @@ class _ShardReader:
                     self.urls[key] = url
                 continue
             self.job.reject(f"{status or 'unknown status'}: {error or 'no error message'}", file=parquet,
-                            id=self.job.image_id(str(key)))
+                            id=self.job.image_id(_native_id(parquet, str(key))))
 
     def _read_stats(self, shard: Path) -> None:
         stats = shard.with_name(f"{shard.stem}_stats.json")
@@ -195,11 +197,12 @@ class _ShardReader:
         for key in self.successes:
             if key not in samples:
                 self.job.reject(f"{MISSING_IMAGE}: img2dataset's metadata says success, the shard holds no member "
-                                f"{key}.*{why}", file=shard, id=self.job.image_id(key))
+                                f"{key}.*{why}", file=shard, id=self.job.image_id(_native_id(shard, key)))
 
     def _add_sample(self, shard: Path, f, size: int, key: str, members: dict[str, tarfile.TarInfo]) -> None:
         job = self.job
-        image_id = job.image_id(key)
+        native_id = _native_id(shard, key)
+        image_id = job.image_id(native_id)
         image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
         if image is None:
             job.reject(f"{MISSING_IMAGE}: no image member for key {key!r} (members: "
@@ -213,7 +216,7 @@ class _ShardReader:
         if image_id in self.items:
             job.reject(f"duplicate id: key {key!r} is also in {self.items[image_id].path}", file=shard, id=image_id)
             return
-        item = _Item(native_id=key, path=str(shard), split=None, name=image.name, file=str(shard),
+        item = _Item(native_id=native_id, path=str(shard), split=None, name=image.name, file=str(shard),
                      member={"name": image.name, "offset": image.offset_data, "size": image.size})
         url = self.urls.get(key)
         if url:
@@ -223,6 +226,13 @@ class _ShardReader:
             f.seek(text.offset_data)
             job.add_caption(item, f.read(text.size).decode("utf-8", errors="surrogateescape"), detail=text.name)
         self.items[image_id] = item
+
+
+def _native_id(shard: Path, key: str) -> str:
+    """A sample's id within its source: ``<input shard>/<key>`` (e.g. ``00012/000120034``), so that its image id
+    ``<source>/<input shard>/<key>`` says which input shard it is in (the cache can keep input shards together:
+    :data:`cache.format.SHARD_BY_INPUT_SHARD`)."""
+    return f"{shard.stem}/{key}"
 
 
 def import_img2dataset(cfg, rejects: RejectsReport, *, check_images: str = "full", workers: int = 2,

@@ -232,6 +232,8 @@ class ExtractConfig(StageConfig):
         None, description="Store several stages' maps (timm features_only), e.g. [2,3]; default: last stage only."
     )
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    pool: int = Field(1, ge=1, le=8, description="Average-pool each token map over k x k windows before storing it "
+                      "(2: 7x7 -> 4x4 tokens, a third of the bytes); models trained on it pool their images alike.")
     num_shards: int = Field(4, ge=1)
     shard_index: Optional[int] = Field(None, ge=0, description="Only write this shard (for separate machines).")
     batch_size: int = Field(32, ge=1)

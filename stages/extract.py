@@ -110,7 +110,7 @@ def _extract(cfg: ExtractConfig, records: list[ManifestRecord], device: torch.de
              ctx: DistContext) -> CacheMeta | None:
     backbone = create_backbone(
         cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.image_size,
-        crop_pct=cfg.crop_pct, out_indices=cfg.out_indices,
+        crop_pct=cfg.crop_pct, out_indices=cfg.out_indices, token_pool=cfg.pool,
     )
     weights = weights_bytes(backbone.model)
     backbone.model.to(device)

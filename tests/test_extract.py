@@ -203,6 +203,38 @@ def test_multi_scale_token_sets(image_manifest, tmp_path):
     assert set(batch) == {"stage1", "stage2"}
 
 
+def test_pooled_token_maps_hold_window_means_and_the_spec_records_the_pool(image_manifest, tmp_path):
+    from cache.format import spec_mismatches
+    from pipeline.models.backbones import create_backbone
+
+    plain = extract.run(_cfg(image_manifest, tmp_path / "plain", image_size=56, out_indices=[2], dtype="float32"))
+    pooled = extract.run(_cfg(image_manifest, tmp_path / "pooled", image_size=56, out_indices=[2], dtype="float32",
+                              pool=2))
+    (tokens, channels), = [t.shape for t in plain.token_sets]
+    assert tokens == 49 and pooled.token_sets[0].shape == (16, channels)  # 7x7 -> 4x4
+    assert pooled.feature_nbytes == 16 * channels * 4 and plain.feature_nbytes == 49 * channels * 4
+    assert pooled.preprocessing["token_pool"] == 2 and "token_pool" not in plain.preprocessing
+    grid = FeatureCache(tmp_path / "plain").get_batch(["t/001"])["stage2"][0].reshape(7, 7, channels)
+    want = np.stack([np.stack([grid[r:r + 2, c:c + 2].mean(axis=(0, 1)) for c in range(0, 7, 2)])
+                     for r in range(0, 7, 2)]).reshape(16, channels)  # the edge windows: the mean of what is there
+    got = FeatureCache(tmp_path / "pooled").get_batch(["t/001"])["stage2"][0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # a model trained on pooled features rebuilds a backbone from their spec, and it pools alike
+    assert spec_mismatches(plain.spec, pooled.spec) == ["preprocessing.token_pool: None vs 2", "token set 'stage2': "
+                                                        f"49x{channels} from stage 2 vs 16x{channels} from stage 2"]
+    rebuilt = create_backbone(BACKBONE, preprocessing=pooled.preprocessing, out_indices=[2])
+    assert rebuilt.token_pool == 2
+    assert spec_mismatches(rebuilt.feature_spec(weights=pooled.weights, dtype="float32"), pooled.spec) == []
+
+
+def test_pooling_tokens_without_a_grid_is_refused_by_name():
+    from pipeline.models.backbones import BackboneError, pool_map
+
+    with pytest.raises(BackboneError, match=r"vit_x gives tokens without a spatial grid \(\(2, 50, 8\)\): --pool "
+                                            "needs a convolutional map"):
+        pool_map(torch.zeros(2, 50, 8), 2, "vit_x")
+
+
 def test_local_weights_load_and_bad_weights_name_the_keys(image_manifest, tmp_path):
     import timm
     from safetensors.torch import save_file

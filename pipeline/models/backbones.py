@@ -166,14 +166,22 @@ class Backbone:
     out_indices: Optional[list[int]] = None
     token_set_names: list[str] = field(default_factory=list)
 
+    @property
+    def token_pool(self) -> int:
+        """The side of the windows each token map is average-pooled over (1: not pooled); part of the features'
+        spec (``preprocessing.token_pool``), so a model trained on pooled features pools its images the same way."""
+        return int(self.data_config.get(TOKEN_POOL, 1))
+
     def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``images (B, 3, H, W)`` normalised -> list of ``(B, h*w, C)`` token sets."""
+        """``images (B, 3, H, W)`` normalised -> list of ``(B, h*w, C)`` token sets (pooled: see :func:`pool_map`)."""
         if self.out_indices is None:
             maps = [self.model.forward_features(images)]
             if getattr(self.model, "output_fmt", "NCHW") == "NHWC":  # Swin, MambaOut: (B, H, W, C)
-                maps = [m.flatten(1, 2) for m in maps]
+                maps = [m.permute(0, 3, 1, 2) for m in maps]
         else:
             maps = self.model.forward_intermediates(images, indices=self.out_indices, intermediates_only=True)
+        if self.token_pool > 1:
+            maps = [pool_map(m, self.token_pool, self.name) for m in maps]
         return [flatten_map(m) for m in maps]
 
     def feature_spec(self, *, weights: dict[str, Any], dtype: str, source: str = "cache") -> FeatureSpec:
@@ -209,8 +217,21 @@ class Backbone:
         return transforms.Compose([functools.partial(trim_for_eval, preprocessing=dict(cfg)), timm_transform])
 
 
+TOKEN_POOL = "token_pool"  # the preprocessing key of Backbone.token_pool (absent: 1, not pooled)
+
+
+def pool_map(x: torch.Tensor, k: int, backbone: str) -> torch.Tensor:
+    """``(B, C, H, W)`` averaged over ``k``x``k`` windows, the last row and column of windows taking what is left
+    (``ceil``: 7x7 -> 4x4 at ``k=2``, an edge window the mean of its pixels only)."""
+    if x.ndim != 4:
+        raise BackboneError(f"{backbone} gives tokens without a spatial grid ({tuple(x.shape)}): --pool needs a "
+                            "convolutional map (a ConvNeXt, ResNet or EfficientNet, or --out-indices of a "
+                            "hierarchical model); use --pool 1")
+    return torch.nn.functional.avg_pool2d(x, k, ceil_mode=True)
+
+
 def flatten_map(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C); token maps already (B, N, C) pass through (NHWC maps are flattened by
+    """(B, C, H, W) -> (B, H*W, C); token maps already (B, N, C) pass through (NHWC maps are permuted by
     :meth:`Backbone.tokens`)."""
     if x.ndim == 4:
         return x.flatten(2).transpose(1, 2)
@@ -243,15 +264,16 @@ def create_backbone(
     preprocessing: Optional[dict[str, Any]] = None,
     out_indices: Optional[list[int]] = None,
     init_seed: int = 0,
+    token_pool: int = 1,
 ) -> Backbone:
     """Build ``name`` from timm with weights from exactly one place, in eval mode.
 
     Weights: ``pretrained`` (timm's download), ``weights`` (a local file), ``state_dict`` (tensors in
     hand, e.g. a bundle's: the model is built as a bare skeleton, without reseeding torch's RNG or a
     random-weights warning), or none of them (seeded random init, recorded as such).
-    Preprocessing: timm's data config for the model, with ``image_size`` / ``crop_pct`` overrides; or
-    ``preprocessing``, a recorded data config used as it is. A model built for one input size (a ViT) is
-    built for that size (timm's ``img_size``).
+    Preprocessing: timm's data config for the model, with ``image_size`` / ``crop_pct`` overrides and
+    ``token_pool`` (:attr:`Backbone.token_pool`); or ``preprocessing``, a recorded data config used as it is.
+    A model built for one input size (a ViT) is built for that size (timm's ``img_size``).
     An unknown name is a :class:`BackboneError` that suggests close names."""
     if sum([bool(pretrained), weights is not None, state_dict is not None]) > 1:
         raise WeightsError("give one source of backbone weights: pretrained=True (download), a local weights file, "
@@ -301,6 +323,8 @@ def create_backbone(
             data_config["input_size"] = (3, image_size, image_size)
         if crop_pct is not None:
             data_config["crop_pct"] = crop_pct
+        if token_pool > 1:  # absent when 1: unpooled features keep the spec they always had
+            data_config[TOKEN_POOL] = token_pool
     data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
     names = ["last"] if out_indices is None else [f"stage{i}" for i in out_indices]
     return Backbone(name, model, data_config, weights_info, out_indices, names)

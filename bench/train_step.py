@@ -365,7 +365,7 @@ def workload_of(cfg, source: str) -> dict[str, Any]:
     from cache import FeatureCache
     from pipeline.text.tokenizers import load_tokenizer
     from pipeline.training.runs import train_val_splits
-    from stages.train import build_decoder, caption_samples
+    from stages.train import build_decoder, caption_table
 
     cache = FeatureCache(cfg.features)
     try:
@@ -376,7 +376,7 @@ def workload_of(cfg, source: str) -> dict[str, Any]:
         return {"source": source, "features": str(cfg.features), "manifest": str(cfg.manifest),
                 "tokenizer": str(cfg.tokenizer), "backbone": spec.backbone,
                 "token_sets": [[t.name, t.tokens, t.channels] for t in spec.token_sets],
-                "train_images": len(train_records), "train_captions": len(caption_samples(train_records, tokenizer)),
+                "train_images": len(train_records), "train_captions": len(caption_table(train_records, tokenizer)),
                 "vocab_size": tokenizer.vocab_size, "decoder": cfg.decoder, "decoder_options": cfg.decoder_options,
                 "parameters": params}
     finally:

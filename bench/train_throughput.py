@@ -414,16 +414,19 @@ def decode_probe(dataset: JpegCaptions, n: int) -> float:
 # --------------------------------------------------------------------------- throughput
 def bench_throughput(args, s: Setup) -> dict[str, Any]:
     from cache import FeatureCache
+    from pipeline.data.captions import CaptionTable
     from pipeline.data.features import CachedCaptionDataset
     from pipeline.data.manifest import resolve_image_path
     from pipeline.models.backbones import create_backbone
-    from stages.train import caption_samples
+    from stages.train import caption_table
 
     manifest = s.work / "data" / "manifest.jsonl"
-    samples = caption_samples(s.records, s.tokenizer)
+    captions = caption_table(s.records, s.tokenizer)
+    samples = [(image_id, captions.tokens[i].tolist())
+               for i, image_id in enumerate(captions.caption_image_ids(range(len(captions))))]
     paths = {r.image_id: resolve_image_path(r, manifest) for r in s.records}
     cache = FeatureCache(s.cache_dir)
-    dataset = CachedCaptionDataset(cache, samples, pad_id=s.tokenizer.pad_id)
+    dataset = CachedCaptionDataset(cache, captions, pad_id=s.tokenizer.pad_id)
     feature_dim = cache.meta.token_sets[0].channels
     backbone = create_backbone(args.backbone, image_size=args.image_px, crop_pct=1.0)  # extract's default crop
     assert backbone.data_config == cache.meta.preprocessing, "e2e preprocessing differs from the cache's"
@@ -440,7 +443,7 @@ def bench_throughput(args, s: Setup) -> dict[str, Any]:
     # Trainer.fit never reaches the end of an epoch (that would validate and checkpoint): enough samples.
     total_cache_steps = args.warmup_steps + args.rounds * args.cache_steps
     reps = math.ceil((total_cache_steps + 2) * args.batch_size / len(samples))
-    trainer_dataset = CachedCaptionDataset(cache, samples * reps, pad_id=s.tokenizer.pad_id)
+    trainer_dataset = CachedCaptionDataset(cache, CaptionTable.from_pairs(samples * reps), pad_id=s.tokenizer.pad_id)
 
     variants = ["cache"] + ([] if args.no_trainer else ["trainer"]) + ["e2e_frozen"] + (
         ["e2e_last_stage"] if stage is not None else [])

@@ -76,6 +76,7 @@ class FeatureCache:
     def __init__(self, directory: str | Path, expect: FeatureSpec | None = None) -> None:
         self.directory = Path(directory)
         self.meta = CacheMeta.read(self.directory)
+        self._rejected: frozenset[str] | None = None
         self._paths = [self.directory / f"{shard_name(i, self.meta.num_shards)}.lmdb" for i in range(self.meta.num_shards)]
         missing = [p.name for p in self._paths if not p.exists()]
         if missing:
@@ -132,7 +133,9 @@ class FeatureCache:
         """Which of ``{image_id: image sha256 or None (unknown)}`` the cache cannot serve: ``missing`` ids
         (``rejected`` ones listed apart) and ``changed`` ones (the record was computed from other bytes)."""
         found = self.digests(list(wanted))
-        rejected = {r["id"] for r in self.rejects()}
+        if self._rejected is None:  # a finished cache's rejects do not change: read once
+            self._rejected = frozenset(r["id"] for r in self.rejects())
+        rejected = self._rejected
         out: dict[str, list[str]] = {"missing": [], "rejected": [], "changed": []}
         for image_id, digest in wanted.items():
             have = found[image_id]
@@ -145,18 +148,10 @@ class FeatureCache:
     def require(self, wanted: dict[str, str | None], source: str) -> list[str]:
         """Refuse unless every image of ``wanted`` (``{image_id: sha256 or None}``, from ``source``) has
         features computed from those bytes; returns the ids to skip because extraction rejected them."""
-        stale = self.stale(wanted)
-        problems = []
-        if stale["missing"]:
-            problems.append(f"{len(stale['missing'])} image(s) are not in it (e.g. {stale['missing'][:3]})")
-        if stale["changed"]:
-            problems.append(f"{len(stale['changed'])} image(s) changed since their features were computed "
-                            f"(e.g. {stale['changed'][:3]})")
-        if problems:
-            raise CacheFormatError(f"the feature cache {self.directory} does not cover {source}: "
-                                   + "; ".join(problems) + ". Run `pipeline extract` on this manifest (it computes "
-                                   "only the missing and changed images)")
-        return stale["rejected"]
+        coverage = Coverage(self, source)
+        skip = coverage.check(wanted)
+        coverage.raise_if_incomplete()
+        return skip
 
     # -- access -----------------------------------------------------------------------------
     def _environments(self) -> list[lmdb.Environment]:
@@ -255,3 +250,37 @@ class FeatureCache:
                 batch = []
         if batch:
             yield batch, self.get_batch(batch)
+
+
+class Coverage:
+    """Whether a cache serves the images a run needs (as :meth:`FeatureCache.require`), checked a chunk of them at
+    a time: :meth:`check` each chunk, then :meth:`raise_if_incomplete`. It keeps counts and a few examples only,
+    so a manifest of millions of images is checked in the memory of one chunk."""
+
+    EXAMPLES = 3
+
+    def __init__(self, cache: FeatureCache, source: str) -> None:
+        self.cache, self.source = cache, source
+        self.counts = {"missing": 0, "changed": 0, "rejected": 0}
+        self.examples: dict[str, list[str]] = {k: [] for k in self.counts}
+
+    def check(self, wanted: dict[str, str | None]) -> list[str]:
+        """Check one chunk (``{image_id: sha256 or None}``); returns its ids to skip because extraction rejected them."""
+        stale = self.cache.stale(wanted)
+        for kind, ids in stale.items():
+            self.counts[kind] += len(ids)
+            self.examples[kind].extend(ids[: self.EXAMPLES - len(self.examples[kind])])
+        return stale["rejected"]
+
+    def raise_if_incomplete(self) -> None:
+        """Refuse, naming how many images are missing or changed (and examples) and what to do."""
+        problems = []
+        if self.counts["missing"]:
+            problems.append(f"{self.counts['missing']} image(s) are not in it (e.g. {self.examples['missing']})")
+        if self.counts["changed"]:
+            problems.append(f"{self.counts['changed']} image(s) changed since their features were computed "
+                            f"(e.g. {self.examples['changed']})")
+        if problems:
+            raise CacheFormatError(f"the feature cache {self.cache.directory} does not cover {self.source}: "
+                                   + "; ".join(problems) + ". Run `pipeline extract` on this manifest (it computes "
+                                   "only the missing and changed images)")

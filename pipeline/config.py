@@ -357,6 +357,8 @@ class TrainConfig(LoopConfig):
     token_sets: Optional[list[str]] = Field(None, description="Cached token sets to use; default: all (concatenated).")
     blind: bool = Field(False, description="Image-blind control: replace the visual features by zeros.")
     views: Views = None
+    shuffle_shards: int = Field(0, ge=0, description="Shuffle each epoch within this many cache shards at a time, so "
+                                "reads stay in a few shards (a cache larger than memory); 0: across the whole set.")
     threads: Threads = None
     label_smoothing: LabelSmoothing = 0.1
     scheduled_sampling: float = Field(

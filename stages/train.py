@@ -18,16 +18,20 @@ while one is training there is refused (``.<out_dir name>.lock`` beside it).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
 from cache import FeatureCache, FeatureSpec
+from cache.reader import Coverage
 from pipeline.config import TrainConfig, config_to_dict
 from pipeline.data.augment import flip_caption
+from pipeline.data.captions import CaptionTable, CaptionTableBuilder
 from pipeline.data.features import CachedCaptionDataset, select_features, token_layout
-from pipeline.data.manifest import ManifestRecord
+from pipeline.data.manifest import ManifestRecord, iter_manifest
 from pipeline.data.views import ViewSchedule
 from pipeline.distributed import DistContext, run_distributed
 from pipeline.errors import ConfigError
@@ -41,23 +45,75 @@ from pipeline.training.runs import (
     CaptionValidator,
     RunError,
     digests_of,
-    train_val_splits,
 )
 from pipeline.training.stage import TrainingStage, run_training_stage
 
 log = logging.getLogger(__name__)
 
 
-def caption_samples(records: list[ManifestRecord], tokenizer: CaptionTokenizer,
-                    mirrored: bool = False) -> list[tuple[str, list[int]]]:
-    """One (image id, token ids) sample per caption (``mirrored``: the caption of the mirrored image, left and
-    right swapped)."""
-    samples = []
+def caption_table(records: Iterable[ManifestRecord], tokenizer: CaptionTokenizer, *,
+                  mirrored: bool = False) -> CaptionTable:
+    """The captions of ``records`` tokenised, one table row per caption (``mirrored``: each caption's mirror,
+    left and right swapped, kept beside it for mirrored views)."""
+    builder = CaptionTableBuilder(tokenizer.vocab_size, mirrored=mirrored)
     for rec in records:
-        captions = [flip_caption(c) for c in rec.captions] if mirrored else rec.captions
-        for ids in tokenizer.encode_captions(captions):
-            samples.append((rec.image_id, ids))
-    return samples
+        _add(builder, rec, tokenizer)
+    return builder.build()
+
+
+def _add(builder: CaptionTableBuilder, rec: ManifestRecord, tokenizer: CaptionTokenizer) -> None:
+    mirrored = tokenizer.encode_captions([flip_caption(c) for c in rec.captions]) if builder.mirrored else None
+    builder.add(rec.image_id, tokenizer.encode_captions(rec.captions), mirrored)
+
+
+CHUNK = 10_000  # manifest rows checked against the cache and tokenised at a time
+
+
+@dataclass
+class TrainingData:
+    captions: CaptionTable  # of the train images with features
+    val: list[ManifestRecord]  # the val images with features
+    views: Optional[ViewSchedule]
+    train_images: int
+
+
+def training_data(cfg: TrainConfig, cache: FeatureCache, tokenizer: CaptionTokenizer) -> TrainingData:
+    """The train captions (a :class:`CaptionTable`) and val records of ``cfg.manifest``, read a chunk of rows at a
+    time: each chunk's images are checked against the cache (every one present and computed from the bytes the
+    manifest records, those extraction rejected skipped with a warning) and so are their augmented views, then the
+    train captions are tokenised into the table. Memory holds the table and the val records, never a Python
+    object per train record."""
+    coverage = Coverage(cache, f"the manifest {cfg.manifest}")
+    builder: Optional[CaptionTableBuilder] = None
+    views, val, seen = None, [], {"train": 0, "val": 0}
+    rows = iter_manifest(cfg.manifest)
+    while chunk := list(islice(rows, CHUNK)):
+        train = [r for r in chunk if r.split == "train"]
+        chunk_val = [r for r in chunk if r.split == "val"]
+        seen["train"] += len(train)
+        seen["val"] += len(chunk_val)
+        skip = set(coverage.check(digests_of(train + chunk_val)))
+        train = [r for r in train if r.image_id not in skip]
+        val += [r for r in chunk_val if r.image_id not in skip]
+        views = ViewSchedule.of_cache(cache, cfg.views, cfg.seed, digests_of(train))
+        if builder is None:
+            builder = CaptionTableBuilder(tokenizer.vocab_size, mirrored=views is not None)
+        for rec in train:
+            _add(builder, rec, tokenizer)
+    if not seen["train"] or not seen["val"]:
+        raise RunError(f"{cfg.manifest}: training needs train and val splits (found {seen['train']} train, "
+                       f"{seen['val']} val images); give the sources a split or let `prepare` draw one (val_fraction)")
+    coverage.raise_if_incomplete()
+    captions = builder.build()
+    skipped = coverage.counts["rejected"]
+    if skipped:
+        log.warning("%d image(s) skipped: extraction rejected them (see %s), e.g. %s", skipped,
+                    cache.directory / "rejects.jsonl", coverage.examples["rejected"])
+        if not captions.num_images or not val:
+            raise RunError(f"{cfg.manifest}: training needs train and val images with features; extraction "
+                           f"rejected {skipped} image(s), leaving {captions.num_images} train, {len(val)} val (see "
+                           f"{cache.directory / 'rejects.jsonl'})")
+    return TrainingData(captions, val, views, captions.num_images)
 
 
 def build_decoder(cfg: TrainConfig, spec: FeatureSpec, tokenizer: CaptionTokenizer) -> torch.nn.Module:
@@ -113,34 +169,22 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
     out = cfg.output_dir
     refuse_other_family(out, cfg.decoder)
-    train_records, val_records = train_val_splits(cfg.manifest)
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_word_vectors(cfg, tokenizer)
     cache = FeatureCache(cfg.features)
     spec = cache.spec.select(cfg.token_sets)
     backbone_file = cache.weights_file()  # verified against the sha256 the features were computed with
-    skipped = cache.require(digests_of(train_records + val_records), f"the manifest {cfg.manifest}")
-    if skipped:
-        log.warning("%d image(s) skipped: extraction rejected them (see %s), e.g. %s", len(skipped),
-                    cache.directory / "rejects.jsonl", skipped[:3])
-        skip = set(skipped)
-        train_records = [r for r in train_records if r.image_id not in skip]
-        val_records = [r for r in val_records if r.image_id not in skip]
-        if not train_records or not val_records:
-            raise RunError(f"{cfg.manifest}: training needs train and val images with features; extraction "
-                           f"rejected {len(skipped)} image(s), leaving {len(train_records)} train, {len(val_records)} "
-                           f"val (see {cache.directory / 'rejects.jsonl'})")
+    data = training_data(cfg, cache, tokenizer)
+    val_records, views = data.val, data.views
     names = [t.name for t in spec.token_sets]
-    views = ViewSchedule.of_cache(cache, cfg.views, cfg.seed, digests_of(train_records))
-    flipped = [t for _, t in caption_samples(train_records, tokenizer, mirrored=True)] if views else None
-    dataset = CachedCaptionDataset(cache, caption_samples(train_records, tokenizer), pad_id=tokenizer.pad_id,
-                                   token_sets=names, zero_features=cfg.blind, views=views, flipped=flipped)
+    dataset = CachedCaptionDataset(cache, data.captions, pad_id=tokenizer.pad_id, token_sets=names,
+                                   zero_features=cfg.blind, views=views)
     decoder = build_decoder(cfg, spec, tokenizer)
     word_vectors = init_word_vectors(cfg, decoder, tokenizer)
     decoder = decoder.to(device)
     n_params = sum(p.numel() for p in decoder.parameters())
     log.info("train %s (%.2fM parameters) on %d captions of %d images, %s features %s%s%s, device %s, %d process(es)",
-             cfg.decoder, n_params / 1e6, len(dataset), len(train_records), spec.backbone,
+             cfg.decoder, n_params / 1e6, len(dataset), data.train_images, spec.backbone,
              [(t.name, t.tokens, t.channels) for t in spec.token_sets],
              f", each epoch one of {views.count + 1} views per image" if views else "",
              " (image-blind control: zeros)" if cfg.blind else "", device, ctx.world_size)
@@ -169,7 +213,7 @@ def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, 
         cfg=cfg, out_dir=out, entry=f"{__name__}:run", inputs=inputs, model=TrainingForward(decoder), dataset=dataset,
         validator=validator, save_best=save_best, what=cfg.decoder, compile=cfg.compile,
         summary={"decoder": cfg.decoder, "blind": cfg.blind, "parameters": n_params,
-                 "train_images": len(train_records), "train_captions": len(dataset)},
-        trainer_options={"label_smoothing": cfg.label_smoothing,
+                 "train_images": data.train_images, "train_captions": len(dataset)},
+        trainer_options={"label_smoothing": cfg.label_smoothing, "shuffle_shards": cfg.shuffle_shards,
                          "scheduled_sampling": (cfg.scheduled_sampling, cfg.scheduled_sampling_ramp_epochs)},
     ), ctx, device)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from cache import CacheFormatError, CacheMeta, CacheWriter, FeatureCache, TokenSet
 from cache.format import FeatureMismatchError, FeatureSpec, shard_of
+from pipeline.data.captions import CaptionTable
 from pipeline.data.features import CachedCaptionDataset, caption_collate
 
 SPEC = FeatureSpec(backbone="fake", weights={"source": "random-init", "sha256": "a" * 64},
@@ -137,7 +138,7 @@ def test_dataset_batches_through_a_dataloader(tmp_path):
     write_cache(tmp_path, ids)
     cache = FeatureCache(tmp_path)
     samples = [(f"x/{i}", [1] + [5] * (i % 4) + [2]) for i in range(10)]
-    ds = CachedCaptionDataset(cache, samples, pad_id=0, token_sets=["last"])
+    ds = CachedCaptionDataset(cache, CaptionTable.from_pairs(samples), pad_id=0, token_sets=["last"])
     loader = DataLoader(ds, batch_size=4, shuffle=False, collate_fn=caption_collate)
     batches = list(loader)
     assert [len(b) for b in batches] == [4, 4, 2]
@@ -147,9 +148,9 @@ def test_dataset_batches_through_a_dataloader(tmp_path):
     assert b.tokens[0].tolist() == [1, 2, 0, 0, 0]  # padded past the length
     np.testing.assert_array_equal(b.features[1].numpy(), _features(1)[0].astype(np.float16))
     # token sets with equal channels concatenate along the token axis
-    both = CachedCaptionDataset(cache, samples, pad_id=0, token_sets=["last", "stage2"])[0]
+    both = CachedCaptionDataset(cache, CaptionTable.from_pairs(samples), pad_id=0, token_sets=["last", "stage2"])[0]
     assert both.features.shape == (1, 20, 6)
-    blind = CachedCaptionDataset(cache, samples, pad_id=0, token_sets=["last"], zero_features=True)[3]
+    blind = CachedCaptionDataset(cache, CaptionTable.from_pairs(samples), pad_id=0, token_sets=["last"], zero_features=True)[3]
     assert blind.features.abs().sum() == 0
 
 
@@ -158,7 +159,7 @@ def test_reader_survives_fork_via_lazy_open(tmp_path):
     cache = FeatureCache(tmp_path)
     cache.get_batch(["x/1"])  # opened in the parent
     samples = [(f"x/{i}", [1, 2]) for i in range(8)]
-    ds = CachedCaptionDataset(cache, samples, pad_id=0, token_sets=["last"])
+    ds = CachedCaptionDataset(cache, CaptionTable.from_pairs(samples), pad_id=0, token_sets=["last"])
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=caption_collate,
                         multiprocessing_context="fork")
     assert sum(len(b) for b in loader) == 8
@@ -177,7 +178,7 @@ def test_bfloat16_features_are_stored_as_words_and_read_back_exactly(tmp_path):
     words = cache.get_batch(["x/3"], raw=True)["last"][0]
     assert words.dtype == np.uint16 and torch.equal(torch.from_numpy(words.copy()).view(torch.bfloat16), expected)
     # The training dataset hands the decoder bfloat16 tensors: the cache's own dtype.
-    batch = CachedCaptionDataset(cache, [("x/3", [1, 2]), ("x/5", [1, 2])], pad_id=0,
+    batch = CachedCaptionDataset(cache, CaptionTable.from_pairs([("x/3", [1, 2]), ("x/5", [1, 2])]), pad_id=0,
                                  token_sets=["stage2"]).__getitems__([0, 1])
     assert batch.features.dtype == torch.bfloat16
     assert torch.equal(batch.features[1], torch.from_numpy(_features(5)[1]).bfloat16())

@@ -497,8 +497,8 @@ def test_training_memory_does_not_grow_with_the_cache(pipe):
     cache = FeatureCache(pipe.features)
     tok = load_tokenizer(pipe.tokenizer("word"))
     records = read_manifest(pipe.manifest)  # all 80 images, every split: a dataset is any (id, tokens) list
-    small = CachedCaptionDataset(cache, train.caption_samples(records[:40], tok), pad_id=tok.pad_id)
-    large = CachedCaptionDataset(cache, train.caption_samples(records, tok), pad_id=tok.pad_id)
+    small = CachedCaptionDataset(cache, train.caption_table(records[:40], tok), pad_id=tok.pad_id)
+    large = CachedCaptionDataset(cache, train.caption_table(records, tok), pad_id=tok.pad_id)
     assert len(large) == 2 * len(small) == 400
     record_bytes = cache.meta.record_nbytes  # 4 tokens x 256 channels x float16 = 2 KiB
     batch_bytes = 16 * record_bytes
@@ -508,8 +508,10 @@ def test_training_memory_does_not_grow_with_the_cache(pipe):
     # Keeping features of the 40 extra images would add 40 x 2 KiB = 80 KiB.
     assert peak_large < 3 * batch_bytes, (peak_small, peak_large, batch_bytes)
     assert abs(peak_large - peak_small) < batch_bytes, (peak_small, peak_large, batch_bytes)
-    assert _arrays_held(large) == []  # only (image id, token ids) pairs, no feature arrays
-    assert all(isinstance(i, str) and isinstance(t, list) for i, t in large.samples)
+    # no feature arrays: only the captions' flat arrays (token ids, offsets, image ids and indices)
+    assert sorted(_arrays_held(large)) == ["captions.image_ids.offsets.ndarray", "captions.image_ids.values.ndarray",
+                                           "captions.image_of.ndarray", "captions.tokens.offsets.ndarray",
+                                           "captions.tokens.values.ndarray"]
 
 
 def test_two_open_caches_of_one_folder_both_read(pipe):
@@ -527,7 +529,7 @@ def test_two_open_caches_of_one_folder_both_read(pipe):
 def test_blind_control_trains_on_zeros_and_says_so(pipe, tmp_path, monkeypatch):
     cache = FeatureCache(pipe.features)
     tok = load_tokenizer(pipe.tokenizer("word"))
-    samples = train.caption_samples([r for r in read_manifest(pipe.manifest) if r.split == "train"][:4], tok)
+    samples = train.caption_table([r for r in read_manifest(pipe.manifest) if r.split == "train"][:4], tok)
     seeing = CachedCaptionDataset(cache, samples, pad_id=tok.pad_id).__getitems__(range(len(samples)))
     blind = CachedCaptionDataset(cache, samples, pad_id=tok.pad_id, zero_features=True).__getitems__(range(len(samples)))
     assert seeing.features.abs().max() > 0 and seeing.features.shape == blind.features.shape

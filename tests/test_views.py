@@ -25,7 +25,7 @@ from pipeline.data.views import CachedViews, ViewRenderer, ViewSchedule, ViewsEr
 from pipeline.text.tokenizers import load_tokenizer
 from pipeline.training.scst import ScstTrainer, mirrored_references
 from stages import extract, scst, train
-from stages.train import caption_samples
+from stages.train import caption_table
 from tests.conftest import TINY_BACKBONE, TINY_TRANSFORMER
 from tests.helpers_training import assert_same_tensors, history, tensors
 
@@ -140,20 +140,20 @@ def test_training_batches_read_the_epochs_view_with_its_mirrored_captions(views_
     cache, tokenizer = FeatureCache(views_cache), load_tokenizer(tiny_pipeline.tokenizer())
     train_records = [r for r in records if r.split == "train"]
     schedule = ViewSchedule.of_cache(cache, None, 0, {r.image_id: r.sha256 for r in train_records})
-    samples = caption_samples(train_records, tokenizer)
-    flipped = [t for _, t in caption_samples(train_records, tokenizer, mirrored=True)]
-    ds = CachedCaptionDataset(cache, samples, pad_id=tokenizer.pad_id, views=schedule, flipped=flipped)
+    captions = caption_table(train_records, tokenizer, mirrored=True)
+    ds = CachedCaptionDataset(cache, captions, pad_id=tokenizer.pad_id, views=schedule)
     mirrored_and_changed = 0
     for epoch in range(3):
         ds.set_epoch(epoch)
-        batch = ds.__getitems__(list(range(len(samples))))
-        for i, (image_id, tokens) in enumerate(samples):
+        batch = ds.__getitems__(list(range(len(captions))))
+        for i in range(len(captions)):
+            image_id, tokens, flipped = captions.caption_image_ids([i])[0], captions.tokens[i], captions.mirrored[i]
             key, mirrored = schedule.pick(image_id, epoch)
             np.testing.assert_array_equal(batch.features[i].float().numpy(),
                                           cache.get_batch([key])["last"][0].astype(np.float32))
-            want = flipped[i] if mirrored else tokens
-            assert batch.tokens[i, : batch.lengths[i]].tolist() == list(want)
-            mirrored_and_changed += mirrored and list(flipped[i]) != list(tokens)
+            want = flipped if mirrored else tokens
+            assert batch.tokens[i, : batch.lengths[i]].tolist() == want.tolist()
+            mirrored_and_changed += mirrored and flipped.tolist() != tokens.tolist()
     assert mirrored_and_changed > 0  # the synthetic captions say "left of" / "right of"
 
     images = CachedImageDataset(cache, [r.image_id for r in train_records], views=schedule)

@@ -8,11 +8,11 @@ times faster than per-item reads through DataLoader workers (measured: 22-27k vs
 PyTorch's DataLoader hands it a batch of indices at once. Use it with
 ``num_workers=0`` and any sampler (``DistributedSampler`` included)::
 
-    ds = CachedCaptionDataset(cache, samples, pad_id=tok.pad_id)
+    ds = CachedCaptionDataset(cache, captions, pad_id=tok.pad_id)   # captions: a CaptionTable
     loader = DataLoader(ds, batch_size=64, shuffle=True, collate_fn=caption_collate)
 
-Memory holds the (image id, token ids) pairs only; features are read per batch,
-so it does not grow with the size of the cache.
+Memory holds the captions' token ids in flat arrays (:mod:`pipeline.data.captions`); features are read per
+batch, so it does not grow with the size of the cache.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from cache.format import TokenSet
 from cache.reader import FeatureCache
+from pipeline.data.captions import CaptionTable
 
 if TYPE_CHECKING:
     from pipeline.data.views import ViewSchedule
@@ -102,62 +103,71 @@ def pad_tokens(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     tokens = np.full((len(sequences), int(lengths.max()) if len(sequences) else 0), pad_id, dtype=np.int64)
     mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    tokens[mask] = np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+    if all(isinstance(s, np.ndarray) for s in sequences):  # rows of a CaptionTable
+        tokens[mask] = np.concatenate(sequences) if len(sequences) else []
+    else:
+        tokens[mask] = np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
     return torch.from_numpy(tokens), torch.from_numpy(lengths)
 
 
 class CachedCaptionDataset(Dataset):
-    """``samples[i] = (image_id, token_ids)``: one entry per caption; token ids include bos and eos.
+    """One entry per caption of ``captions`` (a :class:`pipeline.data.captions.CaptionTable`: token ids include
+    bos and eos); its image's features are read from ``cache`` a batch at a time.
 
     With ``views`` (a :class:`pipeline.data.views.ViewSchedule`), each image is read under the augmented view its
-    epoch draws (:meth:`set_epoch`, as with ``DistributedSampler``), and a mirrored view's caption is
-    ``flipped[i]``, sample ``i``'s caption with left and right swapped."""
+    epoch draws (:meth:`set_epoch`, as with ``DistributedSampler``), and a mirrored view's caption is the table's
+    mirrored one (left and right swapped)."""
 
     def __init__(
         self,
         cache: FeatureCache,
-        samples: Sequence[tuple[str, Sequence[int]]],
+        captions: CaptionTable,
         *,
         pad_id: int,
         token_sets: Sequence[str] | None = None,
         zero_features: bool = False,
         views: Optional[ViewSchedule] = None,
-        flipped: Optional[Sequence[Sequence[int]]] = None,
     ) -> None:
         self.cache = cache
-        self.samples = list(samples)
+        self.captions = captions
         self.pad_id = pad_id
         self.token_sets = token_sets
         self.zero_features = zero_features  # the image-blind control: same shapes, no visual information
-        if views is not None and (flipped is None or len(flipped) != len(self.samples)):
-            raise ValueError("views need the mirrored caption of every sample (flipped)")
-        self.views, self.flipped, self.epoch = views, flipped, 0
-        missing = [image_id for image_id, _ in self.samples[:1] if image_id not in cache]
-        if missing:
-            raise KeyError(f"image {missing[0]!r} is not in the feature cache {cache.directory}")
+        if views is not None and captions.mirrored is None:
+            raise ValueError("views need the mirrored caption of every sample (a CaptionTable built with mirrored)")
+        self.views, self.epoch = views, 0
+        first = captions.caption_image_ids([0]) if len(captions) else []
+        if first and first[0] not in cache:
+            raise KeyError(f"image {first[0]!r} is not in the feature cache {cache.directory}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.captions)
+
+    def shard_of_samples(self) -> np.ndarray:
+        """The cache shard each sample's image is in (int32): what a shard-bounded shuffle groups by
+        (:func:`pipeline.training.loop.epoch_order`)."""
+        table, meta = self.captions, self.cache.meta
+        of_image = np.fromiter((meta.shard_of(table.image_id(i)) for i in range(table.num_images)), dtype=np.int32,
+                               count=table.num_images)
+        return of_image[table.image_of]
 
     def __getitem__(self, index: int) -> CaptionBatch:
         return self.__getitems__([index])
 
     def __getitems__(self, indices: Sequence[int]) -> CaptionBatch:
-        picked = [self.samples[i] for i in indices]
-        image_ids = [image_id for image_id, _ in picked]
-        keys, captions = image_ids, [t for _, t in picked]
+        image_ids = self.captions.caption_image_ids(indices)
+        keys, mirrored = image_ids, None
         if self.views is not None:
             views = [self.views.pick(image_id, self.epoch) for image_id in image_ids]
-            keys = [key for key, _ in views]
-            captions = [self.flipped[i] if mirrored else t for i, t, (_, mirrored) in zip(indices, captions, views)]
+            keys, mirrored = [key for key, _ in views], [m for _, m in views]
         features = features_tensor(select_features(self.cache.get_batch(keys, raw=True), self.token_sets),
                                    self.cache.meta.dtype)
         if self.zero_features:
             features = torch.zeros_like(features)
-        tokens, lengths = pad_tokens(captions, self.pad_id)
+        tokens, lengths = pad_tokens(self.captions.token_rows(indices, mirrored), self.pad_id)
         return CaptionBatch(image_ids, features, tokens, lengths)
 
 

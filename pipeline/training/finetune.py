@@ -25,6 +25,7 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -228,14 +229,14 @@ class FinetuneTrainer(Trainer):
         if nxt < self.batches_per_epoch:
             order = self._order(epoch)
             idx = order[nxt * self.cfg.batch_size : (nxt + 1) * self.cfg.batch_size]
-            if idx:
+            if len(idx):
                 if self._prefetcher is None:
                     self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
                 k = self._key(epoch, nxt)
                 self._prefetch = ((k, tuple(idx)), self._prefetcher.submit(self.dataset.batch, idx, k))
         return batch
 
-    def _order(self, epoch: int) -> list[int]:
+    def _order(self, epoch: int) -> np.ndarray:
         cached = getattr(self, "_order_cache", None)
         if cached is None or cached[0] != epoch:
             self._order_cache = (epoch, epoch_order(len(self.dataset), self.cfg.seed, epoch, self.ctx))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,14 +73,25 @@ def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, ctx: DistContext) -> list[int]:
-    """The sample order of one epoch for this rank: a seeded permutation, padded and strided like
-    ``DistributedSampler`` so every rank gets the same number of batches."""
+def epoch_order(num_samples: int, seed: int, epoch: int, ctx: DistContext, *, shards: Optional[np.ndarray] = None,
+                window: int = 0) -> np.ndarray:
+    """The sample order of one epoch for this rank (int64): a seeded permutation, padded and strided like
+    ``DistributedSampler`` so every rank gets the same number of batches.
+
+    With ``shards`` (the cache shard of each sample) and ``window`` > 0, the epoch walks the shards in a seeded
+    order, ``window`` of them at a time, the samples of those shards permuted among themselves: a stretch of
+    batches (on every rank at once) reads from ``window`` shards only, so a cache larger than memory is read a
+    few shards at a time instead of every shard at once."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_samples, generator=g).tolist()
+    if shards is None or window <= 0:
+        order = torch.randperm(num_samples, generator=g).numpy()
+    else:
+        place = torch.randperm(int(shards.max()) + 1 if len(shards) else 0, generator=g).numpy()  # each shard's turn
+        shuffle = torch.randperm(num_samples, generator=g).numpy()
+        order = np.lexsort((shuffle, place[shards] // window))  # by window, in a random order within each
     if ctx.world_size > 1:
         total = math.ceil(num_samples / ctx.world_size) * ctx.world_size
-        order = (order + order[: total - num_samples])[ctx.rank :: ctx.world_size]
+        order = np.concatenate([order, order[: total - num_samples]])[ctx.rank :: ctx.world_size]
     return order
 
 
@@ -141,7 +153,9 @@ class Trainer:
     metrics)`` saves the best model; ``on_epoch_end(state, metrics)`` logs.
     ``label_smoothing`` and ``scheduled_sampling`` (final probability, ramp epochs; only for decoders
     whose class sets ``supports_scheduled_sampling``, the recurrent ones) shape the caption loss of
-    the default :meth:`_forward`. With ``cfg.ema``, an exponential moving average of the trained weights is
+    the default :meth:`_forward`. ``shuffle_shards`` > 0 shuffles each epoch within that many cache shards at a
+    time (:func:`epoch_order`; the dataset then says which shard each sample reads, ``shard_of_samples()``).
+    With ``cfg.ema``, an exponential moving average of the trained weights is
     updated after every step (``torch.optim.swa_utils.AveragedModel``), checkpointed beside them, validated
     beside them, and is what ``on_improvement`` saves (:meth:`kept_weights`).
     """
@@ -151,7 +165,7 @@ class Trainer:
         device: torch.device, checkpoint_dir: Path, validate: Callable[[nn.Module], dict[str, float]],
         on_improvement: Callable[[TrainState, dict], None], on_epoch_end: Callable[[TrainState, dict], None],
         checkpoint_module: Optional[nn.Module] = None, label_smoothing: float = 0.0,
-        scheduled_sampling: tuple[float, int] = (0.0, 1),
+        scheduled_sampling: tuple[float, int] = (0.0, 1), shuffle_shards: int = 0,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -182,7 +196,11 @@ class Trainer:
             raise ConfigError(
                 f"scheduled_sampling is for the recurrent decoders {supported}, not {self.decoder.family!r}"
             )
-        self.batches_per_epoch = math.ceil(len(epoch_order(len(dataset), cfg.seed, 0, ctx)) / cfg.batch_size)
+        # With shuffle_shards, epochs are shuffled within that many cache shards at a time (see epoch_order).
+        self.shuffle_shards = shuffle_shards
+        self.sample_shards = dataset.shard_of_samples() if shuffle_shards > 0 else None
+        per_rank = math.ceil(len(dataset) / ctx.world_size)
+        self.batches_per_epoch = math.ceil(per_rank / cfg.batch_size)
         self.total_steps = self.batches_per_epoch * cfg.epochs
         if cfg.schedule == "cosine" and cfg.warmup_steps > self.total_steps and ctx.is_main:
             log.warning("the warm-up (%d steps) is longer than the run (%d steps of %d epoch(s)): the learning rate "
@@ -299,7 +317,8 @@ class Trainer:
     def _epoch(self, stops: StopRequests, stop_after_steps: Optional[int]) -> bool:
         """Train the rest of the current epoch and validate; True when stopped early by ``stop_after_steps``."""
         cfg, st = self.cfg, self.state
-        order = epoch_order(len(self.dataset), cfg.seed, st.epoch, self.ctx)
+        order = epoch_order(len(self.dataset), cfg.seed, st.epoch, self.ctx, shards=self.sample_shards,
+                            window=self.shuffle_shards)
         self.model.train()
         if hasattr(self.dataset, "set_epoch"):  # the augmented views an epoch reads (pipeline.data.views)
             self.dataset.set_epoch(st.epoch)

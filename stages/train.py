@@ -169,6 +169,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def _run(cfg: TrainConfig, device: torch.device, ctx: DistContext) -> dict[str, Any]:
     out = cfg.output_dir
     refuse_other_family(out, cfg.decoder)
+    next(iter_manifest(cfg.manifest), None)  # a manifest that is missing or not a file is named first
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_word_vectors(cfg, tokenizer)
     cache = FeatureCache(cfg.features)

@@ -10,17 +10,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.config import VocabConfig, config_to_dict
-from pipeline.data.manifest import read_manifest
+from pipeline.data.manifest import iter_manifest
 from pipeline.files import write_json
 from pipeline.text.tokenizers import build_tokenizer, split_words, training_captions
 
 log = logging.getLogger(__name__)
 
+ENCODE_CHUNK = 10_000  # captions encoded at a time to measure their lengths
+
 
 def run(cfg: VocabConfig) -> dict:
-    records = read_manifest(cfg.manifest)
-    captions = list(training_captions(records))
+    captions = list(training_captions(iter_manifest(cfg.manifest)))  # the captions only, not the records
     if not captions:
         raise ValueError(f"{cfg.manifest}: no training captions (is there a train split?)")
     out = Path(cfg.out_dir)
@@ -35,14 +38,19 @@ def run(cfg: VocabConfig) -> dict:
         else:
             tok = build_tokenizer("gpt2", path=cfg.gpt2_path, max_length=cfg.max_length)
         tok.save(out / kind)
-        lengths = [len(ids) for ids in tok.encode_batch(captions)]
-        truncated = sum(n > cfg.max_length for n in lengths)
-        info = {"vocab_size": tok.vocab_size, "mean_tokens": sum(lengths) / len(lengths),
-                "max_tokens": max(lengths), "captions_truncated": truncated}
+        lengths = np.fromiter((len(ids) for start in range(0, len(captions), ENCODE_CHUNK)
+                               for ids in tok.encode_batch(captions[start:start + ENCODE_CHUNK])),
+                              dtype=np.int64, count=len(captions))
+        truncated = int((lengths > cfg.max_length).sum())
+        info = {"vocab_size": tok.vocab_size, "mean_tokens": float(lengths.mean()),
+                "max_tokens": int(lengths.max()), "captions_truncated": truncated}
         if kind == "word":
-            words = [w for c in captions for w in split_words(c, lowercase=cfg.lowercase)]
-            known = sum(tok.token_to_id(w) not in (None, tok.unk_id) for w in words)
-            info["train_word_coverage"] = known / max(1, len(words))
+            known = total = 0
+            for c in captions:
+                words = split_words(c, lowercase=cfg.lowercase)
+                total += len(words)
+                known += sum(tok.token_to_id(w) not in (None, tok.unk_id) for w in words)
+            info["train_word_coverage"] = known / max(1, total)
             if cfg.glove is not None:
                 from pipeline.text.glove import load_glove_embeddings
 

@@ -217,6 +217,7 @@ def test_scale_quick_runs_every_stage_on_img2dataset_shards_at_two_sizes(tmp_pat
         assert list(size["stages"]) == list(scale.STAGES)
         for stage in size["stages"].values():
             assert stage["seconds"] > 0 and stage["bytes_per_sample"] > 0 and 20 < stage["peak_rss_mb"]
+            assert 10 < stage["peak_anon_mb"] < stage["peak_rss_mb"]  # sampled while the stage ran
         assert size["stages"]["vocab"]["peak_rss_mb"] < 400
         assert 0 < size["dvc_status_s"]
     assert set(data["growth"]) == set(scale.STAGES) and _positive_numbers(

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from cache.format import SHARD_BY_IMAGE, SHARD_BY_INPUT_SHARD, CacheMeta
 from cache.writer import CacheWriter, ShardWriter
 from pipeline.data.image_files import ImageFiles, collate_image_files
-from pipeline.data.images import ImageDecodeError, ImageLocation, image_sha256
+from pipeline.data.images import ImageDecodeError, image_sha256
 from pipeline.data.manifest import ManifestRecord, resolve_image
 from pipeline.distributed import DistContext
 from pipeline.errors import UserError
@@ -75,24 +75,37 @@ class StaleManifestError(UserError, ValueError):
     """Images that no longer match the sha256 their manifest records."""
 
 
+HASH_CHUNK = 4096  # images hashed per round of the thread pool (the pool holds one round's futures)
+
+
 def image_digests(records: list[ManifestRecord], manifest: Path) -> dict[str, Optional[str]]:
-    """sha256 of every image file (None: missing or unreadable), read by two threads.
+    """sha256 of every image file (None: missing or unreadable), read by two threads a chunk at a time.
 
     A manifest that records digests (``prepare`` does) must agree with the files: otherwise the
-    images changed after ``prepare`` and the manifest's other facts may be stale too."""
+    images changed after ``prepare`` and the manifest's other facts may be stale too. Memory: the digests
+    and one chunk's locations (an image shared by records, e.g. its augmented views, is read once)."""
 
-    def one(path: ImageLocation) -> Optional[str]:
+    def one(record: ManifestRecord) -> Optional[str]:
         try:
-            return image_sha256(path)
+            return image_sha256(resolve_image(record, manifest))
         except (OSError, ImageDecodeError):
             return None
 
-    paths = [resolve_image(r, manifest) for r in records]
-    unique = list(dict.fromkeys(paths))  # each file once (an image's augmented views share its file)
-    with ThreadPoolExecutor(2) as pool:
-        by_path = dict(zip(unique, progress_bar(pool.map(one, unique), total=len(unique), unit="img",
-                                                desc="hash images", disable=len(unique) < 2000)))
-    out = {r.image_id: by_path[p] for r, p in zip(records, paths)}
+    def file_key(record: ManifestRecord) -> tuple:  # the image's bytes: its file, and its place in a shard
+        return (record.path, record.member["offset"]) if record.member is not None else (record.path,)
+
+    by_file: dict[tuple, Optional[str]] = {}
+    out: dict[str, Optional[str]] = {}
+    with ThreadPoolExecutor(2) as pool, progress_bar(total=len(records), unit="img", desc="hash images",
+                                                     disable=len(records) < 2000) as bar:
+        for start in range(0, len(records), HASH_CHUNK):
+            chunk = records[start:start + HASH_CHUNK]
+            todo = list({file_key(r): r for r in chunk if file_key(r) not in by_file}.items())
+            for (key, _), digest in zip(todo, pool.map(one, [r for _, r in todo])):
+                by_file[key] = digest
+            for r in chunk:
+                out[r.image_id] = by_file[file_key(r)]
+            bar.update(len(chunk))
     stale = [r.image_id for r in records if r.sha256 and out[r.image_id] and r.sha256 != out[r.image_id]]
     if stale:
         raise StaleManifestError(

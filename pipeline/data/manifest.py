@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ class ManifestError(UserError, ValueError):
     """A manifest file that cannot be read; the message names the file and line."""
 
 
-@dataclass
+@dataclass(slots=True)  # no __dict__ per record: millions of them are read at once
 class ManifestRecord:
     image_id: str
     path: str
@@ -77,10 +78,10 @@ class ManifestRecord:
             raise ValueError("captions must be a list of strings")
         return cls(
             image_id=str(row["image_id"]),
-            path=str(row["path"]),
+            path=sys.intern(str(row["path"])),  # one string for every image of a tar shard
             captions=list(row["captions"]),
-            split=row["split"],
-            source=str(row["source"]),
+            split=sys.intern(row["split"]),
+            source=sys.intern(str(row["source"])),
             extra=dict(row.get("extra") or {}),
             sha256=None if row.get("sha256") is None else str(row["sha256"]),
             member=_member(row.get("member")),
@@ -221,6 +222,9 @@ def read_manifests(primary: Path, others: Iterable[Path] = ()) -> list[ManifestR
     An id in two manifests must name the same image file (it is then listed once); an id naming two
     different files is a :class:`ManifestError` naming both manifests."""
     records = read_manifest(primary)
+    others = list(others)
+    if not others:
+        return records
     seen = {r.image_id: (primary, _same_image_key(r, primary)) for r in records}
     for other in others:
         for rec in read_manifest(other):

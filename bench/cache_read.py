@@ -107,6 +107,7 @@ class Readers:
         from torch.utils.data import DataLoader
 
         from cache import FeatureCache
+        from pipeline.data.captions import CaptionTable
         from pipeline.data.features import CachedCaptionDataset, caption_collate
 
         self.paths = paths
@@ -117,7 +118,7 @@ class Readers:
         self.files = [paths["npy_files"] / f"{i:06d}.npy" for i in range(n)]
         rng = np.random.default_rng(1)
         samples = [(self.ids[i], [1] + rng.integers(3, 1000, rng.integers(8, 20)).tolist() + [2]) for i in range(n)]
-        self.dataset = CachedCaptionDataset(self.cache, samples, pad_id=0)
+        self.dataset = CachedCaptionDataset(self.cache, CaptionTable.from_pairs(samples), pad_id=0)
         self._torch = torch
         self._DataLoader = DataLoader
         self._collate = caption_collate

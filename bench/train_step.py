@@ -202,7 +202,8 @@ def _timed_block(fn, device) -> tuple[float, float]:
 def warm_page_cache(dataset) -> float:
     """Read every training record once (one-off, untimed), so neither side pays cold page-cache reads."""
     t = time.perf_counter()
-    ids = sorted({image_id for image_id, _ in dataset.samples})
+    captions = dataset.captions
+    ids = sorted({captions.image_id(i) for i in range(captions.num_images)})
     for i in range(0, len(ids), 256):
         dataset.cache.get_batch(ids[i : i + 256], raw=True)
     return time.perf_counter() - t

@@ -503,7 +503,7 @@ def bench_throughput(args, s: Setup) -> dict[str, Any]:
     cache.close()
     return {
         "variants": results,
-        "samples": len(samples),
+        "samples": len(captions),
         "images": len(s.records),
         "vocab_size": s.tokenizer.vocab_size,
         "feature_shape": [cache.meta.token_sets[0].tokens, feature_dim],
@@ -517,21 +517,6 @@ def bench_throughput(args, s: Setup) -> dict[str, Any]:
 # --------------------------------------------------------------------------- memory
 def memory_ids(n: int) -> list[str]:
     return [f"mem/{i:07d}" for i in range(n)]
-
-
-def deep_size(obj: Any, seen: set | None = None) -> int:
-    """Bytes of ``obj`` and everything it holds (lists, tuples, str, int), each object counted once."""
-    seen = set() if seen is None else seen
-    stack, total = [obj], 0
-    while stack:
-        o = stack.pop()
-        if id(o) in seen:
-            continue
-        seen.add(id(o))
-        total += sys.getsizeof(o)
-        if isinstance(o, (list, tuple)):
-            stack.extend(o)
-    return total
 
 
 def write_memory_cache(directory: Path, n: int, shape: tuple[int, int], seed: int, num_shards: int = 4) -> int:
@@ -604,6 +589,7 @@ def memory_child(args) -> dict[str, Any]:
     import torch
 
     from cache import FeatureCache
+    from pipeline.data.captions import CaptionTable
     from pipeline.data.features import CachedCaptionDataset
     from pipeline.models.decoders import create_decoder
 
@@ -618,15 +604,17 @@ def memory_child(args) -> dict[str, Any]:
     vocab = 1000
     samples = [(i, [1] + rng.integers(4, vocab, int(rng.integers(8, 20))).tolist() + [2])
                for i in ids for _ in range(CAPTIONS_PER_IMAGE)]
-    dataset = CachedCaptionDataset(cache, samples, pad_id=0)
-    samples_heap = deep_size(samples)
+    captions = CaptionTable.from_pairs(samples, vocab_size=vocab)
+    del samples
+    dataset = CachedCaptionDataset(cache, captions, pad_id=0)
+    samples_heap = captions.nbytes  # what training holds of the captions: the table's flat arrays
     (ts,) = cache.meta.token_sets
     torch.manual_seed(args.seed)
     decoder = create_decoder(DECODER, feature_dim=ts.channels, vocab_size=vocab, pad_id=0, bos_id=1, eos_id=2,
                              **DECODER_OPTIONS)
     tc = train_config(args)
     learner = Learner(tc, decoder, amp=False)
-    stream = BatchStream(len(samples), args.batch_size, args.seed)
+    stream = BatchStream(len(captions), args.batch_size, args.seed)
     status_before = _proc_status()
     maxrss_before = _maxrss_bytes()
     tracemalloc.start()  # only now: tracing every caption's objects would add tens of MB of traces to RSS
@@ -648,7 +636,7 @@ def memory_child(args) -> dict[str, Any]:
     cache_bytes = sum(p.stat().st_size for p in Path(args.memory_child).glob("shard-*.lmdb"))
     return {
         "records": len(ids),
-        "samples": len(samples),
+        "samples": len(captions),
         "cache_bytes": cache_bytes,
         "record_bytes": cache.meta.record_nbytes,
         "steps": args.memory_batches,
@@ -838,9 +826,9 @@ def render(args, run: BenchRun, tp, extraction, memory) -> tuple[str, dict[str, 
             "process's own memory (torch, model, optimiser, batches). File-backed RSS is mapped file pages this process "
             "touched: mostly torch's shared libraries, plus the LMDB pages the loop read (from /proc/self/smaps). "
             "LMDB pages are bounded by the records read (plus the kernel's fault-around), not by the file size, are "
-            "shared page cache, and the kernel can drop them at any time; ru_maxrss counts them all. The samples "
-            "list of (image id, token ids), the one thing held per caption, is measured by its deep size "
-            "(sys.getsizeof over its objects): it grows with the number of captions, not with the features. Loop "
+            "shared page cache, and the kernel can drop them at any time; ru_maxrss counts them all. The captions "
+            "(a CaptionTable: token ids, offsets, image ids in flat arrays), the one thing held per caption, are "
+            "measured by their arrays' bytes: they grow with the number of captions, not with the features. Loop "
             "peak: tracemalloc started right before the loop (numpy buffers included, torch tensors not), above its "
             "start. "
             f"For a {hi['records'] / lo['records']:.0f}× larger cache: peak RSS {_mib(lo['ru_maxrss_bytes']):.0f} → "

@@ -41,11 +41,24 @@ def write_json(path: Path, obj: Any, *, indent: int | None = 2, sort_keys: bool 
     write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n")
 
 
+def write_lines(path: Path, lines: Iterable[str]) -> int:
+    """``lines`` (each with its newline) as UTF-8, atomically, written as they come: the file is never held in
+    memory whole. Returns the number of lines."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        for line in lines:
+            f.write(line)
+            count += 1
+    os.replace(tmp, path)
+    return count
+
+
 def write_jsonl(path: Path, rows: Iterable[Any], *, sort_keys: bool = False, ensure_ascii: bool = False) -> int:
     """One JSON value per line, atomically; returns the number of lines."""
-    lines = [json.dumps(r, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n" for r in rows]
-    write_text(path, "".join(lines))
-    return len(lines)
+    return write_lines(path, (json.dumps(r, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n" for r in rows))
 
 
 def canonical_safetensors(data: bytes) -> bytes:

@@ -72,7 +72,7 @@ CHUNK = 10_000  # manifest rows checked against the cache and tokenised at a tim
 @dataclass
 class TrainingData:
     captions: CaptionTable  # of the train images with features
-    val: list[ManifestRecord]  # the val images with features
+    val: list[ManifestRecord]  # the val images with features (the first val_max_images of them)
     views: Optional[ViewSchedule]
     train_images: int
 
@@ -85,7 +85,7 @@ def training_data(cfg: TrainConfig, cache: FeatureCache, tokenizer: CaptionToken
     object per train record."""
     coverage = Coverage(cache, f"the manifest {cfg.manifest}")
     builder: Optional[CaptionTableBuilder] = None
-    views, val, seen = None, [], {"train": 0, "val": 0}
+    views, val, seen = None, [], {"train": 0, "val": 0, "usable val": 0}
     rows = iter_manifest(cfg.manifest)
     while chunk := list(islice(rows, CHUNK)):
         train = [r for r in chunk if r.split == "train"]
@@ -94,7 +94,10 @@ def training_data(cfg: TrainConfig, cache: FeatureCache, tokenizer: CaptionToken
         seen["val"] += len(chunk_val)
         skip = set(coverage.check(digests_of(train + chunk_val)))
         train = [r for r in train if r.image_id not in skip]
-        val += [r for r in chunk_val if r.image_id not in skip]
+        chunk_val = [r for r in chunk_val if r.image_id not in skip]
+        seen["usable val"] += len(chunk_val)
+        room = len(chunk_val) if cfg.val_max_images is None else max(0, cfg.val_max_images - len(val))
+        val += chunk_val[:room]  # validation reads the first val_max_images only
         views = ViewSchedule.of_cache(cache, cfg.views, cfg.seed, digests_of(train))
         if builder is None:
             builder = CaptionTableBuilder(tokenizer.vocab_size, mirrored=views is not None)
@@ -111,7 +114,7 @@ def training_data(cfg: TrainConfig, cache: FeatureCache, tokenizer: CaptionToken
                     cache.directory / "rejects.jsonl", coverage.examples["rejected"])
         if not captions.num_images or not val:
             raise RunError(f"{cfg.manifest}: training needs train and val images with features; extraction "
-                           f"rejected {skipped} image(s), leaving {captions.num_images} train, {len(val)} val (see "
+                           f"rejected {skipped} image(s), leaving {captions.num_images} train, {seen['usable val']} val (see "
                            f"{cache.directory / 'rejects.jsonl'})")
     return TrainingData(captions, val, views, captions.num_images)
 

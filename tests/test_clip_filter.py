@@ -3,6 +3,7 @@ formats, training, mixing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -403,7 +404,7 @@ def test_embedding_cache_resumes_after_a_kill_and_grows(tmp_path, noisy_set, sav
     manifest, labels = noisy_set
     records = read_manifest(manifest)
     part = tmp_path / "part.jsonl"  # the first 16 images, paths relative to the same folder
-    write_manifest(part, [ManifestRecord(**{**r.__dict__, "path": str(resolve_image_path(r, manifest).resolve())})
+    write_manifest(part, [dataclasses.replace(r, path=str(resolve_image_path(r, manifest).resolve()))
                           for r in records[:16]])
     cfg = _filter_cfg(tmp_path, noisy_set, saved_tiny, manifest=part, clip_threshold=0.0)
     _Counting(monkeypatch, crash_after=1)

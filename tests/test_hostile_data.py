@@ -96,6 +96,21 @@ def test_a_deeply_nested_json_line_is_a_reject_and_the_other_rows_are_imported(t
         {"file": str(table), "line": 2, "reason": "malformed row: invalid JSON: nested too deeply"}]
 
 
+def test_an_image_id_listed_twice_names_its_second_line(tmp_path, monkeypatch):
+    from pipeline.data import manifest as manifest_lib
+    from pipeline.data.manifest import ManifestError
+
+    manifest = make_image_manifest(tmp_path / "data", 4)
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(rows + [rows[1]]) + "\n")
+    with pytest.raises(ManifestError, match=rf"{manifest}:5: duplicate image_id 't/001'"):
+        read_manifest(manifest)
+    # ids are compared through 8-byte hashes first: two different ids with one hash are not duplicates
+    manifest.write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(manifest_lib, "_id_hash", lambda image_id: 7)
+    assert len(read_manifest(manifest)) == 4
+
+
 def test_a_deeply_nested_manifest_row_is_one_error_line(tmp_path, cli):
     manifest = make_image_manifest(tmp_path / "data", 2)
     with open(manifest, "a") as f:

@@ -19,9 +19,11 @@ Rejected input is recorded, never dropped silently: see :class:`RejectsReport`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
+from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Iterable, Iterator, Optional
 
 from pipeline.data.images import ShardMember
 from pipeline.errors import UserError
-from pipeline.files import write_jsonl, write_text
+from pipeline.files import write_jsonl, write_lines
 
 SPLITS = ("train", "val", "test")
 MANIFEST_VERSION = 1
@@ -125,34 +127,59 @@ def _same_image_key(record: ManifestRecord, manifest_path: Path) -> str:
 
 def write_manifest(path: Path, records: Iterable[ManifestRecord]) -> int:
     """Write records as JSON Lines (atomically: a temp file renamed into place). Returns the count."""
-    rows = [rec.to_json() + "\n" for rec in records]
-    write_text(path, "".join(rows))
-    return len(rows)
+    return write_lines(path, (rec.to_json() + "\n" for rec in records))
 
 
 def iter_manifest(path: Path) -> Iterator[ManifestRecord]:
-    """Stream a manifest; a malformed line raises :class:`ManifestError` naming file and line."""
+    """Stream a manifest; a malformed line raises :class:`ManifestError` naming file and line, and so does an
+    image id listed twice (found when the stream ends: the check keeps 8 bytes an id, not the ids, so a
+    manifest of millions of rows streams in the memory of one)."""
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: manifest not found (run `pipeline prepare` first?)")
     if path.is_dir():
         hint = f" (did you mean {path / 'manifest.jsonl'}?)" if (path / "manifest.jsonl").is_file() else ""
         raise ManifestError(f"{path}: is a folder, not a manifest file{hint}")
-    seen: set[str] = set()
+    hashes = array("Q")
+    for _, rec in _manifest_rows(path):
+        hashes.append(_id_hash(rec.image_id))
+        yield rec
+    _refuse_duplicate_ids(path, hashes)
+
+
+def _manifest_rows(path: Path) -> Iterator[tuple[int, ManifestRecord]]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                rec = ManifestRecord.from_dict(json.loads(line))
+                yield lineno, ManifestRecord.from_dict(json.loads(line))
             except (json.JSONDecodeError, ValueError, TypeError) as e:
                 raise ManifestError(f"{path}:{lineno}: malformed manifest row: {e}") from None
             except RecursionError:
                 raise ManifestError(f"{path}:{lineno}: malformed manifest row: JSON nested too deeply") from None
+
+
+def _id_hash(image_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _refuse_duplicate_ids(path: Path, hashes: array) -> None:
+    """Raise naming the first line whose image id an earlier line has (8-byte hashes find the candidates; the
+    file is read again only when two hashes are equal, to compare the ids themselves)."""
+    import numpy as np
+
+    values = np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, np.uint64)
+    ordered = np.sort(values)
+    repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not repeated:
+        return
+    seen: set[str] = set()
+    for lineno, rec in _manifest_rows(path):
+        if _id_hash(rec.image_id) in repeated:
             if rec.image_id in seen:
                 raise ManifestError(f"{path}:{lineno}: duplicate image_id {rec.image_id!r}")
             seen.add(rec.image_id)
-            yield rec
 
 
 def read_manifest(path: Path, split: str | None = None) -> list[ManifestRecord]:

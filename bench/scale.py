@@ -21,7 +21,7 @@ tokens of 256 channels at 64 px), an untrained ``synthetic-clip-tiny`` (its scor
 the point) with ``--keep-fraction 0.7``, and a 32-wide one-layer Transformer decoder. Targets, from the
 smallest size to the largest run: seconds per 1,000 samples within 1.25x and peak RSS within 1.5x, per stage;
 no-op ``dvc status`` <= 3 s at 100,000 samples. Disk: about 10 KB a sample in all (shards 4.3 KB, cache 4 KB,
-embeddings 0.8 KB, manifests); 1,000,000 samples took 31 min on 2 cores (with the two smaller sizes).
+embeddings 0.8 KB, manifests); 1,000,000 samples took 34 min on 2 cores (with the two smaller sizes).
 """
 
 from __future__ import annotations

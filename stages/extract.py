@@ -40,7 +40,7 @@ from cache.format import SHARD_BY_IMAGE, WEIGHTS_FILE, CacheMeta, file_sha256
 from cache.writer import CacheWriter
 from pipeline.config import ExtractConfig
 from pipeline.data.augment import Augmentation
-from pipeline.data.cache_fill import cache_sharding, fill_cache, log_input_shards, shards_for
+from pipeline.data.cache_fill import cache_sharding, fill_cache, shards_for
 from pipeline.data.manifest import ManifestRecord, read_manifests
 from pipeline.data.views import CachedViews, ViewRenderer
 from pipeline.distributed import DistContext, run_distributed
@@ -129,7 +129,6 @@ def _extract(cfg: ExtractConfig, records: list[ManifestRecord], device: torch.de
     log.info("extract: %s (%s weights, sha256 %s) -> %s, token sets %s, %d shard(s) for rank %d/%d on %s",
              cfg.backbone, meta.spec.weights["source"], meta.spec.weights["sha256"][:12], cfg.out_dir,
              [(t.name, t.shape) for t in meta.token_sets], len(mine), ctx.rank, ctx.world_size, device)
-    log_input_shards(meta, records, mine)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
     def encode(images: torch.Tensor) -> list:

@@ -53,7 +53,7 @@ from cache.format import CacheMeta, FeatureSpec, TokenSet
 from cache.reader import FeatureCache
 from cache.writer import CacheWriter
 from pipeline.config import FilterConfig, config_to_dict
-from pipeline.data.cache_fill import cache_sharding, fill_cache, log_input_shards, shards_for
+from pipeline.data.cache_fill import cache_sharding, fill_cache, shards_for
 from pipeline.data.filtering import (
     fraction,
     label_report,
@@ -108,7 +108,6 @@ def image_embeddings(clip: ClipModel, records: list[ManifestRecord], cfg: Filter
         writer.remove_foreign_files()
     ctx.barrier()
     mine = shards_for(cfg.num_shards, ctx, cfg.shard_index)
-    log_input_shards(meta, records, mine)
     fill = fill_cache(writer, records, cfg.manifest, mine,
                       transform=clip.preprocess, encode=lambda images: [clip.encode_images(images).numpy()[:, None]],
                       batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels,

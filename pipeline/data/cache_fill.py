@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cache.format import SHARD_BY_IMAGE, SHARD_BY_INPUT_SHARD, CacheMeta
+from cache.format import SHARD_BY_IMAGE, SHARD_BY_INPUT_SHARD
 from cache.writer import CacheWriter, ShardWriter
 from pipeline.data.image_files import ImageFiles, collate_image_files
 from pipeline.data.images import ImageDecodeError, image_sha256
@@ -57,14 +57,14 @@ def shards_for(num_shards: int, ctx: DistContext, shard_index: Optional[int]) ->
     return [i for i in range(num_shards) if i % ctx.world_size == ctx.rank]
 
 
-def log_input_shards(meta: CacheMeta, records: list[ManifestRecord], shards: list[int]) -> None:
-    """Say which input shards the cache ``shards`` read, when the cache is sharded by input shard."""
-    if meta.sharding != SHARD_BY_INPUT_SHARD:
+def _log_input_shards(sharding: str, by_shard: dict[int, list[ManifestRecord]]) -> None:
+    """Say which input shards the cache shards ``by_shard`` read, when the cache is sharded by input shard."""
+    if sharding != SHARD_BY_INPUT_SHARD:
         return
-    mine = set(shards)
-    files = sorted({r.path for r in records if meta.shard_of(r.image_id) in mine})
+    files = sorted({r.path for recs in by_shard.values() for r in recs})
     log.info("cache sharded by input shard: cache shard(s) %s read %d whole input shard(s) (%s)",
-             _ranges(sorted(mine)), len(files), ", ".join(Path(f).name for f in files[:4]) + (" ..." if len(files) > 4 else ""))
+             _ranges(sorted(by_shard)), len(files),
+             ", ".join(Path(f).name for f in files[:4]) + (" ..." if len(files) > 4 else ""))
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -100,11 +100,11 @@ def image_digests(records: list[ManifestRecord], manifest: Path) -> dict[str, Op
                                                      disable=len(records) < 2000) as bar:
         for start in range(0, len(records), HASH_CHUNK):
             chunk = records[start:start + HASH_CHUNK]
-            todo = list({file_key(r): r for r in chunk if file_key(r) not in by_file}.items())
-            for (key, _), digest in zip(todo, pool.map(one, [r for _, r in todo])):
-                by_file[key] = digest
-            for r in chunk:
-                out[r.image_id] = by_file[file_key(r)]
+            keys = [file_key(r) for r in chunk]
+            todo = {k: r for k, r in zip(keys, chunk) if k not in by_file}  # each file once
+            by_file.update(zip(todo, pool.map(one, todo.values())))
+            for r, k in zip(chunk, keys):
+                out[r.image_id] = by_file[k]
             bar.update(len(chunk))
     stale = [r.image_id for r in records if r.sha256 and out[r.image_id] and r.sha256 != out[r.image_id]]
     if stale:
@@ -144,6 +144,7 @@ def fill_cache(
         s = writer.meta.shard_of(rec.image_id)
         if s in by_shard:
             by_shard[s].append(rec)
+    _log_input_shards(writer.meta.sharding, by_shard)
     fill = _Fill(writer, image_digests([r for recs in by_shard.values() for r in recs], manifest))
     try:
         items = fill.plan(by_shard)

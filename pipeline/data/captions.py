@@ -43,8 +43,7 @@ class _RaggedBuilder:
         self.offsets.append(len(self.values))
 
     def build(self, dtype) -> Ragged:
-        return Ragged(np.frombuffer(self.values, dtype=dtype) if len(self.values) else np.zeros(0, dtype),
-                      np.frombuffer(self.offsets, dtype=np.int64))
+        return Ragged(np.frombuffer(self.values, dtype=dtype), np.frombuffer(self.offsets, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -121,6 +120,5 @@ class CaptionTableBuilder:
 
     def build(self) -> CaptionTable:
         dtype = np.uint16 if self.small else np.int32
-        return CaptionTable(self.ids.build(np.uint8), np.frombuffer(self.image_of, dtype=np.int32)
-                            if len(self.image_of) else np.zeros(0, np.int32), self.tokens.build(dtype),
-                            self.mirrored.build(dtype) if self.mirrored is not None else None)
+        return CaptionTable(self.ids.build(np.uint8), np.frombuffer(self.image_of, dtype=np.int32),
+                            self.tokens.build(dtype), self.mirrored.build(dtype) if self.mirrored is not None else None)

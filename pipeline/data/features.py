@@ -18,7 +18,6 @@ batch, so it does not grow with the size of the cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
@@ -103,10 +102,8 @@ def pad_tokens(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.T
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     tokens = np.full((len(sequences), int(lengths.max()) if len(sequences) else 0), pad_id, dtype=np.int64)
     mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    if all(isinstance(s, np.ndarray) for s in sequences):  # rows of a CaptionTable
-        tokens[mask] = np.concatenate(sequences) if len(sequences) else []
-    else:
-        tokens[mask] = np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+    if len(sequences):
+        tokens[mask] = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
     return torch.from_numpy(tokens), torch.from_numpy(lengths)
 
 

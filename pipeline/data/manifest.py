@@ -169,8 +169,7 @@ def _refuse_duplicate_ids(path: Path, hashes: array) -> None:
     file is read again only when two hashes are equal, to compare the ids themselves)."""
     import numpy as np
 
-    values = np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, np.uint64)
-    ordered = np.sort(values)
+    ordered = np.sort(np.frombuffer(hashes, dtype=np.uint64))
     repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
     if not repeated:
         return
